@@ -1,0 +1,156 @@
+"""Ray start/attach, the device check and the placement of one worker per stage.
+
+The embedded default starts a local Ray instance whose one node carries the custom resource
+``splitlearn/device:<name>`` of every device in the topology, so a whole topology is
+rehearsed on one machine. With an address (argument or ``$RAY_ADDRESS``) it attaches to a
+running cluster instead, where each node carries the resources of its own devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.errors import PlacementError
+from cluster.topology import RESOURCE_PREFIX, Topology, device_resource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterHandle:
+    address: str | None  # None: the embedded local cluster
+    started_here: bool  # whether this process started Ray (and so should stop it)
+
+    def shutdown(self) -> None:
+        import ray
+
+        if self.started_here and ray.is_initialized():
+            ray.shutdown()
+
+
+def connect(
+    topology: Topology,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    env_vars: dict[str, str] | None = None,
+) -> ClusterHandle:
+    """Attach to the cluster at ``address`` (or ``$RAY_ADDRESS``), or start an embedded one
+    that carries every device of ``topology``. Reuses a Ray session already initialised in
+    this process (as tests and Ray jobs do)."""
+    import ray
+
+    if ray.is_initialized():
+        return ClusterHandle(address=None, started_here=False)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        except Exception as e:  # ConnectionError, TimeoutError, ValueError from Ray
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PlacementError(f"ray.address: cannot attach to the Ray cluster at '{address}': {first}") from e
+        return ClusterHandle(address=address, started_here=True)
+    resources = {device_resource(d.name): 1.0 for d in topology.devices}
+    gpus = sum(d.gpus for d in topology.devices)
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count() or 1,
+        num_gpus=0 if gpus == 0 else None,
+        resources=resources,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env=runtime_env,
+        configure_logging=False,
+    )
+    return ClusterHandle(address=None, started_here=True)
+
+
+def devices_in_cluster() -> dict[str, list[dict[str, Any]]]:
+    """Device name -> the alive nodes that carry its resource (with their figures)."""
+    import ray
+
+    found: dict[str, list[dict[str, Any]]] = {}
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources", {})
+        for key in res:
+            if key.startswith(RESOURCE_PREFIX):
+                found.setdefault(key[len(RESOURCE_PREFIX) :], []).append(
+                    {
+                        "node_id": node["NodeID"],
+                        "address": node.get("NodeManagerAddress"),
+                        "cpus": res.get("CPU", 0),
+                        "gpus": res.get("GPU", 0),
+                        "memory_gb": res.get("memory", 0) / 1e9,
+                    }
+                )
+    return found
+
+
+def check_devices(topology: Topology, needed: list[str]) -> None:
+    """Raise a PlacementError naming every device of ``needed`` that no alive node carries,
+    with the command that would add it."""
+    present = devices_in_cluster()
+    missing = [d for d in needed if d not in present]
+    twice = [d for d in needed if len(present.get(d, [])) > 1]
+    if missing:
+        hints = "; ".join(
+            f"on the machine of '{d}': splitlearn node start --topology {topology.name}.yaml --device {d} --address HEAD:6379"
+            for d in missing
+        )
+        raise PlacementError(
+            f"devices missing from the Ray cluster: {', '.join(missing)} "
+            f"(present: {', '.join(sorted(present)) or 'none'}); {hints}"
+        )
+    if twice:
+        raise PlacementError(
+            f"devices present on more than one node of the Ray cluster: {', '.join(twice)}; "
+            "each device must be started once"
+        )
+
+
+def place_stages(topology: Topology, devices: list[str], timeout_s: float):
+    """A placement group with one bundle per stage (its device's resource, and its GPUs),
+    ready within ``timeout_s`` or a PlacementError that names the wait."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundles = []
+    for name in devices:
+        dev = topology.device(name)
+        b: dict[str, float] = {device_resource(name): 1.0}
+        if dev.gpus:
+            b["GPU"] = dev.gpus
+        bundles.append(b)
+    pg = placement_group(bundles, strategy="PACK", name="")
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as e:
+        remove_placement_group(pg)
+        raise PlacementError(
+            f"Ray could not place the stages on devices {', '.join(devices)} within "
+            f"runtime.placement_timeout_s={timeout_s:g} s; check `ray status` for free resources"
+        ) from e
+    return pg
+
+
+def actor_options(topology: Topology, device: str, pg, bundle_index: int) -> dict[str, Any]:
+    """Ray options for the worker of the stage in bundle ``bundle_index`` on ``device``."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    dev = topology.device(device)
+    opts: dict[str, Any] = {
+        "num_cpus": 0,  # the device resource holds the node; threads come from the device
+        "resources": {device_resource(device): 1.0},
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            pg, placement_group_bundle_index=bundle_index
+        ),
+        "max_restarts": 0,
+        "max_concurrency": 2,  # one step call plus control calls (metrics, abort)
+    }
+    if dev.gpus:
+        opts["num_gpus"] = dev.gpus
+    return opts

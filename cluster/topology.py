@@ -1,0 +1,249 @@
+"""Device topology: the machines a run may use and the links between them.
+
+A topology is plain data, loaded from YAML through omegaconf's structured configs so that
+unknown keys and wrong types fail with the key's name. It knows nothing of models or plans:
+a plan refers to devices by name.
+
+Links are looked up most specific first: a device pair, then a zone pair, then the
+default. Each entry is symmetric (the same figures in both directions) unless it gives
+``reverse_bandwidth_mbps``, which then applies from ``b`` to ``a``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from cluster.conf import to_typed
+from cluster.errors import TopologyError
+
+TIERS = ("edge", "cloud")
+ACCELERATORS = ("cpu", "cuda")
+RESOURCE_PREFIX = "splitlearn/device:"
+
+
+@dataclass
+class Device:
+    """One machine (or one accelerator of a machine) that can run a stage."""
+
+    name: str = MISSING
+    tier: str = "edge"  # edge | cloud
+    accelerator: str = "cpu"  # cpu | cuda
+    memory_gb: float = MISSING  # memory the stage may use on its accelerator (RAM for cpu)
+    host_memory_gb: float = 0.0  # host RAM for offload; 0 means "same as memory_gb" for cpu
+    tflops: float = MISSING  # sustained dense fp32 (cpu) or bf16 (cuda) TFLOP/s
+    zone: str = "default"
+    owns_data: bool = False
+    cpu_threads: int = 1  # torch threads for this device's worker
+    gpus: float = 0.0  # GPUs the worker asks Ray for (cuda devices on a real cluster)
+
+    @property
+    def resource(self) -> str:
+        return device_resource(self.name)
+
+    @property
+    def host_budget_gb(self) -> float:
+        return self.host_memory_gb or self.memory_gb
+
+
+@dataclass
+class Link:
+    """Figures of a link: bandwidth in megabits per second, one-way latency in ms."""
+
+    bandwidth_mbps: float = 1000.0
+    latency_ms: float = 1.0
+
+
+@dataclass
+class LinkEntry:
+    """A link between two zones (zone table) or two devices (pair table)."""
+
+    a: str = MISSING
+    b: str = MISSING
+    bandwidth_mbps: float = MISSING
+    latency_ms: float = MISSING
+    reverse_bandwidth_mbps: float | None = None  # from b to a, when the link is asymmetric
+
+
+@dataclass
+class LinkTable:
+    default: Link = field(default_factory=Link)
+    zones: list[LinkEntry] = field(default_factory=list)
+    pairs: list[LinkEntry] = field(default_factory=list)
+
+
+@dataclass
+class Topology:
+    name: str = "topology"
+    devices: list[Device] = field(default_factory=list)
+    links: LinkTable = field(default_factory=LinkTable)
+
+    # -- lookups -------------------------------------------------------------------------
+    def device(self, name: str) -> Device:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise TopologyError(
+            f"device '{name}' is not in topology '{self.name}' "
+            f"(devices: {', '.join(self.device_names)})"
+        )
+
+    @property
+    def device_names(self) -> list[str]:
+        return [d.name for d in self.devices]
+
+    @property
+    def data_owner(self) -> Device:
+        owners = [d for d in self.devices if d.owns_data]
+        return owners[0]
+
+    def link(self, src: str, dst: str) -> Link:
+        """Figures for a transfer from device ``src`` to device ``dst``."""
+        if src == dst:
+            return Link(bandwidth_mbps=math.inf, latency_ms=0.0)
+        a, b = self.device(src), self.device(dst)
+        for entry in self.links.pairs:
+            hit = _match(entry, a.name, b.name)
+            if hit is not None:
+                return hit
+        for entry in self.links.zones:
+            hit = _match(entry, a.zone, b.zone)
+            if hit is not None:
+                return hit
+        return Link(self.links.default.bandwidth_mbps, self.links.default.latency_ms)
+
+    def transfer_ms(self, src: str, dst: str, num_bytes: float) -> float:
+        link = self.link(src, dst)
+        if math.isinf(link.bandwidth_mbps):
+            return 0.0
+        return link.latency_ms + num_bytes * 8 / (link.bandwidth_mbps * 1e6) * 1e3
+
+
+def _match(entry: LinkEntry, x: str, y: str) -> Link | None:
+    if (entry.a, entry.b) == (x, y):
+        return Link(entry.bandwidth_mbps, entry.latency_ms)
+    if (entry.a, entry.b) == (y, x):
+        bw = entry.reverse_bandwidth_mbps or entry.bandwidth_mbps
+        return Link(bw, entry.latency_ms)
+    return None
+
+
+def device_resource(name: str) -> str:
+    """Name of the Ray custom resource that marks the node holding device ``name``."""
+    return f"{RESOURCE_PREFIX}{name}"
+
+
+# -- loading and validation --------------------------------------------------------------
+
+
+def topology_from_container(data: Any, source: str = "<inline>") -> Topology:
+    """Build a typed Topology from a dict/DictConfig, with errors that name key and source."""
+    if OmegaConf.is_config(data):
+        data = OmegaConf.to_container(data, resolve=True)
+    if not isinstance(data, dict):
+        raise TopologyError(f"{source}: topology: expected a mapping with 'devices' and 'links'")
+    data = dict(data)
+    devices = data.pop("devices", None) or []
+    links = dict(data.pop("links", None) or {})
+    if not isinstance(devices, list):
+        raise TopologyError(f"{source}: topology.devices: expected a list of devices")
+    typed_devices = [
+        to_typed(Device, d, prefix=f"topology.devices[{i}]", source=source, error=TopologyError)
+        for i, d in enumerate(devices)
+    ]
+    tables = {}
+    for table in ("zones", "pairs"):
+        entries = links.pop(table, None) or []
+        if not isinstance(entries, list):
+            raise TopologyError(f"{source}: topology.links.{table}: expected a list")
+        tables[table] = [
+            to_typed(LinkEntry, e, prefix=f"topology.links.{table}[{i}]", source=source,
+                     error=TopologyError)
+            for i, e in enumerate(entries)
+        ]
+    default = to_typed(Link, links.pop("default", None), prefix="topology.links.default",
+                       source=source, error=TopologyError)
+    if links:
+        bad = sorted(links)[0]
+        raise TopologyError(
+            f"{source}: topology.links.{bad}: unknown key (known: default, zones, pairs)"
+        )
+    top = to_typed(Topology, data, prefix="topology", source=source, error=TopologyError)
+    top.devices = typed_devices
+    top.links = LinkTable(default=default, zones=tables["zones"], pairs=tables["pairs"])
+    validate_topology(top, source)
+    return top
+
+
+def load_topology(path: str | Path) -> Topology:
+    p = Path(path)
+    if not p.is_file():
+        raise TopologyError(f"topology file not found: {p}")
+    try:
+        raw = OmegaConf.load(p)
+    except Exception as e:  # yaml.YAMLError and friends
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TopologyError(f"{p}: not valid YAML: {first}") from e
+    if not isinstance(raw, dict) and not OmegaConf.is_dict(raw):
+        raise TopologyError(f"{p}: expected a mapping with 'devices' and 'links'")
+    if "name" not in raw:
+        raw["name"] = p.stem
+    return topology_from_container(raw, str(p))
+
+
+def validate_topology(topo: Topology, source: str = "<inline>") -> None:
+    def fail(key: str, msg: str) -> None:
+        raise TopologyError(f"{source}: topology.{key}: {msg}")
+
+    if not topo.devices:
+        fail("devices", "no devices defined; add at least one device")
+    seen: set[str] = set()
+    zones = set()
+    for i, d in enumerate(topo.devices):
+        k = f"devices[{i}]"
+        if not d.name or not all(c.isalnum() or c in "-_." for c in d.name):
+            fail(f"{k}.name", f"'{d.name}' must be non-empty letters, digits, '-', '_' or '.'")
+        if d.name in seen:
+            fail(f"{k}.name", f"device '{d.name}' is defined twice")
+        seen.add(d.name)
+        zones.add(d.zone)
+        if d.tier not in TIERS:
+            fail(f"{k}.tier", f"'{d.tier}' is not one of {', '.join(TIERS)}")
+        if d.accelerator not in ACCELERATORS:
+            fail(f"{k}.accelerator", f"'{d.accelerator}' is not one of {', '.join(ACCELERATORS)}")
+        if d.memory_gb <= 0:
+            fail(f"{k}.memory_gb", f"must be > 0, got {d.memory_gb}")
+        if d.host_memory_gb < 0:
+            fail(f"{k}.host_memory_gb", f"must be >= 0, got {d.host_memory_gb}")
+        if d.tflops <= 0:
+            fail(f"{k}.tflops", f"must be > 0, got {d.tflops}")
+        if d.cpu_threads < 1:
+            fail(f"{k}.cpu_threads", f"must be >= 1, got {d.cpu_threads}")
+        if d.gpus < 0:
+            fail(f"{k}.gpus", f"must be >= 0, got {d.gpus}")
+    if not any(d.owns_data for d in topo.devices):
+        fail("devices", "no device has owns_data: true; mark the edge device that holds the data")
+    for table in ("zones", "pairs"):
+        names = zones if table == "zones" else seen
+        for i, e in enumerate(getattr(topo.links, table)):
+            k = f"links.{table}[{i}]"
+            for end in ("a", "b"):
+                if getattr(e, end) not in names:
+                    what = "zone" if table == "zones" else "device"
+                    fail(
+                        f"{k}.{end}",
+                        f"unknown {what} '{getattr(e, end)}' (known: {', '.join(sorted(names))})",
+                    )
+            if e.bandwidth_mbps <= 0:
+                fail(f"{k}.bandwidth_mbps", f"must be > 0, got {e.bandwidth_mbps}")
+            if e.latency_ms < 0:
+                fail(f"{k}.latency_ms", f"must be >= 0, got {e.latency_ms}")
+            if e.reverse_bandwidth_mbps is not None and e.reverse_bandwidth_mbps <= 0:
+                fail(f"{k}.reverse_bandwidth_mbps", f"must be > 0, got {e.reverse_bandwidth_mbps}")
+    if topo.links.default.bandwidth_mbps <= 0:
+        fail("links.default.bandwidth_mbps", "must be > 0")
+    if topo.links.default.latency_ms < 0:
+        fail("links.default.latency_ms", "must be >= 0")

@@ -1,0 +1,126 @@
+"""Schedules as data: per stage, the ordered actions of one training step.
+
+The workers execute these lists and a simulator can replay them, so both see one truth.
+Actions name a micro-batch; transfers are explicit so that a list can be checked for
+matching sends and receives before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Action kinds
+F = "F"  # forward of one micro-batch
+B = "B"  # backward of one micro-batch
+SEND_ACT = "SEND_ACT"  # activation to the next stage
+RECV_ACT = "RECV_ACT"  # activation from the previous stage
+SEND_GRAD = "SEND_GRAD"  # gradient to the previous stage
+RECV_GRAD = "RECV_GRAD"  # gradient from the next stage
+SEND_LABELS = "SEND_LABELS"  # the step's labels, from the data owner to the loss stage
+RECV_LABELS = "RECV_LABELS"
+STEP = "STEP"  # reduce shared gradients, clip, optimizer step
+
+KINDS = (F, B, SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD, SEND_LABELS, RECV_LABELS, STEP)
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str
+    mb: int = -1  # micro-batch, -1 for whole-step actions
+
+    def __str__(self) -> str:
+        return self.kind if self.mb < 0 else f"{self.kind}{self.mb}"
+
+
+Schedule = list[list[Action]]
+
+
+class ScheduleError(ValueError):
+    """A schedule that would deadlock or compute the wrong thing (an internal invariant)."""
+
+
+def _stage_mb_actions(stage: int, num_stages: int, mb: int, part: str) -> list[Action]:
+    last = num_stages - 1
+    out: list[Action] = []
+    if part == "fwd":
+        if stage > 0:
+            out.append(Action(RECV_ACT, mb))
+        out.append(Action(F, mb))
+        if stage < last:
+            out.append(Action(SEND_ACT, mb))
+    else:
+        if stage < last:
+            out.append(Action(RECV_GRAD, mb))
+        out.append(Action(B, mb))
+        if stage > 0:
+            out.append(Action(SEND_GRAD, mb))
+    return out
+
+
+def _with_labels(stage: int, num_stages: int, actions: list[Action]) -> list[Action]:
+    if num_stages == 1:
+        return actions
+    if stage == 0:
+        return [Action(SEND_LABELS), *actions]
+    if stage == num_stages - 1:
+        return [Action(RECV_LABELS), *actions]
+    return actions
+
+
+def sequential(num_stages: int, num_micro_batches: int) -> Schedule:
+    """One micro-batch at a time through the whole pipeline: F and B of micro-batch m on
+    every stage before micro-batch m+1 starts. No overlap, no bubble accounting: the
+    baseline the pipelined schedules are measured against."""
+    sched = []
+    for s in range(num_stages):
+        acts: list[Action] = []
+        for m in range(num_micro_batches):
+            acts += _stage_mb_actions(s, num_stages, m, "fwd")
+            acts += _stage_mb_actions(s, num_stages, m, "bwd")
+        acts.append(Action(STEP))
+        sched.append(_with_labels(s, num_stages, acts))
+    return sched
+
+
+SCHEDULES = {"sequential": sequential}
+
+
+def build(name: str, num_stages: int, num_micro_batches: int) -> Schedule:
+    sched = SCHEDULES[name](num_stages, num_micro_batches)
+    validate(sched, num_micro_batches)
+    return sched
+
+
+def validate(sched: Schedule, num_micro_batches: int) -> None:
+    """Every micro-batch runs forward then backward once per stage; each send has its receive
+    on the neighbouring stage in the same order; one STEP ends each list."""
+    n = len(sched)
+    for s, acts in enumerate(sched):
+        for m in range(num_micro_batches):
+            fi = [i for i, a in enumerate(acts) if a == Action(F, m)]
+            bi = [i for i, a in enumerate(acts) if a == Action(B, m)]
+            if len(fi) != 1 or len(bi) != 1 or fi[0] > bi[0]:
+                raise ScheduleError(f"stage {s}: micro-batch {m} needs one F before one B")
+        if not acts or acts[-1] != Action(STEP) or acts.count(Action(STEP)) != 1:
+            raise ScheduleError(f"stage {s}: the list must end with its only STEP")
+    pairs = ((SEND_ACT, RECV_ACT, 1), (SEND_GRAD, RECV_GRAD, -1))
+    for send, recv, direction in pairs:
+        for s in range(n):
+            t = s + direction
+            if not 0 <= t < n:
+                if any(a.kind == send for a in sched[s]):
+                    raise ScheduleError(f"stage {s}: {send} has no neighbour to go to")
+                continue
+            sent = [a.mb for a in sched[s] if a.kind == send]
+            got = [a.mb for a in sched[t] if a.kind == recv]
+            if sent != got:
+                raise ScheduleError(f"stage {s} -> {t}: {send} order {sent} != {recv} order {got}")
+
+
+def format_grid(sched: Schedule) -> str:
+    """One row per stage, one column per action slot."""
+    cells = [[str(a) for a in acts] for acts in sched]
+    width = max(len(c) for row in cells for c in row)
+    return "\n".join(
+        f"stage {s}: " + " ".join(c.ljust(width) for c in row) for s, row in enumerate(cells)
+    )

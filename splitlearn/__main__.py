@@ -1,0 +1,5 @@
+import sys
+
+from splitlearn.cli import main
+
+sys.exit(main())

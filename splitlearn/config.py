@@ -1,0 +1,249 @@
+"""The run config: typed sections merged by omegaconf from schema, YAML file and overrides.
+
+``load_config(path, overrides)`` returns a :class:`RunConfig` of plain dataclasses and a
+resolved :class:`~cluster.topology.Topology`. Every error is a :class:`ConfigError` whose one
+line names the key and the file; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cluster.conf import conf_error_line
+from cluster.topology import Topology, load_topology, topology_from_container
+from splitlearn.errors import ConfigError, TopologyError
+
+DTYPES = ("fp32", "bf16")
+SCHEDULES = ("sequential",)
+PARTITIONERS = ("uniform", "manual")
+DATA_FORMATS = ("auto", "text", "jsonl")
+
+
+@dataclass
+class ModelConfig:
+    family: str | None = None  # transformers model_type, e.g. llama, gpt2 (random init)
+    path: str | None = None  # a local checkpoint directory (config.json + weights)
+    config: dict[str, Any] = field(default_factory=dict)  # transformers config keys
+    attn_implementation: str = "sdpa"  # eager | sdpa
+    adapter_module: str | None = None  # module that registers extra families
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/quickstart.txt"  # .txt (one document per blank-line block) or .jsonl
+    format: str = "auto"  # auto | text | jsonl
+    text_key: str = "text"  # the field of a JSONL record that holds the text
+    tokenizer: str = "byte"  # "byte" (built in) or a local tokenizer.json
+    seq_len: int = 64
+    packing: bool = True  # concatenate documents and cut blocks; false: one padded row each
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # sequences per step
+    micro_batches: int = 1  # the batch is cut into this many micro-batches
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0 disables clipping; the norm is global over all stages
+    seed: int = 0
+    dtype: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights)
+
+
+@dataclass
+class PlanConfig:
+    partitioner: str = "uniform"  # uniform | manual
+    devices: list[str] = field(default_factory=list)  # stage order; empty: all devices
+    cuts: list[int] = field(default_factory=list)  # manual: chain index where each stage after the first starts
+
+
+@dataclass
+class RuntimeConfig:
+    schedule: str = "sequential"
+    timeout_s: float = 300.0  # a transfer or step waiting longer fails, naming the stage
+    placement_timeout_s: float = 60.0  # wait for Ray to place every stage
+    output_dir: str = "runs"
+    run_name: str | None = None  # default: <config name>-<timestamp>
+    log_every: int = 10  # plain log line every N steps when not on a terminal
+    progress: str = "auto"  # auto | bar | log | none
+    checkpoint: bool = True  # save the final segments under <run>/checkpoint
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: $RAY_ADDRESS, else an embedded local cluster
+    num_cpus: int | None = None  # embedded cluster only; default: this machine's cores
+
+
+@dataclass
+class TopologySection:
+    file: str | None = None  # a topology YAML, relative to the run config
+    inline: dict[str, Any] | None = None  # or the topology itself (devices, links)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    topology: TopologySection = field(default_factory=TopologySection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class LoadedConfig:
+    """A run config with its topology resolved and the file it came from."""
+
+    run: RunConfig
+    topology: Topology
+    source: str
+    base_dir: Path
+
+    def resolve_path(self, p: str) -> Path:
+        """Relative paths in a config are relative to the config file's directory, falling
+        back to the working directory when that is where the file is."""
+        path = Path(p).expanduser()
+        if path.is_absolute():
+            return path
+        beside = self.base_dir / path
+        return beside if beside.exists() or not path.exists() else path
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self.run))
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """The run config with the topology written inline: what the workers receive."""
+        d = OmegaConf.to_container(OmegaConf.structured(self.run))
+        d["topology"] = {"file": None, "inline": OmegaConf.to_container(OmegaConf.structured(self.topology))}
+        return d  # type: ignore[return-value]
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedConfig:
+    p = Path(path)
+    src = str(p)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = OmegaConf.load(p)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{src}: not valid YAML: {first}") from e
+    if not OmegaConf.is_dict(raw):
+        raise ConfigError(f"{src}: expected a mapping of sections (model, data, topology, ...)")
+    return config_from_container(raw, overrides or [], src, p.parent)
+
+
+def config_from_container(
+    raw: Any, overrides: list[str], source: str, base_dir: Path
+) -> LoadedConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}': expected key=value, e.g. train.steps=10")
+    try:
+        schema = OmegaConf.structured(RunConfig)
+        merged = OmegaConf.merge(schema, raw)
+    except OmegaConfBaseException as e:
+        raise ConfigError(conf_error_line(e, "", source)) from e
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(conf_error_line(e, "", "command line")) from e
+    try:
+        run: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise ConfigError(conf_error_line(e, "", source)) from e
+    loaded = LoadedConfig(run, Topology(), source, base_dir)
+    loaded.topology = _resolve_topology(loaded)
+    validate(loaded)
+    return loaded
+
+
+def _resolve_topology(cfg: LoadedConfig) -> Topology:
+    sec = cfg.run.topology
+    if sec.file and sec.inline:
+        raise ConfigError(f"{cfg.source}: topology: give either topology.file or topology.inline, not both")
+    try:
+        if sec.file:
+            return load_topology(cfg.resolve_path(sec.file))
+        if sec.inline:
+            return topology_from_container(sec.inline, cfg.source)
+    except TopologyError as e:
+        raise ConfigError(str(e)) from e
+    raise ConfigError(f"{cfg.source}: topology: missing; set topology.file (a YAML path) or topology.inline")
+
+
+def validate(cfg: LoadedConfig) -> None:
+    """Range and choice checks that the type system cannot express."""
+    r, src = cfg.run, cfg.source
+
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{src}: {key}: {msg}")
+
+    def choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+        if value not in allowed:
+            fail(key, f"'{value}' is not one of {', '.join(allowed)}")
+
+    m = r.model
+    if bool(m.family) == bool(m.path):
+        fail("model", "set exactly one of model.family (build from config) or model.path (local checkpoint)")
+    if m.path and not cfg.resolve_path(m.path).is_dir():
+        fail("model.path", f"directory not found: {m.path}")
+    if m.path:
+        m.path = str(cfg.resolve_path(m.path))
+    choice("model.attn_implementation", m.attn_implementation, ("eager", "sdpa"))
+
+    d = r.data
+    choice("data.format", d.format, DATA_FORMATS)
+    if d.seq_len < 2:
+        fail("data.seq_len", f"must be >= 2, got {d.seq_len}")
+    if r.ray.address is None and not cfg.resolve_path(d.path).is_file():
+        fail("data.path", f"file not found: {d.path}")
+    if d.tokenizer != "byte" and not cfg.resolve_path(d.tokenizer).is_file():
+        fail("data.tokenizer", f"'{d.tokenizer}' is neither 'byte' nor an existing tokenizer.json")
+
+    t = r.train
+    for key in ("steps", "batch_size", "micro_batches"):
+        if getattr(t, key) < 1:
+            fail(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    if t.batch_size % t.micro_batches:
+        fail("train.micro_batches", f"{t.micro_batches} does not divide train.batch_size={t.batch_size}")
+    if t.lr <= 0:
+        fail("train.lr", f"must be > 0, got {t.lr}")
+    for key in ("weight_decay", "warmup_steps", "max_grad_norm"):
+        if getattr(t, key) < 0:
+            fail(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    choice("train.dtype", t.dtype, DTYPES)
+
+    p = r.plan
+    choice("plan.partitioner", p.partitioner, PARTITIONERS)
+    names = set(cfg.topology.device_names)
+    for i, dev in enumerate(p.devices):
+        if dev not in names:
+            fail(f"plan.devices[{i}]", f"device '{dev}' is not in the topology (devices: {', '.join(cfg.topology.device_names)})")
+    if len(set(p.devices)) != len(p.devices):
+        fail("plan.devices", "a device is listed twice")
+    if p.partitioner == "manual" and not p.devices:
+        fail("plan.devices", "the manual partitioner needs plan.devices (one per stage)")
+    if p.partitioner == "manual" and len(p.cuts) != len(p.devices) - 1:
+        fail("plan.cuts", f"{len(p.devices)} devices need {len(p.devices) - 1} cuts, got {len(p.cuts)}")
+
+    rt = r.runtime
+    choice("runtime.schedule", rt.schedule, SCHEDULES)
+    choice("runtime.progress", rt.progress, ("auto", "bar", "log", "none"))
+    if rt.timeout_s <= 0:
+        fail("runtime.timeout_s", f"must be > 0, got {rt.timeout_s}")
+    if rt.placement_timeout_s <= 0:
+        fail("runtime.placement_timeout_s", f"must be > 0, got {rt.placement_timeout_s}")
+    if rt.log_every < 1:
+        fail("runtime.log_every", f"must be >= 1, got {rt.log_every}")
+    if r.ray.num_cpus is not None and r.ray.num_cpus < 1:
+        fail("ray.num_cpus", f"must be >= 1, got {r.ray.num_cpus}")

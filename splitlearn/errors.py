@@ -1,0 +1,38 @@
+"""The product's errors. A ``UserError`` is printed as one line with exit code 2."""
+
+from cluster.errors import PlacementError, TopologyError, UserError
+from partitioners.simple import PlanError
+
+
+class ConfigError(UserError):
+    """The run config is missing, malformed or has a bad value; the message names the key."""
+
+
+class ModelError(UserError):
+    """The model cannot be built or split as asked."""
+
+
+class DataError(UserError):
+    """The data file is missing or cannot be read as asked."""
+
+
+class StageFailed(RuntimeError):
+    """A stage worker failed during a step. Not a user error: it carries the traceback."""
+
+    def __init__(self, stage: int, device: str, step: int, action: str, cause: str):
+        self.stage, self.device, self.step, self.action = stage, device, step, action
+        super().__init__(
+            f"stage {stage} on device '{device}' failed at step {step}, action {action}: {cause}"
+        )
+
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "ModelError",
+    "PlacementError",
+    "PlanError",
+    "StageFailed",
+    "TopologyError",
+    "UserError",
+]

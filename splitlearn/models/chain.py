@@ -1,0 +1,240 @@
+"""Build a causal LM and cut it into segments of the chain ``embed, block_0…block_{n-1}, head``.
+
+Chain indices: ``0`` is the embedding layer, ``1…n`` are the transformer blocks, ``n+1``
+is the head (final norm, LM head and the loss). A segment is any contiguous range
+``[start, stop)`` of that chain. A segment keeps the Hugging Face model object with every
+module it does not run removed, so its parameter names are the model's own
+(``model.layers.3.mlp.up_proj.weight``): the union of all segments' state dicts is a state
+dict the whole model loads.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitlearn.errors import ModelError
+from splitlearn.models.families import FamilyAdapter, adapter_for, get_path, set_path
+
+IGNORE_INDEX = -100
+
+
+def import_adapter_module(name: str | None) -> None:
+    """Import the user's module that registers extra families (``model.adapter_module``)."""
+    if not name:
+        return
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        raise ModelError(f"model.adapter_module: cannot import '{name}': {e}") from e
+
+
+def build_model(model_cfg: Any, seed: int) -> nn.Module:
+    """Build the full causal LM from a transformers config (random init) or a local directory.
+
+    Never touches the network: a local directory is read with ``local_files_only``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import_adapter_module(model_cfg.adapter_module)
+    overrides = dict(model_cfg.config or {})
+    attn = model_cfg.attn_implementation
+    torch.manual_seed(seed)
+    try:
+        if model_cfg.path:
+            path = Path(model_cfg.path)
+            if not (path / "config.json").is_file():
+                raise ModelError(f"model.path: no config.json in '{path}' (expected a local checkpoint directory)")
+            hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
+            adapter_for(hf_cfg.model_type)  # fail early with the list of families
+            model = AutoModelForCausalLM.from_pretrained(
+                path, config=hf_cfg, local_files_only=True, dtype=torch.float32,
+                attn_implementation=attn,
+            )
+        else:
+            family = model_cfg.family
+            adapter_for(family)
+            hf_cfg = AutoConfig.for_model(family, **overrides)
+            model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn)
+    except ModelError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"model: cannot build the model: {line}") from e
+    model.float()
+    model.config.use_cache = False
+    return model
+
+
+def num_blocks(model: nn.Module) -> int:
+    return adapter_for(model.config.model_type).num_blocks(model)
+
+
+def chain_names(num_blocks: int) -> list[str]:
+    return ["embed", *[f"block_{i}" for i in range(num_blocks)], "head"]
+
+
+def _param_ids(model: nn.Module, paths: tuple[str, ...]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for path in paths:
+        mod = get_path(model, path)
+        if mod is None:
+            continue
+        for name, p in mod.named_parameters(remove_duplicate=False):
+            out.setdefault(id(p), f"{path}.{name}")
+    return out
+
+
+def tied_parameter_names(model: nn.Module) -> list[tuple[str, str]]:
+    """(embed name, head name) of each parameter the embed and head layers share."""
+    adapter = adapter_for(model.config.model_type)
+    emb = _param_ids(model, adapter.embed_paths)
+    head = _param_ids(model, adapter.head_paths)
+    return [(emb[i], head[i]) for i in emb if i in head]
+
+
+class Segment(nn.Module):
+    """The layers ``[start, stop)`` of the chain, owning only their own modules."""
+
+    def __init__(self, model: nn.Module, start: int, stop: int):
+        super().__init__()
+        self.adapter: FamilyAdapter = adapter_for(model.config.model_type)
+        n = self.adapter.num_blocks(model)
+        if not (0 <= start < stop <= n + 2):
+            raise ModelError(f"segment [{start}, {stop}) is outside the chain of {n + 2} layers")
+        self.start, self.stop, self.num_chain = start, stop, n + 2
+        self.has_embed = start == 0
+        self.has_head = stop == n + 2
+        self.block_ids = list(range(max(start, 1) - 1, min(stop, n + 1) - 1))
+        # Parameters shared by embed and head (tied embeddings): the copy here is kept in
+        # sync with the other stage's by summing gradients (see StageWorker).
+        self.tied = {e: h for e, h in tied_parameter_names(model)}
+        blocks = self.adapter.blocks(model)
+        keep = set(self.block_ids)
+        for i in range(n):
+            if i not in keep:
+                blocks[i] = nn.Identity()
+        if not self.has_embed:
+            for path in self.adapter.embed_paths:
+                set_path(model, path, None)
+        if not self.has_head:
+            for path in self.adapter.head_paths:
+                set_path(model, path, None)
+        self.model = model
+
+    @property
+    def layer_names(self) -> list[str]:
+        return chain_names(self.num_chain - 2)[self.start : self.stop]
+
+    def tied_parameters(self) -> dict[str, nn.Parameter]:
+        """Shared embed/head parameters present here, keyed by the embed-side name."""
+        out = {}
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for emb_name, head_name in self.tied.items():
+            for name in (emb_name, head_name):
+                if name in params:
+                    out[emb_name] = params[name]
+                    break
+        return out
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_items: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """Input ids (first segment) or hidden state in; hidden state or loss out."""
+        model, ad = self.model, self.adapter
+        batch, seq = x.shape[0], x.shape[1]
+        param = next(self.model.parameters())
+        probe = torch.empty(batch, seq, 1, dtype=param.dtype, device=x.device)
+        ctx = ad.context(model, probe, attention_mask)
+        h = ad.embed(model, x, ctx) if self.has_embed else x
+        for i in self.block_ids:
+            h = ad.block(model, i, h, ctx)
+            if isinstance(h, tuple):
+                h = h[0]
+        if not self.has_head:
+            return h
+        if labels is None:
+            raise ValueError("the last segment needs labels to compute the loss")
+        return causal_lm_loss(ad.head(model, h), labels, num_items)
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_items: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """Next-token cross entropy, summed and divided by ``num_items`` (default: the valid
+    tokens of this batch), so that micro-batch losses add up to the whole batch's mean."""
+    logits = logits.float()
+    shift_labels = labels[:, 1:]
+    shift_logits = logits[:, :-1, :]
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    if num_items is None:
+        num_items = count_items(labels)
+    return total / num_items
+
+
+def count_items(labels: torch.Tensor) -> int:
+    """Tokens that carry a loss: every label after the first position that is not ignored."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def cut(model: nn.Module, start: int, stop: int) -> Segment:
+    return Segment(model, start, stop)
+
+
+def split_model(model_cfg: Any, seed: int, ranges: list[tuple[int, int]]) -> list[Segment]:
+    """Whole model built once per segment (same seed) and cut: the segments share nothing."""
+    return [Segment(build_model(model_cfg, seed), a, b) for a, b in ranges]
+
+
+def layer_costs(model_cfg: Any, seed: int = 0) -> list:
+    """Parameters of each chain layer, from the model built on the meta device (no memory,
+    no weights read). A tied embed/head weight counts at both ends: each holds a copy."""
+    from partitioners.plan import LayerCost
+
+    with torch.device("meta"):
+        model = build_model(model_cfg, seed) if not model_cfg.path else _meta_from_dir(model_cfg)
+    adapter = adapter_for(model.config.model_type)
+    n = adapter.num_blocks(model)
+
+    def count(paths: tuple[str, ...]) -> int:
+        total, seen = 0, set()
+        for path in paths:
+            mod = get_path(model, path)
+            if mod is None:
+                continue
+            for p in mod.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel()
+        return total
+
+    blocks = adapter.blocks(model)
+    out = [LayerCost("embed", count(adapter.embed_paths))]
+    out += [LayerCost(f"block_{i}", sum(p.numel() for p in blocks[i].parameters())) for i in range(n)]
+    out.append(LayerCost("head", count(adapter.head_paths)))
+    return out
+
+
+def _meta_from_dir(model_cfg: Any) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        hf_cfg = AutoConfig.from_pretrained(model_cfg.path, local_files_only=True, **dict(model_cfg.config or {}))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.path: cannot read the config in '{model_cfg.path}': {str(e).splitlines()[0]}") from e
+    adapter_for(hf_cfg.model_type)
+    return AutoModelForCausalLM.from_config(hf_cfg)

@@ -1,0 +1,72 @@
+"""Optimizer, learning-rate schedule and clipping: one definition for the stage workers and
+for the single-process reference that the tests compare them with."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def make_optimizer(params, train_cfg: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        [p for p in params if p.requires_grad],
+        lr=train_cfg.lr,
+        weight_decay=train_cfg.weight_decay,
+        foreach=False,
+    )
+
+
+def lr_at(step: int, train_cfg: Any) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant."""
+    if train_cfg.warmup_steps and step < train_cfg.warmup_steps:
+        return train_cfg.lr * (step + 1) / train_cfg.warmup_steps
+    return train_cfg.lr
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def sum_of_squares(grads) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float64)
+    for g in grads:
+        if g is not None:
+            total += g.detach().double().pow(2).sum()
+    return total
+
+
+def clip_coefficient(total_norm: float, max_norm: float) -> float:
+    """The factor torch's ``clip_grad_norm_`` applies, from an already reduced norm."""
+    if max_norm <= 0 or not math.isfinite(total_norm):
+        return 1.0
+    return min(1.0, max_norm / (total_norm + 1e-6))
+
+
+def reference_step(model, batch, train_cfg, opt, step: int) -> tuple[float, float]:
+    """One step of the unsplit model on one process: the behaviour split training matches."""
+    from splitlearn.models.chain import causal_lm_loss, count_items
+
+    set_lr(opt, lr_at(step, train_cfg))
+    opt.zero_grad(set_to_none=True)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    num_items = count_items(labels)
+    mbs = train_cfg.micro_batches
+    size = ids.shape[0] // mbs
+    total = 0.0
+    for m in range(mbs):
+        sl = slice(m * size, (m + 1) * size)
+        logits = model(input_ids=ids[sl], attention_mask=None if mask is None else mask[sl]).logits
+        loss = causal_lm_loss(logits, labels[sl], num_items)
+        loss.backward()
+        total += float(loss)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = math.sqrt(float(sum_of_squares(p.grad for p in params)))
+    coef = clip_coefficient(norm, train_cfg.max_grad_norm)
+    if coef < 1.0:
+        for p in params:
+            p.grad.mul_(coef)
+    opt.step()
+    return total, norm

@@ -1,0 +1,109 @@
+"""The driver's side of the workers: place one actor per stage, bring them up, step them.
+
+Every wait is bounded: ``ray.get`` always has a timeout, and a failed or dead worker turns
+into one error that names its stage and device.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from cluster.errors import UserError
+from cluster.ray_cluster import actor_options, place_stages
+from cluster.topology import Topology
+from partitioners.plan import Plan
+from splitlearn.errors import StageFailed
+from splitlearn.worker import StageWorker
+
+log = logging.getLogger(__name__)
+
+
+def _unwrap(e: Exception) -> Exception:
+    """The user's error inside a Ray task error, if there is one."""
+    cause = getattr(e, "cause", None)
+    while cause is not None:
+        if isinstance(cause, (UserError, StageFailed)):
+            return cause
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    return e
+
+
+class StageGroup:
+    """The workers of one plan, as Ray actors placed on their devices."""
+
+    def __init__(self, plan: Plan, topology: Topology, run: dict[str, Any], base_dir: str, timeout_s: float,
+                 placement_timeout_s: float):
+        import ray
+
+        self.plan, self.topology, self.timeout_s = plan, topology, timeout_s
+        self.pg = place_stages(topology, plan.devices, placement_timeout_s)
+        remote_cls = ray.remote(StageWorker)
+        self.actors = [
+            remote_cls.options(**actor_options(topology, s.device, self.pg, s.index)).remote(
+                s.index, run, plan.to_dict(), base_dir
+            )
+            for s in plan.stages
+        ]
+
+    def _get(self, refs, what: str, timeout: float | None = None):
+        import ray
+
+        timeout = timeout or self.timeout_s
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError as e:
+            raise StageFailed(-1, "?", -1, what, f"no answer within {timeout:g} s (runtime.timeout_s)") from e
+        except ray.exceptions.RayActorError as e:
+            idx = self._dead_actor(refs)
+            dev = self.plan.stages[idx].device if idx >= 0 else "?"
+            raise StageFailed(idx, dev, -1, what, f"worker died: {str(e).splitlines()[0]}") from e
+        except ray.exceptions.RayTaskError as e:
+            inner = _unwrap(e)
+            if inner is not e:
+                raise inner from None
+            raise
+
+    def _dead_actor(self, refs) -> int:
+        import ray
+
+        for i, a in enumerate(self.actors):
+            try:
+                ray.get(a.__ray_ready__.remote(), timeout=5)
+            except Exception:
+                return i
+        return -1
+
+    def start(self, prepare_timeout_s: float) -> list[dict[str, Any]]:
+        """Build the segments (user errors surface here), then join the process group."""
+        infos = self._get([a.prepare.remote() for a in self.actors], "prepare", prepare_timeout_s)
+        addr, port = self._get(self.actors[0].rendezvous_address.remote(), "rendezvous")
+        self._get([a.init_dist.remote(addr, port) for a in self.actors], "init_dist")
+        return infos
+
+    def step(self, step: int) -> list[dict[str, Any]]:
+        """One call per worker per step."""
+        try:
+            return self._get([a.run_step.remote(step) for a in self.actors], f"step {step}")
+        except StageFailed as e:
+            if e.step < 0:
+                e.step = step
+            raise
+
+    def save(self, directory: str) -> list[dict[str, Any]]:
+        return self._get([a.save.remote(directory) for a in self.actors], "save")
+
+    def state_dicts(self) -> list[dict[str, Any]]:
+        return self._get([a.state_dict.remote() for a in self.actors], "state_dict")
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            ray.get([a.close.remote() for a in self.actors], timeout=10)
+        except Exception:  # a dead or stuck worker is killed below
+            pass
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        remove_placement_group(self.pg)
