@@ -153,10 +153,13 @@ def config_from_container(
         merged = OmegaConf.merge(schema, raw)
     except OmegaConfBaseException as e:
         raise ConfigError(conf_error_line(e, "", source)) from e
-    try:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as e:
-        raise ConfigError(conf_error_line(e, "", "command line")) from e
+    for item in overrides:
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(conf_error_line(e, "", f"override '{item}'")) from e
+        except (TypeError, ValueError) as e:  # e.g. an index into a list inside a free-form dict
+            raise ConfigError(f"override '{item}': cannot apply it: {e}") from e
     try:
         run: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:

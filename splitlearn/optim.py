@@ -61,7 +61,7 @@ def reference_step(model, batch, train_cfg, opt, step: int) -> tuple[float, floa
         logits = model(input_ids=ids[sl], attention_mask=None if mask is None else mask[sl]).logits
         loss = causal_lm_loss(logits, labels[sl], num_items)
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     params = [p for p in model.parameters() if p.grad is not None]
     norm = math.sqrt(float(sum_of_squares(p.grad for p in params)))
     coef = clip_coefficient(norm, train_cfg.max_grad_norm)

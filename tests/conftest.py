@@ -1,0 +1,42 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TEST_DEVICES = ["edge-a", "mid-b", "cloud-c", "cloud-d"]
+
+
+def inline_topology(devices=TEST_DEVICES, owner="edge-a"):
+    return {
+        "devices": [
+            {"name": d, "tier": "edge" if d.startswith("edge") else "cloud", "memory_gb": 2.0, "tflops": 0.02,
+             "owns_data": d == owner, "zone": "home" if d.startswith("edge") else "cloud"}
+            for d in devices
+        ],
+        "links": {"default": {"bandwidth_mbps": 1000, "latency_ms": 0.1}},
+    }
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray instance for the session, carrying the test devices' resources."""
+    import ray
+
+    from cluster.topology import device_resource
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            resources={device_resource(d): 1.0 for d in TEST_DEVICES},
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,127 @@
+"""The command line: help texts, bad input (one line, exit code 2, nothing written), and the
+console script end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, inline_topology
+from families import TINY
+
+from splitlearn.cli import main
+
+SPLITLEARN = [sys.executable, "-m", "splitlearn"]
+
+
+def write_config(tmp_path: Path, **sections) -> Path:
+    cfg = {
+        "name": "cli",
+        "model": {"family": "llama", "config": {**TINY["llama"], "vocab_size": 258}},
+        "data": {"path": str(ROOT / "data" / "quickstart.txt"), "seq_len": 16},
+        "topology": {"inline": inline_topology()},
+        "train": {"steps": 2, "batch_size": 4, "micro_batches": 2},
+        "plan": {"devices": ["edge-a", "mid-b", "cloud-c"]},
+        "runtime": {"output_dir": str(tmp_path / "runs"), "progress": "none", "timeout_s": 60},
+    }
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def one_line_error(capsys, code, needle):
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("splitlearn: error:") and needle in err, err
+    assert "\n" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["validate", "missing.yaml"], "config file not found"),
+        (["validate", "{cfg}", "train.batch_size=-4"], "train.batch_size: must be >= 1"),
+        (["validate", "{cfg}", "plan.devices=[edge-a,phantom]"], "device 'phantom' is not in the topology"),
+        (["validate", "{cfg}", "model.config.num_hidden_layers=2", "plan.devices=[edge-a,mid-b,cloud-c,cloud-d,edge-a]"],
+         "a device is listed twice"),
+        (["validate", "{cfg}", "topology.inline.devices.0.memory_gb=0.0001"], "override 'topology.inline.devices.0"),
+        (["validate", "{tiny}"], "stage 0 (embed..block_0) needs"),
+        (["validate", "{cfg}", "model.family=bert"], "model family 'bert' is not supported"),
+        (["validate", "{cfg}", "data.path=/nowhere/x.txt"], "data.path: file not found"),
+        (["train", "{cfg}", "plan.partitioner=manual", "plan.cuts=[1]"], "plan.cuts: 3 devices need 2 cuts"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
+    cfg = write_config(tmp_path)
+    tiny_topo = inline_topology()
+    for d in tiny_topo["devices"]:
+        d["memory_gb"] = 1e-4
+    (tmp_path / "tiny").mkdir()
+    tiny = write_config(tmp_path / "tiny", topology={"inline": tiny_topo})
+    code = main([a.replace("{cfg}", str(cfg)).replace("{tiny}", str(tiny)) for a in args])
+    one_line_error(capsys, code, needle)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "tiny" / "runs").exists()
+
+
+def test_malformed_topology_file(tmp_path, capsys):
+    (tmp_path / "topo.yaml").write_text("devices:\n  - name: a\n    memory_gb: lots\n")
+    cfg = write_config(tmp_path, topology={"file": "topo.yaml", "inline": None})
+    one_line_error(capsys, main(["validate", str(cfg)]), "topology.devices[0].memory_gb")
+
+
+@pytest.mark.ray
+def test_train_bad_inputs_found_by_the_workers(ray_cluster, tmp_path, capsys):
+    """Errors only a worker sees (malformed data on the edge device, a device absent from the
+    Ray cluster) still come back as one line and exit 2, with no run directory."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    cfg = write_config(tmp_path, data={"path": str(bad)})
+    one_line_error(capsys, main(["train", str(cfg)]), "bad.jsonl:2: not valid JSON")
+    assert not (tmp_path / "runs").exists()
+
+    topo = inline_topology(devices=["edge-a", "mid-b", "offline-x"])
+    cfg = write_config(tmp_path, topology={"inline": topo}, plan={"devices": ["edge-a", "mid-b", "offline-x"]})
+    one_line_error(capsys, main(["train", str(cfg)]), "devices missing from the Ray cluster: offline-x")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_for_every_command():
+    out = subprocess.run([*SPLITLEARN, "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("train", "validate", "data"):
+        assert cmd in out
+        sub = subprocess.run([*SPLITLEARN, cmd, "--help"], capture_output=True, text=True, check=True).stdout
+        assert "usage: splitlearn " + cmd in sub and len(sub.splitlines()) > 5
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).parent / "splitlearn"
+    assert exe.is_file(), "pip install -e . should create the splitlearn console script"
+    r = subprocess.run([str(exe), "validate", "nowhere.yaml"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "splitlearn: error: config file not found: nowhere.yaml"
+
+
+@pytest.mark.ray
+def test_train_end_to_end_from_the_command_line(tmp_path):
+    """The quickstart config through the console script, shortened: its own embedded Ray
+    cluster, three emulated devices, and a complete run directory."""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    r = subprocess.run(
+        [*SPLITLEARN, "train", str(ROOT / "configs" / "quickstart.yaml"), "train.steps=4",
+         f"runtime.output_dir={tmp_path / 'runs'}", "runtime.run_name=e2e", "--progress", "log"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "e2e"
+    assert "step 4/4" in r.stdout
+    for f in ("config.yaml", "plan.yaml", "metrics.jsonl", "summary.json", "checkpoint/manifest.json",
+              "checkpoint/stage_0.safetensors", "checkpoint/stage_2.safetensors"):
+        assert (run_dir / f).is_file(), f
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 4 and len(summary["stages"]) == 3
+    plan = yaml.safe_load((run_dir / "plan.yaml").read_text())
+    assert [s["devices"][0] for s in plan["stages"]] == ["edge-phone", "home-server", "cloud-gpu"]
