@@ -145,9 +145,7 @@ def actor_options(topology: Topology, device: str, pg, bundle_index: int) -> dic
     opts: dict[str, Any] = {
         "num_cpus": 0,  # the device resource holds the node; threads come from the device
         "resources": {device_resource(device): 1.0},
-        "scheduling_strategy": PlacementGroupSchedulingStrategy(
-            pg, placement_group_bundle_index=bundle_index
-        ),
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index),
         "max_restarts": 0,
         "max_concurrency": 2,  # one step call plus control calls (metrics, abort)
     }

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, OmegaConf
+
 from cluster.conf import to_typed
 from cluster.errors import TopologyError
 
@@ -87,8 +88,7 @@ class Topology:
             if d.name == name:
                 return d
         raise TopologyError(
-            f"device '{name}' is not in topology '{self.name}' "
-            f"(devices: {', '.join(self.device_names)})"
+            f"device '{name}' is not in topology '{self.name}' (devices: {', '.join(self.device_names)})"
         )
 
     @property
@@ -160,17 +160,15 @@ def topology_from_container(data: Any, source: str = "<inline>") -> Topology:
         if not isinstance(entries, list):
             raise TopologyError(f"{source}: topology.links.{table}: expected a list")
         tables[table] = [
-            to_typed(LinkEntry, e, prefix=f"topology.links.{table}[{i}]", source=source,
-                     error=TopologyError)
+            to_typed(LinkEntry, e, prefix=f"topology.links.{table}[{i}]", source=source, error=TopologyError)
             for i, e in enumerate(entries)
         ]
-    default = to_typed(Link, links.pop("default", None), prefix="topology.links.default",
-                       source=source, error=TopologyError)
+    default = to_typed(
+        Link, links.pop("default", None), prefix="topology.links.default", source=source, error=TopologyError
+    )
     if links:
         bad = sorted(links)[0]
-        raise TopologyError(
-            f"{source}: topology.links.{bad}: unknown key (known: default, zones, pairs)"
-        )
+        raise TopologyError(f"{source}: topology.links.{bad}: unknown key (known: default, zones, pairs)")
     top = to_typed(Topology, data, prefix="topology", source=source, error=TopologyError)
     top.devices = typed_devices
     top.links = LinkTable(default=default, zones=tables["zones"], pairs=tables["pairs"])

@@ -106,7 +106,7 @@ class Plan:
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         footer = f"partitioner={self.partitioner} schedule={self.schedule} micro_batches={self.num_micro_batches}"
         return "\n".join([*lines, footer])

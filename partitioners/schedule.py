@@ -121,6 +121,4 @@ def format_grid(sched: Schedule) -> str:
     """One row per stage, one column per action slot."""
     cells = [[str(a) for a in acts] for acts in sched]
     width = max(len(c) for row in cells for c in row)
-    return "\n".join(
-        f"stage {s}: " + " ".join(c.ljust(width) for c in row) for s, row in enumerate(cells)
-    )
+    return "\n".join(f"stage {s}: " + " ".join(c.ljust(width) for c in row) for s, row in enumerate(cells))

@@ -111,9 +111,7 @@ def plan_from_cuts(
     )
 
 
-def uniform(
-    layers: list[LayerCost], topology: Topology, devices: list[str] | None = None, **kw
-) -> Plan:
+def uniform(layers: list[LayerCost], topology: Topology, devices: list[str] | None = None, **kw) -> Plan:
     devices = list(devices or default_device_order(topology))
     if len(devices) > len(layers):
         raise PlanError(

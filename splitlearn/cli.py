@@ -42,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_args(p)
-    p.add_argument("--progress", choices=["auto", "bar", "log", "none"], default=None,
-                   help="progress display (default: runtime.progress, 'auto' = bar on a terminal)")
+    p.add_argument(
+        "--progress",
+        choices=["auto", "bar", "log", "none"],
+        default=None,
+        help="progress display (default: runtime.progress, 'auto' = bar on a terminal)",
+    )
 
     p = sub.add_parser(
         "validate",

@@ -142,9 +142,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedC
     return config_from_container(raw, overrides or [], src, p.parent)
 
 
-def config_from_container(
-    raw: Any, overrides: list[str], source: str, base_dir: Path
-) -> LoadedConfig:
+def config_from_container(raw: Any, overrides: list[str], source: str, base_dir: Path) -> LoadedConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}': expected key=value, e.g. train.steps=10")
@@ -231,7 +229,10 @@ def validate(cfg: LoadedConfig) -> None:
     names = set(cfg.topology.device_names)
     for i, dev in enumerate(p.devices):
         if dev not in names:
-            fail(f"plan.devices[{i}]", f"device '{dev}' is not in the topology (devices: {', '.join(cfg.topology.device_names)})")
+            fail(
+                f"plan.devices[{i}]",
+                f"device '{dev}' is not in the topology (devices: {', '.join(cfg.topology.device_names)})",
+            )
     if len(set(p.devices)) != len(p.devices):
         fail("plan.devices", "a device is listed twice")
     if p.partitioner == "manual" and not p.devices:

@@ -96,8 +96,7 @@ def read_documents(path: Path, fmt: str = "auto", text_key: str = "text") -> lis
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one object per line") from e
             if not isinstance(rec, dict) or not isinstance(rec.get(text_key), str):
                 raise DataError(
-                    f"{path}:{lineno}: expected an object with a string field '{text_key}' "
-                    "(set data.text_key)"
+                    f"{path}:{lineno}: expected an object with a string field '{text_key}' (set data.text_key)"
                 )
             docs.append(rec[text_key])
     docs = [d for d in docs if d]

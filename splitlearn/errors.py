@@ -21,9 +21,7 @@ class StageFailed(RuntimeError):
 
     def __init__(self, stage: int, device: str, step: int, action: str, cause: str):
         self.stage, self.device, self.step, self.action = stage, device, step, action
-        super().__init__(
-            f"stage {stage} on device '{device}' failed at step {step}, action {action}: {cause}"
-        )
+        super().__init__(f"stage {stage} on device '{device}' failed at step {step}, action {action}: {cause}")
 
 
 __all__ = [

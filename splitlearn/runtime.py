@@ -32,8 +32,15 @@ def _unwrap(e: Exception) -> Exception:
 class StageGroup:
     """The workers of one plan, as Ray actors placed on their devices."""
 
-    def __init__(self, plan: Plan, topology: Topology, run: dict[str, Any], base_dir: str, timeout_s: float,
-                 placement_timeout_s: float):
+    def __init__(
+        self,
+        plan: Plan,
+        topology: Topology,
+        run: dict[str, Any],
+        base_dir: str,
+        timeout_s: float,
+        placement_timeout_s: float,
+    ):
         import ray
 
         self.plan, self.topology, self.timeout_s = plan, topology, timeout_s

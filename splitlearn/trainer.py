@@ -102,8 +102,12 @@ def train(cfg: LoadedConfig, progress: str | None = None) -> RunResult:
     try:
         check_devices(cfg.topology, plan.devices)
         group = StageGroup(
-            plan, cfg.topology, cfg.resolved_dict(), str(cfg.base_dir.resolve()),
-            run.runtime.timeout_s, run.runtime.placement_timeout_s,
+            plan,
+            cfg.topology,
+            cfg.resolved_dict(),
+            str(cfg.base_dir.resolve()),
+            run.runtime.timeout_s,
+            run.runtime.placement_timeout_s,
         )
         infos = group.start(prepare_timeout_s=max(run.runtime.timeout_s, 120.0))
         for info in infos:
@@ -144,9 +148,7 @@ def _train_loop(cfg: LoadedConfig, group: StageGroup, result: RunResult, progres
                     "grad_norm": stages[0]["grad_norm"],
                     "step_s": dt,
                     "tokens_per_s": tokens / dt,
-                    "stages": [
-                        {k: s[k] for k in ("stage", "device", "compute_s", "comm_s")} for s in stages
-                    ],
+                    "stages": [{k: s[k] for k in ("stage", "device", "compute_s", "comm_s")} for s in stages],
                     "bytes_sent": {k: v for s in stages for k, v in s["bytes_sent"].items()},
                 }
                 metrics.write(json.dumps(rec) + "\n")

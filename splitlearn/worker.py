@@ -62,7 +62,9 @@ class StageWorker:
         self.is_first, self.is_last = stage == 0, stage == self.num_stages - 1
         self.actions = S.build(self.run.runtime.schedule, self.num_stages, self.run.train.micro_batches)[stage]
         torch.set_num_threads(self.device_cfg.cpu_threads)
-        self.device = torch.device("cuda" if self.device_cfg.accelerator == "cuda" and torch.cuda.is_available() else "cpu")
+        self.device = torch.device(
+            "cuda" if self.device_cfg.accelerator == "cuda" and torch.cuda.is_available() else "cpu"
+        )
         self.segment = None
         self.batches = None
         self.world_ready = False
@@ -129,8 +131,8 @@ class StageWorker:
         n = self.num_stages
         # Every rank creates every group, in the same order.
         self.link_groups = [dist.new_group([i, i + 1], timeout=timeout) for i in range(n - 1)]
-        self.ends_group = dist.new_group([0, n - 1], timeout=timeout) if n > 2 else (
-            self.link_groups[0] if n == 2 else None
+        self.ends_group = (
+            dist.new_group([0, n - 1], timeout=timeout) if n > 2 else (self.link_groups[0] if n == 2 else None)
         )
         self.world_ready = True
 
@@ -166,9 +168,7 @@ class StageWorker:
         mbs = self.run.train.micro_batches
         rows = self.run.train.batch_size // mbs
         autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if self.run.train.dtype == "bf16"
-            else nullcontext()
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if self.run.train.dtype == "bf16" else nullcontext()
         )
         batch = self.batches.batch(step) if self.is_first else None
         labels_all = batch["labels"] if batch is not None else None

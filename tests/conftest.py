@@ -15,8 +15,14 @@ TEST_DEVICES = ["edge-a", "mid-b", "cloud-c", "cloud-d"]
 def inline_topology(devices=TEST_DEVICES, owner="edge-a"):
     return {
         "devices": [
-            {"name": d, "tier": "edge" if d.startswith("edge") else "cloud", "memory_gb": 2.0, "tflops": 0.02,
-             "owns_data": d == owner, "zone": "home" if d.startswith("edge") else "cloud"}
+            {
+                "name": d,
+                "tier": "edge" if d.startswith("edge") else "cloud",
+                "memory_gb": 2.0,
+                "tflops": 0.02,
+                "owns_data": d == owner,
+                "zone": "home" if d.startswith("edge") else "cloud",
+            }
             for d in devices
         ],
         "links": {"default": {"bandwidth_mbps": 1000, "latency_ms": 0.1}},

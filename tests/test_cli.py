@@ -47,8 +47,15 @@ def one_line_error(capsys, code, needle):
         (["validate", "missing.yaml"], "config file not found"),
         (["validate", "{cfg}", "train.batch_size=-4"], "train.batch_size: must be >= 1"),
         (["validate", "{cfg}", "plan.devices=[edge-a,phantom]"], "device 'phantom' is not in the topology"),
-        (["validate", "{cfg}", "model.config.num_hidden_layers=2", "plan.devices=[edge-a,mid-b,cloud-c,cloud-d,edge-a]"],
-         "a device is listed twice"),
+        (
+            [
+                "validate",
+                "{cfg}",
+                "model.config.num_hidden_layers=2",
+                "plan.devices=[edge-a,mid-b,cloud-c,cloud-d,edge-a]",
+            ],
+            "a device is listed twice",
+        ),
         (["validate", "{cfg}", "topology.inline.devices.0.memory_gb=0.0001"], "override 'topology.inline.devices.0"),
         (["validate", "{tiny}"], "stage 0 (embed..block_0) needs"),
         (["validate", "{cfg}", "model.family=bert"], "model family 'bert' is not supported"),
@@ -111,15 +118,34 @@ def test_train_end_to_end_from_the_command_line(tmp_path):
     cluster, three emulated devices, and a complete run directory."""
     env = {**os.environ, "RAY_ADDRESS": ""}
     r = subprocess.run(
-        [*SPLITLEARN, "train", str(ROOT / "configs" / "quickstart.yaml"), "train.steps=4",
-         f"runtime.output_dir={tmp_path / 'runs'}", "runtime.run_name=e2e", "--progress", "log"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        [
+            *SPLITLEARN,
+            "train",
+            str(ROOT / "configs" / "quickstart.yaml"),
+            "train.steps=4",
+            f"runtime.output_dir={tmp_path / 'runs'}",
+            "runtime.run_name=e2e",
+            "--progress",
+            "log",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = tmp_path / "runs" / "e2e"
     assert "step 4/4" in r.stdout
-    for f in ("config.yaml", "plan.yaml", "metrics.jsonl", "summary.json", "checkpoint/manifest.json",
-              "checkpoint/stage_0.safetensors", "checkpoint/stage_2.safetensors"):
+    for f in (
+        "config.yaml",
+        "plan.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoint/manifest.json",
+        "checkpoint/stage_0.safetensors",
+        "checkpoint/stage_2.safetensors",
+    ):
         assert (run_dir / f).is_file(), f
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and len(summary["stages"]) == 3

@@ -67,17 +67,25 @@ def test_missing_config_file(tmp_path):
 
 
 def test_missing_topology_file(tmp_path):
-    p = write(tmp_path, f"model: {{family: llama}}\ndata: {{path: {ROOT}/data/quickstart.txt}}\ntopology: {{file: gone.yaml}}\n")
+    p = write(
+        tmp_path,
+        f"model: {{family: llama}}\ndata: {{path: {ROOT}/data/quickstart.txt}}\ntopology: {{file: gone.yaml}}\n",
+    )
     with pytest.raises(ConfigError, match="topology file not found: .*gone.yaml"):
         load_config(p)
 
 
 def test_topology_relative_to_config_and_inline_exclusive(tmp_path):
     (tmp_path / "t.yaml").write_text((ROOT / "configs/topologies/laptop.yaml").read_text())
-    p = write(tmp_path, f"model: {{family: llama}}\ndata: {{path: {ROOT}/data/quickstart.txt}}\ntopology: {{file: t.yaml}}\n")
+    p = write(
+        tmp_path, f"model: {{family: llama}}\ndata: {{path: {ROOT}/data/quickstart.txt}}\ntopology: {{file: t.yaml}}\n"
+    )
     assert load_config(p).topology.name == "t"
-    p = write(tmp_path, f"model: {{family: llama}}\ndata: {{path: {ROOT}/data/quickstart.txt}}\n"
-              "topology: {file: t.yaml, inline: {devices: []}}\n")
+    p = write(
+        tmp_path,
+        f"model: {{family: llama}}\ndata: {{path: {ROOT}/data/quickstart.txt}}\n"
+        "topology: {file: t.yaml, inline: {devices: []}}\n",
+    )
     with pytest.raises(ConfigError, match="not both"):
         load_config(p)
 
@@ -88,6 +96,7 @@ def test_model_needs_exactly_one_source():
 
 
 # -- topology ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "topologies").glob("*.yaml")), ids=lambda p: p.stem)
 def test_example_topologies_load(path):
@@ -107,19 +116,23 @@ def test_example_topologies_cover_the_range():
 
 
 def test_link_lookup_pair_then_zone_then_default():
-    topo = topology_from_container({
-        "devices": [
-            {"name": "a", "memory_gb": 1, "tflops": 1, "zone": "z1", "owns_data": True},
-            {"name": "b", "memory_gb": 1, "tflops": 1, "zone": "z2"},
-            {"name": "c", "memory_gb": 1, "tflops": 1, "zone": "z2"},
-            {"name": "d", "memory_gb": 1, "tflops": 1, "zone": "z3"},
-        ],
-        "links": {
-            "default": {"bandwidth_mbps": 5, "latency_ms": 50},
-            "zones": [{"a": "z1", "b": "z2", "bandwidth_mbps": 20, "latency_ms": 10, "reverse_bandwidth_mbps": 200}],
-            "pairs": [{"a": "a", "b": "c", "bandwidth_mbps": 1000, "latency_ms": 1}],
-        },
-    })
+    topo = topology_from_container(
+        {
+            "devices": [
+                {"name": "a", "memory_gb": 1, "tflops": 1, "zone": "z1", "owns_data": True},
+                {"name": "b", "memory_gb": 1, "tflops": 1, "zone": "z2"},
+                {"name": "c", "memory_gb": 1, "tflops": 1, "zone": "z2"},
+                {"name": "d", "memory_gb": 1, "tflops": 1, "zone": "z3"},
+            ],
+            "links": {
+                "default": {"bandwidth_mbps": 5, "latency_ms": 50},
+                "zones": [
+                    {"a": "z1", "b": "z2", "bandwidth_mbps": 20, "latency_ms": 10, "reverse_bandwidth_mbps": 200}
+                ],
+                "pairs": [{"a": "a", "b": "c", "bandwidth_mbps": 1000, "latency_ms": 1}],
+            },
+        }
+    )
     assert topo.link("a", "b").bandwidth_mbps == 20 and topo.link("b", "a").bandwidth_mbps == 200
     assert topo.link("a", "c").bandwidth_mbps == 1000 and topo.link("c", "a").latency_ms == 1
     assert topo.link("a", "d").bandwidth_mbps == 5
@@ -133,14 +146,31 @@ def test_link_lookup_pair_then_zone_then_default():
         ({"devices": []}, "no devices"),
         ({"devices": [{"name": "a", "memory_gb": 1, "tflops": 1}]}, "owns_data"),
         ({"devices": [{"name": "a", "memory_gb": -1, "tflops": 1, "owns_data": True}]}, "devices[0].memory_gb"),
-        ({"devices": [{"name": "a", "memory_gb": 1, "tflops": 1, "tier": "fog", "owns_data": True}]}, "devices[0].tier"),
-        ({"devices": [{"name": "a", "memory_gb": 1, "tflops": 1, "owns_data": True},
-                      {"name": "a", "memory_gb": 1, "tflops": 1}]}, "defined twice"),
+        (
+            {"devices": [{"name": "a", "memory_gb": 1, "tflops": 1, "tier": "fog", "owns_data": True}]},
+            "devices[0].tier",
+        ),
+        (
+            {
+                "devices": [
+                    {"name": "a", "memory_gb": 1, "tflops": 1, "owns_data": True},
+                    {"name": "a", "memory_gb": 1, "tflops": 1},
+                ]
+            },
+            "defined twice",
+        ),
         ({"devices": [{"name": "a", "memory_gb": 1, "tflops": 1, "owns_data": True, "speed": 3}]}, "devices[0].speed"),
-        ({"devices": [{"name": "a", "memory_gb": 1, "tflops": 1, "owns_data": True}],
-          "links": {"pairs": [{"a": "a", "b": "zz", "bandwidth_mbps": 1, "latency_ms": 1}]}}, "links.pairs[0].b"),
-        ({"devices": [{"name": "a", "memory_gb": 1, "tflops": 1, "owns_data": True}],
-          "links": {"wires": []}}, "links.wires"),
+        (
+            {
+                "devices": [{"name": "a", "memory_gb": 1, "tflops": 1, "owns_data": True}],
+                "links": {"pairs": [{"a": "a", "b": "zz", "bandwidth_mbps": 1, "latency_ms": 1}]},
+            },
+            "links.pairs[0].b",
+        ),
+        (
+            {"devices": [{"name": "a", "memory_gb": 1, "tflops": 1, "owns_data": True}], "links": {"wires": []}},
+            "links.wires",
+        ),
     ],
 )
 def test_topology_errors_name_the_key(data, needle):

@@ -7,7 +7,13 @@ import torch
 from conftest import ROOT
 
 from splitlearn.data import (
-    BatchSource, ByteTokenizer, FileTokenizer, load_dataset, read_documents, synth_corpus, tokenize,
+    BatchSource,
+    ByteTokenizer,
+    FileTokenizer,
+    load_dataset,
+    read_documents,
+    synth_corpus,
+    tokenize,
 )
 from splitlearn.errors import DataError
 
@@ -79,7 +85,9 @@ def test_local_tokenizer_json(tmp_path):
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([synth_corpus(50)], trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>", "<pad>"]))
+    tok.train_from_iterator(
+        [synth_corpus(50)], trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>", "<pad>"])
+    )
     tok.save(str(tmp_path / "tokenizer.json"))
     ft = FileTokenizer(tmp_path / "tokenizer.json")
     assert ft.eos_id == tok.token_to_id("</s>") and ft.pad_id == tok.token_to_id("<pad>")

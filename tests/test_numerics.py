@@ -6,16 +6,17 @@ import pytest
 import torch
 from families import TINY
 
+from splitlearn.errors import ModelError
 from splitlearn.models import Segment, build_model, causal_lm_loss, chain_names, num_blocks, supported_families
 from splitlearn.models.chain import count_items
-from splitlearn.errors import ModelError
 
 CUTS = [[1], [3], [5], [2, 4], [1, 2, 3, 4, 5]]  # chain of 6: embed, 4 blocks, head
 
 
 def model_cfg(family, **extra):
-    return SimpleNamespace(family=family, path=None, config={**TINY[family], **extra}, adapter_module=None,
-                           attn_implementation="sdpa")
+    return SimpleNamespace(
+        family=family, path=None, config={**TINY[family], **extra}, adapter_module=None, attn_implementation="sdpa"
+    )
 
 
 def batch(padded: bool, seed=1):
@@ -75,7 +76,7 @@ def test_split_equals_unsplit(family, cuts, padded):
 
     n = num_blocks(whole) + 2
     bounds = [0, *cuts, n]
-    segments = [Segment(build_model(cfg, seed=0), a, b).train() for a, b in zip(bounds, bounds[1:])]
+    segments = [Segment(build_model(cfg, seed=0), a, b).train() for a, b in zip(bounds, bounds[1:], strict=False)]
     loss = run_split(segments, ids, mask, labels)
 
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
@@ -128,9 +129,20 @@ def test_user_registered_family():
 
     register_family("qwen3", LlamaLikeAdapter())
     cfg = SimpleNamespace(
-        family="qwen3", path=None, adapter_module=None, attn_implementation="sdpa",
-        config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=8, vocab_size=96, max_position_embeddings=64),
+        family="qwen3",
+        path=None,
+        adapter_module=None,
+        attn_implementation="sdpa",
+        config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=96,
+            max_position_embeddings=64,
+        ),
     )
     ids, mask, labels = batch(padded=True)
     whole = build_model(cfg, seed=0)
@@ -144,8 +156,12 @@ def test_local_checkpoint_directory(tmp_path):
     cfg = model_cfg("gpt2")
     whole = build_model(cfg, seed=3)
     whole.save_pretrained(tmp_path / "ckpt")
-    loaded = build_model(SimpleNamespace(family=None, path=str(tmp_path / "ckpt"), config={}, adapter_module=None,
-                                         attn_implementation="sdpa"), seed=0)
+    loaded = build_model(
+        SimpleNamespace(
+            family=None, path=str(tmp_path / "ckpt"), config={}, adapter_module=None, attn_implementation="sdpa"
+        ),
+        seed=0,
+    )
     for (n1, p1), (n2, p2) in zip(whole.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert n1 == n2
         torch.testing.assert_close(p1, p2, rtol=0, atol=0)

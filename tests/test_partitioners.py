@@ -11,11 +11,16 @@ TOPO = topology_from_container(inline_topology())
 
 
 def chain(n_blocks=4, block_params=1000, embed=500, head=500):
-    return [LayerCost("embed", embed), *[LayerCost(f"block_{i}", block_params) for i in range(n_blocks)],
-            LayerCost("head", head)]
+    return [
+        LayerCost("embed", embed),
+        *[LayerCost(f"block_{i}", block_params) for i in range(n_blocks)],
+        LayerCost("head", head),
+    ]
 
 
-@pytest.mark.parametrize("n,k,expected", [(6, 3, [2, 4]), (6, 4, [2, 4, 5]), (7, 2, [4]), (5, 5, [1, 2, 3, 4]), (3, 1, [])])
+@pytest.mark.parametrize(
+    "n,k,expected", [(6, 3, [2, 4]), (6, 4, [2, 4, 5]), (7, 2, [4]), (5, 5, [1, 2, 3, 4]), (3, 1, [])]
+)
 def test_uniform_cuts(n, k, expected):
     assert uniform_cuts(n, k) == expected
 
@@ -81,6 +86,7 @@ def test_static_memory_counts_frozen_params_as_weights_only():
 
 # -- schedules ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("stages,mbs", [(1, 1), (1, 3), (2, 2), (3, 4)])
 def test_sequential_schedule_is_valid(stages, mbs):
     sched = S.build("sequential", stages, mbs)
@@ -96,8 +102,19 @@ def test_sequential_schedule_is_valid(stages, mbs):
 def test_sequential_order_of_a_middle_stage():
     sched = S.sequential(3, 2)
     assert [str(a) for a in sched[1]] == [
-        "RECV_ACT0", "F0", "SEND_ACT0", "RECV_GRAD0", "B0", "SEND_GRAD0",
-        "RECV_ACT1", "F1", "SEND_ACT1", "RECV_GRAD1", "B1", "SEND_GRAD1", "STEP",
+        "RECV_ACT0",
+        "F0",
+        "SEND_ACT0",
+        "RECV_GRAD0",
+        "B0",
+        "SEND_GRAD0",
+        "RECV_ACT1",
+        "F1",
+        "SEND_ACT1",
+        "RECV_GRAD1",
+        "B1",
+        "SEND_GRAD1",
+        "STEP",
     ]
 
 

@@ -25,8 +25,15 @@ def run_config(tmp_path, family, devices, steps=3, cuts=None, packing=True, topo
         "model": {"family": family, "config": {**TINY[family], "vocab_size": 258}},
         "data": {"path": str(ROOT / "data" / "quickstart.txt"), "seq_len": 16, "packing": packing},
         "topology": {"inline": topology or inline_topology()},
-        "train": {"steps": steps, "batch_size": 4, "micro_batches": 2, "lr": 1e-2, "seed": 7, "max_grad_norm": 0.5,
-                  **train_kw},
+        "train": {
+            "steps": steps,
+            "batch_size": 4,
+            "micro_batches": 2,
+            "lr": 1e-2,
+            "seed": 7,
+            "max_grad_norm": 0.5,
+            **train_kw,
+        },
         "plan": {"partitioner": "manual" if cuts else "uniform", "devices": devices, "cuts": cuts or []},
         "runtime": {"output_dir": str(tmp_path / "runs"), "progress": "none", "timeout_s": 60},
     }

@@ -53,7 +53,10 @@ def build_model(model_cfg: Any, seed: int) -> nn.Module:
             hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
             adapter_for(hf_cfg.model_type)  # fail early with the list of families
             model = AutoModelForCausalLM.from_pretrained(
-                path, config=hf_cfg, local_files_only=True, dtype=torch.float32,
+                path,
+                config=hf_cfg,
+                local_files_only=True,
+                dtype=torch.float32,
                 attn_implementation=attn,
             )
         else:

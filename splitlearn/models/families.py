@@ -53,9 +53,7 @@ class FamilyAdapter:
     def embed(self, model: nn.Module, input_ids: torch.Tensor, ctx: Context) -> torch.Tensor:
         raise NotImplementedError
 
-    def context(
-        self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None
-    ) -> Context:
+    def context(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> Context:
         raise NotImplementedError
 
     def block(self, model: nn.Module, index: int, hidden: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -73,11 +71,7 @@ class FamilyAdapter:
     def causal_mask(model: nn.Module, hidden: torch.Tensor, attention_mask, position_ids, sliding=False):
         from transformers import masking_utils
 
-        fn = (
-            masking_utils.create_sliding_window_causal_mask
-            if sliding
-            else masking_utils.create_causal_mask
-        )
+        fn = masking_utils.create_sliding_window_causal_mask if sliding else masking_utils.create_causal_mask
         return fn(
             config=model.config,
             inputs_embeds=hidden,
@@ -113,9 +107,7 @@ class LlamaLikeAdapter(FamilyAdapter):
             if "full_attention" in kinds:
                 masks["full_attention"] = self.causal_mask(model, hidden, attention_mask, pos)
             if "sliding_attention" in kinds:
-                masks["sliding_attention"] = self.causal_mask(
-                    model, hidden, attention_mask, pos, sliding=True
-                )
+                masks["sliding_attention"] = self.causal_mask(model, hidden, attention_mask, pos, sliding=True)
         rotary = model.model.rotary_emb(hidden, position_ids=pos)
         return Context(attention_mask, pos, masks, rotary)
 
@@ -154,9 +146,7 @@ class GPT2Adapter(FamilyAdapter):
         return Context(attention_mask, pos, {"*": self.causal_mask(model, hidden, attention_mask, pos)})
 
     def block(self, model, index, hidden, ctx):
-        return model.transformer.h[index](
-            hidden, None, ctx.masks["*"], use_cache=False, position_ids=ctx.position_ids
-        )
+        return model.transformer.h[index](hidden, None, ctx.masks["*"], use_cache=False, position_ids=ctx.position_ids)
 
     def head(self, model, hidden):
         return model.lm_head(model.transformer.ln_f(hidden))
