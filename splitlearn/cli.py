@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug detail")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
     )
     _add_config_args(p)
     p.add_argument(
@@ -56,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(with the topology it names) and the plan it gives. Touches no cluster.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
     )
     _add_config_args(p)
     p.add_argument("--no-plan", action="store_true", help="skip building the plan (no model construction)")
@@ -64,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data",
         help="write the quickstart corpus",
         description="Write the small synthetic corpus the quickstart trains on (deterministic for a seed).",
+        parents=[common],
     )
     p.add_argument("output", nargs="?", default="data/quickstart.txt", help="file to write")
     p.add_argument("--docs", type=int, default=600, help="number of documents (default 600)")

@@ -89,9 +89,11 @@ class StageGroup:
         return infos
 
     def step(self, step: int) -> list[dict[str, Any]]:
-        """One call per worker per step."""
+        """One call per worker per step. The driver waits a little longer than a worker's own
+        transfer timeout, so that a worker's error, which names its action, arrives first."""
         try:
-            return self._get([a.run_step.remote(step) for a in self.actors], f"step {step}")
+            refs = [a.run_step.remote(step) for a in self.actors]
+            return self._get(refs, f"step {step}", self.timeout_s * 1.5 + 10)
         except StageFailed as e:
             if e.step < 0:
                 e.step = step

@@ -111,7 +111,10 @@ def train(cfg: LoadedConfig, progress: str | None = None) -> RunResult:
         )
         infos = group.start(prepare_timeout_s=max(run.runtime.timeout_s, 120.0))
         for info in infos:
-            log.info("stage %(stage)d on %(device)s: %(params)d params, pid %(pid)d, %(threads)d threads", info)
+            log.info(
+                "stage %(stage)d on %(device)s: %(params)d params, node %(node)s, pid %(pid)d, %(threads)d threads",
+                info,
+            )
         run_dir = _new_run_dir(cfg)
         print(f"run directory: {run_dir}", flush=True)
         _atomic_write(run_dir / "config.yaml", cfg.to_yaml())

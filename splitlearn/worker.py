@@ -46,6 +46,18 @@ def _header(t: torch.Tensor, has_mask: bool) -> torch.Tensor:
     return h
 
 
+def _ray_node_id() -> str:
+    """The Ray node this worker runs on (the host name when not under Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:
+        pass
+    return socket.gethostname()
+
+
 class StageWorker:
     def __init__(self, stage: int, run: dict[str, Any], plan: dict[str, Any], base_dir: str):
         from splitlearn.config import RunConfig
@@ -91,7 +103,7 @@ class StageWorker:
             "stage": self.stage,
             "device": self.device_name,
             "pid": os.getpid(),
-            "node": socket.gethostname(),
+            "node": _ray_node_id(),
             "threads": torch.get_num_threads(),
             "params": sum(p.numel() for p in self.segment.parameters()),
         }
