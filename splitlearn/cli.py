@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", nargs="?", default="data/quickstart.txt", help="file to write")
     p.add_argument("--docs", type=int, default=600, help="number of documents (default 600)")
     p.add_argument("--seed", type=int, default=0)
+
+    from splitlearn.cli_cluster import add_cluster_commands
+
+    add_cluster_commands(sub, common)
     return parser
 
 
@@ -111,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             path = write_synth_corpus(args.output, args.docs, args.seed)
             print(f"wrote {path} ({path.stat().st_size} bytes)")
             return 0
+        from splitlearn.cli_cluster import CLUSTER_COMMANDS, run_cluster_command
+
+        if args.command in CLUSTER_COMMANDS:
+            return run_cluster_command(args)
     except UserError as e:
         print(f"splitlearn: error: {e}", file=sys.stderr)
         return 2
