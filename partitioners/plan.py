@@ -12,21 +12,12 @@ from typing import Any
 
 import yaml
 
+from partitioners.profile import LayerProfile
+
+LayerCost = LayerProfile  # the planner's view of a layer: counts, and times once profiled
+
 OFFLOAD_MODES = ("none", "optimizer", "params")
 CODECS = ("none",)
-
-
-@dataclass
-class LayerCost:
-    """What the planner knows of one chain layer so far."""
-
-    name: str
-    params: int  # parameters held by the layer (a tied weight counts at both ends)
-    trainable_params: int | None = None
-
-    @property
-    def trainable(self) -> int:
-        return self.params if self.trainable_params is None else self.trainable_params
 
 
 @dataclass

@@ -82,7 +82,42 @@ def sequential(num_stages: int, num_micro_batches: int) -> Schedule:
     return sched
 
 
-SCHEDULES = {"sequential": sequential}
+def gpipe(num_stages: int, num_micro_batches: int) -> Schedule:
+    """GPipe: every stage runs all its forwards, then all its backwards (same order), so it
+    holds the activations of all M micro-batches at once."""
+    sched = []
+    for s in range(num_stages):
+        acts: list[Action] = []
+        for m in range(num_micro_batches):
+            acts += _stage_mb_actions(s, num_stages, m, "fwd")
+        for m in range(num_micro_batches):
+            acts += _stage_mb_actions(s, num_stages, m, "bwd")
+        acts.append(Action(STEP))
+        sched.append(_with_labels(s, num_stages, acts))
+    return sched
+
+
+def one_f_one_b(num_stages: int, num_micro_batches: int) -> Schedule:
+    """1F1B (PipeDream-Flush): stage s warms up with S-s-1 forwards, then alternates one
+    forward and one backward, then drains the remaining backwards. It holds at most S-s
+    micro-batches' activations, against GPipe's M."""
+    sched = []
+    for s in range(num_stages):
+        warmup = min(num_stages - s - 1, num_micro_batches)
+        acts: list[Action] = []
+        for m in range(warmup):
+            acts += _stage_mb_actions(s, num_stages, m, "fwd")
+        for i in range(num_micro_batches - warmup):
+            acts += _stage_mb_actions(s, num_stages, warmup + i, "fwd")
+            acts += _stage_mb_actions(s, num_stages, i, "bwd")
+        for m in range(num_micro_batches - warmup, num_micro_batches):
+            acts += _stage_mb_actions(s, num_stages, m, "bwd")
+        acts.append(Action(STEP))
+        sched.append(_with_labels(s, num_stages, acts))
+    return sched
+
+
+SCHEDULES = {"sequential": sequential, "gpipe": gpipe, "1f1b": one_f_one_b}
 
 
 def build(name: str, num_stages: int, num_micro_batches: int) -> Schedule:

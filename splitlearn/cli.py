@@ -65,6 +65,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plan", action="store_true", help="skip building the plan (no model construction)")
 
     p = sub.add_parser(
+        "profile",
+        help="measure each layer: params, FLOPs, cut bytes, memory, time",
+        description=(
+            "Build the run's model on this machine and profile each layer of the chain (embed, blocks, head) "
+            "for one micro-batch (train.batch_size / train.micro_batches rows of data.seq_len tokens): "
+            "parameters, forward/backward FLOPs (torch FlopCounterMode), bytes crossing a cut, bytes saved "
+            "for backward, median forward/backward time. Prints a table and writes profile.json."
+        ),
+        epilog="examples:\n  splitlearn profile configs/quickstart.yaml\n"
+        "  splitlearn profile configs/quickstart.yaml --layers 1:3 --calibrate --out q.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    _add_config_args(p)
+    p.add_argument("--layers", help="chain range a:b to profile (default: all; 0 is embed, the last is head)")
+    p.add_argument("--out", default="profile.json", help="where to write the profile (default profile.json)")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also measure this machine's effective FLOP/s (matmul), stored in the profile",
+    )
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None, help="where to run (default: cuda if available, else cpu)"
+    )
+    p.add_argument("--micro-batch", type=int, default=None, help="rows per micro-batch (default from the config)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default data.seq_len)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per layer, median reported (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+    p = sub.add_parser(
         "data",
         help="write the quickstart corpus",
         description="Write the small synthetic corpus the quickstart trains on (deterministic for a seed).",
@@ -81,7 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after options: `train CONFIG --progress log a.b=1`
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -109,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_plan:
                 print(make_plan(cfg).table())
             return 0
+        if args.command == "profile":
+            return _profile(args)
         if args.command == "data":
             from splitlearn.data import write_synth_corpus
 
@@ -126,6 +165,37 @@ def main(argv: list[str] | None = None) -> int:
         print("splitlearn: interrupted", file=sys.stderr)
         return 130
     return 1
+
+
+def _profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from splitlearn.config import load_config
+    from splitlearn.errors import ConfigError
+    from splitlearn.profiling import profile_model, profile_table
+
+    overrides = list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    if args.micro_batch is not None:
+        if args.micro_batch < 1:
+            raise ConfigError(f"--micro-batch: must be >= 1, got {args.micro_batch}")
+        cfg.run.train.batch_size = args.micro_batch * cfg.run.train.micro_batches
+    if args.seq_len is not None and args.seq_len < 2:
+        raise ConfigError(f"--seq-len: must be >= 2, got {args.seq_len}")
+    if args.seq_len is not None:
+        cfg.run.data.seq_len = args.seq_len
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats: must be >= 1, got {args.repeats}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here")
+    prof, span = profile_model(
+        cfg, layers=args.layers, device=device, repeats=args.repeats, calibrate=args.calibrate, threads=args.threads
+    )
+    print(profile_table(prof, span))
+    prof.save(args.out)
+    print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ class StageWorker:
         next_group = self.link_groups[self.stage] if not self.is_last else None
         prev_group = self.link_groups[self.stage - 1] if not self.is_first else None
         set_lr(self.optimizer, lr_at(step, self.run.train))
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=False)  # gradients persist: steady memory
         grad_norm = 0.0
         for i, act in enumerate(self.actions):
             t0 = time.perf_counter()

@@ -241,3 +241,45 @@ def _meta_from_dir(model_cfg: Any) -> nn.Module:
         raise ModelError(f"model.path: cannot read the config in '{model_cfg.path}': {str(e).splitlines()[0]}") from e
     adapter_for(hf_cfg.model_type)
     return AutoModelForCausalLM.from_config(hf_cfg)
+
+
+class LayerView(nn.Module):
+    """Chain layer ``index`` of a whole model as a one-tensor-in, one-tensor-out module: the
+    profiler's view. Its ``parameters()`` are the layer's own; the model is shared, not cut.
+    The head returns the loss over ``labels``."""
+
+    def __init__(self, model: nn.Module, index: int, attention_mask=None, labels=None):
+        super().__init__()
+        adapter = adapter_for(model.config.model_type)
+        n = adapter.num_blocks(model)
+        self.index, self.n = index, n
+        if index == 0:
+            mods = [get_path(model, p) for p in adapter.embed_paths]
+        elif index == n + 1:
+            mods = [get_path(model, p) for p in adapter.head_paths]
+        else:
+            mods = [adapter.blocks(model)[index - 1]]
+        self.owned = nn.ModuleList([m for m in mods if m is not None])
+        self._model = [model]  # a list: keep it out of this module's parameters
+        self.adapter, self.attention_mask, self.labels = adapter, attention_mask, labels
+        self._ctx: dict = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        model, ad = self._model[0], self.adapter
+        key = (x.shape[0], x.shape[1], x.device)
+        if key not in self._ctx:  # built once per shape: a segment builds it once per micro-batch
+            param = next(model.parameters())
+            probe = torch.empty(x.shape[0], x.shape[1], 1, dtype=param.dtype, device=x.device)
+            with torch.no_grad():
+                self._ctx = {key: ad.context(model, probe, self.attention_mask)}
+        ctx = self._ctx[key]
+        if self.index == 0:
+            return ad.embed(model, x, ctx)
+        if self.index == self.n + 1:
+            return causal_lm_loss(ad.head(model, x), self.labels)
+        h = ad.block(model, self.index - 1, x, ctx)
+        return h[0] if isinstance(h, tuple) else h
+
+
+def layer_views(model: nn.Module, attention_mask=None, labels=None) -> list[LayerView]:
+    return [LayerView(model, i, attention_mask, labels) for i in range(num_blocks(model) + 2)]

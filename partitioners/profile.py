@@ -1,0 +1,230 @@
+"""Layer profiles: what each layer of a chain costs, counted and measured.
+
+Model-agnostic: the profiler takes a chain of modules, each mapping one tensor to one tensor
+(the last one to a scalar loss), and a sample input for the first. Per layer it records
+parameters, forward and backward FLOPs (torch's ``FlopCounterMode``), the bytes that would
+cross a cut after the layer, the bytes autograd saves for backward (through saved-tensor
+hooks, parameters excluded), and the median forward and backward time after a warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class LayerProfile:
+    """Costs of one chain layer for one micro-batch. Counts are exact; times are medians."""
+
+    name: str
+    params: int = 0  # parameters held by the layer (a tied weight counts at both ends)
+    trainable_params: int | None = None  # None: all of them
+    param_bytes: int = 0
+    fwd_flops: int = 0
+    bwd_flops: int = 0
+    in_bytes: int = 0  # the activation that enters the layer
+    out_bytes: int = 0  # the activation that would cross a cut after the layer
+    saved_bytes: int = 0  # held for backward between this layer's forward and backward
+    fwd_ms: float = 0.0
+    bwd_ms: float = 0.0
+    opt_ms: float = 0.0  # AdamW step over the layer's trainable parameters
+    bwd_transient_bytes: int = 0  # peak extra allocation while the layer runs backward
+
+    @property
+    def trainable(self) -> int:
+        return self.params if self.trainable_params is None else self.trainable_params
+
+
+@dataclass
+class ModelProfile:
+    layers: list[LayerProfile]
+    micro_batch: int
+    seq_len: int
+    dtype: str = "fp32"
+    device: str = "cpu"
+    threads: int = 1
+    host: str = field(default_factory=platform.node)
+    calibrated_tflops: float | None = None  # this machine's measured FLOP/s (see calibrate)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelProfile:
+        d = json.loads(text)
+        d["layers"] = [LayerProfile(**x) for x in d["layers"]]
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    def totals(self) -> dict[str, float]:
+        keys = ("params", "param_bytes", "fwd_flops", "bwd_flops", "saved_bytes", "fwd_ms", "bwd_ms", "opt_ms")
+        return {k: sum(getattr(layer, k) for layer in self.layers) for k in keys}
+
+
+def _median_ms(fn: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], None]) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def peak_allocated_bytes(fn: Callable[[], Any], device: Any) -> int:
+    """Peak bytes allocated by ``fn`` above what was allocated when it started, from torch's
+    own accounting: the CUDA caching allocator's peak, or on CPU the allocation events that
+    the profiler records (``profile_memory``), summed in order."""
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return max(0, torch.cuda.max_memory_allocated() - base)
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocs: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            allocs.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    allocs.sort()
+    cur = peak = 0
+    for _, size in allocs:
+        cur += size
+        peak = max(peak, cur)
+    return peak
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def profile_chain(
+    layers: Sequence[Any],
+    sample: Any,
+    names: Sequence[str] | None = None,
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    measure_time: bool = True,
+    autocast_dtype: Any = None,
+) -> list[LayerProfile]:
+    """Profile each module of ``layers`` on the output of the one before it.
+
+    ``layers[i](x)`` must return one tensor; the last returns a scalar loss. ``sample`` is
+    the first layer's input (e.g. token ids). Time is measured on whatever device the
+    modules and the sample live on.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = sample.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    names = list(names) if names is not None else [f"layer_{i}" for i in range(len(layers))]
+    out: list[LayerProfile] = []
+    x = sample
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=autocast_dtype))
+        if autocast_dtype is not None
+        else (lambda: torch.autocast(device.type, enabled=False))
+    )
+    for name, layer in zip(names, layers, strict=True):
+        params = list(layer.parameters())
+        param_ids = {p.untyped_storage().data_ptr() for p in params}
+        inp = x.detach().requires_grad_(x.is_floating_point())
+
+        # forward: FLOPs and what autograd saves
+        saved: dict[int, int] = {}
+
+        def pack(t, saved=saved, param_ids=param_ids):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in param_ids and ptr != 0:
+                saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
+            return t
+
+        with FlopCounterMode(display=False) as fc, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with autocast():
+                y = layer(inp)
+        fwd_flops = fc.get_total_flops()
+        grad_out = None if y.dim() == 0 else torch.randn_like(y)
+        with FlopCounterMode(display=False) as fc:
+            y.backward(grad_out)
+        bwd_flops = fc.get_total_flops()
+        for p in params:
+            p.grad = None
+
+        prof = LayerProfile(
+            name=name,
+            params=sum(p.numel() for p in params),
+            trainable_params=sum(p.numel() for p in params if p.requires_grad),
+            param_bytes=sum(_nbytes(p) for p in params),
+            fwd_flops=int(fwd_flops),
+            bwd_flops=int(bwd_flops),
+            in_bytes=_nbytes(inp),
+            out_bytes=0 if y.dim() == 0 else _nbytes(y),
+            saved_bytes=sum(saved.values()),
+        )
+        if measure_time:
+
+            def fwd(layer=layer, inp=inp):
+                with autocast():
+                    layer(inp)  # with autograd on, as in training; the graph is dropped
+
+            def fwd_bwd(layer=layer, inp=inp, grad_out=grad_out):
+                with autocast():
+                    layer(inp).backward(grad_out)
+
+            prof.fwd_ms = _median_ms(fwd, warmup, repeats, sync)
+            both = _median_ms(fwd_bwd, warmup, repeats, sync)
+            prof.bwd_ms = max(both - prof.fwd_ms, 0.0)
+            # extra memory of a backward, with the parameter gradients already allocated
+            # (they persist between steps), so only temporaries count
+            with autocast():
+                y2 = layer(inp)
+            prof.bwd_transient_bytes = peak_allocated_bytes(lambda y2=y2, g=grad_out: y2.backward(g), device)
+            del y2
+            trainable = [p for p in params if p.requires_grad]
+            if trainable:
+                opt = torch.optim.AdamW(trainable, lr=1e-9, foreach=False)
+                prof.opt_ms = _median_ms(opt.step, warmup, repeats, sync)
+                opt.zero_grad(set_to_none=True)
+                del opt
+            for p in params:
+                p.grad = None
+        out.append(prof)
+        x = y.detach()
+    return out
+
+
+def calibrate_tflops(device: str = "cpu", size: int = 1024, repeats: int = 5, dtype: Any = None) -> float:
+    """This machine's effective dense matmul throughput in TFLOP/s, with the current torch
+    thread count: the scale on which topology ``tflops`` and measured layer times meet."""
+    import torch
+
+    dtype = dtype or torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    ms = _median_ms(lambda: a @ b, 2, repeats, sync)
+    return 2 * size**3 / (ms * 1e-3) / 1e12

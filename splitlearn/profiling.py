@@ -1,0 +1,140 @@
+"""``splitlearn profile``: measure each chain layer of the run's model on this machine."""
+
+from __future__ import annotations
+
+import torch
+
+from partitioners.costmodel import stage_memory
+from partitioners.profile import ModelProfile, calibrate_tflops, profile_chain
+from splitlearn.config import LoadedConfig
+from splitlearn.errors import ConfigError
+from splitlearn.models.chain import build_model, chain_names, layer_views, num_blocks
+
+
+def parse_layers(spec: str | None, num_layers: int) -> range:
+    """``a:b`` (Python slice of chain indices, either end optional) -> range; checked."""
+    if not spec:
+        return range(num_layers)
+    try:
+        a, _, b = spec.partition(":")
+        start = int(a) if a.strip() else 0
+        stop = int(b) if b.strip() else num_layers
+        if not _:
+            stop = start + 1
+    except ValueError:
+        raise ConfigError(f"--layers: '{spec}' is not a range like 0:4") from None
+    if not (0 <= start < stop <= num_layers):
+        raise ConfigError(
+            f"--layers: {spec} is outside the model's chain of {num_layers} layers (valid: 0:{num_layers})"
+        )
+    return range(start, stop)
+
+
+def profile_model(
+    cfg: LoadedConfig,
+    *,
+    layers: str | None = None,
+    device: str = "cpu",
+    repeats: int = 5,
+    warmup: int = 2,
+    calibrate: bool = False,
+    threads: int | None = None,
+) -> tuple[ModelProfile, range]:
+    run = cfg.run
+    mb = run.train.batch_size // run.train.micro_batches
+    seq = run.data.seq_len
+    if threads:
+        torch.set_num_threads(threads)
+    model = build_model(run.model, run.train.seed).to(device)
+    model.train()
+    n = num_blocks(model) + 2
+    span = parse_layers(layers, n)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(run.train.seed)
+    ids = torch.randint(0, vocab, (mb, seq), generator=g).to(device)
+    views = layer_views(model, None, ids)
+    names = chain_names(n - 2)
+    # Run the layers before the range too (untimed) so the first profiled layer sees a real input.
+    x = ids
+    with torch.no_grad():
+        for i in range(span.start):
+            x = views[i](x)
+    autocast = torch.bfloat16 if run.train.dtype == "bf16" else None
+    profs = profile_chain(
+        [views[i] for i in span],
+        x,
+        [names[i] for i in span],
+        warmup=warmup,
+        repeats=repeats,
+        autocast_dtype=autocast,
+    )
+    prof = ModelProfile(
+        layers=profs,
+        micro_batch=mb,
+        seq_len=seq,
+        dtype=run.train.dtype,
+        device=device,
+        threads=torch.get_num_threads(),
+        calibrated_tflops=calibrate_tflops(device) if calibrate else None,
+    )
+    return prof, span
+
+
+def _fmt_count(x: float) -> str:
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def profile_table(prof: ModelProfile, span: range) -> str:
+    head = ("idx", "layer", "params", "fwd FLOPs", "bwd FLOPs", "cut MB", "saved MB", "train MB", "fwd ms", "bwd ms")
+    rows = [head]
+    for i, layer in zip(span, prof.layers, strict=True):
+        mem = stage_memory([layer], precision=prof.dtype)
+        rows.append(
+            (
+                str(i),
+                layer.name,
+                _fmt_count(layer.params),
+                _fmt_count(layer.fwd_flops),
+                _fmt_count(layer.bwd_flops),
+                f"{layer.out_bytes / 1e6:.3f}",
+                f"{layer.saved_bytes / 1e6:.3f}",
+                f"{mem.device_total / 1e6:.3f}",
+                f"{layer.fwd_ms:.3f}",
+                f"{layer.bwd_ms:.3f}",
+            )
+        )
+    t = prof.totals()
+    tot_mem = stage_memory(prof.layers, precision=prof.dtype)
+    rows.append(
+        (
+            "",
+            "total",
+            _fmt_count(t["params"]),
+            _fmt_count(t["fwd_flops"]),
+            _fmt_count(t["bwd_flops"]),
+            "",
+            f"{t['saved_bytes'] / 1e6:.3f}",
+            f"{tot_mem.device_total / 1e6:.3f}",
+            f"{t['fwd_ms']:.3f}",
+            f"{t['bwd_ms']:.3f}",
+        )
+    )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(c.rjust(w) if j not in (1,) else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.insert(len(lines) - 1, "  ".join("-" * w for w in widths))
+    foot = (
+        f"micro_batch={prof.micro_batch} seq_len={prof.seq_len} dtype={prof.dtype} device={prof.device} "
+        f"threads={prof.threads}"
+    )
+    if prof.calibrated_tflops:
+        foot += f" calibrated={prof.calibrated_tflops * 1e3:.1f} GFLOP/s"
+    foot += "\ncut MB: activation crossing a cut after the layer; saved MB: held for backward (one micro-batch);"
+    foot += "\ntrain MB: weights + gradients + AdamW state + saved activations of one micro-batch"
+    return "\n".join([*lines, foot])
