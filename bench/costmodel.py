@@ -39,7 +39,11 @@ SIZES = {  # name: (hidden, intermediate, layers, heads)
     "S": (128, 352, 8, 4),
     "M": (256, 704, 8, 8),
     "L": (512, 1376, 8, 8),
+    "XL": (1024, 2816, 8, 16),  # GPU cases
+    "XXL": (2048, 5632, 8, 16),
 }
+CPU_CASES = [(s, mb, seq) for s in ("S", "M", "L") for mb, seq in ((1, 128), (4, 64), (4, 256))]
+GPU_CASES = [(s, mb, seq) for s in ("L", "XL", "XXL") for mb, seq in ((1, 512), (4, 256), (8, 1024))]
 NUM_STAGES, STAGE = 4, 1  # the stage measured: blocks 2..3 of 8, the second of four
 
 
@@ -98,7 +102,7 @@ def measure(size, mb, seq, schedule, m, device, steps):
     whole = build_model(cfg, 0).to(device)
     views = layer_views(whole)
     x = torch.randn(mb, seq, hidden, device=device)
-    layers = profile_chain(views[a:b], x, [f"block_{i - 1}" for i in range(a, b)], repeats=5)
+    layers = profile_chain(views[a:b], x, [f"block_{i - 1}" for i in range(a, b)], repeats=7, warmup=3)
     del whole, views
     dev = Device(name="here", memory_gb=1e9, tflops=1.0)
     pred_mem = stage_memory(layers, stage=STAGE, num_stages=NUM_STAGES, schedule=schedule, num_micro_batches=m)
@@ -149,8 +153,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per case (median)")
     ap.add_argument("--quick", action="store_true", help="a few cases only")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier on a shared box)")
     args = ap.parse_args()
-    cases = [(s, mb, seq, sch) for s in SIZES for mb, seq in ((1, 128), (4, 64), (4, 256)) for sch in ("gpipe", "1f1b")]
+    torch.set_num_threads(args.threads)
+    base = GPU_CASES if args.device == "cuda" else CPU_CASES
+    cases = [(s, mb, seq, sch) for s, mb, seq in base for sch in ("gpipe", "1f1b")]
     if args.quick:
         cases = cases[:4]
     rows = []
@@ -175,6 +182,7 @@ def main() -> int:
         json.dumps(
             {
                 "device": args.device,
+                "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                 "host": platform.node(),
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
