@@ -1,0 +1,274 @@
+"""Tier 1: the pipeline simulator against step times computed by hand.
+
+Notation in the comments: ``F0 [a,b]`` is the forward of micro-batch 0 running from a to b
+ms on that stage; ``act0 [a,b]`` / ``grad0 [a,b]`` a transfer on the link. Sends take no
+stage time; a receive waits for its transfer's arrival.
+"""
+
+import pytest
+
+from partitioners import schedule as sch
+from partitioners.costmodel import micro_batches_in_flight
+from partitioners.schedule import Action
+from partitioners.simulator import (
+    DeadlockError,
+    LinkCosts,
+    StageCosts,
+    plot_timeline,
+    simulate,
+    timeline_figure,
+    timeline_rows,
+)
+
+
+def run(name, stages, links=None, labels_ms=0.0, m=1):
+    n = len(stages)
+    links = [LinkCosts(0.0, 0.0)] * (n - 1) if links is None else links
+    return simulate(sch.build(name, n, m), stages, links, labels_ms=labels_ms, num_micro_batches=m)
+
+
+def spans(result, resource):
+    return [(iv.kind, iv.mb, iv.start_ms, iv.end_ms) for iv in result.timeline if iv.resource == resource]
+
+
+# -- one stage -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sequential", "gpipe", "1f1b"])
+def test_one_stage(name):
+    r = run(name, [StageCosts(1.0, 2.0, 0.5)], m=3)
+    # every schedule is F0 B0 F1 B1 F2 B2 STEP (or all F then all B): 3 * (1 + 2) + 0.5
+    assert r.step_ms == pytest.approx(9.5)
+    assert r.busy_ms == [pytest.approx(9.5)]
+    assert r.idle_ms == [pytest.approx(0.0)]
+    assert r.bubble_fraction == pytest.approx(0.0)
+    assert r.link_busy_ms == {}
+
+
+# -- two equal stages, free links ------------------------------------------------------------
+
+EQUAL2 = [StageCosts(1.0, 2.0)] * 2
+
+
+def test_two_stages_gpipe_m2():
+    r = run("gpipe", EQUAL2, m=2)
+    # stage 0: F0 [0,1] F1 [1,2]
+    # stage 1: F0 [1,2] F1 [2,3] B0 [3,5] B1 [5,7]
+    # stage 0: B0 [5,7] B1 [7,9]                     -> 9 = (M+S-1)(f+b) = 3*3
+    assert r.step_ms == pytest.approx(9.0)
+    assert spans(r, "stage 1") == [("F", 0, 1, 2), ("F", 1, 2, 3), ("B", 0, 3, 5), ("B", 1, 5, 7), ("STEP", -1, 7, 7)]
+    assert spans(r, "stage 0")[2:4] == [("B", 0, 5, 7), ("B", 1, 7, 9)]
+    assert r.busy_ms == [pytest.approx(6.0)] * 2
+    assert r.idle_ms == [pytest.approx(3.0)] * 2
+
+
+def test_two_stages_gpipe_m4():
+    r = run("gpipe", EQUAL2, m=4)
+    # stage 0: F0..F3 [0,4]
+    # stage 1: F0..F3 [1,5], B0..B3 [5,13]
+    # stage 0: B0 [7,9] B1 [9,11] B2 [11,13] B3 [13,15]   -> 15 = (4+2-1)*3
+    assert r.step_ms == pytest.approx(15.0)
+    assert r.bubble_fraction == pytest.approx(1 - 2 * 12 / (2 * 15))
+
+
+def test_two_stages_1f1b_m4():
+    r = run("1f1b", EQUAL2, m=4)
+    # stage 0: F0 [0,1] F1 [1,2] | waits grad0
+    # stage 1: F0 [1,2] B0 [2,4] F1 [4,5] B1 [5,7]
+    # stage 0: B0 [4,6] F2 [6,7] B1 [7,9] F3 [9,10]
+    # stage 1: F2 [7,8] B2 [8,10] F3 [10,11] B3 [11,13]
+    # stage 0: B2 [10,12] B3 [13,15]                      -> 15, same as GPipe
+    assert r.step_ms == pytest.approx(15.0)
+    assert spans(r, "stage 0") == [
+        ("F", 0, 0, 1),
+        ("F", 1, 1, 2),
+        ("B", 0, 4, 6),
+        ("F", 2, 6, 7),
+        ("B", 1, 7, 9),
+        ("F", 3, 9, 10),
+        ("B", 2, 10, 12),
+        ("B", 3, 13, 15),
+        ("STEP", -1, 15, 15),
+    ]
+    assert r.peak_in_flight == [2, 1]
+
+
+def test_two_stages_sequential_m2():
+    r = run("sequential", EQUAL2, m=2)
+    # F0 [0,1] on stage 0, F0 [1,2] B0 [2,4] on stage 1, B0 [4,6] on stage 0,
+    # then micro-batch 1 the same from 6: ends at 12 = M*S*(f+b) = 2*2*3
+    assert r.step_ms == pytest.approx(12.0)
+    assert r.peak_in_flight == [1, 1]
+
+
+# -- three stages, links cost 0.5 each way ----------------------------------------------------
+
+EQUAL3 = [StageCosts(1.0, 2.0)] * 3
+HALF_MS_LINKS = [LinkCosts(0.5, 0.5)] * 2
+
+
+def test_three_stages_gpipe_with_links():
+    r = run("gpipe", EQUAL3, HALF_MS_LINKS, m=3)
+    # stage 0: F0 [0,1] F1 [1,2] F2 [2,3];       act 0->1: [1,1.5] [2,2.5] [3,3.5]
+    # stage 1: F0 [1.5,2.5] F1 [2.5,3.5] F2 [3.5,4.5]; act 1->2: [2.5,3] [3.5,4] [4.5,5]
+    # stage 2: F0 [3,4] F1 [4,5] F2 [5,6] B0 [6,8] B1 [8,10] B2 [10,12]; grad 2->1: [8,8.5] [10,10.5] [12,12.5]
+    # stage 1: B0 [8.5,10.5] B1 [10.5,12.5] B2 [12.5,14.5];             grad 1->0: [10.5,11] [12.5,13] [14.5,15]
+    # stage 0: B0 [11,13] B1 [13,15] B2 [15,17]
+    # -> 17 = (M+S-1)(f+b) + 2 activation hops + 2 gradient hops = 15 + 1 + 1
+    assert r.step_ms == pytest.approx(17.0)
+    assert spans(r, "link 1->0") == [("GRAD", 0, 10.5, 11), ("GRAD", 1, 12.5, 13), ("GRAD", 2, 14.5, 15)]
+    assert r.link_busy_ms == {
+        "link 0->1": pytest.approx(1.5),
+        "link 1->0": pytest.approx(1.5),
+        "link 1->2": pytest.approx(1.5),
+        "link 2->1": pytest.approx(1.5),
+        "labels 0->2": 0.0,
+    }
+
+
+def test_three_stages_1f1b_with_links():
+    r = run("1f1b", EQUAL3, HALF_MS_LINKS, m=3)
+    # stage 0: F0 [0,1] F1 [1,2] F2 [2,3];  act 0->1: [1,1.5] [2,2.5] [3,3.5]
+    # stage 1: F0 [1.5,2.5] F1 [2.5,3.5] | waits grad0;  act 1->2: [2.5,3] [3.5,4]
+    # stage 2: F0 [3,4] B0 [4,6] F1 [6,7] B1 [7,9];       grad 2->1: [6,6.5] [9,9.5]
+    # stage 1: B0 [6.5,8.5] F2 [8.5,9.5] B1 [9.5,11.5];  grad 1->0: [8.5,9] [11.5,12]; act2 1->2: [9.5,10]
+    # stage 2: F2 [10,11] B2 [11,13];                     grad 2->1: [13,13.5]
+    # stage 1: B2 [13.5,15.5];                            grad 1->0: [15.5,16]
+    # stage 0: B0 [9,11] B1 [12,14] B2 [16,18]            -> 18: 1F1B's early backwards wait on links
+    assert r.step_ms == pytest.approx(18.0)
+    assert spans(r, "stage 1") == [
+        ("F", 0, 1.5, 2.5),
+        ("F", 1, 2.5, 3.5),
+        ("B", 0, 6.5, 8.5),
+        ("F", 2, 8.5, 9.5),
+        ("B", 1, 9.5, 11.5),
+        ("B", 2, 13.5, 15.5),
+        ("STEP", -1, 15.5, 15.5),
+    ]
+
+
+# -- links: queueing, asynchronous sends, labels ----------------------------------------------
+
+
+def test_slow_link_queues_transfers_and_sends_do_not_block():
+    r = run("gpipe", EQUAL2, [LinkCosts(3.0, 0.0)], m=3)
+    # stage 0: F0 [0,1] F1 [1,2] F2 [2,3]  (does not wait for its sends)
+    # act 0->1, one at a time: [1,4] [4,7] [7,10]
+    # stage 1: F0 [4,5] F1 [7,8] F2 [10,11] B0 [11,13] B1 [13,15] B2 [15,17]
+    # stage 0: B0 [13,15] B1 [15,17] B2 [17,19]           -> 19
+    assert r.step_ms == pytest.approx(19.0)
+    assert spans(r, "stage 0")[:3] == [("F", 0, 0, 1), ("F", 1, 1, 2), ("F", 2, 2, 3)]
+    assert spans(r, "link 0->1") == [("ACT", 0, 1, 4), ("ACT", 1, 4, 7), ("ACT", 2, 7, 10)]
+    assert r.link_busy_ms["link 0->1"] == pytest.approx(9.0)
+
+
+def test_labels_delay_the_loss_stage():
+    r = run("gpipe", EQUAL2, labels_ms=5.0, m=1)
+    # labels 0->1: [0,5]; stage 1 receives them first: F0 [5,6] B0 [6,8]; stage 0 B0 [8,10]
+    assert r.step_ms == pytest.approx(10.0)
+    assert spans(r, "labels 0->1") == [("LABELS", -1, 0, 5)]
+
+
+# -- heterogeneous: same time, less memory for 1F1B -------------------------------------------
+
+
+def test_slow_second_stage_1f1b_matches_gpipe_with_fewer_in_flight():
+    stages = [StageCosts(1.0, 2.0), StageCosts(2.0, 4.0)]
+    gp = run("gpipe", stages, m=4)
+    ofob = run("1f1b", stages, m=4)
+    # GPipe: stage 1 F0..F3 [1,9], B0..B3 [9,25]; stage 0 B3 [25,27]
+    # 1F1B: stage 1 F0 [1,3] B0 [3,7] F1 [7,9] B1 [9,13] F2 [13,15] B2 [15,19] F3 [19,21] B3 [21,25];
+    #       stage 0 B3 [25,27]
+    # both 27 = stage 0's first F (1) + stage 1 busy 4*(2+4) (24) + stage 0's last B (2)
+    assert gp.step_ms == pytest.approx(27.0)
+    assert ofob.step_ms == pytest.approx(27.0)
+    assert gp.peak_in_flight == [4, 4]  # M on every stage
+    assert ofob.peak_in_flight == [2, 1]  # S - s
+
+
+@pytest.mark.parametrize("name", ["sequential", "gpipe", "1f1b"])
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+def test_peak_in_flight_matches_cost_model(name, n, m):
+    r = run(name, [StageCosts(1.0, 2.0)] * n, m=m)
+    assert r.peak_in_flight == [micro_batches_in_flight(name, s, n, m) for s in range(n)]
+
+
+@pytest.mark.parametrize("n, m", [(2, 1), (2, 4), (3, 3), (4, 8), (5, 2), (6, 16)])
+def test_balanced_gpipe_bubble_is_classic_formula(n, m):
+    r = run("gpipe", [StageCosts(1.5, 3.0)] * n, m=m)
+    assert r.step_ms == pytest.approx((m + n - 1) * 4.5)
+    assert r.bubble_fraction == pytest.approx((n - 1) / (m + n - 1))
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def test_receive_never_sent_is_a_deadlock():
+    sched = [
+        [Action(sch.F, 0), Action(sch.B, 0), Action(sch.STEP)],
+        [Action(sch.RECV_ACT, 0), Action(sch.F, 0), Action(sch.B, 0), Action(sch.STEP)],
+    ]
+    with pytest.raises(DeadlockError, match=r"stage 1 blocked at RECV_ACT0 .*link 0->1.*stage 0 finished"):
+        simulate(sched, EQUAL2, [LinkCosts(0.0, 0.0)])
+
+
+def test_stages_waiting_on_each_other_is_a_deadlock():
+    good = sch.gpipe(2, 1)
+    # stage 0 waits for the gradient before sending the activation it depends on
+    stage0 = [Action(sch.SEND_LABELS), Action(sch.RECV_GRAD, 0), Action(sch.F, 0), Action(sch.SEND_ACT, 0)]
+    sched = [stage0 + [Action(sch.B, 0), Action(sch.STEP)], good[1]]
+    with pytest.raises(DeadlockError) as err:
+        simulate(sched, EQUAL2, [LinkCosts(0.0, 0.0)])
+    assert "stage 0 blocked at RECV_GRAD0" in str(err.value)
+    assert "stage 1 blocked at RECV_ACT0" in str(err.value)
+
+
+def test_send_never_received_and_bad_inputs():
+    unreceived = [[Action(sch.F, 0), Action(sch.SEND_ACT, 0), Action(sch.B, 0), Action(sch.STEP)], [Action(sch.STEP)]]
+    with pytest.raises(sch.ScheduleError, match="never received: link 0->1 micro-batch 0"):
+        simulate(unreceived, EQUAL2, [LinkCosts(0.0, 0.0)])
+    with pytest.raises(sch.ScheduleError, match="no wire"):
+        simulate([[Action(sch.SEND_ACT, 0)]], [StageCosts(1.0, 1.0)], [])
+    with pytest.raises(ValueError, match="need 1 links"):
+        simulate(sch.gpipe(2, 1), EQUAL2, [])
+    with pytest.raises(sch.ScheduleError, match="has 2 micro-batches"):
+        simulate(sch.gpipe(2, 2), EQUAL2, [LinkCosts(0.0, 0.0)], num_micro_batches=3)
+
+
+# -- plot ------------------------------------------------------------------------------------
+
+
+def test_plot_timeline_writes_png(tmp_path):
+    r = run("1f1b", EQUAL3, HALF_MS_LINKS, labels_ms=0.2, m=3)
+    rows = timeline_rows(r)
+    # 3 stages + 2 links * 2 directions + the labels line
+    assert rows == [
+        "stage 0",
+        "link 0->1",
+        "link 1->0",
+        "stage 1",
+        "link 1->2",
+        "link 2->1",
+        "stage 2",
+        "labels 0->2",
+    ]
+    fig = timeline_figure(r, "three stages", ["edge", "mid", "cloud"])
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "edge",
+        "0→1 act",
+        "1→0 grad",
+        "mid",
+        "1→2 act",
+        "2→1 grad",
+        "cloud",
+        "labels 0→2",
+    ]
+    assert ax.get_xlabel() == "time (ms)"
+    assert {t.get_text() for t in ax.texts} == {"0", "1", "2"}  # micro-batch numbers in the boxes
+    path = tmp_path / "timeline.png"
+    plot_timeline(r, str(path), "three stages")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 10_000
