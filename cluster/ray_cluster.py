@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,12 +68,17 @@ def connect(
     return ClusterHandle(address=None, started_here=True)
 
 
-def devices_in_cluster() -> dict[str, list[dict[str, Any]]]:
-    """Device name -> the alive nodes that carry its resource (with their figures)."""
-    import ray
+def devices_in_cluster(nodes: list[dict[str, Any]] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Device name -> the alive nodes that carry its resource (with their figures).
 
+    ``nodes`` are records in the shape of ``ray.nodes()`` (default: this process's cluster);
+    :mod:`cluster.remote` gets them from a cluster this process is not attached to."""
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
     found: dict[str, list[dict[str, Any]]] = {}
-    for node in ray.nodes():
+    for node in nodes:
         if not node.get("Alive"):
             continue
         res = node.get("Resources", {})
@@ -82,25 +88,38 @@ def devices_in_cluster() -> dict[str, list[dict[str, Any]]]:
                     {
                         "node_id": node["NodeID"],
                         "address": node.get("NodeManagerAddress"),
+                        "head": bool(node.get("IsHead")) or "node:__internal_head__" in res,
                         "cpus": res.get("CPU", 0),
                         "gpus": res.get("GPU", 0),
                         "memory_gb": res.get("memory", 0) / 1e9,
+                        "labels": {k: v for k, v in (node.get("Labels") or {}).items() if not k.startswith("ray.io/")},
                     }
                 )
     return found
 
 
-def check_devices(topology: Topology, needed: list[str]) -> None:
+def join_hint(device: str, topology: Topology, topology_file: str | None = None, head: str | None = None) -> str:
+    """The command that adds ``device`` to the cluster, run on that device's machine."""
+    topo = shlex.quote(topology_file) if topology_file else f"{topology.name}.yaml"
+    return f"splitlearn node start --topology {topo} --device {device} --address {head or 'HEAD:6379'}"
+
+
+def check_devices(
+    topology: Topology,
+    needed: list[str],
+    present: dict[str, list[dict[str, Any]]] | None = None,
+    topology_file: str | None = None,
+    head: str | None = None,
+) -> None:
     """Raise a PlacementError naming every device of ``needed`` that no alive node carries,
-    with the command that would add it."""
-    present = devices_in_cluster()
+    with the command that would add it. ``present`` defaults to :func:`devices_in_cluster`;
+    ``topology_file`` and ``head`` (the GCS address) make that command exact."""
+    if present is None:
+        present = devices_in_cluster()
     missing = [d for d in needed if d not in present]
     twice = [d for d in needed if len(present.get(d, [])) > 1]
     if missing:
-        hints = "; ".join(
-            f"on the machine of '{d}': splitlearn node start --topology {topology.name}.yaml --device {d} --address HEAD:6379"
-            for d in missing
-        )
+        hints = "; ".join(f"on the machine of '{d}': {join_hint(d, topology, topology_file, head)}" for d in missing)
         raise PlacementError(
             f"devices missing from the Ray cluster: {', '.join(missing)} "
             f"(present: {', '.join(sorted(present)) or 'none'}); {hints}"
@@ -121,9 +140,10 @@ def place_stages(topology: Topology, devices: list[str], timeout_s: float):
     bundles = []
     for name in devices:
         dev = topology.device(name)
-        b: dict[str, float] = {device_resource(name): 1.0}
+        share = 1.0 / devices.count(name)  # a device may run two stages (U-shaped split)
+        b: dict[str, float] = {device_resource(name): share}
         if dev.gpus:
-            b["GPU"] = dev.gpus
+            b["GPU"] = dev.gpus * share
         bundles.append(b)
     pg = placement_group(bundles, strategy="PACK", name="")
     try:
@@ -137,18 +157,18 @@ def place_stages(topology: Topology, devices: list[str], timeout_s: float):
     return pg
 
 
-def actor_options(topology: Topology, device: str, pg, bundle_index: int) -> dict[str, Any]:
+def actor_options(topology: Topology, device: str, pg, bundle_index: int, share: float = 1.0) -> dict[str, Any]:
     """Ray options for the worker of the stage in bundle ``bundle_index`` on ``device``."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     dev = topology.device(device)
     opts: dict[str, Any] = {
         "num_cpus": 0,  # the device resource holds the node; threads come from the device
-        "resources": {device_resource(device): 1.0},
+        "resources": {device_resource(device): share},
         "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index),
         "max_restarts": 0,
         "max_concurrency": 2,  # one step call plus control calls (metrics, abort)
     }
     if dev.gpus:
-        opts["num_gpus"] = dev.gpus
+        opts["num_gpus"] = dev.gpus * share
     return opts

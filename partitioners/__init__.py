@@ -1,22 +1,27 @@
-"""Pure planning: layer costs, partition algorithms and the plan data type. No Ray."""
+"""Pure planning: layer profiles, cost model, partitioners, plan type, schedules. No Ray."""
 
-from partitioners.plan import LayerCost, Plan, Stage
+from partitioners.partition import (
+    PARTITIONERS,
+    PlanError,
+    PlanRequest,
+    default_device_order,
+    partition,
+    uniform_cuts,
+)
+from partitioners.plan import Plan, Stage
 from partitioners.profile import LayerProfile, ModelProfile, calibrate_tflops, profile_chain
-from partitioners.simple import PARTITIONERS, PlanError, manual, plan_from_cuts, static_memory_gb, uniform, uniform_cuts
 
 __all__ = [
     "PARTITIONERS",
-    "LayerCost",
     "LayerProfile",
     "ModelProfile",
-    "calibrate_tflops",
-    "profile_chain",
     "Plan",
     "PlanError",
+    "PlanRequest",
     "Stage",
-    "manual",
-    "plan_from_cuts",
-    "static_memory_gb",
-    "uniform",
+    "calibrate_tflops",
+    "default_device_order",
+    "partition",
+    "profile_chain",
     "uniform_cuts",
 ]

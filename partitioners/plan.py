@@ -1,7 +1,7 @@
 """The plan: which device runs which contiguous range of the layer chain.
 
 Plain data with a YAML round-trip and a printed table. Made by a pure function of the
-layer costs and the topology (see :mod:`partitioners.simple`); cutting the model is a
+layer costs and the topology (see :mod:`partitioners.partition`); cutting the model is a
 separate step that belongs to the product layer.
 """
 
@@ -11,10 +11,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import yaml
-
-from partitioners.profile import LayerProfile
-
-LayerCost = LayerProfile  # the planner's view of a layer: counts, and times once profiled
 
 OFFLOAD_MODES = ("none", "optimizer", "params")
 CODECS = ("none",)
@@ -30,7 +26,14 @@ class Stage:
     offload: str = "none"
     codec: str = "none"
     params: int = 0
-    memory_gb: float = 0.0  # predicted: weights + gradients + optimizer state
+    memory_gb: float = 0.0  # predicted peak on the device (see costmodel.stage_memory)
+    fwd_ms: float = 0.0  # predicted, per micro-batch, on this stage's device
+    bwd_ms: float = 0.0
+    opt_ms: float = 0.0  # predicted optimizer step, once per step
+    memory: dict[str, float] = field(default_factory=dict)  # GB by kind: weights, grads, ...
+    link_act_ms: float = 0.0  # one activation to the next stage
+    link_grad_ms: float = 0.0  # one gradient back from the next stage
+    cut_bytes: int = 0  # bytes of one activation (after the codec) sent to the next stage
 
     @property
     def device(self) -> str:
@@ -47,7 +50,8 @@ class Plan:
     partitioner: str
     schedule: str = "sequential"
     num_micro_batches: int = 1
-    predicted: dict[str, Any] = field(default_factory=dict)
+    label_privacy: bool = False
+    predicted: dict[str, Any] = field(default_factory=dict)  # step_ms, bottleneck, bubble_fraction, ...
 
     @property
     def num_stages(self) -> int:
@@ -77,13 +81,18 @@ class Plan:
     def from_yaml(cls, text: str) -> Plan:
         return cls.from_dict(yaml.safe_load(text))
 
+    @property
+    def step_ms(self) -> float:
+        return float(self.predicted.get("step_ms", 0.0))
+
     def table(self) -> str:
         """A fixed-width table of the stages, for terminals and logs."""
-        head = ("stage", "device", "layers", "chain", "params", "mem GB", "offload", "codec")
+        head = ("stage", "device", "layers", "chain", "params", "mem GB", "fwd+bwd ms", "link ms", "offload", "codec")
         rows = [head]
         for s in self.stages:
             names = s.layer_names
             span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}" if names else ""
+            link = f"{s.link_act_ms:.2f}/{s.link_grad_ms:.2f}" if s.index < len(self.stages) - 1 else "-"
             rows.append(
                 (
                     str(s.index),
@@ -92,6 +101,8 @@ class Plan:
                     f"[{s.start},{s.stop})",
                     f"{s.params:,}",
                     f"{s.memory_gb:.3f}",
+                    f"{s.fwd_ms + s.bwd_ms:.2f}",
+                    link,
                     s.offload,
                     s.codec,
                 )
@@ -100,4 +111,12 @@ class Plan:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         footer = f"partitioner={self.partitioner} schedule={self.schedule} micro_batches={self.num_micro_batches}"
+        p = self.predicted
+        if "step_ms" in p:
+            footer += f"\npredicted step {p['step_ms']:.2f} ms, bottleneck {p.get('bottleneck')}, "
+            footer += f"bubble {100 * p.get('bubble_fraction', 0):.0f}%"
+            if "simulated_step_ms" in p:
+                footer += f", simulated {p['simulated_step_ms']:.2f} ms"
+        if self.label_privacy:
+            footer += "\nlabel_privacy: the head runs on the data owner (U-shaped split)"
         return "\n".join([*lines, footer])

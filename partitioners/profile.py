@@ -9,6 +9,7 @@ hooks, parameters excluded), and the median forward and backward time after a wa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
@@ -68,6 +69,24 @@ class ModelProfile:
     def totals(self) -> dict[str, float]:
         keys = ("params", "param_bytes", "fwd_flops", "bwd_flops", "saved_bytes", "fwd_ms", "bwd_ms", "opt_ms")
         return {k: sum(getattr(layer, k) for layer in self.layers) for k in keys}
+
+
+def _register_cpu_attention_flops() -> None:
+    """torch's FlopCounterMode knows the CUDA fused-attention kernels but not the CPU one
+    that ``scaled_dot_product_attention`` runs here; count it with the same formulas, so
+    attention FLOPs are counted on every device (and on ``meta``) alike."""
+    import torch
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    pairs = (
+        ("_scaled_dot_product_flash_attention_for_cpu", fc.sdpa_flop),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", fc.sdpa_backward_flop),
+    )
+    for name, formula in pairs:
+        op = getattr(aten, name, None)
+        if op is not None and op not in fc.flop_registry:
+            fc.register_flop_formula(op, get_raw=True)(formula)  # formula is already shape-wrapped
 
 
 def _median_ms(fn: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], None]) -> float:
@@ -139,6 +158,7 @@ def profile_chain(
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    _register_cpu_attention_flops()
     device = sample.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     names = list(names) if names is not None else [f"layer_{i}" for i in range(len(layers))]
@@ -147,20 +167,21 @@ def profile_chain(
     autocast = (
         (lambda: torch.autocast(device.type, dtype=autocast_dtype))
         if autocast_dtype is not None
-        else (lambda: torch.autocast(device.type, enabled=False))
+        else contextlib.nullcontext
     )
     for name, layer in zip(names, layers, strict=True):
         params = list(layer.parameters())
-        param_ids = {p.untyped_storage().data_ptr() for p in params}
+        # storages are told apart by their C++ identity, which works on meta tensors too
+        param_ids = {p.untyped_storage()._cdata for p in params}
         inp = x.detach().requires_grad_(x.is_floating_point())
 
         # forward: FLOPs and what autograd saves
         saved: dict[int, int] = {}
 
         def pack(t, saved=saved, param_ids=param_ids):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in param_ids and ptr != 0:
-                saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
+            storage = t.untyped_storage()
+            if storage._cdata not in param_ids:
+                saved[storage._cdata] = max(saved.get(storage._cdata, 0), storage.nbytes())
             return t
 
         with FlopCounterMode(display=False) as fc, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -19,8 +19,8 @@ from cluster.topology import Topology, load_topology, topology_from_container
 from splitlearn.errors import ConfigError, TopologyError
 
 DTYPES = ("fp32", "bf16")
-SCHEDULES = ("sequential",)
-PARTITIONERS = ("uniform", "manual")
+SCHEDULES = ("sequential", "gpipe", "1f1b")
+PARTITIONERS = ("uniform", "balanced", "optimal", "manual", "exhaustive")
 DATA_FORMATS = ("auto", "text", "jsonl")
 
 
@@ -61,6 +61,8 @@ class PlanConfig:
     partitioner: str = "uniform"  # uniform | manual
     devices: list[str] = field(default_factory=list)  # stage order; empty: all devices
     cuts: list[int] = field(default_factory=list)  # manual: chain index where each stage after the first starts
+    label_privacy: bool = False  # the head and loss run on the data owner too (U-shaped split)
+    profile: str | None = None  # a profile.json from `splitlearn profile`; default: counted on meta
 
 
 @dataclass
@@ -237,8 +239,11 @@ def validate(cfg: LoadedConfig) -> None:
         fail("plan.devices", "a device is listed twice")
     if p.partitioner == "manual" and not p.devices:
         fail("plan.devices", "the manual partitioner needs plan.devices (one per stage)")
-    if p.partitioner == "manual" and len(p.cuts) != len(p.devices) - 1:
-        fail("plan.cuts", f"{len(p.devices)} devices need {len(p.devices) - 1} cuts, got {len(p.cuts)}")
+    stages = len(p.devices) + (1 if p.label_privacy else 0)
+    if p.partitioner == "manual" and len(p.cuts) != stages - 1:
+        fail("plan.cuts", f"{stages} stages need {stages - 1} cuts, got {len(p.cuts)}")
+    if p.profile and not cfg.resolve_path(p.profile).is_file():
+        fail("plan.profile", f"file not found: {p.profile}")
 
     rt = r.runtime
     choice("runtime.schedule", rt.schedule, SCHEDULES)

@@ -47,9 +47,9 @@ class StageGroup:
         self.pg = place_stages(topology, plan.devices, placement_timeout_s)
         remote_cls = ray.remote(StageWorker)
         self.actors = [
-            remote_cls.options(**actor_options(topology, s.device, self.pg, s.index)).remote(
-                s.index, run, plan.to_dict(), base_dir
-            )
+            remote_cls.options(
+                **actor_options(topology, s.device, self.pg, s.index, 1.0 / plan.devices.count(s.device))
+            ).remote(s.index, run, plan.to_dict(), base_dir)
             for s in plan.stages
         ]
 

@@ -18,21 +18,79 @@ from pathlib import Path
 from typing import Any
 
 from cluster.ray_cluster import check_devices, connect
-from partitioners import PARTITIONERS, Plan
+from partitioners import Plan, PlanRequest, partition
+from partitioners.profile import ModelProfile
 from splitlearn.config import LoadedConfig
-from splitlearn.models.chain import import_adapter_module, layer_costs
+from splitlearn.errors import ConfigError
+from splitlearn.models.chain import import_adapter_module, meta_profile
 from splitlearn.runtime import StageGroup
 
 log = logging.getLogger("splitlearn")
 
 
-def make_plan(cfg: LoadedConfig) -> Plan:
+def load_profile(cfg: LoadedConfig) -> ModelProfile:
+    """The layer costs the planner uses: ``plan.profile`` (measured by ``splitlearn
+    profile``) when given and matching this run, else counted on the meta device."""
     run = cfg.run
-    layers = layer_costs(run.model, run.train.seed)
-    kw: dict[str, Any] = {"num_micro_batches": run.train.micro_batches, "schedule": run.runtime.schedule}
-    if run.plan.partitioner == "manual":
-        return PARTITIONERS["manual"](layers, cfg.topology, run.plan.devices, run.plan.cuts, **kw)
-    return PARTITIONERS[run.plan.partitioner](layers, cfg.topology, run.plan.devices or None, **kw)
+    mb = run.train.batch_size // run.train.micro_batches
+    seq = run.data.seq_len
+    if run.plan.profile:
+        path = cfg.resolve_path(run.plan.profile)
+        try:
+            prof = ModelProfile.from_json(path.read_text())
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"plan.profile: {path} is not a profile written by `splitlearn profile`: {e}") from e
+        if (prof.micro_batch, prof.seq_len) != (mb, seq):
+            raise ConfigError(
+                f"plan.profile: {path} was measured for micro_batch={prof.micro_batch}, seq_len={prof.seq_len}, "
+                f"but this run has {mb}, {seq}; profile again with this config"
+            )
+        return prof
+    layers = meta_profile(run.model, mb, seq, run.train.seed)
+    return ModelProfile(layers=layers, micro_batch=mb, seq_len=seq, dtype=run.train.dtype, device="meta")
+
+
+def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> PlanRequest:
+    run = cfg.run
+    profile = profile or load_profile(cfg)
+    n = len(profile.layers)
+    if run.plan.profile and n != len(meta_chain_names(cfg)):
+        raise ConfigError(f"plan.profile: it has {n} layers but the model's chain has {len(meta_chain_names(cfg))}")
+    return PlanRequest(
+        layers=profile.layers,
+        topology=cfg.topology,
+        num_micro_batches=run.train.micro_batches,
+        schedule=run.runtime.schedule,
+        devices=list(run.plan.devices) or None,
+        cuts=list(run.plan.cuts) or None,
+        label_privacy=run.plan.label_privacy,
+        precision=run.train.dtype,
+        calibrated_tflops=profile.calibrated_tflops,
+    )
+
+
+def meta_chain_names(cfg: LoadedConfig) -> list[str]:
+    import torch
+
+    from splitlearn.models.chain import build_model, chain_names, num_blocks
+
+    with torch.device("meta"):
+        model = build_model(cfg.run.model, cfg.run.train.seed)
+    return chain_names(num_blocks(model))
+
+
+def make_plan(cfg: LoadedConfig, partitioner: str | None = None, request: PlanRequest | None = None) -> Plan:
+    req = request or plan_request(cfg)
+    plan = partition(partitioner or cfg.run.plan.partitioner, req)
+    simulate_plan(plan)
+    return plan
+
+
+def simulate_plan(plan: Plan) -> None:
+    """Add the simulator's step time (same schedule data as the workers) to the plan."""
+    from partitioners.partition import simulate_plan as _simulate
+
+    plan.predicted["simulated_step_ms"] = round(_simulate(plan).step_ms, 4)
 
 
 @dataclass

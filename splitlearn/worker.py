@@ -80,6 +80,7 @@ class StageWorker:
         self.segment = None
         self.batches = None
         self.world_ready = False
+        self._pending: list = []  # (work, tensor) of sends posted this step
 
     # -- set-up ---------------------------------------------------------------------------
     def _resolve(self, p: str) -> Path:
@@ -150,15 +151,21 @@ class StageWorker:
 
     # -- transfers ------------------------------------------------------------------------
     def _send(self, t: torch.Tensor, dst: int, group, mask: torch.Tensor | None = None) -> int:
+        """Post the header, the tensor (and the padding mask) without waiting: the stage moves
+        on, and the step waits for every posted send before it ends. Messages between two
+        ranks arrive in the order they were posted."""
         t = t.detach().contiguous().cpu()
-        dist.send(_header(t, mask is not None), dst, group=group)
-        dist.send(t, dst, group=group)
-        sent = _HEADER_LEN * 8 + t.numel() * t.element_size()
+        parts = [_header(t, mask is not None), t]
         if mask is not None:
-            m = mask.contiguous().cpu()
-            dist.send(m, dst, group=group)
-            sent += m.numel() * m.element_size()
-        return sent
+            parts.append(mask.contiguous().cpu())
+        for part in parts:
+            self._pending.append((dist.isend(part, dst, group=group), part))
+        return _HEADER_LEN * 8 + sum(p.numel() * p.element_size() for p in parts[1:])
+
+    def _wait_sends(self) -> None:
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
 
     def _recv(self, src: int, group, mask_shape: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = torch.empty(_HEADER_LEN, dtype=torch.int64)
@@ -240,6 +247,7 @@ class StageWorker:
                     x = inputs.pop(m)
                     sent["prev"] += self._send(x.grad, self.stage - 1, prev_group)
                 elif act.kind == S.STEP:
+                    self._wait_sends()
                     grad_norm = self._optimizer_step()
                 else:  # pragma: no cover - validated schedules hold only known kinds
                     raise AssertionError(f"unknown action {act}")

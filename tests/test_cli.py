@@ -57,10 +57,10 @@ def one_line_error(capsys, code, needle):
             "a device is listed twice",
         ),
         (["validate", "{cfg}", "topology.inline.devices.0.memory_gb=0.0001"], "override 'topology.inline.devices.0"),
-        (["validate", "{tiny}"], "stage 0 (embed..block_0) needs"),
+        (["validate", "{tiny}"], "on device 'edge-a' needs"),
         (["validate", "{cfg}", "model.family=bert"], "model family 'bert' is not supported"),
         (["validate", "{cfg}", "data.path=/nowhere/x.txt"], "data.path: file not found"),
-        (["train", "{cfg}", "plan.partitioner=manual", "plan.cuts=[1]"], "plan.cuts: 3 devices need 2 cuts"),
+        (["train", "{cfg}", "plan.partitioner=manual", "plan.cuts=[1]"], "plan.cuts: 3 stages need 2 cuts"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):

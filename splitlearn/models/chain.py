@@ -203,33 +203,19 @@ def split_model(model_cfg: Any, seed: int, ranges: list[tuple[int, int]]) -> lis
     return [Segment(build_model(model_cfg, seed), a, b) for a, b in ranges]
 
 
-def layer_costs(model_cfg: Any, seed: int = 0) -> list:
-    """Parameters of each chain layer, from the model built on the meta device (no memory,
-    no weights read). A tied embed/head weight counts at both ends: each holds a copy."""
-    from partitioners.plan import LayerCost
+def meta_profile(model_cfg: Any, micro_batch: int, seq_len: int, seed: int = 0) -> list:
+    """Counted costs of each chain layer (parameters, FLOPs, cut and saved bytes; no times)
+    from the model built on the meta device: no memory, no weights read, seconds even for a
+    7B model. Attention kernels differ on meta, so saved bytes there are estimates; a
+    measured profile (``splitlearn profile``) is exact."""
+    from partitioners.profile import profile_chain
 
     with torch.device("meta"):
         model = build_model(model_cfg, seed) if not model_cfg.path else _meta_from_dir(model_cfg)
-    adapter = adapter_for(model.config.model_type)
-    n = adapter.num_blocks(model)
-
-    def count(paths: tuple[str, ...]) -> int:
-        total, seen = 0, set()
-        for path in paths:
-            mod = get_path(model, path)
-            if mod is None:
-                continue
-            for p in mod.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    total += p.numel()
-        return total
-
-    blocks = adapter.blocks(model)
-    out = [LayerCost("embed", count(adapter.embed_paths))]
-    out += [LayerCost(f"block_{i}", sum(p.numel() for p in blocks[i].parameters())) for i in range(n)]
-    out.append(LayerCost("head", count(adapter.head_paths)))
-    return out
+    vocab = model.config.vocab_size
+    ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta").clamp_(0, vocab - 1)
+    names = chain_names(num_blocks(model))
+    return profile_chain(layer_views(model, None, ids), ids, names, measure_time=False)
 
 
 def _meta_from_dir(model_cfg: Any) -> nn.Module:
@@ -269,16 +255,56 @@ class LayerView(nn.Module):
         key = (x.shape[0], x.shape[1], x.device)
         if key not in self._ctx:  # built once per shape: a segment builds it once per micro-batch
             param = next(model.parameters())
-            probe = torch.empty(x.shape[0], x.shape[1], 1, dtype=param.dtype, device=x.device)
             with torch.no_grad():
-                self._ctx = {key: ad.context(model, probe, self.attention_mask)}
+                if x.device.type == "meta":
+                    ctx = _meta_context(model, ad, x, param.dtype, self.attention_mask)
+                else:
+                    probe = torch.empty(x.shape[0], x.shape[1], 1, dtype=param.dtype, device=x.device)
+                    ctx = ad.context(model, probe, self.attention_mask)
+            self._ctx = {key: ctx}
         ctx = self._ctx[key]
         if self.index == 0:
             return ad.embed(model, x, ctx)
         if self.index == self.n + 1:
-            return causal_lm_loss(ad.head(model, x), self.labels)
+            labels = self.labels
+            num_items = labels[:, 1:].numel() if labels.device.type == "meta" else None
+            return causal_lm_loss(ad.head(model, x), labels, num_items)
         h = ad.block(model, self.index - 1, x, ctx)
         return h[0] if isinstance(h, tuple) else h
+
+
+def _meta_context(model: nn.Module, ad: FamilyAdapter, x: torch.Tensor, dtype, attention_mask):
+    """The context of a model on the meta device (for counting without memory): built on
+    CPU, where the mask code may inspect values, from empty copies of the parameter-free
+    shared modules, then moved to meta. Only shapes matter there."""
+    import copy
+    from dataclasses import fields
+
+    saved = {}
+    for path in ad.shared_paths:
+        mod = get_path(model, path)
+        saved[path] = mod
+        set_path(model, path, copy.deepcopy(mod).to_empty(device="cpu"))
+    try:
+        probe = torch.zeros(x.shape[0], x.shape[1], 1, dtype=dtype)
+        mask = None if attention_mask is None else torch.ones(attention_mask.shape, dtype=torch.long)
+        ctx = ad.context(model, probe, mask)
+    finally:
+        for path, mod in saved.items():
+            set_path(model, path, mod)
+
+    def to_meta(v):
+        if torch.is_tensor(v):
+            return v.to("meta")
+        if isinstance(v, tuple):
+            return tuple(to_meta(t) for t in v)
+        if isinstance(v, dict):
+            return {k: to_meta(t) for k, t in v.items()}
+        return v
+
+    for f in fields(ctx):
+        setattr(ctx, f.name, to_meta(getattr(ctx, f.name)))
+    return ctx
 
 
 def layer_views(model: nn.Module, attention_mask=None, labels=None) -> list[LayerView]:
