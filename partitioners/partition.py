@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
 from cluster.errors import UserError
 from cluster.topology import Topology
-from partitioners.costmodel import micro_batches_in_flight, stage_memory, stage_time
+from partitioners.costmodel import PRECISIONS, micro_batches_in_flight, stage_memory, stage_time
 from partitioners.plan import Plan, Stage
 from partitioners.profile import LayerProfile
 
@@ -100,25 +99,42 @@ class CostTables:
             self._cum[d.name] = np.concatenate([[0.0], np.cumsum(costs)])
         ratio = CODEC_BYTES[req.codec]
         self.cut_bytes = [layer.out_bytes * ratio for layer in L]  # after layer i
-        self._mem: dict[tuple, float] = {}
+        self._mem: dict[int, np.ndarray] = {}
         self._link: dict[tuple, tuple[float, float]] = {}
 
     def stage_ms(self, dev: str, a: int, b: int) -> float:
         c = self._cum[dev]
         return float(c[b] - c[a])
 
+    def mem_table(self, inflight: int) -> np.ndarray:
+        """``[a, b]`` -> device bytes of a stage of layers ``a..b-1`` with ``inflight``
+        micro-batches in flight: :func:`costmodel.stage_memory`, for every range at once."""
+        if inflight not in self._mem:
+            L, n = self.req.layers, len(self.req.layers)
+            w, g, master, moments = PRECISIONS[self.req.precision]
+            static = np.array([layer.params * w + layer.trainable * (g + master + moments) for layer in L], float)
+            saved = np.array([layer.saved_bytes for layer in L], float)
+            cum_static = np.concatenate([[0.0], np.cumsum(static)])
+            cum_saved = np.concatenate([[0.0], np.cumsum(saved)])
+            a = np.arange(n + 1)[:, None]
+            b = np.arange(n + 1)[None, :]
+            out_last = np.array([0.0, *[layer.out_bytes for layer in L]])[b]  # out of layer b-1
+            in_first = np.array([*[layer.in_bytes for layer in L], 0.0])[a]
+            trans = np.zeros((n + 1, n + 1))
+            tb = np.array([layer.bwd_transient_bytes for layer in L], float)
+            for i in range(n):  # running max of transient bytes over layers i..b-1
+                trans[i, i + 1 :] = np.maximum.accumulate(tb[i:])
+            table = (cum_static[b] - cum_static[a]) + inflight * (cum_saved[b] - cum_saved[a] + out_last)
+            table = table + in_first + out_last + trans
+            table[b <= a] = np.inf
+            self._mem[inflight] = table
+        return self._mem[inflight]
+
+    def inflight(self, s: int, S: int) -> int:
+        return micro_batches_in_flight(self.req.schedule, s, S, self.M)
+
     def stage_mem(self, a: int, b: int, s: int, S: int) -> float:
-        key = (a, b, micro_batches_in_flight(self.req.schedule, s, S, self.M))
-        if key not in self._mem:
-            self._mem[key] = stage_memory(
-                self.req.layers[a:b],
-                stage=s,
-                num_stages=S,
-                schedule=self.req.schedule,
-                num_micro_batches=self.M,
-                precision=self.req.precision,
-            ).device_total
-        return self._mem[key]
+        return float(self.mem_table(self.inflight(s, S))[a, b])
 
     def link(self, src: str, dst: str, cut: int) -> tuple[float, float]:
         """(activation ms forward, gradient ms back) for a cut after chain index ``cut - 1``."""
@@ -358,13 +374,10 @@ def exhaustive(req: PlanRequest) -> Plan:
     return build_plan(req, tables, best[1], best[2], "exhaustive")
 
 
-@dataclass(order=True)
-class _Label:
-    worst: float
-    total: float
-    first_ms: float = field(default=0.0, compare=False)  # U-shape: the owner's first stage
-    first_mem: float = field(default=0.0, compare=False)
-    prev: Any = field(default=None, compare=False)  # (s, a, label) for the back-trace
+# A label of the cut search: (worst resource so far, total so far, the owner's first-stage
+# ms and bytes (U-shape only), back-pointer (stage, start, previous label)). Plain tuples:
+# millions are made for large topologies.
+_W, _T, _FMS, _FMEM, _PREV = range(5)
 
 
 def _pareto_cuts(req: PlanRequest, tables: CostTables, seq: list[str], bound: float) -> tuple[float, list[int]] | None:
@@ -376,45 +389,56 @@ def _pareto_cuts(req: PlanRequest, tables: CostTables, seq: list[str], bound: fl
     ushape = req.label_privacy and S > 1
     sequential = req.schedule == "sequential"
 
-    def lower(lab: _Label) -> float:
-        return M * lab.total if sequential else lab.total + (M - 1) * lab.worst
+    def lower(lab: tuple) -> float:
+        return M * lab[_T] if sequential else lab[_T] + (M - 1) * lab[_W]
 
-    frontier: dict[int, list[_Label]] = {0: [_Label(0.0, 0.0)]}
+    frontier: dict[int, list[tuple]] = {0: [(0.0, 0.0, 0.0, 0.0, None)]}
     for s in range(S):
-        nxt: dict[int, list[_Label]] = {}
+        nxt: dict[int, list[tuple]] = {}
         dev = seq[s]
         cap = tables.capacity(dev)
         last = s == S - 1
-        b_range = [n] if last else range(1, n - (S - s - 1) + 1)
+        cum = tables._cum[dev]
+        memtab = tables.mem_table(tables.inflight(s, S))
+        hi = n if last else n - (S - s - 1)
         for a, labels in frontier.items():
-            for b in b_range:
-                if b <= a:
-                    continue
-                mem = tables.stage_mem(a, b, s, S)
-                c = tables.stage_ms(dev, a, b)
-                if s > 0:
-                    la, lg = tables.link(seq[s - 1], dev, a)
+            lo = n if last else a + 1
+            if lo > hi:
+                continue
+            bs = np.arange(lo, hi + 1)
+            c = cum[bs] - cum[a]
+            mem = memtab[a, bs]
+            la, lg = tables.link(seq[s - 1], dev, a) if s > 0 else (0.0, 0.0)
+            for lab in labels:
+                w0, t0, fms, fmem = lab[_W], lab[_T], lab[_FMS], lab[_FMEM]
+                if ushape and last:
+                    ok = fmem + mem <= cap
+                    worst = np.maximum(max(w0, la, lg), fms + c)
+                elif ushape and s == 0:
+                    ok = mem <= cap
+                    worst = np.full(len(bs), max(w0, la, lg))  # the owner's load is known at the end
                 else:
-                    la = lg = 0.0
-                for lab in labels:
-                    if ushape and last:
-                        if lab.first_mem + mem > cap:
-                            continue
-                        load = lab.first_ms + c
-                    else:
-                        if mem > cap:
-                            continue
-                        load = c
-                    worst = max(lab.worst, la, lg, load if (not ushape or last or s > 0) else 0.0)
-                    new = _Label(worst, lab.total + c + la + lg, lab.first_ms, lab.first_mem, (s, a, lab))
-                    if ushape and s == 0:
-                        new.first_ms, new.first_mem = c, mem
-                        new.worst = max(lab.worst, la, lg)  # the owner's load is known at the end
-                    if lower(new) >= bound:
-                        continue
-                    nxt.setdefault(b, []).append(new)
-        for b, labels in nxt.items():
-            nxt[b] = _prune(labels, ushape and s < S - 1)
+                    ok = mem <= cap
+                    worst = np.maximum(max(w0, la, lg), c)
+                total = t0 + c + la + lg
+                low = M * total if sequential else total + (M - 1) * worst
+                keep = np.nonzero(ok & (low < bound))[0]
+                if not len(keep):
+                    continue
+                prev = (s, a, lab)
+                first = ushape and s == 0
+                for wk, tk, ck, mk, b in zip(
+                    worst[keep].tolist(),
+                    total[keep].tolist(),
+                    c[keep].tolist(),
+                    mem[keep].tolist(),
+                    bs[keep].tolist(),
+                    strict=True,
+                ):
+                    lab_new = (wk, tk, ck, mk, prev) if first else (wk, tk, fms, fmem, prev)
+                    nxt.setdefault(b, []).append(lab_new)
+        for b, labs in nxt.items():
+            nxt[b] = _prune(labs, ushape and s < S - 1)
         frontier = nxt
         if not frontier:
             return None
@@ -423,35 +447,30 @@ def _pareto_cuts(req: PlanRequest, tables: CostTables, seq: list[str], bound: fl
         return None
     best = min(labels, key=lower)
     cuts, lab = [], best
-    while lab.prev is not None:
-        s, a, lab = lab.prev
+    while lab[_PREV] is not None:
+        s, a, lab = lab[_PREV]
         cuts.append(a)
     bounds = sorted(set([*cuts, n]))
     return lower(best), bounds
 
 
-def _prune(labels: list[_Label], keep_first: bool) -> list[_Label]:
+def _prune(labels: list[tuple], keep_first: bool) -> list[tuple]:
     """Drop labels another label beats in every kept dimension."""
     if keep_first:  # U-shape before its last stage: the owner's first stage still matters
-        key = lambda x: (x.worst, x.total, x.first_ms, x.first_mem)  # noqa: E731
-        labels.sort(key=key)
-        out: list[_Label] = []
+        labels.sort(key=lambda x: (x[_W], x[_T], x[_FMS], x[_FMEM]))
+        out: list[tuple] = []
         for lab in labels:
             if not any(
-                o.worst <= lab.worst
-                and o.total <= lab.total
-                and o.first_ms <= lab.first_ms
-                and o.first_mem <= lab.first_mem
-                for o in out
+                o[_W] <= lab[_W] and o[_T] <= lab[_T] and o[_FMS] <= lab[_FMS] and o[_FMEM] <= lab[_FMEM] for o in out
             ):
                 out.append(lab)
         return out
-    labels.sort()
+    labels.sort(key=lambda x: (x[_W], x[_T]))
     out, best_total = [], math.inf
     for lab in labels:  # sorted by worst: keep those with a strictly smaller total
-        if lab.total < best_total:
+        if lab[_T] < best_total:
             out.append(lab)
-            best_total = lab.total
+            best_total = lab[_T]
     return out
 
 
@@ -473,12 +492,17 @@ def optimal(req: PlanRequest) -> Plan:
         candidates = device_sequences(req)
     else:
         ranked = ranked_devices(req)
-        candidates = [_sequence(req, ranked[:k]) for k in range(1, len(ranked) + 1)]
-        candidates += [
-            _sequence(req, [ranked[0], *sorted(ranked[1:], key=lambda d: -req.topology.device(d).tflops)[:k]])
-            for k in range(0, len(ranked))
-        ]
-        candidates = [c for c in candidates if len(c) <= req.n]
+        by_speed = [ranked[0], *sorted(ranked[1:], key=lambda d: (-req.topology.device(d).tflops, d))]
+        longer = [k for k in (16, 24, 32, 48, 64, 96, 128) if k <= len(ranked)]
+        lengths = sorted({*range(1, min(len(ranked), 12) + 1), *longer})
+        seen: set[tuple[str, ...]] = set()
+        candidates = []
+        for order in (ranked, by_speed):
+            for k in lengths:
+                seq = _sequence(req, order[:k])
+                if len(seq) <= req.n and tuple(seq) not in seen:
+                    seen.add(tuple(seq))
+                    candidates.append(seq)
     best: tuple[float, list[str], list[int]] | None = None
     for seq in sorted(candidates, key=len):
         got = _pareto_cuts(req, tables, seq, best[0] if best else math.inf)

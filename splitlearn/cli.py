@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 EPILOG = """overrides are key=value pairs merged over the config file, e.g.
   splitlearn train configs/quickstart.yaml train.steps=20 train.lr=3e-4"""
@@ -63,6 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--no-plan", action="store_true", help="skip building the plan (no model construction)")
+
+    p = sub.add_parser(
+        "plan",
+        help="plan the run: which device runs which layers; compare partitioners",
+        description=(
+            "Cut the model over the topology's devices with the configured partitioner (plan.partitioner), "
+            "print the plan with its predicted step time, bottleneck and memory, and write plan.yaml. "
+            "Costs come from plan.profile (a `splitlearn profile` output) or are counted on the meta device."
+        ),
+        epilog="examples:\n  splitlearn plan configs/quickstart.yaml plan.partitioner=optimal\n"
+        "  splitlearn plan configs/quickstart.yaml --compare uniform,balanced,optimal --timeline t.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    _add_config_args(p)
+    p.add_argument("--out", default="plan.yaml", help="where to write the plan (default plan.yaml)")
+    p.add_argument("--compare", metavar="A,B,...", help="partitioners to compare side by side")
+    p.add_argument("--timeline", metavar="PNG", help="draw the simulated schedule of the plan as a Gantt chart")
+    p.add_argument("--memory", metavar="PNG", help="draw predicted memory per device against its capacity")
 
     p = sub.add_parser(
         "profile",
@@ -148,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "profile":
             return _profile(args)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "data":
             from splitlearn.data import write_synth_corpus
 
@@ -165,6 +187,35 @@ def main(argv: list[str] | None = None) -> int:
         print("splitlearn: interrupted", file=sys.stderr)
         return 130
     return 1
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from partitioners import PARTITIONERS
+    from splitlearn.config import load_config
+    from splitlearn.errors import ConfigError
+    from splitlearn.planning import compare, draw_memory, draw_timeline
+    from splitlearn.trainer import make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    names = [n.strip() for n in args.compare.split(",") if n.strip()] if args.compare else []
+    for n in names:
+        if n not in PARTITIONERS:
+            raise ConfigError(f"--compare: '{n}' is not one of {', '.join(PARTITIONERS)}")
+    plan = make_plan(cfg)
+    print(plan.table())
+    if names:
+        _, table = compare(cfg, names)
+        print()
+        print(table)
+    Path(args.out).write_text(plan.to_yaml())
+    print(f"wrote {args.out}")
+    if args.timeline:
+        draw_timeline(plan, args.timeline)
+        print(f"wrote {args.timeline}")
+    if args.memory:
+        draw_memory(plan, cfg, args.memory)
+        print(f"wrote {args.memory}")
+    return 0
 
 
 def _profile(args: argparse.Namespace) -> int:

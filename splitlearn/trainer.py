@@ -228,13 +228,25 @@ def _train_loop(cfg: LoadedConfig, group: StageGroup, result: RunResult, progres
         "median_step_s": statistics.median(step_times) if step_times else None,
         "median_tokens_per_s": statistics.median(tokens_per_s) if tokens_per_s else None,
         "stages": [{"stage": s.index, "device": s.device, "layers": [s.start, s.stop]} for s in result.plan.stages],
+        "predicted_step_ms": result.plan.predicted.get("step_ms"),
+        "simulated_step_ms": result.plan.predicted.get("simulated_step_ms"),
     }
+    if step_times:
+        result.summary["measured_step_ms"] = statistics.median(step_times) * 1e3
     print(
         f"done: {result.summary['steps']} steps, loss {result.summary['first_loss']:.4f} -> "
         f"{result.summary['final_loss']:.4f}, median step {result.summary['median_step_s']:.3f} s, "
         f"{result.summary['median_tokens_per_s']:.0f} tokens/s",
         flush=True,
     )
+    pred = result.summary.get("simulated_step_ms")
+    if pred:
+        print(
+            f"step time: measured {result.summary['measured_step_ms']:.1f} ms (median), "
+            f"predicted {pred:.1f} ms by the simulator for this plan and schedule "
+            f"(costs {'measured by plan.profile' if cfg.run.plan.profile else 'counted, FLOPs over device tflops'})",
+            flush=True,
+        )
 
 
 def _save_checkpoint(group: StageGroup, directory: Path, plan: Plan) -> None:

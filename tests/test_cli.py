@@ -149,5 +149,54 @@ def test_train_end_to_end_from_the_command_line(tmp_path):
         assert (run_dir / f).is_file(), f
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and len(summary["stages"]) == 3
+    assert summary["measured_step_ms"] > 0 and summary["simulated_step_ms"] > 0
+    assert "step time: measured" in r.stdout
     plan = yaml.safe_load((run_dir / "plan.yaml").read_text())
     assert [s["devices"][0] for s in plan["stages"]] == ["edge-phone", "home-server", "cloud-gpu"]
+
+
+def test_plan_command_compare_and_pictures(tmp_path, capsys):
+    out = tmp_path / "plan.yaml"
+    code = main(
+        [
+            "plan",
+            str(ROOT / "configs" / "quickstart.yaml"),
+            "--compare",
+            "uniform,balanced,optimal",
+            "--timeline",
+            str(tmp_path / "t.png"),
+            "--memory",
+            str(tmp_path / "m.png"),
+            "--out",
+            str(out),
+            "runtime.schedule=1f1b",
+            "train.micro_batches=4",
+        ]
+    )
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "predicted step" in text and "x best" in text
+    for name in ("uniform", "balanced", "optimal"):
+        assert any(line.startswith(name) for line in text.splitlines()), name
+    from partitioners import Plan
+
+    plan = Plan.from_yaml(out.read_text())
+    assert plan.partitioner == "uniform" and plan.schedule == "1f1b" and plan.num_micro_batches == 4
+    for png in ("t.png", "m.png"):
+        data = (tmp_path / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_plan_command_bad_compare(tmp_path, capsys):
+    code = main(
+        [
+            "plan",
+            str(ROOT / "configs" / "quickstart.yaml"),
+            "--compare",
+            "uniform,magic",
+            "--out",
+            str(tmp_path / "p.yaml"),
+        ]
+    )
+    one_line_error(capsys, code, "--compare: 'magic' is not one of")
+    assert not (tmp_path / "p.yaml").exists()

@@ -1,0 +1,116 @@
+"""``splitlearn plan``: make the run's plan, compare partitioners, draw the schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from partitioners import Plan, PlanError
+from partitioners.partition import simulate_plan
+from splitlearn.config import LoadedConfig
+from splitlearn.trainer import make_plan, plan_request
+
+
+def compare(cfg: LoadedConfig, names: list[str]) -> tuple[dict[str, Plan | str], str]:
+    """Plans of several partitioners for one request, and a side-by-side table: predicted
+    step time, throughput, bottleneck, peak memory per device, bytes over the slowest link,
+    and the ratio of each step time to the best."""
+    req = plan_request(cfg)
+    plans: dict[str, Plan | str] = {}
+    for name in names:
+        try:
+            plans[name] = make_plan(cfg, name, req)
+        except PlanError as e:
+            plans[name] = str(e)
+    ok = {n: p for n, p in plans.items() if isinstance(p, Plan)}
+    best = min((p.step_ms for p in ok.values()), default=0.0)
+    tokens = cfg.run.train.batch_size * cfg.run.data.seq_len
+    head = (
+        "partitioner",
+        "stages",
+        "step ms",
+        "tokens/s",
+        "x best",
+        "bottleneck",
+        "peak mem GB (device)",
+        "slowest link: MB/step",
+    )
+    rows = [head]
+    for name, p in plans.items():
+        if not isinstance(p, Plan):
+            rows.append((name, "-", "-", "-", "-", f"infeasible: {p}", "", ""))
+            continue
+        mem: dict[str, float] = {}
+        for s in p.stages:
+            mem[s.device] = mem.get(s.device, 0.0) + s.memory_gb
+        peak_dev = max(mem, key=lambda d: mem[d])
+        slow = max(p.stages[:-1], key=lambda s: s.link_act_ms, default=None)
+        link = "-"
+        if slow is not None:
+            nxt = p.stages[slow.index + 1].device
+            mb = 2 * slow.cut_bytes * p.num_micro_batches / 1e6  # activations forward, gradients back
+            link = f"{slow.device}->{nxt}: {mb:.2f}"
+        rows.append(
+            (
+                name,
+                str(p.num_stages),
+                f"{p.step_ms:.2f}",
+                f"{tokens / (p.step_ms / 1e3):.0f}",
+                f"{p.step_ms / best:.2f}" if best else "-",
+                str(p.predicted.get("bottleneck")),
+                f"{mem[peak_dev]:.3f} ({peak_dev})",
+                link,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return plans, "\n".join(lines)
+
+
+def draw_timeline(plan: Plan, path: str | Path, title: str = "") -> None:
+    from partitioners.simulator import plot_timeline
+
+    result = simulate_plan(plan)
+    labels = [f"{s.index}: {s.device}" for s in plan.stages]
+    plot_timeline(result, str(path), title=title or f"{plan.partitioner} plan, {plan.schedule}", stage_labels=labels)
+
+
+def draw_memory(plan: Plan, cfg: LoadedConfig, path: str | Path) -> None:
+    """Predicted memory per device, stacked by kind, against each device's capacity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = ("weights", "grads", "optimizer", "activations", "buffers")
+    devices = list(dict.fromkeys(plan.devices))
+    totals = {d: dict.fromkeys(kinds, 0.0) for d in devices}
+    for s in plan.stages:
+        for k in kinds:
+            totals[s.device][k] += s.memory.get(k, 0.0)
+    caps = {d: cfg.topology.device(d).memory_gb for d in devices}
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(devices) + 3.5), 4.5))
+    bottom = [0.0] * len(devices)
+    for k in kinds:  # stacked, as a percentage of each device's capacity
+        vals = [100 * totals[d][k] / caps[d] for d in devices]
+        ax.bar(devices, vals, bottom=bottom, label=k)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    for i, d in enumerate(devices):
+        used = sum(totals[d].values())
+        ax.annotate(
+            f"{used:.3g} / {caps[d]:g} GB",
+            (i, bottom[i]),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+        )
+    ax.axhline(100, color="black", linewidth=1, linestyle="--", label="capacity")
+    ax.set_ylim(0, max(110, max(bottom) * 1.15))
+    ax.set_ylabel("% of the device's memory_gb")
+    ax.set_title(f"predicted memory per device: {plan.partitioner}, {plan.schedule}, M={plan.num_micro_batches}")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
