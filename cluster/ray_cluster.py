@@ -116,6 +116,7 @@ def check_devices(
     ``topology_file`` and ``head`` (the GCS address) make that command exact."""
     if present is None:
         present = devices_in_cluster()
+    needed = list(dict.fromkeys(needed))  # a device may run two stages (U-shaped split)
     missing = [d for d in needed if d not in present]
     twice = [d for d in needed if len(present.get(d, [])) > 1]
     if missing:
