@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    from splitlearn.errors import UserError
+    from splitlearn.errors import StageFailed, UserError
 
     try:
         if args.command == "train":
@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"splitlearn: error: {e}", file=sys.stderr)
         return 2
+    except StageFailed as e:
+        print(f"splitlearn: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("splitlearn: interrupted", file=sys.stderr)
         return 130

@@ -62,6 +62,7 @@ class PlanConfig:
     devices: list[str] = field(default_factory=list)  # stage order; empty: all devices
     cuts: list[int] = field(default_factory=list)  # manual: chain index where each stage after the first starts
     label_privacy: bool = False  # the head and loss run on the data owner too (U-shaped split)
+    codec: str = "none"  # wire codec on every link: none | fp16 | bf16 | int8
     profile: str | None = None  # a profile.json from `splitlearn profile`; default: counted on meta
 
 
@@ -75,6 +76,8 @@ class RuntimeConfig:
     log_every: int = 10  # plain log line every N steps when not on a terminal
     progress: str = "auto"  # auto | bar | log | none
     checkpoint: bool = True  # save the final segments under <run>/checkpoint
+    emulate_links: bool = False  # each transfer takes at least its link's latency + bytes / bandwidth
+    measure_memory: bool = False  # record each stage's peak memory per step (slower: profiler on CPU)
 
 
 @dataclass
@@ -242,6 +245,7 @@ def validate(cfg: LoadedConfig) -> None:
     stages = len(p.devices) + (1 if p.label_privacy else 0)
     if p.partitioner == "manual" and len(p.cuts) != stages - 1:
         fail("plan.cuts", f"{stages} stages need {stages - 1} cuts, got {len(p.cuts)}")
+    choice("plan.codec", p.codec, ("none", "fp16", "bf16", "int8"))
     if p.profile and not cfg.resolve_path(p.profile).is_file():
         fail("plan.profile", f"file not found: {p.profile}")
 

@@ -20,7 +20,7 @@ class StageFailed(RuntimeError):
     """A stage worker failed during a step. Not a user error: it carries the traceback."""
 
     def __init__(self, stage: int, device: str, step: int, action: str, cause: str):
-        self.stage, self.device, self.step, self.action = stage, device, step, action
+        self.stage, self.device, self.step, self.action, self.cause = stage, device, step, action, cause
         super().__init__(f"stage {stage} on device '{device}' failed at step {step}, action {action}: {cause}")
 
 

@@ -31,11 +31,11 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 def sum_of_squares(grads) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float64)
-    for g in grads:
-        if g is not None:
-            total += g.detach().double().pow(2).sum()
-    return total
+    """Sum of squared gradient entries in float64, as a CPU scalar (grads may be on a GPU)."""
+    parts = [g.detach().double().pow(2).sum() for g in grads if g is not None]
+    if not parts:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack([p.cpu() for p in parts]).sum()
 
 
 def clip_coefficient(total_norm: float, max_norm: float) -> float:

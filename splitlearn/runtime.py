@@ -7,6 +7,7 @@ into one error that names its stage and device.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from cluster.errors import UserError
@@ -54,32 +55,36 @@ class StageGroup:
         ]
 
     def _get(self, refs, what: str, timeout: float | None = None):
+        """Results of ``refs`` (one per actor, or one), failing as soon as any one fails:
+        a dead worker or a worker's error is reported at once, naming its stage, not after
+        the others have timed out waiting for it."""
         import ray
 
+        single = not isinstance(refs, list)
+        ref_list = [refs] if single else list(refs)
+        index = {ref: i for i, ref in enumerate(ref_list)}
         timeout = timeout or self.timeout_s
-        try:
-            return ray.get(refs, timeout=timeout)
-        except ray.exceptions.GetTimeoutError as e:
-            raise StageFailed(-1, "?", -1, what, f"no answer within {timeout:g} s (runtime.timeout_s)") from e
-        except ray.exceptions.RayActorError as e:
-            idx = self._dead_actor(refs)
-            dev = self.plan.stages[idx].device if idx >= 0 else "?"
-            raise StageFailed(idx, dev, -1, what, f"worker died: {str(e).splitlines()[0]}") from e
-        except ray.exceptions.RayTaskError as e:
-            inner = _unwrap(e)
-            if inner is not e:
-                raise inner from None
-            raise
-
-    def _dead_actor(self, refs) -> int:
-        import ray
-
-        for i, a in enumerate(self.actors):
+        deadline = time.monotonic() + timeout
+        pending = list(ref_list)
+        while pending:
+            left = deadline - time.monotonic()
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(left, 0))
+            if not ready:
+                raise StageFailed(-1, "?", -1, what, f"no answer within {timeout:g} s (runtime.timeout_s)")
+            ref = ready[0]
+            i = index[ref] if not single else -1
             try:
-                ray.get(a.__ray_ready__.remote(), timeout=5)
-            except Exception:
-                return i
-        return -1
+                ray.get(ref, timeout=10)
+            except ray.exceptions.RayActorError as e:
+                dev = self.plan.stages[i].device if i >= 0 else "?"
+                raise StageFailed(i, dev, -1, what, f"worker died: {str(e).strip().splitlines()[0]}") from e
+            except ray.exceptions.RayTaskError as e:
+                inner = _unwrap(e)
+                if inner is not e:
+                    raise inner from None
+                raise
+        out = ray.get(ref_list, timeout=10)
+        return out[0] if single else out
 
     def start(self, prepare_timeout_s: float) -> list[dict[str, Any]]:
         """Build the segments (user errors surface here), then join the process group."""
@@ -96,7 +101,7 @@ class StageGroup:
             return self._get(refs, f"step {step}", self.timeout_s * 1.5 + 10)
         except StageFailed as e:
             if e.step < 0:
-                e.step = step
+                raise StageFailed(e.stage, e.device, step, e.action, e.cause) from e.__cause__
             raise
 
     def save(self, directory: str) -> list[dict[str, Any]]:
@@ -104,6 +109,9 @@ class StageGroup:
 
     def state_dicts(self) -> list[dict[str, Any]]:
         return self._get([a.state_dict.remote() for a in self.actors], "state_dict")
+
+    def gradients(self) -> list[dict[str, Any]]:
+        return self._get([a.gradients.remote() for a in self.actors], "gradients")
 
     def shutdown(self) -> None:
         import ray

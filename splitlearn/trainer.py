@@ -66,6 +66,7 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
         label_privacy=run.plan.label_privacy,
         precision=run.train.dtype,
         calibrated_tflops=profile.calibrated_tflops,
+        codec=run.plan.codec,
     )
 
 

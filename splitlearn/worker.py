@@ -30,19 +30,22 @@ from cluster.conf import to_typed
 from cluster.topology import topology_from_container
 from partitioners import schedule as S
 from partitioners.plan import Plan
+from splitlearn import codecs
 from splitlearn.errors import ConfigError, DataError, StageFailed
 from splitlearn.optim import clip_coefficient, lr_at, make_optimizer, set_lr, sum_of_squares
 
 log = logging.getLogger(__name__)
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.bool]
-_HEADER_LEN = 8  # ndim, dtype code, has-mask flag, up to 5 dims
+_CODECS = list(codecs.CODECS)
+_HEADER_LEN = 10  # ndim, dtype, has-mask flag, codec, up to 5 dims, arrival time (ns, 0 = now)
 
 
-def _header(t: torch.Tensor, has_mask: bool) -> torch.Tensor:
+def _header(t: torch.Tensor, has_mask: bool, codec: int = 0, arrival_ns: int = 0) -> torch.Tensor:
     h = torch.zeros(_HEADER_LEN, dtype=torch.int64)
-    h[0], h[1], h[2] = t.dim(), _DTYPES.index(t.dtype), int(has_mask)
-    h[3 : 3 + t.dim()] = torch.tensor(t.shape)
+    h[0], h[1], h[2], h[3] = t.dim(), _DTYPES.index(t.dtype), int(has_mask), codec
+    h[4 : 4 + t.dim()] = torch.tensor(t.shape)
+    h[_HEADER_LEN - 1] = arrival_ns
     return h
 
 
@@ -72,6 +75,9 @@ class StageWorker:
         self.base_dir = Path(base_dir)
         self.num_stages = self.plan.num_stages
         self.is_first, self.is_last = stage == 0, stage == self.num_stages - 1
+        # a link's codec is set on the stage it leaves from; gradients come back through it
+        self.codec_out = self.spec.codec
+        self.codec_in = self.plan.stages[stage - 1].codec if stage > 0 else "none"
         self.actions = S.build(self.run.runtime.schedule, self.num_stages, self.run.train.micro_batches)[stage]
         torch.set_num_threads(self.device_cfg.cpu_threads)
         self.device = torch.device(
@@ -81,6 +87,7 @@ class StageWorker:
         self.batches = None
         self.world_ready = False
         self._pending: list = []  # (work, tensor) of sends posted this step
+        self._link_free_ns: dict[int, int] = {}  # link rehearsal: when each outgoing wire is free
 
     # -- set-up ---------------------------------------------------------------------------
     def _resolve(self, p: str) -> Path:
@@ -142,48 +149,102 @@ class StageWorker:
             timeout=timeout,
         )
         n = self.num_stages
-        # Every rank creates every group, in the same order.
-        self.link_groups = [dist.new_group([i, i + 1], timeout=timeout) for i in range(n - 1)]
-        self.ends_group = (
-            dist.new_group([0, n - 1], timeout=timeout) if n > 2 else (self.link_groups[0] if n == 2 else None)
-        )
+        # Every rank creates every group, in the same order: one per link, NCCL when both
+        # ends are CUDA stages (tensors stay on the GPUs), gloo through host memory otherwise.
+        self.link_backends = [
+            "nccl" if self._is_cuda_stage(i) and self._is_cuda_stage(i + 1) else "gloo" for i in range(n - 1)
+        ]
+        self.link_groups = [
+            dist.new_group([i, i + 1], timeout=timeout, backend=self.link_backends[i]) for i in range(n - 1)
+        ]
+        self.ends_group = dist.new_group([0, n - 1], timeout=timeout) if n > 1 else None
         self.world_ready = True
 
+    def _is_cuda_stage(self, stage: int) -> bool:
+        dev = self.topology.device(self.plan.stages[stage].device)
+        return dev.accelerator == "cuda" and torch.cuda.is_available()
+
     # -- transfers ------------------------------------------------------------------------
-    def _send(self, t: torch.Tensor, dst: int, group, mask: torch.Tensor | None = None) -> int:
-        """Post the header, the tensor (and the padding mask) without waiting: the stage moves
-        on, and the step waits for every posted send before it ends. Messages between two
-        ranks arrive in the order they were posted."""
-        t = t.detach().contiguous().cpu()
-        parts = [_header(t, mask is not None), t]
+    def _arrival_ns(self, peer: int, nbytes: int) -> int:
+        """With ``runtime.emulate_links``: when a transfer posted now to ``peer`` would arrive
+        on the real link. One transfer at a time per direction; latency overlaps the next."""
+        if not self.run.runtime.emulate_links:
+            return 0
+        src, dst = self.device_name, self.plan.stages[peer].device
+        link = self.topology.link(src, dst)
+        if link.bandwidth_mbps == float("inf"):
+            return 0
+        now = time.time_ns()
+        start = max(now, self._link_free_ns.get(peer, 0))
+        wire_ns = int(nbytes * 8 / (link.bandwidth_mbps * 1e6) * 1e9)
+        self._link_free_ns[peer] = start + wire_ns
+        return start + wire_ns + int(link.latency_ms * 1e6)
+
+    def _send(self, t: torch.Tensor, dst: int, group, codec: str = "none", mask: torch.Tensor | None = None) -> int:
+        """Post the header, the encoded tensor (and the padding mask) without waiting: the
+        stage moves on, and the step waits for every posted send before it ends. Messages
+        between two ranks arrive in the order they were posted. Returns the bytes sent."""
+        gpu = self._on_gpu(group)
+        t = t.detach().contiguous()
+        parts = codecs.encode(t if gpu else t.cpu(), codec)
         if mask is not None:
-            parts.append(mask.contiguous().cpu())
-        for part in parts:
+            parts.append(mask.contiguous() if gpu else mask.contiguous().cpu())
+        nbytes = _HEADER_LEN * 8 + codecs.wire_bytes(parts)
+        header = _header(t, mask is not None, _CODECS.index(codec), self._arrival_ns(dst, nbytes))
+        for part in [header.to(t.device) if gpu else header, *parts]:
             self._pending.append((dist.isend(part, dst, group=group), part))
-        return _HEADER_LEN * 8 + sum(p.numel() * p.element_size() for p in parts[1:])
+        return nbytes
+
+    def _on_gpu(self, group) -> bool:
+        return self.device.type == "cuda" and any(
+            g is group and b == "nccl" for g, b in zip(self.link_groups, self.link_backends, strict=True)
+        )
 
     def _wait_sends(self) -> None:
         for work, _ in self._pending:
             work.wait()
         self._pending.clear()
 
-    def _recv(self, src: int, group, mask_shape: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h = torch.empty(_HEADER_LEN, dtype=torch.int64)
+    def _recv(self, src: int, group) -> tuple[torch.Tensor, torch.Tensor | None]:
+        gpu = self._on_gpu(group)
+        where = self.device if gpu else torch.device("cpu")
+        h = torch.empty(_HEADER_LEN, dtype=torch.int64, device=where)
         dist.recv(h, src, group=group)
-        ndim, code, has_mask = int(h[0]), int(h[1]), bool(h[2])
-        shape = [int(x) for x in h[3 : 3 + ndim]]
-        t = torch.empty(shape, dtype=_DTYPES[code])
-        dist.recv(t, src, group=group)
+        h = h.cpu()
+        ndim, code, has_mask, codec = int(h[0]), int(h[1]), bool(h[2]), _CODECS[int(h[3])]
+        shape = [int(x) for x in h[4 : 4 + ndim]]
+        dtype = _DTYPES[code]
+        parts = [p.to(where) for p in codecs.payload_like(shape, dtype, codec)]
+        for part in parts:
+            dist.recv(part, src, group=group)
         mask = None
         if has_mask:
-            mask = torch.empty(shape[:2], dtype=torch.int64)
+            mask = torch.empty(shape[:2], dtype=torch.int64, device=where)
             dist.recv(mask, src, group=group)
-        return t.to(self.device), (None if mask is None else mask.to(self.device))
+        arrival = int(h[_HEADER_LEN - 1])
+        if arrival:  # link rehearsal: the transfer is not here before the real link would deliver it
+            wait = (arrival - time.time_ns()) / 1e9
+            if wait > 0:
+                time.sleep(wait)
+        t = codecs.decode(parts, dtype, codec).to(self.device)
+        return t, (None if mask is None else mask.to(self.device))
 
     # -- one step -------------------------------------------------------------------------
     def run_step(self, step: int) -> dict[str, Any]:
-        """Execute this stage's actions for ``step``; return its metrics."""
+        """Execute this stage's actions for ``step``; return its metrics. With
+        ``runtime.measure_memory`` also the step's peak allocation above what was allocated
+        when it began (torch's own accounting; see ``partitioners.profile.peak_allocated_bytes``)."""
         assert self.segment is not None and self.world_ready, "prepare() and init_dist() first"
+        if not self.run.runtime.measure_memory:
+            return self._run_step(step)
+        from partitioners.profile import peak_allocated_bytes
+
+        out: dict[str, Any] = {}
+        peak = peak_allocated_bytes(lambda: out.update(self._run_step(step)), self.device)
+        out["peak_bytes"] = peak
+        return out
+
+    def _run_step(self, step: int) -> dict[str, Any]:
         mbs = self.run.train.micro_batches
         rows = self.run.train.batch_size // mbs
         autocast = (
@@ -234,7 +295,7 @@ class StageWorker:
                     if self.is_last:
                         loss_total += float(outputs[m].detach())
                 elif act.kind == S.SEND_ACT:
-                    sent["next"] += self._send(outputs[m], self.stage + 1, next_group, masks[m])
+                    sent["next"] += self._send(outputs[m], self.stage + 1, next_group, self.codec_out, masks[m])
                 elif act.kind == S.RECV_GRAD:
                     grads_in[m], _ = self._recv(self.stage + 1, next_group)
                 elif act.kind == S.B:
@@ -245,7 +306,7 @@ class StageWorker:
                         out.backward(grads_in.pop(m))
                 elif act.kind == S.SEND_GRAD:
                     x = inputs.pop(m)
-                    sent["prev"] += self._send(x.grad, self.stage - 1, prev_group)
+                    sent["prev"] += self._send(x.grad, self.stage - 1, prev_group, self.codec_in)
                 elif act.kind == S.STEP:
                     self._wait_sends()
                     grad_norm = self._optimizer_step()
@@ -284,7 +345,12 @@ class StageWorker:
             for p in self.tied.values():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, group=self.ends_group)
+                if p.grad.is_cuda:  # the ends group is gloo: reduce through host memory
+                    host = p.grad.cpu()
+                    dist.all_reduce(host, group=self.ends_group)
+                    p.grad.copy_(host)
+                else:
+                    dist.all_reduce(p.grad, group=self.ends_group)
         params = [p for p in self.segment.parameters() if p.grad is not None]
         # Count a tied weight once (on the first stage), as the unsplit model does.
         skip = {id(p) for p in self.tied.values()} if (self.is_last and self.tied) else set()
@@ -310,6 +376,14 @@ class StageWorker:
             seen.add(key)
             out[name] = t.detach().cpu().contiguous().clone()
         return out
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """The gradients left by the last step (after the tied-weight sum and clipping)."""
+        return {
+            name: p.grad.detach().cpu().clone()
+            for name, p in self.segment.model.named_parameters()
+            if p.grad is not None
+        }
 
     def save(self, directory: str) -> dict[str, Any]:
         from safetensors.torch import save_file

@@ -1,0 +1,53 @@
+"""Wire codecs: how an activation or gradient is packed for one link.
+
+``none`` sends the tensor as it is; ``fp16`` and ``bf16`` halve fp32 bytes; ``int8`` sends
+one signed byte per value plus one fp32 scale per row of the last dimension (symmetric,
+absmax / 127, rounded to nearest), a quarter of fp32 bytes for wide rows. Decoding restores
+the original dtype. Both directions of a link use its codec: activations forward and
+gradients back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CODECS = ("none", "fp16", "bf16", "int8")
+
+
+def encode(t: torch.Tensor, codec: str) -> list[torch.Tensor]:
+    if codec == "none" or not t.is_floating_point():
+        return [t]
+    if codec == "fp16":
+        return [t.to(torch.float16)]
+    if codec == "bf16":
+        return [t.to(torch.bfloat16)]
+    if codec == "int8":
+        x = t.float()
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
+        q = torch.round(x / scale).clamp_(-127, 127).to(torch.int8)
+        return [q, scale.squeeze(-1).contiguous()]
+    raise ValueError(f"unknown codec '{codec}' (known: {', '.join(CODECS)})")
+
+
+def payload_like(shape: list[int], dtype: torch.dtype, codec: str) -> list[torch.Tensor]:
+    """Empty receive buffers for what :func:`encode` sends for a tensor of this shape/dtype."""
+    if codec == "none" or not dtype.is_floating_point:
+        return [torch.empty(shape, dtype=dtype)]
+    if codec == "fp16":
+        return [torch.empty(shape, dtype=torch.float16)]
+    if codec == "bf16":
+        return [torch.empty(shape, dtype=torch.bfloat16)]
+    if codec == "int8":
+        return [torch.empty(shape, dtype=torch.int8), torch.empty(shape[:-1], dtype=torch.float32)]
+    raise ValueError(f"unknown codec '{codec}' (known: {', '.join(CODECS)})")
+
+
+def decode(parts: list[torch.Tensor], dtype: torch.dtype, codec: str) -> torch.Tensor:
+    if codec == "int8" and dtype.is_floating_point:
+        q, scale = parts
+        return (q.float() * scale.unsqueeze(-1)).to(dtype)
+    return parts[0].to(dtype)
+
+
+def wire_bytes(parts: list[torch.Tensor]) -> int:
+    return sum(p.numel() * p.element_size() for p in parts)
