@@ -1,0 +1,206 @@
+"""Runtime benchmark on this machine (CPU, real Ray, gloo).
+
+(a) overhead: the whole model as one stage in a Ray worker vs a plain single-process
+    PyTorch loop over the same model, batch and micro-batches (one thread each): tokens/s.
+(b) schedules: sequential vs GPipe vs 1F1B on a 3-stage plan co-located here: tokens/s and
+    each stage's peak memory (measured in the worker with torch's allocation events).
+(c) rehearsal: a 2-stage plan with emulated links (LAN, 100 Mbit/s, 20 Mbit/s) and codecs
+    (none, int8): measured step time vs the simulator's prediction for the same plan and
+    schedule, from a measured, calibrated profile of the model on this machine.
+
+    python bench/runtime.py          # writes bench/results/runtime-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+import torch  # noqa: E402
+
+from cluster.ray_cluster import connect  # noqa: E402
+from partitioners.profile import calibrate_tflops  # noqa: E402
+from splitlearn.config import config_from_container  # noqa: E402
+from splitlearn.data import BatchSource, load_dataset  # noqa: E402
+from splitlearn.models import build_model  # noqa: E402
+from splitlearn.optim import make_optimizer, reference_step  # noqa: E402
+from splitlearn.profiling import profile_model  # noqa: E402
+from splitlearn.runtime import StageGroup  # noqa: E402
+from splitlearn.trainer import make_plan, plan_request  # noqa: E402
+
+DEVICES = ["edge", "mid", "cloud"]
+MODEL = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "vocab_size": 258,
+    "max_position_embeddings": 256,
+}
+
+
+def topology(tflops: float, link: dict | None = None) -> dict:
+    return {
+        "name": "bench",
+        "devices": [
+            {
+                "name": d,
+                "tier": "edge" if d != "cloud" else "cloud",
+                "memory_gb": 4.0,
+                "tflops": tflops,
+                "owns_data": d == "edge",
+                "cpu_threads": 1,
+                "zone": d,
+            }
+            for d in DEVICES
+        ],
+        "links": {"default": link or {"bandwidth_mbps": 100_000, "latency_ms": 0.0}},
+    }
+
+
+def run_config(tflops, devices, cuts, schedule, m, link=None, codec="none", **runtime):
+    raw = {
+        "name": "bench",
+        "model": {"family": "llama", "config": MODEL},
+        "data": {"path": str(ROOT / "data" / "quickstart.txt"), "seq_len": 128},
+        "topology": {"inline": topology(tflops, link)},
+        "train": {"steps": 1, "batch_size": 16, "micro_batches": m, "lr": 1e-3, "seed": 0},
+        "plan": {"partitioner": "manual", "devices": devices, "cuts": cuts, "codec": codec},
+        "runtime": {"schedule": schedule, "timeout_s": 120, "progress": "none", **runtime},
+    }
+    return config_from_container(raw, [], "bench", ROOT)
+
+
+def measure_runtime(cfg, steps: int, profile=None):
+    req = plan_request(cfg, profile)
+    plan = make_plan(cfg, request=req)
+    group = StageGroup(plan, cfg.topology, cfg.resolved_dict(), str(ROOT), cfg.run.runtime.timeout_s, 60)
+    try:
+        group.start(prepare_timeout_s=180)
+        times, last = [], None
+        for step in range(steps + 1):
+            t0 = time.perf_counter()
+            last = group.step(step)
+            if step:  # the first step allocates gradients and optimizer state
+                times.append(time.perf_counter() - t0)
+    finally:
+        group.shutdown()
+    return plan, statistics.median(times), last
+
+
+def plain_loop(cfg, steps: int) -> float:
+    run = cfg.run
+    model = build_model(run.model, run.train.seed)
+    model.train()
+    opt = make_optimizer(model.parameters(), run.train)
+    ds, _ = load_dataset(run.data)
+    batches = BatchSource(ds, run.train.batch_size, run.train.seed)
+    times = []
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        reference_step(model, batches.batch(step), run.train, opt, step)
+        if step:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "runtime-cpu.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    tflops = calibrate_tflops("cpu", size=512)
+    print(f"calibrated: {tflops * 1e3:.1f} GFLOP/s on one thread")
+    tokens = 16 * 128
+    results: dict = {"host": platform.node(), "torch": torch.__version__, "calibrated_tflops": tflops}
+    handle = connect(
+        config_from_container(
+            {
+                "model": {"family": "llama"},
+                "data": {"path": str(ROOT / "data/quickstart.txt")},
+                "topology": {"inline": topology(tflops)},
+            },
+            [],
+            "bench",
+            ROOT,
+        ).topology
+    )
+    try:
+        # (a) overhead
+        cfg = run_config(tflops, ["edge"], [], "sequential", 2)
+        plain = plain_loop(cfg, args.steps)
+        _, ours, _ = measure_runtime(cfg, args.steps)
+        results["overhead"] = {"plain_step_s": plain, "runtime_1stage_step_s": ours, "tokens_per_s_ratio": plain / ours}
+        print(
+            f"(a) one stage in a Ray worker vs plain loop: {tokens / ours:.0f} vs {tokens / plain:.0f} tokens/s, "
+            f"ratio {plain / ours:.3f}"
+        )
+
+        # (b) schedules on 3 co-located stages
+        rows = []
+        print("(b) schedule     tokens/s   peak MB per stage")
+        for sched in ("sequential", "gpipe", "1f1b"):
+            cfg = run_config(tflops, DEVICES, [3, 5], sched, 4)
+            _, step_s, _ = measure_runtime(cfg, args.steps)
+            cfg_mem = run_config(tflops, DEVICES, [3, 5], sched, 4, measure_memory=True)
+            _, _, last = measure_runtime(cfg_mem, 2)
+            peaks = [s["peak_bytes"] / 1e6 for s in last]
+            rows.append({"schedule": sched, "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_mb": peaks})
+            print(f"    {sched:10} {tokens / step_s:9.0f}   {', '.join(f'{p:.1f}' for p in peaks)}")
+        results["schedules"] = rows
+
+        # (c) rehearsal: measured vs predicted with emulated links
+        cfg = run_config(tflops, ["edge", "cloud"], [4], "1f1b", 4)
+        prof, _ = profile_model(cfg, repeats=5)
+        prof.calibrated_tflops = tflops  # the topology's devices are this machine, one thread each
+        links = {
+            "LAN 1 Gbit/s": {"bandwidth_mbps": 1000, "latency_ms": 0.5},
+            "100 Mbit/s": {"bandwidth_mbps": 100, "latency_ms": 5},
+            "20 Mbit/s uplink": {"bandwidth_mbps": 20, "latency_ms": 20},
+        }
+        rows = []
+        print("(c) link              codec   measured ms  predicted ms  ratio")
+        for lname, link in links.items():
+            for codec in ("none", "int8"):
+                cfg = run_config(tflops, ["edge", "cloud"], [4], "1f1b", 4, link=link, codec=codec, emulate_links=True)
+                plan, step_s, _ = measure_runtime(cfg, args.steps, profile=prof)
+                pred = plan.predicted["simulated_step_ms"]
+                rows.append(
+                    {
+                        "link": lname,
+                        "codec": codec,
+                        "measured_ms": step_s * 1e3,
+                        "predicted_ms": pred,
+                        "ratio": step_s * 1e3 / pred,
+                    }
+                )
+                print(f"    {lname:17} {codec:5} {step_s * 1e3:12.1f} {pred:13.1f}  {step_s * 1e3 / pred:.3f}")
+        results["rehearsal"] = rows
+        results["rehearsal_within_15pct"] = all(0.85 <= r["ratio"] <= 1.15 for r in rows)
+        sched = {r["schedule"]: r for r in results["schedules"]}
+        results["one_f_one_b_lower_peak_than_gpipe"] = all(
+            a < b for a, b in zip(sched["1f1b"]["peak_mb"][:-1], sched["gpipe"]["peak_mb"][:-1], strict=True)
+        )
+    finally:
+        handle.shutdown()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k.endswith("pct") or k.startswith("one_f")}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
