@@ -100,6 +100,21 @@ class Topology:
         owners = [d for d in self.devices if d.owns_data]
         return owners[0]
 
+    def without(self, names: list[str] | set[str]) -> Topology:
+        """The same topology with devices ``names`` removed (and their pair links)."""
+        gone = set(names)
+        topo = Topology(
+            name=self.name,
+            devices=[d for d in self.devices if d.name not in gone],
+            links=LinkTable(
+                default=self.links.default,
+                zones=list(self.links.zones),
+                pairs=[e for e in self.links.pairs if e.a not in gone and e.b not in gone],
+            ),
+        )
+        validate_topology(topo, f"topology '{self.name}' without {', '.join(sorted(gone))}")
+        return topo
+
     def link(self, src: str, dst: str) -> Link:
         """Figures for a transfer from device ``src`` to device ``dst``."""
         if src == dst:

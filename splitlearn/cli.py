@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a run from its newest whole checkpoint (default: the newest run of this config)",
+    )
+    p.add_argument(
         "--progress",
         choices=["auto", "bar", "log", "none"],
         default=None,
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
             logging.getLogger("splitlearn").setLevel(logging.DEBUG if args.verbose else logging.INFO)
             cfg = load_config(args.config, args.overrides)
-            result = train(cfg, progress=args.progress)
+            result = train(cfg, progress=args.progress, resume=args.resume)
             print(f"run directory: {result.run_dir}")
             return 0
         if args.command == "validate":

@@ -18,6 +18,7 @@ from splitlearn.errors import StageFailed
 from splitlearn.worker import StageWorker
 
 log = logging.getLogger(__name__)
+ACTOR_NAMESPACE = "splitlearn"
 
 
 def _unwrap(e: Exception) -> Exception:
@@ -41,18 +42,21 @@ class StageGroup:
         base_dir: str,
         timeout_s: float,
         placement_timeout_s: float,
+        name: str | None = None,
     ):
+        """``name``: actors are named ``{name}:stage{i}`` in the ``splitlearn`` namespace, so
+        an operator (or a test) can find a stage's worker with ``ray.get_actor``."""
         import ray
 
         self.plan, self.topology, self.timeout_s = plan, topology, timeout_s
         self.pg = place_stages(topology, plan.devices, placement_timeout_s)
         remote_cls = ray.remote(StageWorker)
-        self.actors = [
-            remote_cls.options(
-                **actor_options(topology, s.device, self.pg, s.index, 1.0 / plan.devices.count(s.device))
-            ).remote(s.index, run, plan.to_dict(), base_dir)
-            for s in plan.stages
-        ]
+        self.actors = []
+        for s in plan.stages:
+            opts = actor_options(topology, s.device, self.pg, s.index, 1.0 / plan.devices.count(s.device))
+            if name:
+                opts.update(name=f"{name}:stage{s.index}", namespace=ACTOR_NAMESPACE)
+            self.actors.append(remote_cls.options(**opts).remote(s.index, run, plan.to_dict(), base_dir))
 
     def _get(self, refs, what: str, timeout: float | None = None):
         """Results of ``refs`` (one per actor, or one), failing as soon as any one fails:
@@ -106,6 +110,16 @@ class StageGroup:
 
     def save(self, directory: str) -> list[dict[str, Any]]:
         return self._get([a.save.remote(directory) for a in self.actors], "save")
+
+    def save_checkpoint(self, directory: str) -> list[dict[str, Any]]:
+        return self._get([a.save_checkpoint.remote(directory) for a in self.actors], "save_checkpoint")
+
+    def load_checkpoint(self, directory: str, files: list[str]) -> None:
+        self._get([a.load_checkpoint.remote(directory, files) for a in self.actors], "load_checkpoint")
+
+    def export(self, directory: str, merge: bool) -> list[dict[str, Any]]:
+        """Each stage's LoRA adapters, and its merged shard written under ``directory``."""
+        return self._get([a.export.remote(directory, merge) for a in self.actors], "export")
 
     def state_dicts(self) -> list[dict[str, Any]]:
         return self._get([a.state_dict.remote() for a in self.actors], "state_dict")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import statistics
 import sys
 import time
@@ -17,11 +18,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cluster.ray_cluster import check_devices, connect
+from cluster.ray_cluster import check_devices, connect, devices_in_cluster
 from partitioners import Plan, PlanRequest, partition
 from partitioners.profile import ModelProfile
+from splitlearn import checkpoint as ckpt
+from splitlearn import finetune
 from splitlearn.config import LoadedConfig
-from splitlearn.errors import ConfigError
+from splitlearn.errors import ConfigError, StageFailed, UserError
 from splitlearn.models.chain import import_adapter_module, meta_profile
 from splitlearn.runtime import StageGroup
 
@@ -34,6 +37,7 @@ def load_profile(cfg: LoadedConfig) -> ModelProfile:
     run = cfg.run
     mb = run.train.batch_size // run.train.micro_batches
     seq = run.data.seq_len
+    finetune.check_lora_targets(run)
     if run.plan.profile:
         path = cfg.resolve_path(run.plan.profile)
         try:
@@ -45,9 +49,18 @@ def load_profile(cfg: LoadedConfig) -> ModelProfile:
                 f"plan.profile: {path} was measured for micro_batch={prof.micro_batch}, seq_len={prof.seq_len}, "
                 f"but this run has {mb}, {seq}; profile again with this config"
             )
+        finetune.check_profile(prof, run, path)
         return prof
-    layers = meta_profile(run.model, mb, seq, run.train.seed)
-    return ModelProfile(layers=layers, micro_batch=mb, seq_len=seq, dtype=run.train.dtype, device="meta")
+    variants = finetune.variants(run)
+    layers = meta_profile(run.model, mb, seq, run.train.seed, variants, finetune.lora_spec(run))
+    return ModelProfile(
+        layers=layers,
+        micro_batch=mb,
+        seq_len=seq,
+        dtype=run.train.dtype,
+        device="meta",
+        lora=finetune.lora_record(run) if variants else None,
+    )
 
 
 def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> PlanRequest:
@@ -67,6 +80,8 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
         precision=run.train.dtype,
         calibrated_tflops=profile.calibrated_tflops,
         codec=run.plan.codec,
+        finetune=finetune.policy(run),
+        allow=tuple(run.plan.allow),
     )
 
 
@@ -96,19 +111,51 @@ def simulate_plan(plan: Plan) -> None:
 
 @dataclass
 class RunResult:
+    """What a run has done so far: its trajectory by step (redone steps replace the steps
+    they redo), its failures and what they cost."""
+
     run_dir: Path
     plan: Plan
     losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    restarts: int = 0
+    replans: int = 0
+    steps_redone: int = 0
+    time_lost_s: float = 0.0
+    since_checkpoint_s: float = 0.0
+    current_step: int = 0
+    last_checkpoint_step: int | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    events_path: Path | None = None
 
+    def record(self, rec: dict[str, Any]) -> None:
+        self.losses.append(rec["loss"])
+        self.step_times.append(rec["step_s"])
+        self.tokens_per_s.append(rec["tokens_per_s"])
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def truncate(self, step: int) -> None:
+        """Forget steps at and after ``step`` (they will run again); on a resumed run, read
+        the earlier ones back from metrics.jsonl."""
+        if len(self.losses) < step and (self.run_dir / "metrics.jsonl").is_file():
+            by_step: dict[int, dict[str, Any]] = {}
+            for line in (self.run_dir / "metrics.jsonl").read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    by_step[r["step"]] = r
+            self.losses, self.step_times, self.tokens_per_s = [], [], []
+            for i in range(step):
+                if i in by_step:
+                    self.record(by_step[i])
+        del self.losses[step:], self.step_times[step:], self.tokens_per_s[step:]
+
+    def event(self, kind: str, reason: str, step: int) -> None:
+        ev = {"time": datetime.now().isoformat(timespec="seconds"), "kind": kind, "step": step, "reason": reason}
+        self.events.append(ev)
+        if self.events_path is not None:
+            with open(self.events_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(ev) + "\n")
 
 
 def _new_run_dir(cfg: LoadedConfig) -> Path:
@@ -126,7 +173,7 @@ def _new_run_dir(cfg: LoadedConfig) -> Path:
 class Progress:
     """A tqdm bar on a terminal, a plain log line every ``log_every`` steps otherwise."""
 
-    def __init__(self, total: int, mode: str, log_every: int):
+    def __init__(self, total: int, mode: str, log_every: int, initial: int = 0):
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "log"
         self.mode, self.log_every, self.total = mode, log_every, total
@@ -134,7 +181,7 @@ class Progress:
         if mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
     def update(self, rec: dict[str, Any]) -> None:
         text = f"loss={rec['loss']:.4f} tok/s={rec['tokens_per_s']:.0f}"
@@ -151,38 +198,112 @@ class Progress:
             self.bar.close()
 
 
-def train(cfg: LoadedConfig, progress: str | None = None) -> RunResult:
+@dataclass
+class Decision:
+    """What the failure policy decided, and why: carried out by :func:`train`, logged, and
+    recorded in the run directory's ``events.jsonl``."""
+
+    action: str  # restart | replan | stop
+    reason: str
+    plan: Plan | None = None
+
+
+def decide_on_failure(cfg: LoadedConfig, plan: Plan, error: Exception, restarts: int) -> Decision:
+    """Restart on the same devices when they are all still in the cluster; re-plan on the
+    devices that remain when one is gone and ``runtime.replan_on_failure`` allows it;
+    otherwise stop. Never more than ``runtime.max_restarts`` times."""
+    rt = cfg.run.runtime
+    if restarts >= rt.max_restarts:
+        return Decision("stop", f"{error}; runtime.max_restarts={rt.max_restarts} reached")
+    present = devices_in_cluster()
+    missing = sorted({d for d in plan.devices if d not in present})
+    if not missing:
+        return Decision("restart", f"{error}; every device of the plan is still in the cluster", plan)
+    if not rt.replan_on_failure:
+        return Decision(
+            "stop",
+            f"{error}; device(s) {', '.join(missing)} left the cluster "
+            "(set runtime.replan_on_failure: true to continue on the others)",
+        )
+    try:
+        topo = cfg.topology.without(missing)
+    except Exception as e:  # the data owner left: privacy forbids moving its stage
+        return Decision("stop", f"{error}; without {', '.join(missing)} no plan is possible: {e}")
+    reduced = LoadedConfig(cfg.run, topo, cfg.source, cfg.base_dir)
+    partitioner = cfg.run.plan.partitioner
+    if partitioner == "manual":
+        partitioner = "optimal"  # manual cuts name the lost device
+    req = plan_request(reduced)
+    req.devices = [d for d in (req.devices or []) if d not in missing] or None
+    req.cuts = None
+    try:
+        new = make_plan(reduced, partitioner, req)
+    except UserError as e:
+        return Decision("stop", f"{error}; no feasible plan without {', '.join(missing)}: {e}")
+    return Decision(
+        "replan",
+        f"{error}; device(s) {', '.join(missing)} left the cluster: re-planned with {partitioner} on "
+        f"{', '.join(dict.fromkeys(new.devices))}",
+        new,
+    )
+
+
+def train(cfg: LoadedConfig, progress: str | None = None, resume: str | bool | None = None) -> RunResult:
+    """Plan, place, train and record; survive lost workers and devices as configured."""
     run = cfg.run
     import_adapter_module(run.model.adapter_module)
     plan = make_plan(cfg)
     print(plan.table(), flush=True)
+    run_dir = find_resume_dir(cfg, resume) if resume else None
     handle = connect(cfg.topology, run.ray.address, run.ray.num_cpus)
     group = None
     try:
-        check_devices(cfg.topology, plan.devices)
-        group = StageGroup(
-            plan,
-            cfg.topology,
-            cfg.resolved_dict(),
-            str(cfg.base_dir.resolve()),
-            run.runtime.timeout_s,
-            run.runtime.placement_timeout_s,
-        )
-        infos = group.start(prepare_timeout_s=max(run.runtime.timeout_s, 120.0))
-        for info in infos:
-            log.info(
-                "stage %(stage)d on %(device)s: %(params)d params, node %(node)s, pid %(pid)d, %(threads)d threads",
-                info,
-            )
-        run_dir = _new_run_dir(cfg)
+        group = _start_group(cfg, plan, attempt=0)  # user errors surface here, before any file
+        if run_dir is None:
+            run_dir = _new_run_dir(cfg)
+            ckpt.atomic_write(run_dir / "config.yaml", cfg.to_yaml())
         print(f"run directory: {run_dir}", flush=True)
-        _atomic_write(run_dir / "config.yaml", cfg.to_yaml())
-        _atomic_write(run_dir / "plan.yaml", plan.to_yaml())
+        ckpt.atomic_write(run_dir / "plan.yaml", plan.to_yaml())
         result = RunResult(run_dir=run_dir, plan=plan)
-        _train_loop(cfg, group, result, progress or run.runtime.progress)
-        if run.runtime.checkpoint:
-            _save_checkpoint(group, run_dir / "checkpoint", plan)
-        _atomic_write(run_dir / "summary.json", json.dumps(result.summary, indent=2))
+        result.events_path = run_dir / "events.jsonl"
+        step = _restore(group, result, resumed=bool(resume))
+        bar_mode = progress or run.runtime.progress
+        t_start = time.perf_counter()
+        attempt = 0
+        while True:
+            try:
+                _train_loop(cfg, group, result, bar_mode, start=step, attempt=attempt)
+                break
+            except StageFailed as e:
+                t_fail = time.perf_counter()
+                failed_at = result.current_step
+                group.shutdown()
+                group = None
+                decision = decide_on_failure(cfg, result.plan, e, result.restarts)
+                result.event(decision.action, decision.reason, step=failed_at)
+                log.warning("%s: %s", decision.action, decision.reason)
+                if decision.action == "stop":
+                    raise
+                result.restarts += 1
+                attempt += 1
+                if decision.action == "replan":
+                    result.replans += 1
+                    result.plan = decision.plan
+                    print(result.plan.table(), flush=True)
+                    ckpt.atomic_write(run_dir / "plan.yaml", result.plan.to_yaml())
+                group = _start_group(cfg, result.plan, attempt=attempt)
+                step = _restore(group, result, resumed=True)
+                result.steps_redone += max(0, failed_at - step)
+                result.time_lost_s += time.perf_counter() - t_fail + result.since_checkpoint_s
+        if run.runtime.checkpoint and result.last_checkpoint_step != run.train.steps:
+            _save_checkpoint(cfg, group, result, run.train.steps)
+        exported = None
+        if finetune.needs_export(run, result.plan):  # adapters in peft's format; the merged model
+            exported = finetune.export_model(run, group, result.plan, run_dir)
+        _summarise(cfg, result, time.perf_counter() - t_start)
+        if exported:
+            result.summary["exported"] = exported
+        ckpt.atomic_write(run_dir / "summary.json", json.dumps(result.summary, indent=2))
         return result
     finally:
         if group is not None:
@@ -190,58 +311,152 @@ def train(cfg: LoadedConfig, progress: str | None = None) -> RunResult:
         handle.shutdown()
 
 
-def _train_loop(cfg: LoadedConfig, group: StageGroup, result: RunResult, progress: str) -> None:
+def find_resume_dir(cfg: LoadedConfig, resume: str | bool) -> Path:
+    """The run directory to resume: the one given, or the newest of this config's name."""
+    if isinstance(resume, str):
+        path = Path(resume)
+        if not (path / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {path} is not a run directory (no config.yaml)")
+        return path
+    root = Path(cfg.run.runtime.output_dir)
+    runs = sorted(
+        (p for p in root.glob(f"{cfg.run.name}-*") if (p / "config.yaml").is_file()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if cfg.run.runtime.run_name and (root / cfg.run.runtime.run_name / "config.yaml").is_file():
+        runs.append(root / cfg.run.runtime.run_name)
+    if not runs:
+        raise ConfigError(f"--resume: no run of '{cfg.run.name}' under {root}; give the run directory")
+    return runs[-1]
+
+
+def _start_group(cfg: LoadedConfig, plan: Plan, attempt: int) -> StageGroup:
     run = cfg.run
-    bar = Progress(run.train.steps, progress, run.runtime.log_every)
-    start = time.perf_counter()
-    step_times: list[float] = []
-    tokens_per_s: list[float] = []
-    with open(result.run_dir / "metrics.jsonl", "w", encoding="utf-8") as metrics:
+    check_devices(cfg.topology, plan.devices)
+    name = f"{run.runtime.run_name or run.name}:a{attempt}"
+    group = StageGroup(
+        plan,
+        cfg.topology,
+        cfg.resolved_dict(),
+        str(cfg.base_dir.resolve()),
+        run.runtime.timeout_s,
+        run.runtime.placement_timeout_s,
+        name=name,
+    )
+    try:
+        infos = group.start(prepare_timeout_s=max(run.runtime.timeout_s, 120.0))
+    except BaseException:
+        group.shutdown()
+        raise
+    for info in infos:
+        log.info(
+            "stage %(stage)d on %(device)s: %(params)d params, node %(node)s, pid %(pid)d, %(threads)d threads", info
+        )
+    return group
+
+
+def _restore(group: StageGroup, result: RunResult, resumed: bool) -> int:
+    """Load the newest whole checkpoint into the workers, falling back past broken ones;
+    return the step to continue from (0 without a checkpoint: the seed's initial model)."""
+    skip: set[Path] = set()
+    while True:
+        ck = ckpt.latest(result.run_dir, skip)
+        if ck is None:
+            if resumed:
+                result.event("resume", "no whole checkpoint: starting from step 0 with the seed's initial model", 0)
+            result.truncate(0)
+            return 0
         try:
-            for step in range(run.train.steps):
+            group.load_checkpoint(str(ck.path), ck.files)
+        except ckpt.CheckpointError as e:
+            log.warning("checkpoint skipped: %s; falling back to the previous one", e)
+            result.event("checkpoint_skipped", str(e), ck.step)
+            skip.add(ck.path)
+            continue
+        if resumed:
+            result.event("resume", f"continuing from {ck.path.name} (step {ck.step})", ck.step)
+        result.truncate(ck.step)
+        result.last_checkpoint_step = ck.step
+        return ck.step
+
+
+def _train_loop(
+    cfg: LoadedConfig, group: StageGroup, result: RunResult, progress: str, start: int, attempt: int
+) -> None:
+    run = cfg.run
+    every = run.checkpoint.every_steps
+    bar = Progress(run.train.steps, progress, run.runtime.log_every, initial=start)
+    result.since_checkpoint_s = 0.0
+    with open(result.run_dir / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+        try:
+            for step in range(start, run.train.steps):
+                result.current_step = step
                 t0 = time.perf_counter()
                 stages = group.step(step)
                 dt = time.perf_counter() - t0
-                tokens = stages[0]["tokens"]
-                loss = stages[-1]["loss"]
+                result.since_checkpoint_s += dt
                 rec = {
                     "step": step,
-                    "loss": loss,
+                    "loss": stages[-1]["loss"],
                     "grad_norm": stages[0]["grad_norm"],
                     "step_s": dt,
-                    "tokens_per_s": tokens / dt,
-                    "stages": [{k: s[k] for k in ("stage", "device", "compute_s", "comm_s")} for s in stages],
+                    "tokens_per_s": stages[0]["tokens"] / dt,
+                    "attempt": attempt,
+                    "stages": [{k: s[k] for k in ("stage", "device", "compute_s", "comm_s") if k in s} for s in stages],
                     "bytes_sent": {k: v for s in stages for k, v in s["bytes_sent"].items()},
                 }
+                if any("peak_bytes" in s for s in stages):
+                    rec["peak_bytes"] = [s.get("peak_bytes") for s in stages]
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
-                result.losses.append(loss)
-                step_times.append(dt)
-                tokens_per_s.append(rec["tokens_per_s"])
+                result.record(rec)
                 bar.update(rec)
+                done = step + 1
+                if run.runtime.checkpoint and every and done % every == 0 and done < run.train.steps:
+                    _save_checkpoint(cfg, group, result, done)
         finally:
             bar.close()
+
+
+def _summarise(cfg: LoadedConfig, result: RunResult, wall_s: float) -> None:
+    times = result.step_times
+    losses = result.losses
     result.summary = {
-        "steps": len(result.losses),
-        "first_loss": result.losses[0] if result.losses else None,
-        "final_loss": result.losses[-1] if result.losses else None,
-        "wall_s": time.perf_counter() - start,
-        "median_step_s": statistics.median(step_times) if step_times else None,
-        "median_tokens_per_s": statistics.median(tokens_per_s) if tokens_per_s else None,
+        "steps": len(losses),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "wall_s": wall_s,
+        "median_step_s": statistics.median(times) if times else None,
+        "median_tokens_per_s": statistics.median(result.tokens_per_s) if result.tokens_per_s else None,
         "stages": [{"stage": s.index, "device": s.device, "layers": [s.start, s.stop]} for s in result.plan.stages],
         "predicted_step_ms": result.plan.predicted.get("step_ms"),
         "simulated_step_ms": result.plan.predicted.get("simulated_step_ms"),
+        "restarts": result.restarts,
+        "replans": result.replans,
+        "steps_redone": result.steps_redone,
+        "time_lost_s": round(result.time_lost_s, 3),
+        "events": result.events,
+        "last_checkpoint": result.last_checkpoint_step,
     }
-    if step_times:
-        result.summary["measured_step_ms"] = statistics.median(step_times) * 1e3
+    if times:
+        result.summary["measured_step_ms"] = statistics.median(times) * 1e3
+    first = result.summary["first_loss"]
+    final = result.summary["final_loss"]
     print(
-        f"done: {result.summary['steps']} steps, loss {result.summary['first_loss']:.4f} -> "
-        f"{result.summary['final_loss']:.4f}, median step {result.summary['median_step_s']:.3f} s, "
-        f"{result.summary['median_tokens_per_s']:.0f} tokens/s",
+        f"done: {result.summary['steps']} steps, loss {first:.4f} -> {final:.4f}, "
+        f"median step {result.summary['median_step_s']:.3f} s, {result.summary['median_tokens_per_s']:.0f} tokens/s"
+        if times
+        else f"done: {result.summary['steps']} steps (nothing left to run)",
         flush=True,
     )
+    if result.restarts:
+        print(
+            f"survived {result.restarts} failure(s) ({result.replans} re-plan(s)): {result.steps_redone} step(s) "
+            f"redone, {result.time_lost_s:.1f} s lost; see events.jsonl",
+            flush=True,
+        )
     pred = result.summary.get("simulated_step_ms")
-    if pred:
+    if pred and times:
         print(
             f"step time: measured {result.summary['measured_step_ms']:.1f} ms (median), "
             f"predicted {pred:.1f} ms by the simulator for this plan and schedule "
@@ -250,9 +465,15 @@ def _train_loop(cfg: LoadedConfig, group: StageGroup, result: RunResult, progres
         )
 
 
-def _save_checkpoint(group: StageGroup, directory: Path, plan: Plan) -> None:
-    """Each stage writes its shard; the manifest is written last, so it names only whole files."""
+def _save_checkpoint(cfg: LoadedConfig, group: StageGroup, result: RunResult, step: int) -> None:
+    """Every stage writes its files; the manifest, written last, makes the checkpoint whole."""
+    directory = ckpt.step_dir(result.run_dir, step)
     directory.mkdir(parents=True, exist_ok=True)
-    shards = group.save(str(directory))
-    manifest = {"format": "splitlearn-checkpoint/1", "plan": plan.to_dict(), "shards": shards}
-    _atomic_write(directory / "manifest.json", json.dumps(manifest, indent=2))
+    shards = group.save_checkpoint(str(directory))
+    fault = os.environ.get("SPLITLEARN_FAULT", "")
+    if fault == f"kill-before-manifest:{step}":  # fault injection for the crash-consistency test
+        os.kill(os.getpid(), signal.SIGKILL)
+    ckpt.write_manifest(directory, step, shards, {"plan": result.plan.to_dict(), "seed": cfg.run.train.seed})
+    ckpt.prune(result.run_dir, cfg.run.checkpoint.keep)
+    result.last_checkpoint_step = step
+    result.since_checkpoint_s = 0.0

@@ -142,9 +142,9 @@ def test_train_end_to_end_from_the_command_line(tmp_path):
         "plan.yaml",
         "metrics.jsonl",
         "summary.json",
-        "checkpoint/manifest.json",
-        "checkpoint/stage_0.safetensors",
-        "checkpoint/stage_2.safetensors",
+        "checkpoints/step_00000004/manifest.json",
+        "checkpoints/step_00000004/stage_0.safetensors",
+        "checkpoints/step_00000004/stage_2.safetensors",
     ):
         assert (run_dir / f).is_file(), f
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -375,7 +375,7 @@ def test_submit_follow_runs_the_quickstart(local_cluster, tmp_path):
     assert "step 3/3 loss=" in r.stdout, r.stdout[-4000:]
     job_id = r.stdout.split("submitted job ", 1)[1].split()[0]
     assert f"job {job_id}: SUCCEEDED" in r.stdout
-    assert (out / "job" / "checkpoint" / "manifest.json").is_file()
+    assert (out / "job" / "checkpoints" / "step_00000003" / "manifest.json").is_file()
 
     listed = local_cluster.cli("jobs", "list", "--address", local_cluster.url)
     assert listed.returncode == 0 and job_id in listed.stdout and "SUCCEEDED" in listed.stdout, listed.stdout

@@ -49,7 +49,7 @@ def test_train_attaches_to_a_multi_node_cluster(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["rc"] == 0, res["stderr"]
-    assert (tmp_path / "runs" / "mn" / "checkpoint" / "manifest.json").is_file()
+    assert (tmp_path / "runs" / "mn" / "checkpoints" / "step_00000002" / "manifest.json").is_file()
     # each stage ran on the node that carries its device
     for stage, device in enumerate(["edge-phone", "home-server", "cloud-gpu"]):
         assert f"stage {stage} on {device}" in res["stderr"] + res["stdout"]
