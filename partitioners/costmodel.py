@@ -6,8 +6,14 @@ Memory of a stage in training (bytes), on the device and on its host:
   fp32 master copy when the weights themselves are 16-bit);
 - activations saved for backward, per micro-batch, times the micro-batches in flight for
   the schedule (sequential: 1, GPipe: all M, 1F1B: at most the stages from this one to
-  the last); with activation recompute only each micro-batch's input is held, plus one
-  layer's saved activations while it is recomputed;
+  the last); with activation recompute (each chain layer of the stage checkpointed on its
+  own) only each layer's input is held per micro-batch, plus one layer's saved activations
+  while it is recomputed;
+- the fine-tuning method of the stage (:class:`StageMethod`): ``frozen`` and ``lora``
+  stages keep gradients and optimizer state only for what trains (nothing, or the LoRA
+  adapters), save fewer activations (a frozen weight needs no saved input), and may store
+  their frozen matmul weights compactly (bf16/fp16: 2 bytes; int8: 1 byte plus a scale per
+  row). Their per-layer costs come from the profile's ``methods`` entries;
 - transfer buffers: one activation in and out, one gradient in and out;
 - ZeRO offload: ``optimizer`` moves optimizer state and the fp32 gradient copy to host
   memory; ``params`` moves the weights too, keeping the largest layer's on the device
@@ -21,7 +27,8 @@ over the device's FLOP/s. A link costs latency plus bytes over bandwidth, per di
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from cluster.topology import Device, Topology
 from partitioners.profile import LayerProfile
@@ -35,6 +42,130 @@ PRECISIONS: dict[str, tuple[int, int, int, int]] = {
 SCHEDULE_NAMES = ("sequential", "gpipe", "1f1b")
 OFFLOAD_MODES = ("none", "optimizer", "params")
 GB = 1e9
+
+METHODS = ("full", "frozen", "lora")
+FROZEN_DTYPES = ("fp32", "bf16", "fp16", "int8")
+FROZEN_BYTES = {"bf16": 2, "fp16": 2, "int8": 1}  # per compact weight entry
+INT8_ROW_BYTES = 5  # per output row of an int8 weight: an fp32 scale and an int8 zero point
+ALLOW_OPTIONS = ("lora", "frozen", "recompute", "bf16", "fp16", "int8")  # what the planner may change
+
+
+@dataclass(frozen=True)
+class StageMethod:
+    """How one stage fine-tunes its layers.
+
+    ``method``: ``full`` (every weight trains), ``frozen`` (none does; gradients still flow
+    back through the stage), ``lora`` (LoRA adapters train, the base is frozen).
+    ``recompute``: activation checkpointing of each chain layer. ``frozen_dtype``: how the
+    frozen matmul weights are stored (``fp32`` as trained; ``bf16``/``fp16``; ``int8``
+    weight-only); it has no effect on a ``full`` stage, which holds no frozen weights.
+    """
+
+    method: str = "full"
+    recompute: bool = False
+    frozen_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown fine-tuning method '{self.method}' (known: {', '.join(METHODS)})")
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            raise ValueError(f"unknown frozen_dtype '{self.frozen_dtype}' (known: {', '.join(FROZEN_DTYPES)})")
+        if self.method == "full" and self.frozen_dtype != "fp32":
+            object.__setattr__(self, "frozen_dtype", "fp32")  # nothing frozen to store compactly
+
+    @property
+    def key(self) -> str:
+        """The profile's ``methods`` key for this method's per-layer costs."""
+        if self.method == "full":
+            return "full"
+        return self.method if self.frozen_dtype == "fp32" else f"{self.method}+{self.frozen_dtype}"
+
+    @property
+    def label(self) -> str:
+        """Short form for tables: ``full``, ``lora+int8+rc``, ..."""
+        return self.key + ("+rc" if self.recompute else "")
+
+    @classmethod
+    def parse(cls, label: str) -> StageMethod:
+        parts = label.split("+")
+        rc = "rc" in parts
+        parts = [p for p in parts if p != "rc"]
+        return cls(parts[0], rc, parts[1] if len(parts) > 1 else "fp32")
+
+
+@dataclass
+class FinetunePolicy:
+    """The configured method of each stage: a default, then by device tier, then by stage
+    index (later wins). Overrides are partial: ``{"method": "lora"}`` keeps the rest."""
+
+    default: StageMethod = field(default_factory=StageMethod)
+    by_tier: dict[str, dict[str, Any]] = field(default_factory=dict)
+    by_stage: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def for_stage(self, stage: int, tier: str) -> StageMethod:
+        d = asdict(self.default)
+        for over in (self.by_tier.get(tier), self.by_stage.get(stage)):
+            if over:
+                d.update({k: v for k, v in over.items() if v is not None})
+        return StageMethod(**d)
+
+
+def stage_options(base: StageMethod, allow: Sequence[str]) -> list[StageMethod]:
+    """``base`` first, then every variant the planner may pick from ``allow``: another
+    method (lora, frozen), recompute on, a compact frozen dtype (for lora/frozen only)."""
+    methods = [base.method, *[m for m in ("lora", "frozen") if m in allow and m != base.method]]
+    recomputes = [base.recompute, *([True] if "recompute" in allow and not base.recompute else [])]
+    dtypes = [base.frozen_dtype, *[d for d in ("bf16", "fp16", "int8") if d in allow and d != base.frozen_dtype]]
+    out: list[StageMethod] = []
+    for m in methods:
+        for rc in recomputes:
+            for dt in dtypes if m != "full" else ["fp32"]:
+                opt = StageMethod(m, rc, dt)
+                if opt not in out:
+                    out.append(opt)
+    return out
+
+
+def effective_layer(layer: LayerProfile, method: StageMethod) -> LayerProfile:
+    """The layer's costs under ``method``: the profile's entry for it (``lora+int8``, else
+    ``lora`` with fp32 times), or for ``frozen`` without an entry the full costs with nothing
+    trainable (an upper bound on activations and time)."""
+    if method.method == "full":
+        return layer
+    cost = layer.methods.get(method.key) or layer.methods.get(method.method)
+    if cost is None:
+        if method.method == "frozen":
+            return replace(layer, trainable_params=0, opt_ms=0.0, methods={})
+        raise ValueError(
+            f"layer '{layer.name}' has no '{method.method}' costs in its profile; profile again with the "
+            f"run's finetune settings (splitlearn profile) or leave plan.profile unset"
+        )
+    return replace(
+        layer,
+        params=cost.params,
+        trainable_params=cost.trainable_params,
+        fwd_flops=cost.fwd_flops,
+        bwd_flops=cost.bwd_flops,
+        saved_bytes=cost.saved_bytes,
+        fwd_ms=cost.fwd_ms,
+        bwd_ms=cost.bwd_ms,
+        opt_ms=cost.opt_ms,
+        bwd_transient_bytes=cost.bwd_transient_bytes,
+        methods={},
+    )
+
+
+def weight_bytes(layer: LayerProfile, eff: LayerProfile, method: StageMethod, bytes_per_weight: int) -> float:
+    """Bytes of a layer's weights under ``method`` (``eff`` = its effective costs): frozen
+    matmul weights in the compact dtype, everything else at the precision's width."""
+    if method.method == "full" or method.frozen_dtype == "fp32":
+        return eff.params * bytes_per_weight
+    frozen = eff.params - eff.trainable
+    compact = min(layer.compact_params, frozen)
+    out = compact * FROZEN_BYTES[method.frozen_dtype] + (eff.params - compact) * bytes_per_weight
+    if method.frozen_dtype == "int8":
+        out += layer.compact_rows * INT8_ROW_BYTES
+    return out
 
 
 def micro_batches_in_flight(schedule: str, stage: int, num_stages: int, num_micro_batches: int) -> int:
@@ -79,16 +210,20 @@ def stage_memory(
     precision: str = "fp32",
     offload: str = "none",
     recompute: bool = False,
+    method: StageMethod | None = None,
 ) -> StageMemory:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}' (known: {', '.join(PRECISIONS)})")
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"unknown offload '{offload}' (known: {', '.join(OFFLOAD_MODES)})")
+    method = method or StageMethod()
+    recompute = recompute or method.recompute
     w, g, master, moments = PRECISIONS[precision]
-    params = sum(layer.params for layer in layers)
+    base = list(layers)
+    layers = [effective_layer(layer, method) for layer in base]
     trainable = sum(layer.trainable for layer in layers)
     mem = StageMemory(
-        weights=params * w,
+        weights=sum(weight_bytes(b, e, method, w) for b, e in zip(base, layers, strict=True)),
         grads=trainable * g,
         optimizer=trainable * (master + moments),
     )
@@ -97,7 +232,9 @@ def stage_memory(
         # each micro-batch in flight also keeps its output until its backward
         out = layers[-1].out_bytes
         if recompute:
-            held = layers[0].in_bytes
+            # each layer is checkpointed: its input is held; its saved activations exist
+            # only while it is recomputed for its backward
+            held = sum(layer.in_bytes for layer in layers)
             mem.activations = inflight * (held + out) + max(layer.saved_bytes for layer in layers)
         else:
             mem.activations = inflight * (sum(layer.saved_bytes for layer in layers) + out)
@@ -139,7 +276,11 @@ def stage_time(
     recompute: bool = False,
     offload: str = "none",
     host_tflops: float | None = None,
+    method: StageMethod | None = None,
 ) -> StageTime:
+    method = method or StageMethod()
+    recompute = recompute or method.recompute
+    layers = [effective_layer(layer, method) for layer in layers]
     scale = device_scale(device, calibrated_tflops)
     measured = scale is not None and any(layer.fwd_ms > 0 for layer in layers)
     if measured:

@@ -20,6 +20,15 @@ Constraints, checked for every plan of every partitioner:
   schedule, buffers: :func:`partitioners.costmodel.stage_memory`) fits its device; a device
   running two stages must fit both.
 
+Fine-tuning methods: each stage trains with a :class:`~partitioners.costmodel.StageMethod`
+(full, frozen or LoRA; activation recompute; compact frozen weights), configured by a
+:class:`~partitioners.costmodel.FinetunePolicy` (default, by device tier, by stage). With
+``allow`` (``plan.allow``), a stage on an *edge* device may also take the listed options
+(``lora``, ``frozen``, ``recompute``, ``bf16``, ``fp16``, ``int8``): every partitioner picks,
+for each stage, the fastest option that fits (the configured one on ties), so an option is
+used where it makes the plan fit or faster. Stages on different devices choose
+independently; the U-shaped pipeline's two stages on the data owner choose together.
+
 Partitioners: ``uniform`` (equal layer counts, devices in the order given), ``balanced``
 (the cuts that minimise the largest stage cost, devices in the order given; ties broken by
 the sum), ``manual`` (cuts and devices from the config), ``exhaustive`` (every device
@@ -40,7 +49,18 @@ import numpy as np
 
 from cluster.errors import UserError
 from cluster.topology import Topology
-from partitioners.costmodel import PRECISIONS, micro_batches_in_flight, stage_memory, stage_time
+from partitioners.costmodel import (
+    ALLOW_OPTIONS,
+    PRECISIONS,
+    FinetunePolicy,
+    StageMethod,
+    effective_layer,
+    micro_batches_in_flight,
+    stage_memory,
+    stage_options,
+    stage_time,
+    weight_bytes,
+)
 from partitioners.plan import Plan, Stage
 from partitioners.profile import LayerProfile
 
@@ -67,10 +87,24 @@ class PlanRequest:
     precision: str = "fp32"
     calibrated_tflops: float | None = None
     codec: str = "none"
+    finetune: FinetunePolicy | None = None  # None: every stage full
+    allow: tuple[str, ...] = ()  # options the planner may pick for edge stages
 
     @property
     def n(self) -> int:
         return len(self.layers)
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.allow if a not in ALLOW_OPTIONS]
+        if bad:
+            raise PlanError(f"plan.allow: '{bad[0]}' is not one of {', '.join(ALLOW_OPTIONS)}")
+        self.allow = tuple(self.allow)
+
+    def options(self, stage: int, device: str) -> list[StageMethod]:
+        """The methods stage ``stage`` may use on ``device``: the configured one first."""
+        tier = self.topology.device(device).tier
+        base = (self.finetune or FinetunePolicy()).for_stage(stage, tier)
+        return stage_options(base, self.allow) if tier == "edge" else [base]
 
 
 @dataclass
@@ -83,7 +117,8 @@ class Evaluation:
 
 
 class CostTables:
-    """Per-device prefix sums so that any stage and any cut costs O(1)."""
+    """Per-device (and per fine-tuning method) prefix sums so that any stage and any cut
+    costs O(1)."""
 
     def __init__(self, req: PlanRequest):
         self.req = req
@@ -91,31 +126,51 @@ class CostTables:
         topo = req.topology
         self.M = req.num_micro_batches
         self.dev = {d.name: d for d in topo.devices}
-        # per-micro-batch compute of layer i on each device (opt spread over M micro-batches)
-        self._cum: dict[str, np.ndarray] = {}
-        for d in topo.devices:
-            per = [stage_time([layer], d, req.calibrated_tflops) for layer in L]
-            costs = np.array([t.fwd_ms + t.bwd_ms + t.opt_ms / self.M for t in per])
-            self._cum[d.name] = np.concatenate([[0.0], np.cumsum(costs)])
+        self._cum: dict[tuple[str, StageMethod], np.ndarray] = {}
         ratio = CODEC_BYTES[req.codec]
         self.cut_bytes = [layer.out_bytes * ratio for layer in L]  # after layer i
-        self._mem: dict[int, np.ndarray] = {}
+        self._mem: dict[tuple[int, StageMethod], np.ndarray] = {}
         self._link: dict[tuple, tuple[float, float]] = {}
+        self._opts: dict[tuple[int, str], list[StageMethod]] = {}
 
-    def stage_ms(self, dev: str, a: int, b: int) -> float:
-        c = self._cum[dev]
+    def options(self, s: int, dev: str) -> list[StageMethod]:
+        key = (s, dev)
+        if key not in self._opts:
+            self._opts[key] = self.req.options(s, dev)
+        return self._opts[key]
+
+    def cum(self, dev: str, opt: StageMethod | None = None) -> np.ndarray:
+        """Prefix sums of each layer's per-micro-batch compute on ``dev`` under ``opt``
+        (its optimizer step spread over the step's micro-batches)."""
+        key = (dev, opt or StageMethod())
+        if key not in self._cum:
+            d = self.dev[dev]
+            per = [stage_time([layer], d, self.req.calibrated_tflops, method=key[1]) for layer in self.req.layers]
+            costs = np.array([t.fwd_ms + t.bwd_ms + t.opt_ms / self.M for t in per])
+            self._cum[key] = np.concatenate([[0.0], np.cumsum(costs)])
+        return self._cum[key]
+
+    def stage_ms(self, dev: str, a: int, b: int, opt: StageMethod | None = None) -> float:
+        c = self.cum(dev, opt)
         return float(c[b] - c[a])
 
-    def mem_table(self, inflight: int) -> np.ndarray:
+    def mem_table(self, inflight: int, opt: StageMethod | None = None) -> np.ndarray:
         """``[a, b]`` -> device bytes of a stage of layers ``a..b-1`` with ``inflight``
         micro-batches in flight: :func:`costmodel.stage_memory`, for every range at once."""
-        if inflight not in self._mem:
-            L, n = self.req.layers, len(self.req.layers)
+        opt = opt or StageMethod()
+        if (inflight, opt) not in self._mem:
+            base, n = self.req.layers, len(self.req.layers)
+            L = [effective_layer(layer, opt) for layer in base]
             w, g, master, moments = PRECISIONS[self.req.precision]
-            static = np.array([layer.params * w + layer.trainable * (g + master + moments) for layer in L], float)
+            static = np.array(
+                [
+                    weight_bytes(b, e, opt, w) + e.trainable * (g + master + moments)
+                    for b, e in zip(base, L, strict=True)
+                ],
+                float,
+            )
             saved = np.array([layer.saved_bytes for layer in L], float)
             cum_static = np.concatenate([[0.0], np.cumsum(static)])
-            cum_saved = np.concatenate([[0.0], np.cumsum(saved)])
             a = np.arange(n + 1)[:, None]
             b = np.arange(n + 1)[None, :]
             out_last = np.array([0.0, *[layer.out_bytes for layer in L]])[b]  # out of layer b-1
@@ -124,17 +179,26 @@ class CostTables:
             tb = np.array([layer.bwd_transient_bytes for layer in L], float)
             for i in range(n):  # running max of transient bytes over layers i..b-1
                 trans[i, i + 1 :] = np.maximum.accumulate(tb[i:])
-            table = (cum_static[b] - cum_static[a]) + inflight * (cum_saved[b] - cum_saved[a] + out_last)
-            table = table + in_first + out_last + trans
+            if opt.recompute:  # inputs held; one layer's saved activations while it is recomputed
+                held = np.array([layer.in_bytes for layer in L], float)
+                cum_held = np.concatenate([[0.0], np.cumsum(held)])
+                peak_saved = np.zeros((n + 1, n + 1))
+                for i in range(n):
+                    peak_saved[i, i + 1 :] = np.maximum.accumulate(saved[i:])
+                acts = inflight * (cum_held[b] - cum_held[a] + out_last) + peak_saved
+            else:
+                cum_saved = np.concatenate([[0.0], np.cumsum(saved)])
+                acts = inflight * (cum_saved[b] - cum_saved[a] + out_last)
+            table = (cum_static[b] - cum_static[a]) + acts + in_first + out_last + trans
             table[b <= a] = np.inf
-            self._mem[inflight] = table
-        return self._mem[inflight]
+            self._mem[(inflight, opt)] = table
+        return self._mem[(inflight, opt)]
 
     def inflight(self, s: int, S: int) -> int:
         return micro_batches_in_flight(self.req.schedule, s, S, self.M)
 
-    def stage_mem(self, a: int, b: int, s: int, S: int) -> float:
-        return float(self.mem_table(self.inflight(s, S))[a, b])
+    def stage_mem(self, a: int, b: int, s: int, S: int, opt: StageMethod | None = None) -> float:
+        return float(self.mem_table(self.inflight(s, S), opt)[a, b])
 
     def link(self, src: str, dst: str, cut: int) -> tuple[float, float]:
         """(activation ms forward, gradient ms back) for a cut after chain index ``cut - 1``."""
@@ -154,9 +218,22 @@ class CostTables:
         return total + (self.M - 1) * worst
 
 
-def check_plan(req: PlanRequest, tables: CostTables, seq: list[str], bounds: list[int]) -> str | None:
-    """Why this device sequence and these cuts break a constraint, or None."""
+def base_options(tables: CostTables, seq: list[str]) -> list[StageMethod]:
+    """The configured method of each stage (no planner choice)."""
+    return [tables.options(s, dev)[0] for s, dev in enumerate(seq)]
+
+
+def check_plan(
+    req: PlanRequest,
+    tables: CostTables,
+    seq: list[str],
+    bounds: list[int],
+    opts: list[StageMethod] | None = None,
+) -> str | None:
+    """Why this device sequence, these cuts and these stage methods (default: the
+    configured ones) break a constraint, or None."""
     S = len(seq)
+    opts = opts or base_options(tables, seq)
     topo = req.topology
     if not topo.device(seq[0]).owns_data:
         return f"the first stage (embedding, raw inputs) must run on a data-owning device, not '{seq[0]}'"
@@ -168,8 +245,10 @@ def check_plan(req: PlanRequest, tables: CostTables, seq: list[str], bounds: lis
         a, b = bounds[s], bounds[s + 1]
         if not a < b:
             return f"stage {s} would be empty (cuts {bounds[1:-1]})"
-        used[seq[s]] = used.get(seq[s], 0.0) + tables.stage_mem(a, b, s, S)
-        stages_on.setdefault(seq[s], []).append(f"stage {s} ({req.layers[a].name}..{req.layers[b - 1].name})")
+        used[seq[s]] = used.get(seq[s], 0.0) + tables.stage_mem(a, b, s, S, opts[s])
+        what = f"stage {s} ({req.layers[a].name}..{req.layers[b - 1].name}"
+        what += f", {opts[s].label})" if opts[s] != StageMethod() else ")"
+        stages_on.setdefault(seq[s], []).append(what)
     for dev, need in used.items():
         cap = tables.capacity(dev)
         if need > cap:
@@ -180,8 +259,11 @@ def check_plan(req: PlanRequest, tables: CostTables, seq: list[str], bounds: lis
     return None
 
 
-def evaluate(tables: CostTables, seq: list[str], bounds: list[int]) -> Evaluation:
-    stage_ms = [tables.stage_ms(seq[s], bounds[s], bounds[s + 1]) for s in range(len(seq))]
+def evaluate(
+    tables: CostTables, seq: list[str], bounds: list[int], opts: list[StageMethod] | None = None
+) -> Evaluation:
+    opts = opts or base_options(tables, seq)
+    stage_ms = [tables.stage_ms(seq[s], bounds[s], bounds[s + 1], opts[s]) for s in range(len(seq))]
     links = [tables.link(seq[s], seq[s + 1], bounds[s + 1]) for s in range(len(seq) - 1)]
     load: dict[str, float] = {}
     for dev, ms in zip(seq, stage_ms, strict=True):
@@ -195,14 +277,68 @@ def evaluate(tables: CostTables, seq: list[str], bounds: list[int]) -> Evaluatio
     return Evaluation(tables.objective(total, worst), bottleneck, sum(stage_ms), stage_ms, links)
 
 
+def choose_options(req: PlanRequest, tables: CostTables, seq: list[str], bounds: list[int]) -> list[StageMethod] | None:
+    """The fastest stage methods that fit, for fixed devices and cuts (None: none fit).
+
+    A stage alone on its device takes its fastest option that fits (the configured one on
+    ties): the objective grows with every stage's time, and its memory concerns no one
+    else. Stages sharing a device (the U-shape's two stages on the data owner) try every
+    combination of their options together."""
+    S = len(seq)
+    chosen: list[StageMethod | None] = [None] * S
+    by_dev: dict[str, list[int]] = {}
+    for s, dev in enumerate(seq):
+        by_dev.setdefault(dev, []).append(s)
+    shared = []
+    for dev, stages in by_dev.items():
+        if len(stages) > 1:
+            shared.append((dev, stages))
+            continue
+        s = stages[0]
+        a, b = bounds[s], bounds[s + 1]
+        fits = [o for o in tables.options(s, dev) if tables.stage_mem(a, b, s, S, o) <= tables.capacity(dev)]
+        if not fits:
+            return None
+        chosen[s] = min(fits, key=lambda o, a=a, b=b, dev=dev: tables.stage_ms(dev, a, b, o))
+    for dev, stages in shared:
+        best = None
+        for combo in itertools.product(*[tables.options(s, dev) for s in stages]):
+            need = sum(tables.stage_mem(bounds[s], bounds[s + 1], s, S, o) for s, o in zip(stages, combo, strict=True))
+            if need > tables.capacity(dev):
+                continue
+            trial = list(chosen)
+            for s, o in zip(stages, combo, strict=True):
+                trial[s] = o
+            # the other shared groups (none today) at their configured option meanwhile
+            full = [o if o is not None else tables.options(i, seq[i])[0] for i, o in enumerate(trial)]
+            t = evaluate(tables, seq, bounds, full).step_ms
+            if best is None or t < best[0] - 1e-12:
+                best = (t, combo)
+        if best is None:
+            return None
+        for s, o in zip(stages, best[1], strict=True):
+            chosen[s] = o
+    return [o for o in chosen if o is not None]
+
+
 # -- plan assembly ------------------------------------------------------------------------
 
 
-def build_plan(req: PlanRequest, tables: CostTables, seq: list[str], bounds: list[int], name: str) -> Plan:
-    why = check_plan(req, tables, seq, bounds)
+def build_plan(
+    req: PlanRequest,
+    tables: CostTables,
+    seq: list[str],
+    bounds: list[int],
+    name: str,
+    opts: list[StageMethod] | None = None,
+) -> Plan:
+    if opts is None:
+        opts = choose_options(req, tables, seq, bounds)
+    why = check_plan(req, tables, seq, bounds, opts)
     if why:
-        raise PlanError(why)
-    ev = evaluate(tables, seq, bounds)
+        raise PlanError(why + _allow_hint(req, seq))
+    assert opts is not None
+    ev = evaluate(tables, seq, bounds, opts)
     S = len(seq)
     stages = []
     for s in range(S):
@@ -215,8 +351,9 @@ def build_plan(req: PlanRequest, tables: CostTables, seq: list[str], bounds: lis
             schedule=req.schedule,
             num_micro_batches=req.num_micro_batches,
             precision=req.precision,
+            method=opts[s],
         )
-        t = stage_time(seg, req.topology.device(seq[s]), req.calibrated_tflops)
+        t = stage_time(seg, req.topology.device(seq[s]), req.calibrated_tflops, method=opts[s])
         link = ev.link_ms[s] if s < S - 1 else (0.0, 0.0)
         stages.append(
             Stage(
@@ -235,6 +372,10 @@ def build_plan(req: PlanRequest, tables: CostTables, seq: list[str], bounds: lis
                 link_act_ms=round(link[0], 4),
                 link_grad_ms=round(link[1], 4),
                 cut_bytes=int(tables.cut_bytes[b - 1]) if s < S - 1 else 0,
+                method=opts[s].method,
+                recompute=opts[s].recompute,
+                frozen_dtype=opts[s].frozen_dtype,
+                trainable_params=sum(effective_layer(layer, opts[s]).trainable for layer in seg),
             )
         )
     bubble = 1.0 - ev.busy_ms * req.num_micro_batches / (len(set(seq)) * ev.step_ms) if ev.step_ms > 0 else 0.0
@@ -321,9 +462,12 @@ def balanced(req: PlanRequest) -> Plan:
             if best[s][a] == INF:
                 continue
             for b in range(a + 1, n - (S - s - 1) + 1):
-                if tables.stage_mem(a, b, s, S) > tables.capacity(seq[s]):
+                fits = [
+                    o for o in tables.options(s, seq[s]) if tables.stage_mem(a, b, s, S, o) <= tables.capacity(seq[s])
+                ]
+                if not fits:
                     continue
-                c = tables.stage_ms(seq[s], a, b)
+                c = min(tables.stage_ms(seq[s], a, b, o) for o in fits)
                 cand = (max(best[s][a][0], c), best[s][a][1] + c)
                 if cand < best[s + 1][b]:
                     best[s + 1][b], back[s + 1][b] = cand, a
@@ -360,18 +504,22 @@ def exhaustive(req: PlanRequest) -> Plan:
     tables = CostTables(req)
     best: tuple[float, list[str], list[int]] | None = None
     n = req.n
+    best_opts: list[StageMethod] = []
     for seq in device_sequences(req):
         S = len(seq)
+        choices = list(itertools.product(*[tables.options(s, dev) for s, dev in enumerate(seq)]))
         for cuts in itertools.combinations(range(1, n), S - 1):
             bounds = [0, *cuts, n]
-            if check_plan(req, tables, seq, bounds):
-                continue
-            t = evaluate(tables, seq, bounds).step_ms
-            if best is None or t < best[0] - 1e-12:
-                best = (t, seq, bounds)
+            for combo in choices:
+                opts = list(combo)
+                if check_plan(req, tables, seq, bounds, opts):
+                    continue
+                t = evaluate(tables, seq, bounds, opts).step_ms
+                if best is None or t < best[0] - 1e-12:
+                    best, best_opts = (t, seq, bounds), opts
     if best is None:
         raise PlanError(_infeasible_reason(req, tables, device_sequences(req)))
-    return build_plan(req, tables, best[1], best[2], "exhaustive")
+    return build_plan(req, tables, best[1], best[2], "exhaustive", best_opts)
 
 
 # A label of the cut search: (worst resource so far, total so far, the owner's first-stage
@@ -380,11 +528,18 @@ def exhaustive(req: PlanRequest) -> Plan:
 _W, _T, _FMS, _FMEM, _PREV = range(5)
 
 
-def _pareto_cuts(req: PlanRequest, tables: CostTables, seq: list[str], bound: float) -> tuple[float, list[int]] | None:
-    """The best cuts for a fixed device sequence: a dynamic programme over (stage, cut)
-    keeping every label (worst resource so far, total so far) that no other label beats in
-    both — exact for the objective total + (M-1) * worst. Labels whose lower bound is not
-    below ``bound`` are dropped."""
+def _pareto_cuts(
+    req: PlanRequest, tables: CostTables, seq: list[str], bound: float
+) -> tuple[float, list[int], list[StageMethod]] | None:
+    """The best cuts (and stage methods) for a fixed device sequence: a dynamic programme
+    over (stage, cut) keeping every label (worst resource so far, total so far) that no
+    other label beats in both — exact for the objective total + (M-1) * worst. Labels whose
+    lower bound is not below ``bound`` are dropped.
+
+    A stage with several method options takes, for each of its layer ranges, the fastest
+    one that fits: its memory concerns only its own device. The U-shape's first stage is
+    the exception (its memory counts against the owner's last stage): it keeps one label per
+    option, and the last stage checks each label's memory."""
     S, n, M = len(seq), req.n, req.num_micro_batches
     ushape = req.label_privacy and S > 1
     sequential = req.schedule == "sequential"
@@ -398,45 +553,53 @@ def _pareto_cuts(req: PlanRequest, tables: CostTables, seq: list[str], bound: fl
         dev = seq[s]
         cap = tables.capacity(dev)
         last = s == S - 1
-        cum = tables._cum[dev]
-        memtab = tables.mem_table(tables.inflight(s, S))
+        opts = tables.options(s, dev)
+        cums = [tables.cum(dev, o) for o in opts]
+        memtabs = [tables.mem_table(tables.inflight(s, S), o) for o in opts]
         hi = n if last else n - (S - s - 1)
         for a, labels in frontier.items():
             lo = n if last else a + 1
             if lo > hi:
                 continue
             bs = np.arange(lo, hi + 1)
-            c = cum[bs] - cum[a]
-            mem = memtab[a, bs]
+            cs = np.stack([cum[bs] - cum[a] for cum in cums])  # (options, ends)
+            mems = np.stack([memtab[a, bs] for memtab in memtabs])
             la, lg = tables.link(seq[s - 1], dev, a) if s > 0 else (0.0, 0.0)
+            first = ushape and s == 0
             for lab in labels:
                 w0, t0, fms, fmem = lab[_W], lab[_T], lab[_FMS], lab[_FMEM]
-                if ushape and last:
-                    ok = fmem + mem <= cap
-                    worst = np.maximum(max(w0, la, lg), fms + c)
-                elif ushape and s == 0:
-                    ok = mem <= cap
-                    worst = np.full(len(bs), max(w0, la, lg))  # the owner's load is known at the end
+                if first:  # one candidate per option: their memory matters to the last stage
+                    variants = [(np.full(len(bs), k), cs[k], mems[k], mems[k] <= cap) for k in range(len(opts))]
                 else:
-                    ok = mem <= cap
-                    worst = np.maximum(max(w0, la, lg), c)
-                total = t0 + c + la + lg
-                low = M * total if sequential else total + (M - 1) * worst
-                keep = np.nonzero(ok & (low < bound))[0]
-                if not len(keep):
-                    continue
-                prev = (s, a, lab)
-                first = ushape and s == 0
-                for wk, tk, ck, mk, b in zip(
-                    worst[keep].tolist(),
-                    total[keep].tolist(),
-                    c[keep].tolist(),
-                    mem[keep].tolist(),
-                    bs[keep].tolist(),
-                    strict=True,
-                ):
-                    lab_new = (wk, tk, ck, mk, prev) if first else (wk, tk, fms, fmem, prev)
-                    nxt.setdefault(b, []).append(lab_new)
+                    fits = (fmem + mems <= cap) if (ushape and last) else (mems <= cap)
+                    masked = np.where(fits, cs, np.inf)
+                    k_best = np.argmin(masked, axis=0)  # the first (configured) option on ties
+                    cols = np.arange(len(bs))
+                    variants = [(k_best, cs[k_best, cols], mems[k_best, cols], fits[k_best, cols])]
+                for ks, c, mem, ok in variants:
+                    if ushape and last:
+                        worst = np.maximum(max(w0, la, lg), fms + c)
+                    elif first:
+                        worst = np.full(len(bs), max(w0, la, lg))  # the owner's load is known at the end
+                    else:
+                        worst = np.maximum(max(w0, la, lg), c)
+                    total = t0 + c + la + lg
+                    low = M * total if sequential else total + (M - 1) * worst
+                    keep = np.nonzero(ok & (low < bound))[0]
+                    if not len(keep):
+                        continue
+                    for wk, tk, ck, mk, b, k in zip(
+                        worst[keep].tolist(),
+                        total[keep].tolist(),
+                        c[keep].tolist(),
+                        mem[keep].tolist(),
+                        bs[keep].tolist(),
+                        ks[keep].tolist(),
+                        strict=True,
+                    ):
+                        prev = (s, a, lab, k)
+                        lab_new = (wk, tk, ck, mk, prev) if first else (wk, tk, fms, fmem, prev)
+                        nxt.setdefault(b, []).append(lab_new)
         for b, labs in nxt.items():
             nxt[b] = _prune(labs, ushape and s < S - 1)
         frontier = nxt
@@ -446,12 +609,13 @@ def _pareto_cuts(req: PlanRequest, tables: CostTables, seq: list[str], bound: fl
     if not labels:
         return None
     best = min(labels, key=lower)
-    cuts, lab = [], best
+    cuts, chosen, lab = [], [], best
     while lab[_PREV] is not None:
-        s, a, lab = lab[_PREV]
+        s, a, lab, k = lab[_PREV]
         cuts.append(a)
+        chosen.append(tables.options(s, seq[s])[k])
     bounds = sorted(set([*cuts, n]))
-    return lower(best), bounds
+    return lower(best), bounds, chosen[::-1]
 
 
 def _prune(labels: list[tuple], keep_first: bool) -> list[tuple]:
@@ -503,53 +667,69 @@ def optimal(req: PlanRequest) -> Plan:
                 if len(seq) <= req.n and tuple(seq) not in seen:
                     seen.add(tuple(seq))
                     candidates.append(seq)
-    best: tuple[float, list[str], list[int]] | None = None
+    best: tuple[float, list[str], list[int], list[StageMethod]] | None = None
     for seq in sorted(candidates, key=len):
         got = _pareto_cuts(req, tables, seq, best[0] if best else math.inf)
         if got is not None and (best is None or got[0] < best[0] - 1e-12):
-            best = (got[0], seq, got[1])
+            best = (got[0], seq, got[1], got[2])
     if best is None:
         raise PlanError(_infeasible_reason(req, tables, candidates))
-    return build_plan(req, tables, best[1], best[2], "optimal")
+    return build_plan(req, tables, best[1], best[2], "optimal", best[3])
+
+
+def _allow_hint(req: PlanRequest, seq: list[str]) -> str:
+    """A pointer to ``plan.allow`` when edge stages could shrink but may not."""
+    if req.allow or not any(req.topology.device(d).tier == "edge" for d in seq):
+        return ""
+    return "; plan.allow: [lora, recompute, int8] lets edge stages train with less memory"
 
 
 def _infeasible_reason(req: PlanRequest, tables: CostTables, seqs: list[list[str]]) -> str:
     """One line: which constraint fails, and by how much, for the most promising attempt."""
     topo = req.topology
     owner = topo.data_owner
-    total_need = stage_memory(
-        req.layers, schedule=req.schedule, num_micro_batches=req.num_micro_batches, precision=req.precision
-    ).device_total
     pool = list(req.devices or topo.device_names)
-    total_cap = sum(topo.device(d).memory_gb for d in pool) * GB
-    if total_need > total_cap:
-        return (
-            f"no feasible plan: the model needs {total_need / GB:.2f} GB for training but the devices "
-            f"together have {total_cap / GB:.2f} GB ({(total_need - total_cap) / GB:.2f} GB short)"
-        )
-    first = stage_memory(
-        req.layers[:1],
-        stage=0,
-        num_stages=max(len(pool), 1),
-        schedule=req.schedule,
-        num_micro_batches=req.num_micro_batches,
-        precision=req.precision,
-    ).device_total
-    if req.label_privacy:
-        first += stage_memory(
-            req.layers[-1:], schedule=req.schedule, num_micro_batches=req.num_micro_batches, precision=req.precision
+    hint = _allow_hint(req, pool)
+    if req.finetune is None and not req.allow:  # every stage full: the whole model's need is known
+        total_need = stage_memory(
+            req.layers, schedule=req.schedule, num_micro_batches=req.num_micro_batches, precision=req.precision
         ).device_total
+        total_cap = sum(topo.device(d).memory_gb for d in pool) * GB
+        if total_need > total_cap:
+            return (
+                f"no feasible plan: the model needs {total_need / GB:.2f} GB for training but the devices "
+                f"together have {total_cap / GB:.2f} GB ({(total_need - total_cap) / GB:.2f} GB short){hint}"
+            )
+
+    def least(layers: list[LayerProfile], s: int, S: int) -> float:
+        return min(
+            stage_memory(
+                layers,
+                stage=s,
+                num_stages=S,
+                schedule=req.schedule,
+                num_micro_batches=req.num_micro_batches,
+                precision=req.precision,
+                method=o,
+            ).device_total
+            for o in req.options(s, owner.name)
+        )
+
+    S = max(len(pool), 1)
+    first = least(req.layers[:1], 0, S)
+    if req.label_privacy:
+        first += least(req.layers[-1:], S, S + 1)
     if first > owner.memory_gb * GB:
         what = "the embedding and the head (label_privacy)" if req.label_privacy else "the embedding"
         return (
             f"no feasible plan: privacy pins {what} to '{owner.name}', which needs {first / GB:.3f} GB "
-            f"but has memory_gb={owner.memory_gb:g} ({(first - owner.memory_gb * GB) / GB:.3f} GB short)"
+            f"but has memory_gb={owner.memory_gb:g} ({(first - owner.memory_gb * GB) / GB:.3f} GB short){hint}"
         )
     # report the tightest stage of the first sequence's uniform split
     seq = max(seqs, key=len) if seqs else [owner.name]
     bounds = [0, *uniform_cuts(req.n, min(len(seq), req.n)), req.n]
     why = check_plan(req, tables, seq[: len(bounds) - 1], bounds)
-    return f"no feasible plan: memory does not fit on any device sequence (e.g. {why})"
+    return f"no feasible plan: memory does not fit on any device sequence (e.g. {why}){hint}"
 
 
 def simulate_plan(plan: Plan, labels_ms: float = 0.0):

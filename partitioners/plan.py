@@ -34,6 +34,10 @@ class Stage:
     link_act_ms: float = 0.0  # one activation to the next stage
     link_grad_ms: float = 0.0  # one gradient back from the next stage
     cut_bytes: int = 0  # bytes of one activation (after the codec) sent to the next stage
+    method: str = "full"  # how the stage fine-tunes: full | frozen | lora
+    recompute: bool = False  # activation checkpointing of each chain layer
+    frozen_dtype: str = "fp32"  # storage of the frozen weights: fp32 | bf16 | fp16 | int8
+    trainable_params: int | None = None  # what gets gradients and optimizer state (None: all)
 
     @property
     def device(self) -> str:
@@ -42,6 +46,17 @@ class Stage:
     @property
     def num_layers(self) -> int:
         return self.stop - self.start
+
+    @property
+    def method_label(self) -> str:
+        """``full``, ``lora``, ``lora+int8+rc``, ...: the method, the compact frozen dtype
+        and ``rc`` for recompute."""
+        label = (
+            self.method
+            if self.method == "full" or self.frozen_dtype == "fp32"
+            else f"{self.method}+{self.frozen_dtype}"
+        )
+        return label + ("+rc" if self.recompute else "")
 
 
 @dataclass
@@ -87,7 +102,19 @@ class Plan:
 
     def table(self) -> str:
         """A fixed-width table of the stages, for terminals and logs."""
-        head = ("stage", "device", "layers", "chain", "params", "mem GB", "fwd+bwd ms", "link ms", "offload", "codec")
+        head = (
+            "stage",
+            "device",
+            "layers",
+            "chain",
+            "params",
+            "method",
+            "mem GB",
+            "fwd+bwd ms",
+            "link ms",
+            "offload",
+            "codec",
+        )
         rows = [head]
         for s in self.stages:
             names = s.layer_names
@@ -100,6 +127,7 @@ class Plan:
                     span,
                     f"[{s.start},{s.stop})",
                     f"{s.params:,}",
+                    s.method_label,
                     f"{s.memory_gb:.3f}",
                     f"{s.fwd_ms + s.bwd_ms:.2f}",
                     link,
@@ -119,4 +147,6 @@ class Plan:
                 footer += f", simulated {p['simulated_step_ms']:.2f} ms"
         if self.label_privacy:
             footer += "\nlabel_privacy: the head runs on the data owner (U-shaped split)"
+        if any(s.method != "full" or s.recompute for s in self.stages):
+            footer += "\nmethod: full | frozen | lora, +bf16/fp16/int8: frozen weights stored so, +rc: recompute"
         return "\n".join([*lines, footer])

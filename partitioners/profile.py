@@ -5,6 +5,11 @@ Model-agnostic: the profiler takes a chain of modules, each mapping one tensor t
 parameters, forward and backward FLOPs (torch's ``FlopCounterMode``), the bytes that would
 cross a cut after the layer, the bytes autograd saves for backward (through saved-tensor
 hooks, parameters excluded), and the median forward and backward time after a warm-up.
+
+A layer's own fields describe full fine-tuning. ``methods`` holds the same costs under the
+other ways a stage can train it (``frozen``, ``lora``, with frozen weights stored compactly:
+``lora+int8``, ...), measured or counted by profiling the layer again with that method
+applied; the cost model picks the entry a stage's method names.
 """
 
 from __future__ import annotations
@@ -18,6 +23,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+@dataclass
+class MethodCost:
+    """A layer's costs for one micro-batch when a stage trains it another way than ``full``."""
+
+    params: int = 0  # parameters held, adapter parameters included
+    trainable_params: int = 0  # what gets gradients and optimizer state (LoRA: the adapters)
+    fwd_flops: int = 0
+    bwd_flops: int = 0
+    saved_bytes: int = 0
+    fwd_ms: float = 0.0
+    bwd_ms: float = 0.0
+    opt_ms: float = 0.0
+    bwd_transient_bytes: int = 0
 
 
 @dataclass
@@ -37,6 +57,9 @@ class LayerProfile:
     bwd_ms: float = 0.0
     opt_ms: float = 0.0  # AdamW step over the layer's trainable parameters
     bwd_transient_bytes: int = 0  # peak extra allocation while the layer runs backward
+    compact_params: int = 0  # parameters in matmul/embedding weights: what a compact frozen dtype shrinks
+    compact_rows: int = 0  # output rows of those weights (int8 keeps one scale per row)
+    methods: dict[str, MethodCost] = field(default_factory=dict)  # by method key: frozen, lora, lora+int8, ...
 
     @property
     def trainable(self) -> int:
@@ -53,6 +76,7 @@ class ModelProfile:
     threads: int = 1
     host: str = field(default_factory=platform.node)
     calibrated_tflops: float | None = None  # this machine's measured FLOP/s (see calibrate)
+    lora: dict[str, Any] | None = None  # the LoRA settings the ``lora`` method costs were taken with
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -60,7 +84,12 @@ class ModelProfile:
     @classmethod
     def from_json(cls, text: str) -> ModelProfile:
         d = json.loads(text)
-        d["layers"] = [LayerProfile(**x) for x in d["layers"]]
+        layers = []
+        for x in d["layers"]:
+            x = dict(x)
+            x["methods"] = {k: MethodCost(**v) for k, v in (x.get("methods") or {}).items()}
+            layers.append(LayerProfile(**x))
+        d["layers"] = layers
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
@@ -135,8 +164,23 @@ def peak_allocated_bytes(fn: Callable[[], Any], device: Any) -> int:
     return peak
 
 
+def _inner(t) -> list:
+    """The plain tensors that hold ``t``'s data: itself, or the inner tensors of a tensor
+    subclass (e.g. a quantized weight: int8 data and scales)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return [x for n in names for x in _inner(getattr(t, n))]
+    return [t]
+
+
 def _nbytes(t) -> int:
-    return t.numel() * t.element_size()
+    return sum(x.numel() * x.element_size() for x in _inner(t))
+
+
+def _storage_ids(t) -> list[int]:
+    return [x.untyped_storage()._cdata for x in _inner(t)]
 
 
 def profile_chain(
@@ -172,16 +216,17 @@ def profile_chain(
     for name, layer in zip(names, layers, strict=True):
         params = list(layer.parameters())
         # storages are told apart by their C++ identity, which works on meta tensors too
-        param_ids = {p.untyped_storage()._cdata for p in params}
+        param_ids = {i for p in params for i in _storage_ids(p)}
         inp = x.detach().requires_grad_(x.is_floating_point())
 
         # forward: FLOPs and what autograd saves
         saved: dict[int, int] = {}
 
         def pack(t, saved=saved, param_ids=param_ids):
-            storage = t.untyped_storage()
-            if storage._cdata not in param_ids:
-                saved[storage._cdata] = max(saved.get(storage._cdata, 0), storage.nbytes())
+            for x in _inner(t):
+                storage = x.untyped_storage()
+                if storage._cdata not in param_ids:
+                    saved[storage._cdata] = max(saved.get(storage._cdata, 0), storage.nbytes())
             return t
 
         with FlopCounterMode(display=False) as fc, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -189,9 +234,13 @@ def profile_chain(
                 y = layer(inp)
         fwd_flops = fc.get_total_flops()
         grad_out = None if y.dim() == 0 else torch.randn_like(y)
-        with FlopCounterMode(display=False) as fc:
-            y.backward(grad_out)
-        bwd_flops = fc.get_total_flops()
+        # nothing to differentiate: e.g. a frozen embedding on token ids (no backward runs)
+        has_bwd = y.requires_grad
+        bwd_flops = 0
+        if has_bwd:
+            with FlopCounterMode(display=False) as fc:
+                y.backward(grad_out)
+            bwd_flops = fc.get_total_flops()
         for p in params:
             p.grad = None
 
@@ -217,14 +266,15 @@ def profile_chain(
                     layer(inp).backward(grad_out)
 
             prof.fwd_ms = _median_ms(fwd, warmup, repeats, sync)
-            both = _median_ms(fwd_bwd, warmup, repeats, sync)
-            prof.bwd_ms = max(both - prof.fwd_ms, 0.0)
-            # extra memory of a backward, with the parameter gradients already allocated
-            # (they persist between steps), so only temporaries count
-            with autocast():
-                y2 = layer(inp)
-            prof.bwd_transient_bytes = peak_allocated_bytes(lambda y2=y2, g=grad_out: y2.backward(g), device)
-            del y2
+            if has_bwd:
+                both = _median_ms(fwd_bwd, warmup, repeats, sync)
+                prof.bwd_ms = max(both - prof.fwd_ms, 0.0)
+                # extra memory of a backward, with the parameter gradients already allocated
+                # (they persist between steps), so only temporaries count
+                with autocast():
+                    y2 = layer(inp)
+                prof.bwd_transient_bytes = peak_allocated_bytes(lambda y2=y2, g=grad_out: y2.backward(g), device)
+                del y2
             trainable = [p for p in params if p.requires_grad]
             if trainable:
                 opt = torch.optim.AdamW(trainable, lr=1e-9, foreach=False)

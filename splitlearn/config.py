@@ -22,6 +22,10 @@ DTYPES = ("fp32", "bf16")
 SCHEDULES = ("sequential", "gpipe", "1f1b")
 PARTITIONERS = ("uniform", "balanced", "optimal", "manual", "exhaustive")
 DATA_FORMATS = ("auto", "text", "jsonl")
+FINETUNE_METHODS = ("full", "frozen", "lora")
+FROZEN_DTYPES = ("fp32", "bf16", "fp16", "int8")
+PLAN_ALLOW = ("lora", "frozen", "recompute", "bf16", "fp16", "int8")
+TIERS = ("edge", "cloud")
 
 
 @dataclass
@@ -64,6 +68,37 @@ class PlanConfig:
     label_privacy: bool = False  # the head and loss run on the data owner too (U-shaped split)
     codec: str = "none"  # wire codec on every link: none | fp16 | bf16 | int8
     profile: str | None = None  # a profile.json from `splitlearn profile`; default: counted on meta
+    # what the planner may change on edge-tier stages where it makes the plan fit or faster:
+    # lora, frozen (method), recompute, bf16 | fp16 | int8 (frozen weights' storage)
+    allow: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoraSection:
+    r: int = 8  # adapter rank
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # module-name suffixes; null: the family's attention projections
+
+
+@dataclass
+class FinetuneOverride:
+    """Partial settings for some stages; unset (null) keys keep the broader setting."""
+
+    method: str | None = None
+    recompute: bool | None = None
+    frozen_dtype: str | None = None
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "full"  # full | frozen | lora, for every stage unless overridden
+    recompute: bool = False  # activation checkpointing: keep only each layer's input, recompute in backward
+    frozen_dtype: str = "fp32"  # frozen weights of lora/frozen stages: fp32 | bf16 | fp16 | int8 (weight-only)
+    lora: LoraSection = field(default_factory=LoraSection)
+    by_tier: dict[str, FinetuneOverride] = field(default_factory=dict)  # edge | cloud
+    by_stage: dict[str, FinetuneOverride] = field(default_factory=dict)  # stage index -> settings (wins over tier)
+    merge_adapters: bool = False  # also write checkpoint/merged/: LoRA merged in, a transformers directory
 
 
 @dataclass
@@ -76,8 +111,16 @@ class RuntimeConfig:
     log_every: int = 10  # plain log line every N steps when not on a terminal
     progress: str = "auto"  # auto | bar | log | none
     checkpoint: bool = True  # save the final segments under <run>/checkpoint
+    max_restarts: int = 2  # after a lost worker or a failed step: place again, resume from the last checkpoint
+    replan_on_failure: bool = False  # a device gone for good: plan again on the devices that remain
     emulate_links: bool = False  # each transfer takes at least its link's latency + bytes / bandwidth
     measure_memory: bool = False  # record each stage's peak memory per step (slower: profiler on CPU)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # save every N steps (0: only at the end, when runtime.checkpoint)
+    keep: int = 3  # whole checkpoints kept, newest first
 
 
 @dataclass
@@ -99,8 +142,10 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     topology: TopologySection = field(default_factory=TopologySection)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -151,6 +196,7 @@ def config_from_container(raw: Any, overrides: list[str], source: str, base_dir:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}': expected key=value, e.g. train.steps=10")
+    raw = _stage_keys_as_strings(raw)
     try:
         schema = OmegaConf.structured(RunConfig)
         merged = OmegaConf.merge(schema, raw)
@@ -171,6 +217,22 @@ def config_from_container(raw: Any, overrides: list[str], source: str, base_dir:
     loaded.topology = _resolve_topology(loaded)
     validate(loaded)
     return loaded
+
+
+def _stage_keys_as_strings(raw: Any) -> Any:
+    """``finetune.by_stage`` is keyed by stage index: YAML reads ``0:`` as an int, a
+    ``finetune.by_stage.0.method=lora`` override as a string; the schema keeps strings."""
+    try:
+        fin = raw.get("finetune") if OmegaConf.is_dict(raw) or isinstance(raw, dict) else None
+        by_stage = fin.get("by_stage") if fin is not None and hasattr(fin, "get") else None
+    except OmegaConfBaseException:
+        return raw
+    if not by_stage or not hasattr(by_stage, "items"):
+        return raw
+    container = OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else dict(raw)
+    container["finetune"] = dict(container["finetune"])
+    container["finetune"]["by_stage"] = {str(k): v for k, v in container["finetune"]["by_stage"].items()}
+    return OmegaConf.create(container)
 
 
 def _resolve_topology(cfg: LoadedConfig) -> Topology:
@@ -249,6 +311,32 @@ def validate(cfg: LoadedConfig) -> None:
     if p.profile and not cfg.resolve_path(p.profile).is_file():
         fail("plan.profile", f"file not found: {p.profile}")
 
+    for i, opt in enumerate(p.allow):
+        choice(f"plan.allow[{i}]", opt, PLAN_ALLOW)
+
+    f = r.finetune
+    choice("finetune.method", f.method, FINETUNE_METHODS)
+    choice("finetune.frozen_dtype", f.frozen_dtype, FROZEN_DTYPES)
+    for tier, over in f.by_tier.items():
+        if tier not in TIERS:
+            fail(f"finetune.by_tier.{tier}", f"'{tier}' is not a device tier ({', '.join(TIERS)})")
+        _check_override(fail, choice, f"finetune.by_tier.{tier}", over)
+    for key, over in f.by_stage.items():
+        if not key.isdigit():
+            fail(f"finetune.by_stage.{key}", "keys are stage indices (0, 1, ...)")
+        if p.partitioner in ("uniform", "manual") and p.devices and int(key) >= stages:
+            fail(f"finetune.by_stage.{key}", f"the plan has {stages} stages (0..{stages - 1})")
+        _check_override(fail, choice, f"finetune.by_stage.{key}", over)
+    lo = f.lora
+    if lo.r < 1:
+        fail("finetune.lora.r", f"must be >= 1, got {lo.r}")
+    if lo.alpha <= 0:
+        fail("finetune.lora.alpha", f"must be > 0, got {lo.alpha}")
+    if not 0 <= lo.dropout < 1:
+        fail("finetune.lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    if lo.target_modules is not None and not lo.target_modules:
+        fail("finetune.lora.target_modules", "an empty list adapts nothing; use null for the family's default")
+
     rt = r.runtime
     choice("runtime.schedule", rt.schedule, SCHEDULES)
     choice("runtime.progress", rt.progress, ("auto", "bar", "log", "none"))
@@ -258,5 +346,20 @@ def validate(cfg: LoadedConfig) -> None:
         fail("runtime.placement_timeout_s", f"must be > 0, got {rt.placement_timeout_s}")
     if rt.log_every < 1:
         fail("runtime.log_every", f"must be >= 1, got {rt.log_every}")
+    if rt.max_restarts < 0:
+        fail("runtime.max_restarts", f"must be >= 0, got {rt.max_restarts}")
+    if r.checkpoint.every_steps < 0:
+        fail("checkpoint.every_steps", f"must be >= 0, got {r.checkpoint.every_steps}")
+    if r.checkpoint.keep < 1:
+        fail("checkpoint.keep", f"must be >= 1, got {r.checkpoint.keep}")
     if r.ray.num_cpus is not None and r.ray.num_cpus < 1:
         fail("ray.num_cpus", f"must be >= 1, got {r.ray.num_cpus}")
+
+
+def _check_override(fail, choice, key: str, over: FinetuneOverride) -> None:
+    if over.method is not None:
+        choice(f"{key}.method", over.method, FINETUNE_METHODS)
+    if over.frozen_dtype is not None:
+        choice(f"{key}.frozen_dtype", over.frozen_dtype, FROZEN_DTYPES)
+    if over.method == "full" and over.frozen_dtype not in (None, "fp32"):
+        fail(f"{key}.frozen_dtype", f"{over.frozen_dtype} stores frozen weights, but method full freezes none")

@@ -9,13 +9,27 @@ from typing import Any
 import torch
 
 
-def make_optimizer(params, train_cfg: Any) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        [p for p in params if p.requires_grad],
-        lr=train_cfg.lr,
-        weight_decay=train_cfg.weight_decay,
-        foreach=False,
-    )
+class NoOptimizer:
+    """The optimizer of a stage with nothing to train (every weight frozen): no state, no step."""
+
+    def __init__(self) -> None:
+        self.state: dict = {}
+        self.param_groups: list[dict] = []
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+
+def make_optimizer(params, train_cfg: Any) -> torch.optim.Optimizer | NoOptimizer:
+    """AdamW over the parameters that require gradients (frozen and LoRA-base weights get
+    no optimizer state); :class:`NoOptimizer` when there are none."""
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        return NoOptimizer()
+    return torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, foreach=False)
 
 
 def lr_at(step: int, train_cfg: Any) -> float:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from partitioners.costmodel import stage_memory
+from cluster.topology import Device
+from partitioners.costmodel import StageMethod, stage_memory, stage_time
 from partitioners.profile import ModelProfile, calibrate_tflops, profile_chain
+from splitlearn import finetune
 from splitlearn.config import LoadedConfig
 from splitlearn.errors import ConfigError
 from splitlearn.models.chain import build_model, chain_names, layer_views, num_blocks
+from splitlearn.models.finetune import layer_compact_counts, method_costs
 
 
 def parse_layers(spec: str | None, num_layers: int) -> range:
@@ -68,6 +71,30 @@ def profile_model(
         repeats=repeats,
         autocast_dtype=autocast,
     )
+    # the other fine-tuning methods this run may use (finetune section, plan.allow): each
+    # measured the same way on a fresh model with the method applied to the whole chain
+    variants = finetune.variants(run)
+    if variants:
+        counts = layer_compact_counts(model)
+        for layer, i in zip(profs, span, strict=True):
+            layer.compact_params, layer.compact_rows = counts[i]
+        del views, model
+        for v in variants:
+            fresh = build_model(run.model, run.train.seed).to(device)
+            costs = method_costs(
+                fresh,
+                v,
+                finetune.lora_spec(run),
+                run.train.seed,
+                ids,
+                span,
+                warmup=warmup,
+                repeats=repeats,
+                autocast_dtype=autocast,
+            )
+            for layer, cost in zip(profs, costs, strict=True):
+                layer.methods[v.key] = cost
+            del fresh
     prof = ModelProfile(
         layers=profs,
         micro_batch=mb,
@@ -76,6 +103,7 @@ def profile_model(
         device=device,
         threads=torch.get_num_threads(),
         calibrated_tflops=calibrate_tflops(device) if calibrate else None,
+        lora=finetune.lora_record(run) if variants else None,
     )
     return prof, span
 
@@ -137,4 +165,45 @@ def profile_table(prof: ModelProfile, span: range) -> str:
         foot += f" calibrated={prof.calibrated_tflops * 1e3:.1f} GFLOP/s"
     foot += "\ncut MB: activation crossing a cut after the layer; saved MB: held for backward (one micro-batch);"
     foot += "\ntrain MB: weights + gradients + AdamW state + saved activations of one micro-batch"
+    return "\n".join([*lines, foot, "", methods_table(prof)])
+
+
+HERE = Device(name="here", memory_gb=1.0, tflops=1.0)  # the profiling machine, at scale 1
+
+
+def methods_table(prof: ModelProfile) -> str:
+    """Each fine-tuning method the profile costs (and each with recompute), over the
+    profiled layers as one stage running one micro-batch: what trains, and its memory."""
+    keys = ["full", *dict.fromkeys(k for layer in prof.layers for k in layer.methods)]
+    head = ("method", "trainable", "weights MB", "grads+opt MB", "saved MB", "train MB", "fwd ms", "bwd ms")
+    rows = [head]
+    for key in keys:
+        for rc in (False, True):
+            m = StageMethod.parse(key)
+            m = StageMethod(m.method, rc, m.frozen_dtype)
+            mem = stage_memory(prof.layers, precision=prof.dtype, method=m)
+            # times on this machine: the measured medians (scale 1); recompute adds a forward
+            t = stage_time(prof.layers, HERE, 1.0, method=m)
+            trainable = sum(
+                (layer.methods[key].trainable_params if key != "full" else layer.trainable) for layer in prof.layers
+            )
+            rows.append(
+                (
+                    m.label,
+                    _fmt_count(trainable),
+                    f"{mem.weights / 1e6:.3f}",
+                    f"{(mem.grads + mem.optimizer) / 1e6:.3f}",
+                    f"{mem.activations / 1e6:.3f}",
+                    f"{mem.device_total / 1e6:.3f}",
+                    f"{t.fwd_ms:.3f}",
+                    f"{t.bwd_ms:.3f}",
+                )
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    foot = "methods over these layers as one stage, one micro-batch: full | frozen | lora, +bf16/fp16/int8 frozen"
+    foot += " weights, +rc recompute (saved MB: inputs held + one layer's activations)"
     return "\n".join([*lines, foot])

@@ -99,14 +99,18 @@ class StageWorker:
 
     def prepare(self) -> dict[str, Any]:
         from splitlearn.data import BatchSource, load_dataset
+        from splitlearn.finetune import prepare_segment, stage_method
         from splitlearn.models.chain import Segment, build_model
 
         torch.manual_seed(self.run.train.seed)
         model = build_model(self.run.model, self.run.train.seed)
         self.segment = Segment(model, self.spec.start, self.spec.stop).to(self.device)
+        # the plan's method for this stage: LoRA adapters, frozen weights (compact), recompute
+        self.adapted = prepare_segment(self.segment, self.plan, self.stage, self.run)
         self.segment.train()
-        self.optimizer = make_optimizer(self.segment.parameters(), self.run.train)
-        self.tied = self.segment.tied_parameters() if self.num_stages > 1 else {}
+        self.optimizer = make_optimizer(self.segment.parameters(), self.run.train)  # trainable ones only
+        tied = self.segment.tied_parameters() if self.num_stages > 1 else {}
+        self.tied = {k: p for k, p in tied.items() if p.requires_grad}  # both ends agree: see tied_trainable
         info: dict[str, Any] = {
             "stage": self.stage,
             "device": self.device_name,
@@ -114,6 +118,8 @@ class StageWorker:
             "node": _ray_node_id(),
             "threads": torch.get_num_threads(),
             "params": sum(p.numel() for p in self.segment.parameters()),
+            "trainable_params": sum(p.numel() for p in self.segment.parameters() if p.requires_grad),
+            "method": stage_method(self.spec).label,
         }
         if self.is_first:
             dataset, tokenizer = load_dataset(self.run.data, self._resolve)
@@ -300,10 +306,9 @@ class StageWorker:
                     grads_in[m], _ = self._recv(self.stage + 1, next_group)
                 elif act.kind == S.B:
                     out = outputs.pop(m)
-                    if self.is_last:
-                        out.backward()
-                    else:
-                        out.backward(grads_in.pop(m))
+                    grad = None if self.is_last else grads_in.pop(m)
+                    if out.requires_grad:  # a frozen first stage has nothing to differentiate
+                        out.backward(grad)
                 elif act.kind == S.SEND_GRAD:
                     x = inputs.pop(m)
                     sent["prev"] += self._send(x.grad, self.stage - 1, prev_group, self.codec_in)
@@ -367,23 +372,115 @@ class StageWorker:
 
     # -- results --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """This segment's tensors under the model's own names, shared tensors once."""
-        out, seen = {}, set()
-        for name, t in self.segment.model.state_dict().items():
-            key = (t.data_ptr(), t.shape)
-            if key in seen:
-                continue
-            seen.add(key)
-            out[name] = t.detach().cpu().contiguous().clone()
-        return out
+        """This segment's tensors under the model's own names, shared tensors once; LoRA
+        adapters under peft's names (``base_model.model.<module>.lora_A.weight``)."""
+        from splitlearn.models.finetune import checkpoint_tensors
+
+        return checkpoint_tensors(self.segment.model)
 
     def gradients(self) -> dict[str, torch.Tensor]:
         """The gradients left by the last step (after the tied-weight sum and clipping)."""
+        from splitlearn.models.finetune import checkpoint_params
+
         return {
             name: p.grad.detach().cpu().clone()
-            for name, p in self.segment.model.named_parameters()
+            for name, p in checkpoint_params(self.segment.model).items()
             if p.grad is not None
         }
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _named_params(self) -> dict[str, torch.nn.Parameter]:
+        """Parameters by checkpoint name (model's own names; LoRA adapters by peft's names;
+        compactly stored frozen weights left out: they are rebuilt from the model's source)."""
+        from splitlearn.models.finetune import checkpoint_params
+
+        return checkpoint_params(self.segment.model)
+
+    def save_checkpoint(self, directory: str) -> dict[str, Any]:
+        """Write this stage's tensors and its optimizer and RNG state, by parameter name, each
+        file atomically; return the files with their sizes and SHA-256 for the manifest."""
+        from safetensors.torch import save_file
+
+        from splitlearn.checkpoint import sha256
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        optim: dict[str, torch.Tensor] = {}
+        for name, p in self._named_params().items():
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    optim[f"optim/{name}/{key}"] = value.detach().cpu().contiguous().clone()
+        optim["rng/torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            optim["rng/cuda"] = torch.cuda.get_rng_state()
+        files = []
+        for name, tensors in (
+            (f"stage_{self.stage}.safetensors", self.state_dict()),
+            (f"stage_{self.stage}.optim.safetensors", optim),
+        ):
+            tmp = d / f".{name}.tmp"
+            save_file(tensors, str(tmp), metadata={"stage": str(self.stage), "device": self.device_name})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, d / name)
+            files.append({"name": name, "bytes": (d / name).stat().st_size, "sha256": sha256(d / name)})
+        return {"stage": self.stage, "device": self.device_name, "files": files}
+
+    def load_checkpoint(self, directory: str, files: list[str]) -> int:
+        """Load this stage's parameters and optimizer state by name from a checkpoint written
+        by any plan. A name missing from every file or a shape that differs is a
+        CheckpointError naming the file."""
+        from safetensors import safe_open
+
+        from splitlearn.checkpoint import CheckpointError
+
+        d = Path(directory)
+        params = self._named_params()
+        want = set(params) | {f"optim/{n}" for n in params}
+        found: dict[str, tuple[Path, str]] = {}
+        for fname in files:
+            path = d / fname
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():
+                        base = key if not key.startswith("optim/") else "optim/" + key[6:].rsplit("/", 1)[0]
+                        if base in want or key.startswith("rng/"):
+                            found.setdefault(key, (path, key))
+            except Exception as e:  # safetensors raises its own error types for a bad header
+                raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from e
+        missing = [n for n in params if n not in found]
+        if missing:
+            raise CheckpointError(f"{d}: no tensor for {missing[0]} (and {len(missing) - 1} more) in any shard")
+        opened: dict[Path, Any] = {}
+        try:
+
+            def get(key: str) -> torch.Tensor:
+                path, k = found[key]
+                if path not in opened:
+                    opened[path] = safe_open(str(path), framework="pt").__enter__()
+                return opened[path].get_tensor(k)
+
+            with torch.no_grad():
+                for name, p in params.items():
+                    t = get(name)
+                    if t.shape != p.shape:
+                        raise CheckpointError(
+                            f"{found[name][0]}: {name} has shape {tuple(t.shape)}, the plan's model has {tuple(p.shape)}"
+                        )
+                    p.copy_(t)
+                    state = {}
+                    for key in [k for k in found if k.startswith(f"optim/{name}/")]:
+                        state[key.rsplit("/", 1)[1]] = get(key).to(p.device)
+                    if state:
+                        self.optimizer.state[p] = state
+            if "rng/torch" in found:
+                torch.set_rng_state(get("rng/torch"))
+            if "rng/cuda" in found and self.device.type == "cuda":
+                torch.cuda.set_rng_state(get("rng/cuda"))
+        finally:
+            for handle in opened.values():
+                handle.__exit__(None, None, None)
+        return len(params)
 
     def save(self, directory: str) -> dict[str, Any]:
         from safetensors.torch import save_file
@@ -398,6 +495,30 @@ class StageWorker:
             os.fsync(f.fileno())
         os.replace(tmp, d / name)
         return {"stage": self.stage, "file": name, "tensors": len(state), "bytes": (d / name).stat().st_size}
+
+    def export(self, directory: str, merge: bool) -> dict[str, Any]:
+        """The stage's LoRA adapters (peft's names, returned: they are small) and, with
+        ``merge``, its shard of the merged model written to ``directory`` as
+        ``model-<i>-of-<n>.safetensors`` (LoRA deltas added to the base weights)."""
+        from safetensors.torch import save_file
+
+        from splitlearn.models.finetune import adapter_state_dict, merged_state_dict
+
+        out: dict[str, Any] = {
+            "stage": self.stage,
+            "lora_modules": list(self.adapted),
+            "adapter": adapter_state_dict(self.segment.model),
+        }
+        if merge:
+            d = Path(directory)
+            d.mkdir(parents=True, exist_ok=True)
+            state = merged_state_dict(self.segment.model)
+            name = f"model-{self.stage + 1:05d}-of-{self.num_stages:05d}.safetensors"
+            tmp = d / f".{name}.tmp"
+            save_file(state, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, d / name)
+            out.update(merged_file=name, merged_keys=sorted(state), merged_bytes=(d / name).stat().st_size)
+        return out
 
     def close(self) -> None:
         if self.world_ready and dist.is_initialized():

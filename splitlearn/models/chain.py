@@ -101,11 +101,24 @@ def tied_parameter_names(model: nn.Module) -> list[tuple[str, str]]:
     return [(emb[i], head[i]) for i in emb if i in head]
 
 
-class Segment(nn.Module):
-    """The layers ``[start, stop)`` of the chain, owning only their own modules."""
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model computes in: its parameters' dtype before any frozen weight was
+    stored compactly (see :mod:`splitlearn.models.compact`)."""
+    dt = getattr(model, "splitlearn_compute_dtype", None)
+    return dt if dt is not None else next(model.parameters()).dtype
 
-    def __init__(self, model: nn.Module, start: int, stop: int):
+
+class Segment(nn.Module):
+    """The layers ``[start, stop)`` of the chain, owning only their own modules.
+
+    With ``recompute`` set, each block and the head run under activation checkpointing
+    (``torch.utils.checkpoint``, non-reentrant): between a micro-batch's forward and its
+    backward only each layer's input is kept, and the backward runs the layer's forward
+    again first."""
+
+    def __init__(self, model: nn.Module, start: int, stop: int, recompute: bool = False):
         super().__init__()
+        self.recompute = recompute
         self.adapter: FamilyAdapter = adapter_for(model.config.model_type)
         n = self.adapter.num_blocks(model)
         if not (0 <= start < stop <= n + 2):
@@ -155,19 +168,30 @@ class Segment(nn.Module):
         """Input ids (first segment) or hidden state in; hidden state or loss out."""
         model, ad = self.model, self.adapter
         batch, seq = x.shape[0], x.shape[1]
-        param = next(self.model.parameters())
-        probe = torch.empty(batch, seq, 1, dtype=param.dtype, device=x.device)
+        probe = torch.empty(batch, seq, 1, dtype=compute_dtype(model), device=x.device)
         ctx = ad.context(model, probe, attention_mask)
         h = ad.embed(model, x, ctx) if self.has_embed else x
         for i in self.block_ids:
-            h = ad.block(model, i, h, ctx)
-            if isinstance(h, tuple):
-                h = h[0]
+            h = self._run(self._block, h, i, ctx)
         if not self.has_head:
             return h
         if labels is None:
             raise ValueError("the last segment needs labels to compute the loss")
-        return causal_lm_loss(ad.head(model, h), labels, num_items)
+        return self._run(self._head, h, labels, num_items)
+
+    def _run(self, fn, *args):
+        if self.recompute and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _block(self, h: torch.Tensor, i: int, ctx) -> torch.Tensor:
+        out = self.adapter.block(self.model, i, h, ctx)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _head(self, h: torch.Tensor, labels: torch.Tensor, num_items) -> torch.Tensor:
+        return causal_lm_loss(self.adapter.head(self.model, h), labels, num_items)
 
 
 def causal_lm_loss(
@@ -203,19 +227,36 @@ def split_model(model_cfg: Any, seed: int, ranges: list[tuple[int, int]]) -> lis
     return [Segment(build_model(model_cfg, seed), a, b) for a, b in ranges]
 
 
-def meta_profile(model_cfg: Any, micro_batch: int, seq_len: int, seed: int = 0) -> list:
+def meta_profile(
+    model_cfg: Any, micro_batch: int, seq_len: int, seed: int = 0, variants: Any = (), lora: Any = None
+) -> list:
     """Counted costs of each chain layer (parameters, FLOPs, cut and saved bytes; no times)
     from the model built on the meta device: no memory, no weights read, seconds even for a
     7B model. Attention kernels differ on meta, so saved bytes there are estimates; a
-    measured profile (``splitlearn profile``) is exact."""
+    measured profile (``splitlearn profile``) is exact. ``variants`` (fine-tuning methods
+    other than full, with the ``lora`` settings) are counted too, into each layer's
+    ``methods``."""
     from partitioners.profile import profile_chain
 
-    with torch.device("meta"):
-        model = build_model(model_cfg, seed) if not model_cfg.path else _meta_from_dir(model_cfg)
+    def make() -> nn.Module:
+        with torch.device("meta"):
+            return build_model(model_cfg, seed) if not model_cfg.path else _meta_from_dir(model_cfg)
+
+    model = make()
     vocab = model.config.vocab_size
     ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta").clamp_(0, vocab - 1)
     names = chain_names(num_blocks(model))
-    return profile_chain(layer_views(model, None, ids), ids, names, measure_time=False)
+    layers = profile_chain(layer_views(model, None, ids), ids, names, measure_time=False)
+    if variants:
+        from splitlearn.models.finetune import layer_compact_counts, method_costs
+
+        for layer, (params, rows) in zip(layers, layer_compact_counts(model), strict=True):
+            layer.compact_params, layer.compact_rows = params, rows
+        for v in variants:
+            costs = method_costs(make(), v, lora, seed, ids, measure_time=False)
+            for layer, cost in zip(layers, costs, strict=True):
+                layer.methods[v.key] = cost
+    return layers
 
 
 def _meta_from_dir(model_cfg: Any) -> nn.Module:
@@ -254,12 +295,12 @@ class LayerView(nn.Module):
         model, ad = self._model[0], self.adapter
         key = (x.shape[0], x.shape[1], x.device)
         if key not in self._ctx:  # built once per shape: a segment builds it once per micro-batch
-            param = next(model.parameters())
+            dtype = compute_dtype(model)
             with torch.no_grad():
                 if x.device.type == "meta":
-                    ctx = _meta_context(model, ad, x, param.dtype, self.attention_mask)
+                    ctx = _meta_context(model, ad, x, dtype, self.attention_mask)
                 else:
-                    probe = torch.empty(x.shape[0], x.shape[1], 1, dtype=param.dtype, device=x.device)
+                    probe = torch.empty(x.shape[0], x.shape[1], 1, dtype=dtype, device=x.device)
                     ctx = ad.context(model, probe, self.attention_mask)
             self._ctx = {key: ctx}
         ctx = self._ctx[key]

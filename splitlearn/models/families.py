@@ -41,6 +41,8 @@ class FamilyAdapter:
     embed_paths: ClassVar[tuple[str, ...]]  # modules run by the embed layer
     head_paths: ClassVar[tuple[str, ...]]  # modules run by the head layer
     shared_paths: ClassVar[tuple[str, ...]] = ()  # parameter-free helpers every segment keeps
+    # default LoRA targets (module-name suffixes, as peft matches them): the attention projections
+    lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     # -- structure ------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -136,6 +138,7 @@ class GPT2Adapter(FamilyAdapter):
     blocks_path = "transformer.h"
     embed_paths = ("transformer.wte", "transformer.wpe", "transformer.drop")
     head_paths = ("transformer.ln_f", "lm_head")
+    lora_targets = ("c_attn", "c_proj")  # c_proj: the attention's and the MLP's output projections
 
     def embed(self, model, input_ids, ctx):
         t = model.transformer
@@ -157,6 +160,7 @@ class OPTAdapter(FamilyAdapter):
     blocks_path = "model.decoder.layers"
     embed_paths = ("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in")
     head_paths = ("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head")
+    lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
 
     def context(self, model, hidden, attention_mask):
         # OPT numbers positions by counting real (unpadded) tokens.
@@ -201,6 +205,7 @@ class GPTNeoXAdapter(FamilyAdapter):
     embed_paths = ("gpt_neox.embed_in", "gpt_neox.emb_dropout")
     head_paths = ("gpt_neox.final_layer_norm", "lm_head")
     shared_paths = ("gpt_neox.rotary_emb",)
+    lora_targets = ("query_key_value", "dense")  # attention.dense (the MLP's are dense_h_to_4h, ...)
 
     def embed(self, model, input_ids, ctx):
         g = model.gpt_neox
