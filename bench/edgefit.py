@@ -151,7 +151,7 @@ def persistent_bytes(seg, opt) -> int:
     return n
 
 
-def measure(cfg, method: StageMethod, layers, steps: int) -> dict:
+def measure(cfg, method: StageMethod, layers, steps: int, device: str = "cpu") -> dict:
     run = cfg.run
     a, b = 0, CUTS[0]
     mem = stage_memory(
@@ -161,20 +161,24 @@ def measure(cfg, method: StageMethod, layers, steps: int) -> dict:
     pred_ms = stage_time(layers, here, 1.0, method=method).step_ms(NUM_MB)
 
     torch.manual_seed(0)
-    seg = Segment(build_model(run.model, 0), a, b, recompute=method.recompute)
+    # as a worker builds it: the segment on its device, then the method applied
+    seg = Segment(build_model(run.model, 0), a, b, recompute=method.recompute).to(device)
     apply_methods(seg.model, [(a, b, method)], LoraSpec(r=8, alpha=16), 0)
     seg.train()
     opt = make_optimizer(seg.parameters(), run.train)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, MODEL["vocab_size"], (run.train.batch_size, run.data.seq_len), generator=g)
+    ids = torch.randint(0, MODEL["vocab_size"], (run.train.batch_size, run.data.seq_len), generator=g).to(device)
     acts = edge_actions()
     run_edge_stage(seg, opt, acts, ids)  # allocates gradients and optimizer state
     static = persistent_bytes(seg, opt)
-    peak = static + peak_allocated_bytes(lambda: run_edge_stage(seg, opt, acts, ids), "cpu")
+    peak = static + peak_allocated_bytes(lambda: run_edge_stage(seg, opt, acts, ids), torch.device(device))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
     for _ in range(steps):
+        sync()
         t0 = time.perf_counter()
         run_edge_stage(seg, opt, acts, ids)
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     meas_ms = statistics.median(times)
     return {
@@ -191,10 +195,10 @@ def measure(cfg, method: StageMethod, layers, steps: int) -> dict:
     }
 
 
-def profile_layers(cfg) -> list:
+def profile_layers(cfg, device: str = "cpu") -> list:
     """The edge stage's layers profiled (``splitlearn profile``'s code): full, and the
     method the config gives the edge stage, measured with the method applied."""
-    prof, _ = profile_model(cfg, layers=f"0:{CUTS[0]}", repeats=7, warmup=3)
+    prof, _ = profile_model(cfg, layers=f"0:{CUTS[0]}", device=device, repeats=7, warmup=3)
     return prof.layers
 
 
@@ -224,17 +228,24 @@ def main() -> int:
     ap.add_argument("--timed", type=int, default=5, help="timed steps of the edge stage (median)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for the in-process measurement")
     ap.add_argument("--no-train", action="store_true", help="skip the training runs (memory and time only)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "edgefit.json"))
+    ap.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="where the edge stage is measured (cuda: no training)"
+    )
+    ap.add_argument("--out", default=None, help="default bench/results/edgefit.json (cpu), edgefit-cuda.json (cuda)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        args.no_train = True  # the loss runs use the Ray runtime on emulated CPU devices
+    name = "edgefit.json" if args.device == "cpu" else f"edgefit-{args.device}.json"
+    args.out = args.out or str(ROOT / "bench" / "results" / name)
 
     rows = {}
     for name, method in METHODS.items():
         cfg = run_config(method, 1, args.batch, args.seq, args.lr, tempfile.gettempdir())
         # profiled right before it is measured, so both see the same load on a shared machine
-        layers = profile_layers(cfg)
+        layers = profile_layers(cfg, args.device)
         assert method.method == "full" or method.key in layers[0].methods
-        r = measure(cfg, method, layers, args.timed)
+        r = measure(cfg, method, layers, args.timed, args.device)
         rows[name] = r
         print(
             f"{name:15} trainable {r['trainable_params']:>10,}  memory pred {r['pred_mem_mb']:7.2f} MB "
@@ -290,7 +301,7 @@ def main() -> int:
     print(
         f"edge stage: [0,{CUTS[0]}) of a {MODEL['num_hidden_layers']}-block llama (hidden {MODEL['hidden_size']}), "
         f"stage 0 of {len(DEVICES)}, {SCHEDULE}, {NUM_MB} micro-batches of {args.batch // NUM_MB}x{args.seq} tokens; "
-        f"{torch.get_num_threads()} thread(s)"
+        + (args.device if args.device == "cuda" else f"cpu, {torch.get_num_threads()} thread(s)")
     )
     print(f"lora+recompute at most 1/3 of full: {third}; predicted memory within ±10% for every method: {mem_ok}")
     out = Path(args.out)
@@ -299,6 +310,8 @@ def main() -> int:
         json.dumps(
             {
                 "host": platform.node(),
+                "device": args.device,
+                "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
                 "model": MODEL,
