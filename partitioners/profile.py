@@ -100,7 +100,7 @@ class ModelProfile:
         return {k: sum(getattr(layer, k) for layer in self.layers) for k in keys}
 
 
-def _register_cpu_attention_flops() -> None:
+def register_cpu_attention_flops() -> None:
     """torch's FlopCounterMode knows the CUDA fused-attention kernels but not the CPU one
     that ``scaled_dot_product_attention`` runs here; count it with the same formulas, so
     attention FLOPs are counted on every device (and on ``meta``) alike."""
@@ -202,7 +202,7 @@ def profile_chain(
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    _register_cpu_attention_flops()
+    register_cpu_attention_flops()
     device = sample.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     names = list(names) if names is not None else [f"layer_{i}" for i in range(len(layers))]

@@ -26,6 +26,9 @@ def cfg_for(family):
 
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_layer_flops_sum_to_the_whole_model(family):
+    from partitioners.profile import register_cpu_attention_flops
+
+    register_cpu_attention_flops()  # the same counter for the whole model as for its layers
     model = build_model(cfg_for(family), seed=0)
     ids = torch.randint(3, 96, (2, 16))
     with FlopCounterMode(display=False) as fc:
