@@ -39,9 +39,16 @@ def raw_config(tmp_path: Path, run_name: str, latency_ms: float = 0.1, **runtime
         "train": {"steps": STEPS, "batch_size": 4, "micro_batches": 2, "lr": 1e-2, "seed": 11},
         "plan": {"devices": ["edge-a", "mid-b", "cloud-c"]},
         "checkpoint": {"every_steps": 2, "keep": 3},
-        "runtime": {"schedule": "1f1b", "output_dir": str(tmp_path / "runs"), "run_name": run_name,
-                    "progress": "none", "timeout_s": 30, "placement_timeout_s": 30,
-                    "emulate_links": latency_ms > 1, **runtime},
+        "runtime": {
+            "schedule": "1f1b",
+            "output_dir": str(tmp_path / "runs"),
+            "run_name": run_name,
+            "progress": "none",
+            "timeout_s": 30,
+            "placement_timeout_s": 30,
+            "emulate_links": latency_ms > 1,
+            **runtime,
+        },
     }
 
 
@@ -124,8 +131,14 @@ def test_crash_during_a_checkpoint_write_keeps_the_previous_one(ray_cluster, tmp
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(raw_config(tmp_path, "crash")))
     env = {**os.environ, "SPLITLEARN_FAULT": "kill-before-manifest:4", "RAY_ADDRESS": ""}
-    r = subprocess.run([sys.executable, "-m", "splitlearn", "train", str(cfg_path)], env=env,
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "splitlearn", "train", str(cfg_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert r.returncode == -9, r.stderr[-2000:]
     run_dir = tmp_path / "runs" / "crash"
     assert (run_dir / "checkpoints" / "step_00000004" / "stage_0.safetensors").is_file()
@@ -175,8 +188,13 @@ def test_device_lost_for_good_replans(tmp_path):
     raw = raw_config(tmp_path, "replan", latency_ms=60, replan_on_failure=True)
     raw["plan"]["devices"] = ["edge-a", "mid-b", "cloud-c"]
     (tmp_path / "cfg.json").write_text(json.dumps(raw))
-    r = subprocess.run([sys.executable, "-c", REPLAN, str(tmp_path / "cfg.json"), str(tmp_path), str(ROOT)],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
+    r = subprocess.run(
+        [sys.executable, "-c", REPLAN, str(tmp_path / "cfg.json"), str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     summary = res["summary"]
