@@ -136,6 +136,9 @@ def shell_line(cmd: list[str], env: dict[str, str] | None = None) -> str:
 def run_ray(cmd: list[str], block: bool = False, timeout_s: float = START_TIMEOUT_S) -> int:
     """Run a ``ray`` command with this terminal's output; bounded unless it is meant to block."""
     env = {**os.environ, "RAY_ADDRESS": ""}  # `ray start` must not read a driver's RAY_ADDRESS
+    # The node's processes (and the shell that runs a job's entrypoint, `python -m splitlearn
+    # ...`) find the Python environment that runs splitlearn first, activated or not.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     try:
         return subprocess.run(cmd, env=env, timeout=None if block else timeout_s).returncode
     except subprocess.TimeoutExpired as e:
