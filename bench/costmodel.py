@@ -22,7 +22,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,6 +32,7 @@ from cluster.topology import Device  # noqa: E402
 from partitioners import schedule as S  # noqa: E402
 from partitioners.costmodel import stage_memory, stage_time  # noqa: E402
 from partitioners.profile import peak_allocated_bytes, profile_chain  # noqa: E402
+from splitlearn.config import ModelConfig  # noqa: E402
 from splitlearn.models.chain import Segment, build_model, layer_views  # noqa: E402
 
 SIZES = {  # name: (hidden, intermediate, layers, heads)
@@ -47,13 +47,10 @@ GPU_CASES = [(s, mb, seq) for s in ("L", "XL", "XXL") for mb, seq in ((1, 512), 
 NUM_STAGES, STAGE = 4, 1  # the stage measured: blocks 2..3 of 8, the second of four
 
 
-def model_cfg(size: str) -> SimpleNamespace:
+def model_cfg(size: str) -> ModelConfig:
     h, i, n, heads = SIZES[size]
-    return SimpleNamespace(
+    return ModelConfig(
         family="llama",
-        path=None,
-        adapter_module=None,
-        attn_implementation="sdpa",
         config=dict(
             hidden_size=h,
             intermediate_size=i,

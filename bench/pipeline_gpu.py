@@ -19,7 +19,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -27,15 +26,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from splitlearn.config import ModelConfig  # noqa: E402
+
 HIDDEN, INTER, BLOCKS, HEADS, VOCAB = 2048, 5632, 8, 16, 258
 
 
 def model_cfg():
-    return SimpleNamespace(
+    return ModelConfig(
         family="llama",
-        path=None,
-        adapter_module=None,
-        attn_implementation="sdpa",
         config=dict(
             hidden_size=HIDDEN,
             intermediate_size=INTER,

@@ -24,10 +24,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from splitlearn.config import ModelConfig  # noqa: E402
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from cluster.topology import load_topology, topology_from_container  # noqa: E402
@@ -49,11 +51,8 @@ def model_layers(num_blocks: int, micro_batch: int = 4, seq: int = 512) -> list[
     from splitlearn.models.chain import meta_profile
 
     h, i = MODELS[num_blocks]
-    cfg = SimpleNamespace(
+    cfg = ModelConfig(
         family="llama",
-        path=None,
-        adapter_module=None,
-        attn_implementation="sdpa",
         config=dict(
             hidden_size=h,
             intermediate_size=i,

@@ -115,8 +115,9 @@ def candidates(run_dir: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")), reverse=True)
 
 
-def latest(run_dir: Path, skip: set[Path] | None = None) -> Checkpoint | None:
-    """The newest whole checkpoint; broken ones are reported (naming the file) and skipped."""
+def latest(run_dir: Path, skip: set[Path] | None = None, on_skip=None) -> Checkpoint | None:
+    """The newest whole checkpoint; broken ones are reported (naming the file: logged, and
+    passed to ``on_skip(directory, error)``) and skipped."""
     for d in candidates(run_dir):
         if skip and d in skip:
             continue
@@ -124,6 +125,8 @@ def latest(run_dir: Path, skip: set[Path] | None = None) -> Checkpoint | None:
             return validate(d)
         except CheckpointError as e:
             log.warning("checkpoint skipped: %s; falling back to the previous one", e)
+            if on_skip is not None:
+                on_skip(d, e)
     return None
 
 

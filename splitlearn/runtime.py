@@ -108,9 +108,6 @@ class StageGroup:
                 raise StageFailed(e.stage, e.device, step, e.action, e.cause) from e.__cause__
             raise
 
-    def save(self, directory: str) -> list[dict[str, Any]]:
-        return self._get([a.save.remote(directory) for a in self.actors], "save")
-
     def save_checkpoint(self, directory: str) -> list[dict[str, Any]]:
         return self._get([a.save_checkpoint.remote(directory) for a in self.actors], "save_checkpoint")
 

@@ -360,7 +360,7 @@ def _restore(group: StageGroup, result: RunResult, resumed: bool) -> int:
     return the step to continue from (0 without a checkpoint: the seed's initial model)."""
     skip: set[Path] = set()
     while True:
-        ck = ckpt.latest(result.run_dir, skip)
+        ck = ckpt.latest(result.run_dir, skip, on_skip=lambda d, e: result.event("checkpoint_skipped", str(e), -1))
         if ck is None:
             if resumed:
                 result.event("resume", "no whole checkpoint: starting from step 0 with the seed's initial model", 0)

@@ -482,20 +482,6 @@ class StageWorker:
                 handle.__exit__(None, None, None)
         return len(params)
 
-    def save(self, directory: str) -> dict[str, Any]:
-        from safetensors.torch import save_file
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        name = f"stage_{self.stage}.safetensors"
-        tmp = d / f".{name}.tmp"
-        state = self.state_dict()
-        save_file(state, str(tmp), metadata={"stage": str(self.stage), "device": self.device_name})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, d / name)
-        return {"stage": self.stage, "file": name, "tensors": len(state), "bytes": (d / name).stat().st_size}
-
     def export(self, directory: str, merge: bool) -> dict[str, Any]:
         """The stage's LoRA adapters (peft's names, returned: they are small) and, with
         ``merge``, its shard of the merged model written to ``directory`` as
