@@ -40,6 +40,13 @@ class Device:
     owns_data: bool = False
     cpu_threads: int = 1  # torch threads for this device's worker
     gpus: float = 0.0  # GPUs the worker asks Ray for (cuda devices on a real cluster)
+    # ZeRO offload (a stage's optimizer state, and at ``params`` its weights, in host RAM):
+    # sustained TFLOP/s of the host CPU running the AdamW step (DeepSpeedCPUAdam is memory
+    # bound: ~12 flops per parameter at ~2.5 G parameters/s on a server socket), and the
+    # host<->accelerator link (PCIe 4 x16: ~25 GB/s = 200 Gbit/s pinned) in gigabits per
+    # second, the unit of ``bandwidth_mbps`` times 1000. Unused by cpu devices (no link).
+    host_tflops: float = 0.03
+    host_link_gbps: float = 200.0
 
     @property
     def resource(self) -> str:
@@ -237,6 +244,10 @@ def validate_topology(topo: Topology, source: str = "<inline>") -> None:
             fail(f"{k}.cpu_threads", f"must be >= 1, got {d.cpu_threads}")
         if d.gpus < 0:
             fail(f"{k}.gpus", f"must be >= 0, got {d.gpus}")
+        if d.host_tflops <= 0:
+            fail(f"{k}.host_tflops", f"must be > 0, got {d.host_tflops}")
+        if d.host_link_gbps <= 0:
+            fail(f"{k}.host_link_gbps", f"must be > 0, got {d.host_link_gbps}")
     if not any(d.owns_data for d in topo.devices):
         fail("devices", "no device has owns_data: true; mark the edge device that holds the data")
     for table in ("zones", "pairs"):

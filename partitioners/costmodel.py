@@ -15,13 +15,22 @@ Memory of a stage in training (bytes), on the device and on its host:
   their frozen matmul weights compactly (bf16/fp16: 2 bytes; int8: 1 byte plus a scale per
   row). Their per-layer costs come from the profile's ``methods`` entries;
 - transfer buffers: one activation in and out, one gradient in and out;
-- ZeRO offload: ``optimizer`` moves optimizer state and the fp32 gradient copy to host
-  memory; ``params`` moves the weights too, keeping the largest layer's on the device
-  while it runs.
+- ZeRO offload (:attr:`StageMethod.offload`): ``optimizer`` moves optimizer state and the
+  fp32 gradient copy to host memory; ``params`` moves the weights too, keeping the largest
+  layer's on the device while it runs. On a ``cpu`` device the host memory is the device's
+  own RAM, so the planner counts both against ``memory_gb`` (offloading gains nothing there).
 
 Time: a layer's measured forward/backward time on the profiling machine, scaled by the
 ratio of that machine's calibrated FLOP/s to the device's; without a measurement, FLOPs
 over the device's FLOP/s. A link costs latency plus bytes over bandwidth, per direction.
+
+An offloaded stage's optimizer step runs on the host CPU (AdamW: ``ADAM_FLOPS_PER_PARAM``
+per trainable parameter at ``Device.host_tflops``) after its gradients cross the host link
+(``Device.host_link_gbps``) to the host; with ``optimizer`` offload the updated trainable
+weights cross back once per step; with ``params`` offload every forward and every backward
+of every micro-batch fetches the stage's weights from the host instead (no overlap with
+compute is assumed: an upper bound). Every term is a sum over layers, so prefix sums of
+per-layer costs stay exact. On a ``cpu`` device nothing crosses a link.
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ FROZEN_DTYPES = ("fp32", "bf16", "fp16", "int8")
 FROZEN_BYTES = {"bf16": 2, "fp16": 2, "int8": 1}  # per compact weight entry
 INT8_ROW_BYTES = 5  # per output row of an int8 weight: an fp32 scale and an int8 zero point
 ALLOW_OPTIONS = ("lora", "frozen", "recompute", "bf16", "fp16", "int8")  # what the planner may change
+OFFLOAD_LABELS = {"optimizer": "off-opt", "params": "off-params"}  # in StageMethod.label
+ADAM_FLOPS_PER_PARAM = 12  # AdamW on the host: moments, bias correction, decay, update
 
 
 @dataclass(frozen=True)
@@ -59,13 +70,19 @@ class StageMethod:
     ``recompute``: activation checkpointing of each chain layer. ``frozen_dtype``: how the
     frozen matmul weights are stored (``fp32`` as trained; ``bf16``/``fp16``; ``int8``
     weight-only); it has no effect on a ``full`` stage, which holds no frozen weights.
+    ``offload``: DeepSpeed ZeRO offload of the stage (``none``; ``optimizer``: optimizer
+    state and the fp32 gradient copy in host memory, the step on the host CPU; ``params``:
+    the weights too).
     """
 
     method: str = "full"
     recompute: bool = False
     frozen_dtype: str = "fp32"
+    offload: str = "none"
 
     def __post_init__(self) -> None:
+        if self.offload not in OFFLOAD_MODES:
+            raise ValueError(f"unknown offload '{self.offload}' (known: {', '.join(OFFLOAD_MODES)})")
         if self.method not in METHODS:
             raise ValueError(f"unknown fine-tuning method '{self.method}' (known: {', '.join(METHODS)})")
         if self.frozen_dtype not in FROZEN_DTYPES:
@@ -82,15 +99,17 @@ class StageMethod:
 
     @property
     def label(self) -> str:
-        """Short form for tables: ``full``, ``lora+int8+rc``, ..."""
-        return self.key + ("+rc" if self.recompute else "")
+        """Short form for tables: ``full``, ``lora+int8+rc``, ``full+off-opt``, ..."""
+        off = f"+{OFFLOAD_LABELS[self.offload]}" if self.offload != "none" else ""
+        return self.key + ("+rc" if self.recompute else "") + off
 
     @classmethod
     def parse(cls, label: str) -> StageMethod:
         parts = label.split("+")
         rc = "rc" in parts
-        parts = [p for p in parts if p != "rc"]
-        return cls(parts[0], rc, parts[1] if len(parts) > 1 else "fp32")
+        offload = next((m for m, tag in OFFLOAD_LABELS.items() if tag in parts), "none")
+        parts = [p for p in parts if p != "rc" and p not in OFFLOAD_LABELS.values()]
+        return cls(parts[0], rc, parts[1] if len(parts) > 1 else "fp32", offload)
 
 
 @dataclass
@@ -112,7 +131,8 @@ class FinetunePolicy:
 
 def stage_options(base: StageMethod, allow: Sequence[str]) -> list[StageMethod]:
     """``base`` first, then every variant the planner may pick from ``allow``: another
-    method (lora, frozen), recompute on, a compact frozen dtype (for lora/frozen only)."""
+    method (lora, frozen), recompute on, a compact frozen dtype (for lora/frozen only).
+    Each keeps ``base.offload``; offload variants are added by :func:`with_offload`."""
     methods = [base.method, *[m for m in ("lora", "frozen") if m in allow and m != base.method]]
     recomputes = [base.recompute, *([True] if "recompute" in allow and not base.recompute else [])]
     dtypes = [base.frozen_dtype, *[d for d in ("bf16", "fp16", "int8") if d in allow and d != base.frozen_dtype]]
@@ -120,9 +140,20 @@ def stage_options(base: StageMethod, allow: Sequence[str]) -> list[StageMethod]:
     for m in methods:
         for rc in recomputes:
             for dt in dtypes if m != "full" else ["fp32"]:
-                opt = StageMethod(m, rc, dt)
+                opt = StageMethod(m, rc, dt, base.offload)
                 if opt not in out:
                     out.append(opt)
+    return out
+
+
+def with_offload(options: Sequence[StageMethod]) -> list[StageMethod]:
+    """``options`` first, then each of them with every other offload mode."""
+    out = list(options)
+    for opt in options:
+        for mode in OFFLOAD_MODES:
+            variant = replace(opt, offload=mode)
+            if variant not in out:
+                out.append(variant)
     return out
 
 
@@ -218,6 +249,7 @@ def stage_memory(
         raise ValueError(f"unknown offload '{offload}' (known: {', '.join(OFFLOAD_MODES)})")
     method = method or StageMethod()
     recompute = recompute or method.recompute
+    offload = offload if offload != "none" else method.offload
     w, g, master, moments = PRECISIONS[precision]
     base = list(layers)
     layers = [effective_layer(layer, method) for layer in base]
@@ -268,6 +300,13 @@ def device_scale(device: Device, calibrated_tflops: float | None) -> float | Non
     return calibrated_tflops / device.tflops
 
 
+def host_link_ms(device: Device, num_bytes: float) -> float:
+    """Bytes between ``device`` and its host RAM; nothing to move on a cpu device."""
+    if device.accelerator == "cpu":
+        return 0.0
+    return num_bytes * 8 / (device.host_link_gbps * 1e9) * 1e3
+
+
 def stage_time(
     layers: Sequence[LayerProfile],
     device: Device,
@@ -277,10 +316,19 @@ def stage_time(
     offload: str = "none",
     host_tflops: float | None = None,
     method: StageMethod | None = None,
+    precision: str = "fp32",
 ) -> StageTime:
+    """Compute time of a stage on ``device`` (see the module notes for offload).
+
+    ``offload`` (default: ``method.offload``) and ``host_tflops`` (default: the device's)
+    override the method's and the device's figures."""
     method = method or StageMethod()
     recompute = recompute or method.recompute
-    layers = [effective_layer(layer, method) for layer in layers]
+    offload = offload if offload != "none" else method.offload
+    w = PRECISIONS[precision][0]
+    g = PRECISIONS[precision][1]
+    base = list(layers)
+    layers = [effective_layer(layer, method) for layer in base]
     scale = device_scale(device, calibrated_tflops)
     measured = scale is not None and any(layer.fwd_ms > 0 for layer in layers)
     if measured:
@@ -294,12 +342,31 @@ def stage_time(
         opt = 0.0
     if recompute:
         bwd += fwd
-    if offload != "none" and host_tflops:
-        # the optimizer step runs on the host CPU: AdamW is ~12 flops per parameter
-        opt = 12 * sum(layer.trainable for layer in layers) / (host_tflops * 1e9)
+    if offload != "none":
+        trainable = sum(layer.trainable for layer in layers)
+        # gradients to the host, the AdamW step on the host CPU ...
+        opt = host_link_ms(device, trainable * g)
+        opt += ADAM_FLOPS_PER_PARAM * trainable / ((host_tflops or device.host_tflops) * 1e9)
+        if offload == "optimizer":  # ... and the updated weights back to the device
+            opt += host_link_ms(device, trainable * w)
+        else:  # params: the weights live on the host; each forward and backward fetches them
+            fetch = host_link_ms(device, sum(weight_bytes(b, e, method, w) for b, e in zip(base, layers, strict=True)))
+            fwd += fetch
+            bwd += fetch
     return StageTime(fwd, bwd, opt)
 
 
 def link_ms(topology: Topology, src: str, dst: str, num_bytes: float) -> float:
     """One transfer of ``num_bytes`` from ``src`` to ``dst``: latency + bytes / bandwidth."""
     return topology.transfer_ms(src, dst, num_bytes)
+
+
+def ring_allreduce_ms(topology: Topology, devices: Sequence[str], num_bytes: float) -> float:
+    """A ring all-reduce of ``num_bytes`` over the replicas ``devices``: ``2 (R-1)`` steps,
+    each one latency plus ``num_bytes / R`` over the link between the first two replicas
+    (every replica sends and receives ``2 (R-1) / R`` of the bytes). Zero for one replica."""
+    R = len(devices)
+    if R < 2:
+        return 0.0
+    link = topology.link(devices[0], devices[1])
+    return 2 * (R - 1) * (link.latency_ms + num_bytes / R * 8 / (link.bandwidth_mbps * 1e6) * 1e3)

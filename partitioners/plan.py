@@ -14,6 +14,7 @@ import yaml
 
 OFFLOAD_MODES = ("none", "optimizer", "params")
 CODECS = ("none",)
+DEVICES_WIDTH = 28  # widest "a+b" in the table's device column before "a xR"
 
 
 @dataclass
@@ -21,15 +22,19 @@ class Stage:
     index: int
     start: int  # first chain index (inclusive)
     stop: int  # last chain index (exclusive)
-    devices: list[str]  # one device, or several identical ones as replicas
+    # one device, or several identical ones as data-parallel replicas: replica r runs
+    # micro-batches m with m % len(devices) == r and all-reduces gradients before its STEP
+    devices: list[str]
     layer_names: list[str] = field(default_factory=list)
-    offload: str = "none"
+    offload: str = "none"  # DeepSpeed ZeRO offload: none | optimizer | params
     codec: str = "none"
     params: int = 0
-    memory_gb: float = 0.0  # predicted peak on the device (see costmodel.stage_memory)
+    memory_gb: float = 0.0  # predicted peak on the device (each replica's; see costmodel.stage_memory)
+    host_memory_gb: float = 0.0  # predicted host RAM for the offloaded state (each replica's)
     fwd_ms: float = 0.0  # predicted, per micro-batch, on this stage's device
     bwd_ms: float = 0.0
-    opt_ms: float = 0.0  # predicted optimizer step, once per step
+    opt_ms: float = 0.0  # predicted optimizer step, once per step (offload: on the host, with transfers)
+    allreduce_ms: float = 0.0  # predicted gradient all-reduce among the replicas, before each step
     memory: dict[str, float] = field(default_factory=dict)  # GB by kind: weights, grads, ...
     link_act_ms: float = 0.0  # one activation to the next stage
     link_grad_ms: float = 0.0  # one gradient back from the next stage
@@ -42,6 +47,16 @@ class Stage:
     @property
     def device(self) -> str:
         return self.devices[0]
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self.devices)
+
+    @property
+    def devices_label(self) -> str:
+        """``cloud-c``, ``cloud-c+cloud-d``, or ``cloud-c x4`` when the names get long."""
+        joined = "+".join(self.devices)
+        return joined if len(joined) <= DEVICES_WIDTH else f"{self.devices[0]} x{len(self.devices)}"
 
     @property
     def num_layers(self) -> int:
@@ -123,7 +138,7 @@ class Plan:
             rows.append(
                 (
                     str(s.index),
-                    ",".join(s.devices),
+                    s.devices_label,
                     span,
                     f"[{s.start},{s.stop})",
                     f"{s.params:,}",
@@ -131,7 +146,7 @@ class Plan:
                     f"{s.memory_gb:.3f}",
                     f"{s.fwd_ms + s.bwd_ms:.2f}",
                     link,
-                    s.offload,
+                    s.offload if s.offload == "none" else f"{s.offload} ({s.host_memory_gb:.3f} GB host)",
                     s.codec,
                 )
             )
@@ -147,6 +162,10 @@ class Plan:
                 footer += f", simulated {p['simulated_step_ms']:.2f} ms"
         if self.label_privacy:
             footer += "\nlabel_privacy: the head runs on the data owner (U-shaped split)"
+        if any(s.num_replicas > 1 for s in self.stages):
+            footer += (
+                "\na+b: replicas of one stage (micro-batch m on replica m % R; gradients all-reduced before the step)"
+            )
         if any(s.method != "full" or s.recompute for s in self.stages):
             footer += "\nmethod: full | frozen | lora, +bf16/fp16/int8: frozen weights stored so, +rc: recompute"
         return "\n".join([*lines, footer])

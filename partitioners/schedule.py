@@ -120,6 +120,24 @@ def one_f_one_b(num_stages: int, num_micro_batches: int) -> Schedule:
 SCHEDULES = {"sequential": sequential, "gpipe": gpipe, "1f1b": one_f_one_b}
 
 
+def replica_pairs(src_replicas: int, dst_replicas: int, num_micro_batches: int) -> list[tuple[int, int]]:
+    """The (sending replica, receiving replica) pairs of a cut between a stage on
+    ``src_replicas`` replicas and the next on ``dst_replicas``: micro-batch m goes from
+    replica ``m % src_replicas`` to replica ``m % dst_replicas`` (gradients back the same way)."""
+    return sorted({(m % src_replicas, m % dst_replicas) for m in range(max(num_micro_batches, 1))})
+
+
+def replica_actions(actions: list[Action], replica: int, num_replicas: int) -> list[Action]:
+    """The action list of replica ``replica`` of a stage on ``num_replicas`` replicas: the
+    stage's list kept to the micro-batches ``m % num_replicas == replica``, with every
+    whole-step action (``STEP``, labels) kept. Activations of micro-batch m come from, and
+    gradients go back to, the neighbour's replica ``m % R`` of that neighbour; before its
+    ``STEP`` each replica all-reduces its gradients with the others."""
+    if not 0 <= replica < num_replicas:
+        raise ValueError(f"replica {replica} of {num_replicas}")
+    return [a for a in actions if a.mb < 0 or a.mb % num_replicas == replica]
+
+
 def build(name: str, num_stages: int, num_micro_batches: int) -> Schedule:
     sched = SCHEDULES[name](num_stages, num_micro_batches)
     validate(sched, num_micro_batches)

@@ -10,7 +10,11 @@ and mirrors the runtime's rules:
   carries activations, ``link s+1->s`` gradients) or the labels line from stage 0 to the
   last stage; it carries one transfer at a time, first in first out, and a transfer starts
   when it has been issued and the wire is free;
-- a receive blocks its stage until the transfer of that micro-batch has arrived.
+- a receive blocks its stage until the transfer of that micro-batch has arrived;
+- a stage on R replicas runs as R timelines: replica r runs the stage's list kept to the
+  micro-batches ``m % R == r`` (:func:`~partitioners.schedule.replica_actions`), micro-batch
+  m travels between the neighbours' replicas of m, each pair of replicas on its own wires,
+  and the replicas' ``STEP`` starts when all of them reach it, with the gradient all-reduce.
 
 Every resource (a stage, a wire) has a single issuer that uses it in program order, so the
 start of each action is the latest end among its predecessors: the end of the previous
@@ -41,11 +45,14 @@ from partitioners.schedule import (
     F,
     Schedule,
     ScheduleError,
+    replica_actions,
+    replica_pairs,
 )
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+ALLREDUCE = "ALLREDUCE"  # interval kind: a replicated stage's gradient all-reduce, before its STEP
 # Interval kinds of transfers, by the send that issues them
 TRANSFER_KINDS = {SEND_ACT: "ACT", SEND_GRAD: "GRAD", SEND_LABELS: "LABELS"}
 RECV_KINDS = (RECV_ACT, RECV_GRAD, RECV_LABELS)
@@ -54,18 +61,21 @@ RECV_KINDS = (RECV_ACT, RECV_GRAD, RECV_LABELS)
 @dataclass
 class StageCosts:
     """Milliseconds of one stage: forward and backward of ONE micro-batch, and the ``STEP``
-    action (gradient reduction, clipping, optimizer), which runs once per step."""
+    action (gradient reduction, clipping, optimizer), which runs once per step. A replicated
+    stage's replicas first all-reduce their gradients for ``allreduce_ms``."""
 
     fwd_ms: float
     bwd_ms: float
     step_ms: float = 0.0
+    allreduce_ms: float = 0.0
 
 
 @dataclass
 class LinkCosts:
     """Milliseconds of one transfer over the link between stage s and s+1, per direction:
     latency plus bytes over bandwidth. The labels line (stage 0 to the last stage) is not
-    one of these S-1 links; its cost is ``simulate(labels_ms=...)``."""
+    one of these S-1 links; its cost is ``simulate(labels_ms=...)``. Between replicated
+    stages every pair of replicas has its own wires at these figures."""
 
     act_ms: float  # one activation, s -> s+1
     grad_ms: float  # one gradient, s+1 -> s
@@ -73,9 +83,10 @@ class LinkCosts:
 
 @dataclass
 class Interval:
-    """One busy span of a resource. Compute (``F``, ``B``, ``STEP``) occupies ``stage s``;
-    transfers (``ACT``, ``GRAD``, ``LABELS``) occupy their wire and name the sending stage.
-    ``mb`` is -1 for whole-step actions."""
+    """One busy span of a resource. Compute (``F``, ``B``, ``STEP``, and ``ALLREDUCE``
+    before a replicated stage's ``STEP``) occupies ``stage s`` (``stage s.r`` for replica r);
+    transfers (``ACT``, ``GRAD``, ``LABELS``) occupy their wire and name the sending stage
+    and replica. ``mb`` is -1 for whole-step actions."""
 
     stage: int
     kind: str
@@ -83,40 +94,66 @@ class Interval:
     start_ms: float
     end_ms: float
     resource: str
+    replica: int = 0
 
 
 @dataclass
 class SimResult:
-    """What one simulated training step costs."""
+    """What one simulated training step costs. Per-stage lists have one entry per
+    timeline: each stage, or each replica of a replicated stage (``workers`` says which)."""
 
     step_ms: float  # makespan: end of the last action or transfer
-    busy_ms: list[float]  # per stage, time computing (F, B, STEP)
-    idle_ms: list[float]  # per stage, step_ms - busy
-    bubble_fraction: float  # 1 - sum(busy) / (S * step_ms); 0 for an empty step
-    peak_in_flight: list[int]  # per stage, most micro-batches forwarded and not yet backwarded
+    busy_ms: list[float]  # per timeline, time computing (F, B, ALLREDUCE, STEP)
+    idle_ms: list[float]  # per timeline, step_ms - busy
+    bubble_fraction: float  # 1 - sum(busy) / (timelines * step_ms); 0 for an empty step
+    peak_in_flight: list[int]  # per timeline, most micro-batches forwarded and not yet backwarded
     timeline: list[Interval]
     link_busy_ms: dict[str, float]  # per wire ("link 0->1", "link 1->0", "labels 0->2"), time carrying
     num_micro_batches: int
+    workers: list[tuple[int, int]] = field(default_factory=list)  # per timeline: (stage, replica)
 
     @property
     def num_stages(self) -> int:
+        return len({s for s, _ in self.workers}) if self.workers else len(self.busy_ms)
+
+    @property
+    def num_workers(self) -> int:
         return len(self.busy_ms)
+
+    @property
+    def replicas(self) -> list[int]:
+        """Replicas per stage."""
+        if not self.workers:
+            return [1] * len(self.busy_ms)
+        out = [0] * self.num_stages
+        for s, _ in self.workers:
+            out[s] += 1
+        return out
 
 
 class DeadlockError(ScheduleError):
     """No stage can take its next action: each waits for a transfer that is never sent."""
 
 
-def stage_resource(stage: int) -> str:
-    return f"stage {stage}"
+def _node(stage: int, replica: int = 0, num_replicas: int = 1) -> str:
+    """``1`` for stage 1, ``1.0`` for replica 0 of a replicated stage 1."""
+    return f"{stage}" if num_replicas == 1 else f"{stage}.{replica}"
 
 
-def link_resource(src: int, dst: int) -> str:
+def stage_resource(stage: int, replica: int = 0, num_replicas: int = 1) -> str:
+    return f"stage {_node(stage, replica, num_replicas)}"
+
+
+def link_resource(src: int | str, dst: int | str) -> str:
     return f"link {src}->{dst}"
 
 
-def labels_resource(num_stages: int) -> str:
-    return f"labels 0->{num_stages - 1}"
+def labels_resource(num_stages: int, dst: str | None = None) -> str:
+    return f"labels 0->{dst if dst is not None else num_stages - 1}"
+
+
+def _stage_of(node: str) -> int:
+    return int(node.split(".")[0])
 
 
 @dataclass
@@ -124,38 +161,52 @@ class _Wire:
     """One direction of a link, or the labels line: one transfer at a time, in issue order."""
 
     resource: str
-    src: int
+    src: tuple[int, int]  # the sending (stage, replica)
     transfer_ms: float
     free_at: float = 0.0
     busy_ms: float = 0.0
     pending: dict[int, float] = field(default_factory=dict)  # micro-batch -> arrival, not yet received
 
 
-def _wires(links: Sequence[LinkCosts], num_stages: int, labels_ms: float) -> dict[str, _Wire]:
+def _wires(links: Sequence[LinkCosts], replicas: Sequence[int], labels_ms: float, m: int) -> dict[str, _Wire]:
     wires: dict[str, _Wire] = {}
     for s, link in enumerate(links):
-        wires[link_resource(s, s + 1)] = _Wire(link_resource(s, s + 1), s, link.act_ms)
-        wires[link_resource(s + 1, s)] = _Wire(link_resource(s + 1, s), s + 1, link.grad_ms)
-    if num_stages > 1:
-        wires[labels_resource(num_stages)] = _Wire(labels_resource(num_stages), 0, labels_ms)
+        for r, q in replica_pairs(replicas[s], replicas[s + 1], m):
+            a, b = _node(s, r, replicas[s]), _node(s + 1, q, replicas[s + 1])
+            wires[link_resource(a, b)] = _Wire(link_resource(a, b), (s, r), link.act_ms)
+            wires[link_resource(b, a)] = _Wire(link_resource(b, a), (s + 1, q), link.grad_ms)
+    n = len(replicas)
+    if n > 1:
+        for q in range(replicas[-1]):
+            name = labels_resource(n, _node(n - 1, q, replicas[-1]))
+            wires[name] = _Wire(name, (0, 0), labels_ms)
     return wires
 
 
-def _wire_of(action: Action, stage: int, num_stages: int) -> str:
-    """The wire a send or receive uses."""
-    last = num_stages - 1
-    kind = action.kind
+def _wires_of(action: Action, stage: int, replica: int, replicas: Sequence[int]) -> list[str]:
+    """The wires a send uses (labels go to every replica of the last stage), or the one a
+    receive uses. The neighbour's replica of micro-batch m is ``m % its replicas``."""
+    n = len(replicas)
+    last = n - 1
+    kind, mb = action.kind, action.mb
+    me = _node(stage, replica, replicas[stage])
+
+    def peer(s: int) -> str:
+        return _node(s, mb % replicas[s], replicas[s])
+
     if kind == SEND_ACT and stage < last:
-        return link_resource(stage, stage + 1)
+        return [link_resource(me, peer(stage + 1))]
     if kind == RECV_ACT and stage > 0:
-        return link_resource(stage - 1, stage)
+        return [link_resource(peer(stage - 1), me)]
     if kind == SEND_GRAD and stage > 0:
-        return link_resource(stage, stage - 1)
+        return [link_resource(me, peer(stage - 1))]
     if kind == RECV_GRAD and stage < last:
-        return link_resource(stage + 1, stage)
-    if (kind == SEND_LABELS and stage == 0 < last) or (kind == RECV_LABELS and stage == last > 0):
-        return labels_resource(num_stages)
-    raise ScheduleError(f"stage {stage}: {action} has no wire to use in a {num_stages}-stage pipeline")
+        return [link_resource(peer(stage + 1), me)]
+    if kind == SEND_LABELS and stage == 0 < last:
+        return [labels_resource(n, _node(last, q, replicas[last])) for q in range(replicas[last])]
+    if kind == RECV_LABELS and stage == last > 0:
+        return [labels_resource(n, me)]
+    raise ScheduleError(f"stage {me}: {action} has no wire to use in a {n}-stage pipeline")
 
 
 def _infer_micro_batches(schedule: Schedule) -> int:
@@ -169,12 +220,20 @@ def simulate(
     links: Sequence[LinkCosts],
     labels_ms: float = 0.0,
     num_micro_batches: int | None = None,
+    replicas: Sequence[int] | None = None,
 ) -> SimResult:
     """Replay one step of ``schedule`` (one action list per stage) on the given costs.
 
     ``links[s]`` is the link between stage s and s+1; ``labels_ms`` is one transfer on the
     labels line from stage 0 to the last stage. ``num_micro_batches``, when given, must match
     the schedule's (the highest micro-batch of any ``F``/``B``, plus one).
+
+    ``replicas[s]`` (default 1) runs stage s as that many timelines, replica r with
+    :func:`~partitioners.schedule.replica_actions` (micro-batches ``m % R == r``); transfers
+    of micro-batch m go between the neighbours' replicas of m, each pair on its own wires;
+    ``SEND_LABELS`` sends to every replica of the last stage; a replicated stage's ``STEP``
+    waits for all its replicas (the all-reduce is a collective), then takes
+    ``allreduce_ms + step_ms`` on each.
 
     Raises :class:`DeadlockError` when the lists wait on each other or on a transfer never
     sent, and :class:`~partitioners.schedule.ScheduleError` for a send or receive with no wire
@@ -185,58 +244,97 @@ def simulate(
         raise ValueError(f"{n} action lists but {len(stages)} stage costs")
     if len(links) != max(n - 1, 0):
         raise ValueError(f"{n} stages need {max(n - 1, 0)} links, got {len(links)}")
+    replicas = list(replicas) if replicas is not None else [1] * n
+    if len(replicas) != n or any(r < 1 for r in replicas):
+        raise ValueError(f"replicas {replicas}: one count >= 1 per stage ({n})")
     inferred = _infer_micro_batches(schedule)
     if num_micro_batches is not None and num_micro_batches != inferred:
         raise ScheduleError(f"the schedule has {inferred} micro-batches, not {num_micro_batches}")
+    bad = [s for s, R in enumerate(replicas) if inferred % R]
+    if bad:
+        raise ScheduleError(f"stage {bad[0]}: {inferred} micro-batches do not share among {replicas[bad[0]]} replicas")
 
-    wires = _wires(links, n, labels_ms)
+    wires = _wires(links, replicas, labels_ms, inferred)
+    workers = [(s, r) for s in range(n) for r in range(replicas[s])]
+    index = {w: i for i, w in enumerate(workers)}
+    acts_of = [replica_actions(schedule[s], r, replicas[s]) for s, r in workers]
+    names = [_node(s, r, replicas[s]) for s, r in workers]
+    W = len(workers)
     timeline: list[Interval] = []
-    pc = [0] * n  # next action of each stage
-    clock = [0.0] * n  # when each stage is free
-    busy = [0.0] * n
-    in_flight: list[set[int]] = [set() for _ in range(n)]
-    peak = [0] * n
+    pc = [0] * W  # next action of each timeline
+    clock = [0.0] * W  # when each timeline is free
+    busy = [0.0] * W
+    in_flight: list[set[int]] = [set() for _ in range(W)]
+    peak = [0] * W
+
+    def wire(name: str, w: int, a: Action) -> _Wire:
+        if name not in wires:
+            raise ScheduleError(f"stage {names[w]}: {a} has no wire to use ({name})")
+        return wires[name]
 
     progressed = True
     while progressed:
         progressed = False
-        for s, acts in enumerate(schedule):
-            while pc[s] < len(acts):
-                a = acts[pc[s]]
+        for w, (s, r) in enumerate(workers):
+            acts = acts_of[w]
+            while pc[w] < len(acts):
+                a = acts[pc[w]]
+                if a.kind == STEP and replicas[s] > 1:
+                    siblings = [index[(s, q)] for q in range(replicas[s])]
+                    if not all(pc[x] < len(acts_of[x]) and acts_of[x][pc[x]].kind == STEP for x in siblings):
+                        break  # the all-reduce waits for every replica
+                    start = max(clock[x] for x in siblings)
+                    cost = stages[s]
+                    for x in siblings:
+                        q = workers[x][1]
+                        res = stage_resource(s, q, replicas[s])
+                        mid = start + cost.allreduce_ms
+                        timeline.append(Interval(s, ALLREDUCE, -1, start, mid, res, q))
+                        timeline.append(Interval(s, STEP, -1, mid, mid + cost.step_ms, res, q))
+                        clock[x] = mid + cost.step_ms
+                        busy[x] += cost.allreduce_ms + cost.step_ms
+                        pc[x] += 1
+                    progressed = True
+                    continue
                 if a.kind in (F, B, STEP):
                     cost = stages[s]
                     ms = cost.fwd_ms if a.kind == F else cost.bwd_ms if a.kind == B else cost.step_ms
-                    timeline.append(Interval(s, a.kind, a.mb, clock[s], clock[s] + ms, stage_resource(s)))
-                    clock[s] += ms
-                    busy[s] += ms
+                    res = stage_resource(s, r, replicas[s])
+                    timeline.append(Interval(s, a.kind, a.mb, clock[w], clock[w] + ms, res, r))
+                    clock[w] += ms
+                    busy[w] += ms
                     if a.kind == F:
-                        in_flight[s].add(a.mb)
-                        peak[s] = max(peak[s], len(in_flight[s]))
+                        in_flight[w].add(a.mb)
+                        peak[w] = max(peak[w], len(in_flight[w]))
                     elif a.kind == B:
-                        in_flight[s].discard(a.mb)
+                        in_flight[w].discard(a.mb)
                 elif a.kind in TRANSFER_KINDS:
-                    wire = wires[_wire_of(a, s, n)]
-                    if a.mb in wire.pending:
-                        raise ScheduleError(f"stage {s}: {a} sent again before it was received")
-                    start = max(clock[s], wire.free_at)
-                    wire.free_at = start + wire.transfer_ms
-                    wire.busy_ms += wire.transfer_ms
-                    wire.pending[a.mb] = wire.free_at
-                    timeline.append(Interval(s, TRANSFER_KINDS[a.kind], a.mb, start, wire.free_at, wire.resource))
+                    for name in _wires_of(a, s, r, replicas):
+                        wr = wire(name, w, a)
+                        if a.mb in wr.pending:
+                            raise ScheduleError(f"stage {names[w]}: {a} sent again before it was received")
+                        start = max(clock[w], wr.free_at)
+                        wr.free_at = start + wr.transfer_ms
+                        wr.busy_ms += wr.transfer_ms
+                        wr.pending[a.mb] = wr.free_at
+                        timeline.append(Interval(s, TRANSFER_KINDS[a.kind], a.mb, start, wr.free_at, wr.resource, r))
                 elif a.kind in RECV_KINDS:
-                    wire = wires[_wire_of(a, s, n)]
-                    if a.mb not in wire.pending:
+                    (name,) = _wires_of(a, s, r, replicas)
+                    wr = wire(name, w, a)
+                    if a.mb not in wr.pending:
                         break  # blocked until the sender issues it
-                    clock[s] = max(clock[s], wire.pending.pop(a.mb))
+                    clock[w] = max(clock[w], wr.pending.pop(a.mb))
                 else:
-                    raise ScheduleError(f"stage {s}: unknown action {a}")
-                pc[s] += 1
+                    raise ScheduleError(f"stage {names[w]}: unknown action {a}")
+                pc[w] += 1
                 progressed = True
 
-    stuck = [s for s in range(n) if pc[s] < len(schedule[s])]
+    stuck = [w for w in range(W) if pc[w] < len(acts_of[w])]
     if stuck:
-        raise DeadlockError("deadlock: " + "; ".join(_why_stuck(s, schedule, pc, wires) for s in stuck))
-    unreceived = [f"{w.resource} micro-batch {mb}" for w in wires.values() for mb in sorted(w.pending)]
+        raise DeadlockError(
+            "deadlock: " + "; ".join(_why_stuck(w, workers, acts_of, pc, wires, replicas) for w in stuck)
+        )
+    unreceived = [f"{wr.resource} micro-batch {mb}" for wr in wires.values() for mb in sorted(wr.pending)]
     if unreceived:
         raise ScheduleError(f"sent but never received: {', '.join(unreceived)}")
 
@@ -245,23 +343,36 @@ def simulate(
         step_ms=step,
         busy_ms=busy,
         idle_ms=[step - b for b in busy],
-        bubble_fraction=1.0 - sum(busy) / (n * step) if step > 0 else 0.0,
+        bubble_fraction=1.0 - sum(busy) / (W * step) if step > 0 else 0.0,
         peak_in_flight=peak,
         timeline=timeline,
-        link_busy_ms={name: w.busy_ms for name, w in wires.items()},
+        link_busy_ms={name: wr.busy_ms for name, wr in wires.items()},
         num_micro_batches=inferred,
+        workers=workers,
     )
 
 
-def _why_stuck(stage: int, schedule: Schedule, pc: list[int], wires: dict[str, _Wire]) -> str:
-    a = schedule[stage][pc[stage]]
-    wire = wires[_wire_of(a, stage, len(schedule))]
-    src = wire.src
-    if pc[src] < len(schedule[src]):
-        sender = f"stage {src} is itself blocked at {schedule[src][pc[src]]} (action {pc[src]})"
+def _why_stuck(
+    w: int,
+    workers: list[tuple[int, int]],
+    acts_of: list[list[Action]],
+    pc: list[int],
+    wires: dict[str, _Wire],
+    replicas: list[int],
+) -> str:
+    s, r = workers[w]
+    me = _node(s, r, replicas[s])
+    a = acts_of[w][pc[w]]
+    if a.kind == STEP:
+        return f"stage {me} blocked at STEP (action {pc[w]}) waiting for the other replicas of stage {s}"
+    wire = wires[_wires_of(a, s, r, replicas)[0]]
+    src = workers.index(wire.src)
+    them = _node(wire.src[0], wire.src[1], replicas[wire.src[0]])
+    if pc[src] < len(acts_of[src]):
+        sender = f"stage {them} is itself blocked at {acts_of[src][pc[src]]} (action {pc[src]})"
     else:
-        sender = f"stage {src} finished without sending it"
-    return f"stage {stage} blocked at {a} (action {pc[stage]}) waiting on {wire.resource}, {sender}"
+        sender = f"stage {them} finished without sending it"
+    return f"stage {me} blocked at {a} (action {pc[w]}) waiting on {wire.resource}, {sender}"
 
 
 # -- timeline plot -----------------------------------------------------------------------
@@ -269,6 +380,7 @@ def _why_stuck(stage: int, schedule: Schedule, pc: list[int], wires: dict[str, _
 COLOURS = {
     F: "#3b6fb6",
     B: "#e07b39",
+    ALLREDUCE: "#8c8c8c",
     STEP: "#4e9a55",
     "ACT": "#9cc3ea",
     "GRAD": "#f4c29a",
@@ -277,6 +389,7 @@ COLOURS = {
 LEGEND = {
     F: "forward",
     B: "backward",
+    ALLREDUCE: "gradient all-reduce",
     STEP: "optimizer step",
     "ACT": "activation transfer",
     "GRAD": "gradient transfer",
@@ -285,39 +398,56 @@ LEGEND = {
 _FONT_PT = 7.0
 
 
-def timeline_rows(result: SimResult) -> list[str]:
-    """Resources of the Gantt chart, top to bottom: each stage followed by the two directions
-    of the link to the next stage, then the labels line."""
-    n = result.num_stages
-    rows: list[str] = []
+def _row_groups(result: SimResult) -> list[list[str]]:
+    """Rows of the Gantt chart in groups: each stage's timelines with the wires to the next
+    stage after them, then the labels lines."""
+    n, R = result.num_stages, result.replicas
+    wires = list(result.link_busy_ms)
+    groups: list[list[str]] = []
     for s in range(n):
-        rows.append(stage_resource(s))
-        if s < n - 1:
-            rows += [link_resource(s, s + 1), link_resource(s + 1, s)]
-    if n > 1:
-        rows.append(labels_resource(n))
-    return rows
+        rows = [stage_resource(s, r, R[s]) for r in range(R[s])]
+        for name in wires:
+            if name.startswith("link "):
+                src, dst = name.removeprefix("link ").split("->")
+                if {_stage_of(src), _stage_of(dst)} == {s, s + 1}:
+                    rows.append(name)
+        groups.append(rows)
+    groups[-1] += [name for name in wires if name.startswith("labels ")]
+    return groups
 
 
-def _row_label(resource: str, stage_labels: Sequence[str] | None) -> str:
+def timeline_rows(result: SimResult) -> list[str]:
+    """Resources of the Gantt chart, top to bottom: each stage (each of its replicas)
+    followed by the two directions of the links to the next stage, then the labels line."""
+    return [row for rows in _row_groups(result) for row in rows]
+
+
+def _row_label(resource: str, stage_labels: Sequence[str] | None, result: SimResult) -> str:
     what, where = resource.split(" ")
     if what == "stage":
-        return stage_labels[int(where)] if stage_labels else resource
+        if not stage_labels:
+            return resource
+        s, _, r = where.partition(".")
+        if len(stage_labels) == result.num_stages:
+            return stage_labels[int(s)] + (f" r{r}" if r else "")
+        return stage_labels[result.workers.index((int(s), int(r or 0)))]
     src, dst = where.split("->")
     if what == "labels":
         return f"labels {src}→{dst}"
-    return f"{src}→{dst} " + ("act" if int(src) < int(dst) else "grad")
+    return f"{src}→{dst} " + ("act" if _stage_of(src) < _stage_of(dst) else "grad")
 
 
 def timeline_figure(result: SimResult, title: str = "", stage_labels: Sequence[str] | None = None) -> Figure:
-    """A Gantt chart of ``result.timeline``: one row per stage and per wire, F and B in
-    distinct colours, the micro-batch written in each box wide enough for it."""
+    """A Gantt chart of ``result.timeline``: one row per stage (per replica) and per wire, F
+    and B in distinct colours, the micro-batch written in each box wide enough for it.
+    ``stage_labels``: one per stage (replicas get `` r0``, `` r1``, ...) or one per timeline."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    if stage_labels is not None and len(stage_labels) != result.num_stages:
+    if stage_labels is not None and len(stage_labels) not in (result.num_stages, result.num_workers):
         raise ValueError(f"{len(stage_labels)} stage labels for {result.num_stages} stages")
-    rows = timeline_rows(result)
+    groups = _row_groups(result)
+    rows = [row for g in groups for row in g]
     y_of = {r: i for i, r in enumerate(rows)}
     fig = Figure(figsize=(12, 1.6 + 0.38 * len(rows)), dpi=120, layout="constrained")
     ax = fig.add_subplot()
@@ -332,13 +462,13 @@ def timeline_figure(result: SimResult, title: str = "", stage_labels: Sequence[s
             spans, (y_of[resource] - height / 2, height), facecolors=COLOURS[kind], edgecolor="white", linewidth=0.6
         )
 
-    ax.set_yticks(range(len(rows)), [_row_label(r, stage_labels) for r in rows])
+    ax.set_yticks(range(len(rows)), [_row_label(r, stage_labels, result) for r in rows])
     for tick, r in zip(ax.get_yticklabels(), rows, strict=True):
         if not r.startswith("stage"):
             tick.set_color("dimgray")
             tick.set_fontsize(8)
-    for s in range(result.num_stages - 1):  # a rule under each stage's group of rows
-        ax.axhline(y_of[link_resource(s + 1, s)] + 0.5, color="lightgray", linewidth=0.6)
+    for g in groups[:-1]:  # a rule under each stage's group of rows
+        ax.axhline(y_of[g[-1]] + 0.5, color="lightgray", linewidth=0.6)
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlim(0, max(result.step_ms, 1e-9) * 1.01)
     ax.set_xlabel("time (ms)")
@@ -365,7 +495,7 @@ def timeline_figure(result: SimResult, title: str = "", stage_labels: Sequence[s
     for iv in result.timeline:
         text = str(iv.mb) if iv.mb >= 0 else ""
         if text and (iv.end_ms - iv.start_ms) * px_per_ms >= len(text) * char_px + 4:
-            dark = iv.kind in (F, B, STEP)
+            dark = iv.kind in (F, B, STEP, ALLREDUCE)
             ax.text(
                 (iv.start_ms + iv.end_ms) / 2,
                 y_of[iv.resource],

@@ -9,8 +9,8 @@ from conftest import inline_topology
 from cluster.topology import topology_from_container
 from partitioners import LayerProfile, Plan, PlanError, PlanRequest, partition, uniform_cuts
 from partitioners import schedule as S
-from partitioners.costmodel import stage_memory
-from partitioners.partition import CostTables, check_plan, evaluate
+from partitioners.costmodel import StageMethod, stage_memory
+from partitioners.partition import CostTables, check_plan, evaluate, identical
 
 TOPO = topology_from_container(inline_topology())
 
@@ -165,18 +165,28 @@ def test_validate_catches_mismatched_transfers_and_order():
 def random_instance(rng: random.Random):
     k = rng.randint(1, 5)
     zones = ["home", "office", "cloud"]
+    gpus = rng.random() < 0.4  # some instances have cuda devices, some small: only offload fits
     devices = []
     for i in range(k):
-        devices.append(
-            {
-                "name": f"d{i}",
-                "tier": "edge" if i == 0 else rng.choice(["edge", "cloud"]),
-                "memory_gb": rng.choice([0.0008, 0.002, 0.004, 0.05]),
-                "tflops": rng.choice([0.5, 1, 2, 8, 30]),
-                "zone": rng.choice(zones),
-                "owns_data": i == 0 or rng.random() < 0.15,
+        d = {
+            "name": f"d{i}",
+            "tier": "edge" if i == 0 else rng.choice(["edge", "cloud"]),
+            "memory_gb": rng.choice([0.0008, 0.002, 0.004, 0.05]),
+            "tflops": rng.choice([0.5, 1, 2, 8, 30]),
+            "zone": rng.choice(zones),
+            "owns_data": i == 0 or rng.random() < 0.15,
+        }
+        if gpus and rng.random() < 0.6 and sum(x.get("accelerator") == "cuda" for x in devices) < 2:
+            d |= {
+                "accelerator": "cuda",
+                "memory_gb": rng.choice([0.0003, 0.0006, 0.001, 0.002, 0.05]),
+                "host_memory_gb": rng.choice([0.0, 0.0005, 0.002, 0.05]),
+                "host_tflops": rng.choice([0.001, 0.01, 0.1]),
+                "host_link_gbps": rng.choice([1, 16, 200]),
             }
-        )
+        devices.append(d)
+    if k >= 3 and rng.random() < 0.3:  # two identical devices: room for replicas
+        devices[-1] = devices[-2] | {"name": devices[-1]["name"], "owns_data": False}
     zone_links = [
         {
             "a": a,
@@ -219,17 +229,23 @@ def random_instance(rng: random.Random):
     )
 
 
+def plan_options(plan: Plan) -> list[StageMethod]:
+    return [StageMethod(s.method, s.recompute, s.frozen_dtype, s.offload) for s in plan.stages]
+
+
 def assert_valid(plan: Plan, r: PlanRequest):
     tables = CostTables(r)
-    seq = plan.devices
+    seq = [s.device for s in plan.stages]
+    groups = [tuple(s.devices) for s in plan.stages]
+    opts = plan_options(plan)
     bounds = [plan.stages[0].start, *[s.stop for s in plan.stages]]
     assert bounds[0] == 0 and bounds[-1] == r.n
-    assert check_plan(r, tables, seq, bounds) is None
+    assert check_plan(r, tables, seq, bounds, opts, groups) is None
     assert r.topology.device(seq[0]).owns_data
     if r.label_privacy:
         assert seq[-1] == seq[0]
-    for dev in set(seq):  # memory per device, from the cost model directly
-        need = sum(
+    for dev in set(plan.devices):  # memory per device, from the cost model directly
+        mems = [
             stage_memory(
                 r.layers[s.start : s.stop],
                 stage=s.index,
@@ -237,19 +253,31 @@ def assert_valid(plan: Plan, r: PlanRequest):
                 schedule=r.schedule,
                 num_micro_batches=r.num_micro_batches,
                 precision=r.precision,
-            ).device_total
+                method=opts[s.index],
+            )
             for s in plan.stages
-            if s.device == dev
+            if dev in s.devices
+        ]
+        d = r.topology.device(dev)
+        need, host = sum(m.device_total for m in mems), sum(m.host for m in mems)
+        if d.accelerator == "cpu":  # the host is the same RAM
+            need, host = need + host, 0.0
+        assert need <= d.memory_gb * 1e9 * (1 + 1e-9)
+        assert host <= d.host_budget_gb * 1e9 * (1 + 1e-9)
+        assert all(
+            d.accelerator == "cuda" or o.offload == "none"
+            for o, s in zip(opts, plan.stages, strict=True)
+            if dev in s.devices
         )
-        assert need <= r.topology.device(dev).memory_gb * 1e9
-    assert plan.step_ms == pytest.approx(evaluate(tables, seq, bounds).step_ms, rel=1e-3)
+    assert plan.step_ms == pytest.approx(evaluate(tables, seq, bounds, opts, groups).step_ms, rel=1e-3)
 
 
 def test_optimal_equals_exhaustive_on_random_instances():
     rng = random.Random(1234)
-    checked = infeasible = 0
+    checked = infeasible = offloaded = replicated = 0
     while checked < 300:
         r = random_instance(rng)
+        r.replicate = False  # exhaustive is the reference for plans without replicas
         try:
             ref = partition("exhaustive", r)
         except PlanError:
@@ -261,6 +289,7 @@ def test_optimal_equals_exhaustive_on_random_instances():
         assert got.step_ms == pytest.approx(ref.step_ms, rel=1e-6, abs=1e-9), (got.table(), ref.table())
         assert_valid(got, r)
         assert_valid(ref, r)
+        offloaded += any(s.offload != "none" for s in got.stages)
         for name in ("uniform", "balanced"):
             try:
                 other = partition(name, r)
@@ -268,8 +297,19 @@ def test_optimal_equals_exhaustive_on_random_instances():
                 continue
             assert_valid(other, r)
             assert other.step_ms >= got.step_ms * (1 - 1e-9)
+        if not any(identical(a, b) for a, b in itertools.combinations(r.topology.devices, 2)):
+            checked += 1
+            continue
+        r.replicate = True  # the replica post-pass only ever lowers the predicted step
+        rep = partition("optimal", r)
+        assert_valid(rep, r)
+        assert rep.step_ms <= got.step_ms * (1 + 1e-9)
+        if any(len(s.devices) > 1 for s in rep.stages):
+            replicated += 1
+            assert rep.step_ms < got.step_ms
         checked += 1
     assert infeasible < 150, infeasible  # the memory figures leave most instances feasible
+    assert offloaded >= 15 and replicated >= 1, (offloaded, replicated)
 
 
 def test_balanced_minimises_the_largest_stage():
