@@ -6,7 +6,9 @@
     each stage's peak memory (measured in the worker with torch's allocation events).
 (c) rehearsal: a 2-stage plan with emulated links (LAN, 100 Mbit/s, 20 Mbit/s) and codecs
     (none, int8): measured step time vs the simulator's prediction for the same plan and
-    schedule, from a measured, calibrated profile of the model on this machine.
+    schedule, from a measured, calibrated profile of the model on this machine. Each row also
+    records the predicted compute of each stage and the 1-minute load average when it ended
+    (on a shared machine, other work running inflates the measured step, not the profile).
 
     python bench/runtime.py          # writes bench/results/runtime-cpu.json
 """
@@ -119,6 +121,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "runtime-cpu.json"))
+    ap.add_argument("--parts", default="abc", help="which parts to run (default: abc)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tflops = calibrate_tflops("cpu", size=512)
@@ -138,61 +141,75 @@ def main() -> int:
         ).topology
     )
     try:
-        # (a) overhead
-        cfg = run_config(tflops, ["edge"], [], "sequential", 2)
-        plain = plain_loop(cfg, args.steps)
-        _, ours, _ = measure_runtime(cfg, args.steps)
-        results["overhead"] = {"plain_step_s": plain, "runtime_1stage_step_s": ours, "tokens_per_s_ratio": plain / ours}
-        print(
-            f"(a) one stage in a Ray worker vs plain loop: {tokens / ours:.0f} vs {tokens / plain:.0f} tokens/s, "
-            f"ratio {plain / ours:.3f}"
-        )
+        if "a" in args.parts:
+            # (a) overhead
+            cfg = run_config(tflops, ["edge"], [], "sequential", 2)
+            plain = plain_loop(cfg, args.steps)
+            _, ours, _ = measure_runtime(cfg, args.steps)
+            results["overhead"] = {
+                "plain_step_s": plain,
+                "runtime_1stage_step_s": ours,
+                "tokens_per_s_ratio": plain / ours,
+            }
+            print(
+                f"(a) one stage in a Ray worker vs plain loop: {tokens / ours:.0f} vs {tokens / plain:.0f} tokens/s, "
+                f"ratio {plain / ours:.3f}"
+            )
 
-        # (b) schedules on 3 co-located stages
-        rows = []
-        print("(b) schedule     tokens/s   peak MB per stage")
-        for sched in ("sequential", "gpipe", "1f1b"):
-            cfg = run_config(tflops, DEVICES, [3, 5], sched, 4)
-            _, step_s, _ = measure_runtime(cfg, args.steps)
-            cfg_mem = run_config(tflops, DEVICES, [3, 5], sched, 4, measure_memory=True)
-            _, _, last = measure_runtime(cfg_mem, 2)
-            peaks = [s["peak_bytes"] / 1e6 for s in last]
-            rows.append({"schedule": sched, "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_mb": peaks})
-            print(f"    {sched:10} {tokens / step_s:9.0f}   {', '.join(f'{p:.1f}' for p in peaks)}")
-        results["schedules"] = rows
+        if "b" in args.parts:
+            # (b) schedules on 3 co-located stages
+            rows = []
+            print("(b) schedule     tokens/s   peak MB per stage")
+            for sched in ("sequential", "gpipe", "1f1b"):
+                cfg = run_config(tflops, DEVICES, [3, 5], sched, 4)
+                _, step_s, _ = measure_runtime(cfg, args.steps)
+                cfg_mem = run_config(tflops, DEVICES, [3, 5], sched, 4, measure_memory=True)
+                _, _, last = measure_runtime(cfg_mem, 2)
+                peaks = [s["peak_bytes"] / 1e6 for s in last]
+                rows.append({"schedule": sched, "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_mb": peaks})
+                print(f"    {sched:10} {tokens / step_s:9.0f}   {', '.join(f'{p:.1f}' for p in peaks)}")
+            results["schedules"] = rows
 
-        # (c) rehearsal: measured vs predicted with emulated links
-        cfg = run_config(tflops, ["edge", "cloud"], [4], "1f1b", 4)
-        prof, _ = profile_model(cfg, repeats=5)
-        prof.calibrated_tflops = tflops  # the topology's devices are this machine, one thread each
-        links = {
-            "LAN 1 Gbit/s": {"bandwidth_mbps": 1000, "latency_ms": 0.5},
-            "100 Mbit/s": {"bandwidth_mbps": 100, "latency_ms": 5},
-            "20 Mbit/s uplink": {"bandwidth_mbps": 20, "latency_ms": 20},
-        }
-        rows = []
-        print("(c) link              codec   measured ms  predicted ms  ratio")
-        for lname, link in links.items():
-            for codec in ("none", "int8"):
-                cfg = run_config(tflops, ["edge", "cloud"], [4], "1f1b", 4, link=link, codec=codec, emulate_links=True)
-                plan, step_s, _ = measure_runtime(cfg, args.steps, profile=prof)
-                pred = plan.predicted["simulated_step_ms"]
-                rows.append(
-                    {
-                        "link": lname,
-                        "codec": codec,
-                        "measured_ms": step_s * 1e3,
-                        "predicted_ms": pred,
-                        "ratio": step_s * 1e3 / pred,
-                    }
-                )
-                print(f"    {lname:17} {codec:5} {step_s * 1e3:12.1f} {pred:13.1f}  {step_s * 1e3 / pred:.3f}")
-        results["rehearsal"] = rows
-        results["rehearsal_within_15pct"] = all(0.85 <= r["ratio"] <= 1.15 for r in rows)
-        sched = {r["schedule"]: r for r in results["schedules"]}
-        results["one_f_one_b_lower_peak_than_gpipe"] = all(
-            a < b for a, b in zip(sched["1f1b"]["peak_mb"][:-1], sched["gpipe"]["peak_mb"][:-1], strict=True)
-        )
+        if "c" in args.parts:
+            # (c) rehearsal: measured vs predicted with emulated links
+            cfg = run_config(tflops, ["edge", "cloud"], [4], "1f1b", 4)
+            prof, _ = profile_model(cfg, repeats=5)
+            prof.calibrated_tflops = tflops  # the topology's devices are this machine, one thread each
+            links = {
+                "LAN 1 Gbit/s": {"bandwidth_mbps": 1000, "latency_ms": 0.5},
+                "100 Mbit/s": {"bandwidth_mbps": 100, "latency_ms": 5},
+                "20 Mbit/s uplink": {"bandwidth_mbps": 20, "latency_ms": 20},
+            }
+            rows = []
+            print("(c) link              codec   measured ms  predicted ms  ratio")
+            for lname, link in links.items():
+                for codec in ("none", "int8"):
+                    cfg = run_config(
+                        tflops, ["edge", "cloud"], [4], "1f1b", 4, link=link, codec=codec, emulate_links=True
+                    )
+                    plan, step_s, _ = measure_runtime(cfg, args.steps, profile=prof)
+                    pred = plan.predicted["simulated_step_ms"]
+                    rows.append(
+                        {
+                            "link": lname,
+                            "codec": codec,
+                            "measured_ms": step_s * 1e3,
+                            "predicted_ms": pred,
+                            "ratio": step_s * 1e3 / pred,
+                            "predicted_stage_compute_ms": [
+                                round(4 * (st.fwd_ms + st.bwd_ms) + st.opt_ms, 1) for st in plan.stages
+                            ],
+                            "load_1min": os.getloadavg()[0],
+                        }
+                    )
+                    print(f"    {lname:17} {codec:5} {step_s * 1e3:12.1f} {pred:13.1f}  {step_s * 1e3 / pred:.3f}")
+            results["rehearsal"] = rows
+            results["rehearsal_within_15pct"] = all(0.85 <= r["ratio"] <= 1.15 for r in rows)
+        if "schedules" in results:
+            sched = {r["schedule"]: r for r in results["schedules"]}
+            results["one_f_one_b_lower_peak_than_gpipe"] = all(
+                a < b for a, b in zip(sched["1f1b"]["peak_mb"][:-1], sched["gpipe"]["peak_mb"][:-1], strict=True)
+            )
     finally:
         handle.shutdown()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
