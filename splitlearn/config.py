@@ -24,6 +24,7 @@ PARTITIONERS = ("uniform", "balanced", "optimal", "manual", "exhaustive")
 DATA_FORMATS = ("auto", "text", "jsonl")
 FINETUNE_METHODS = ("full", "frozen", "lora")
 FROZEN_DTYPES = ("fp32", "bf16", "fp16", "int8")
+OFFLOAD_CHOICES = ("none", "optimizer", "params")
 PLAN_ALLOW = ("lora", "frozen", "recompute", "bf16", "fp16", "int8")
 TIERS = ("edge", "cloud")
 
@@ -88,6 +89,7 @@ class FinetuneOverride:
     method: str | None = None
     recompute: bool | None = None
     frozen_dtype: str | None = None
+    offload: str | None = None
 
 
 @dataclass
@@ -95,6 +97,9 @@ class FinetuneConfig:
     method: str = "full"  # full | frozen | lora, for every stage unless overridden
     recompute: bool = False  # activation checkpointing: keep only each layer's input, recompute in backward
     frozen_dtype: str = "fp32"  # frozen weights of lora/frozen stages: fp32 | bf16 | fp16 | int8 (weight-only)
+    # DeepSpeed ZeRO offload: none | optimizer (ZeRO-2, optimizer state and the step on the host CPU);
+    # the planner also picks it on cuda devices where it is the only way to fit, or faster
+    offload: str = "none"
     lora: LoraSection = field(default_factory=LoraSection)
     by_tier: dict[str, FinetuneOverride] = field(default_factory=dict)  # edge | cloud
     by_stage: dict[str, FinetuneOverride] = field(default_factory=dict)  # stage index -> settings (wins over tier)
@@ -147,6 +152,8 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # merged over the DeepSpeed config splitlearn generates for an offloaded stage
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -294,13 +301,15 @@ def validate(cfg: LoadedConfig) -> None:
     p = r.plan
     choice("plan.partitioner", p.partitioner, PARTITIONERS)
     names = set(cfg.topology.device_names)
-    for i, dev in enumerate(p.devices):
-        if dev not in names:
-            fail(
-                f"plan.devices[{i}]",
-                f"device '{dev}' is not in the topology (devices: {', '.join(cfg.topology.device_names)})",
-            )
-    if len(set(p.devices)) != len(p.devices):
+    listed = [d for entry in p.devices for d in entry.split("+")]  # "a+b": one stage replicated on a and b
+    for i, entry in enumerate(p.devices):
+        for dev in entry.split("+"):
+            if dev not in names:
+                fail(
+                    f"plan.devices[{i}]",
+                    f"device '{dev}' is not in the topology (devices: {', '.join(cfg.topology.device_names)})",
+                )
+    if len(set(listed)) != len(listed):
         fail("plan.devices", "a device is listed twice")
     if p.partitioner == "manual" and not p.devices:
         fail("plan.devices", "the manual partitioner needs plan.devices (one per stage)")
@@ -316,6 +325,7 @@ def validate(cfg: LoadedConfig) -> None:
 
     f = r.finetune
     choice("finetune.method", f.method, FINETUNE_METHODS)
+    choice("finetune.offload", f.offload, OFFLOAD_CHOICES)
     choice("finetune.frozen_dtype", f.frozen_dtype, FROZEN_DTYPES)
     for tier, over in f.by_tier.items():
         if tier not in TIERS:
@@ -336,6 +346,8 @@ def validate(cfg: LoadedConfig) -> None:
         fail("finetune.lora.dropout", f"must be in [0, 1), got {lo.dropout}")
     if lo.target_modules is not None and not lo.target_modules:
         fail("finetune.lora.target_modules", "an empty list adapts nothing; use null for the family's default")
+
+    _check_offload(fail, r)
 
     rt = r.runtime
     choice("runtime.schedule", rt.schedule, SCHEDULES)
@@ -361,5 +373,28 @@ def _check_override(fail, choice, key: str, over: FinetuneOverride) -> None:
         choice(f"{key}.method", over.method, FINETUNE_METHODS)
     if over.frozen_dtype is not None:
         choice(f"{key}.frozen_dtype", over.frozen_dtype, FROZEN_DTYPES)
+    if over.offload is not None:
+        choice(f"{key}.offload", over.offload, OFFLOAD_CHOICES)
     if over.method == "full" and over.frozen_dtype not in (None, "fp32"):
         fail(f"{key}.frozen_dtype", f"{over.frozen_dtype} stores frozen weights, but method full freezes none")
+
+
+def _check_offload(fail, r: RunConfig) -> None:
+    """The offload modes the config asks for, against its ``deepspeed:`` section."""
+    from splitlearn.zero import check_user_section
+
+    f = r.finetune
+    asked = {"finetune.offload": f.offload}
+    asked.update({f"finetune.by_tier.{k}.offload": o.offload for k, o in f.by_tier.items() if o.offload})
+    asked.update({f"finetune.by_stage.{k}.offload": o.offload for k, o in f.by_stage.items() if o.offload})
+    for key, mode in asked.items():
+        if mode == "none":
+            continue
+        check_user_section(r.deepspeed, mode)
+        if mode == "params":
+            fail(
+                key,
+                "offload: params (ZeRO-3) cannot run inside a pipeline yet: DeepSpeed's stage 3 calls "
+                "world-wide collectives that the other stages never join; use offload: optimizer",
+            )
+    check_user_section(r.deepspeed, "none")

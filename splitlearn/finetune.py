@@ -36,10 +36,11 @@ def policy(run: Any) -> FinetunePolicy:
     f = run.finetune
 
     def over(o: Any) -> dict[str, Any]:
-        return {k: getattr(o, k) for k in ("method", "recompute", "frozen_dtype") if getattr(o, k) is not None}
+        keys = ("method", "recompute", "frozen_dtype", "offload")
+        return {k: getattr(o, k) for k in keys if getattr(o, k) is not None}
 
     return FinetunePolicy(
-        default=StageMethod(f.method, f.recompute, f.frozen_dtype),
+        default=StageMethod(f.method, f.recompute, f.frozen_dtype, f.offload),
         by_tier={t: over(o) for t, o in f.by_tier.items()},
         by_stage={int(k): over(o) for k, o in f.by_stage.items()},
     )
@@ -50,7 +51,7 @@ def lora_spec(run: Any) -> LoraSpec:
 
 
 def stage_method(stage: Stage) -> StageMethod:
-    return StageMethod(stage.method, stage.recompute, stage.frozen_dtype)
+    return StageMethod(stage.method, stage.recompute, stage.frozen_dtype, stage.offload)
 
 
 def variants(run: Any) -> list[StageMethod]:

@@ -44,19 +44,25 @@ class StageGroup:
         placement_timeout_s: float,
         name: str | None = None,
     ):
-        """``name``: actors are named ``{name}:stage{i}`` in the ``splitlearn`` namespace, so
-        an operator (or a test) can find a stage's worker with ``ray.get_actor``."""
+        """``name``: actors are named ``{name}:stage{i}`` (``{name}:stage{i}.{r}`` for replica
+        r > 0) in the ``splitlearn`` namespace, so an operator (or a test) can find a stage's
+        worker with ``ray.get_actor``. One actor per stage replica, in rank order."""
         import ray
 
         self.plan, self.topology, self.timeout_s = plan, topology, timeout_s
         self.pg = place_stages(topology, plan.devices, placement_timeout_s)
         remote_cls = ray.remote(StageWorker)
         self.actors = []
+        self.ranks: list[tuple[int, int]] = []  # (stage, replica) of each actor
         for s in plan.stages:
-            opts = actor_options(topology, s.device, self.pg, s.index, 1.0 / plan.devices.count(s.device))
-            if name:
-                opts.update(name=f"{name}:stage{s.index}", namespace=ACTOR_NAMESPACE)
-            self.actors.append(remote_cls.options(**opts).remote(s.index, run, plan.to_dict(), base_dir))
+            for r, device in enumerate(s.devices):
+                bundle = len(self.actors)
+                opts = actor_options(topology, device, self.pg, bundle, 1.0 / plan.devices.count(device))
+                if name:
+                    suffix = f".{r}" if r else ""
+                    opts.update(name=f"{name}:stage{s.index}{suffix}", namespace=ACTOR_NAMESPACE)
+                self.actors.append(remote_cls.options(**opts).remote(s.index, run, plan.to_dict(), base_dir, r))
+                self.ranks.append((s.index, r))
 
     def _get(self, refs, what: str, timeout: float | None = None):
         """Results of ``refs`` (one per actor, or one), failing as soon as any one fails:
@@ -80,8 +86,9 @@ class StageGroup:
             try:
                 ray.get(ref, timeout=10)
             except ray.exceptions.RayActorError as e:
-                dev = self.plan.stages[i].device if i >= 0 else "?"
-                raise StageFailed(i, dev, -1, what, f"worker died: {str(e).strip().splitlines()[0]}") from e
+                stage, replica = self.ranks[i] if i >= 0 else (-1, 0)
+                dev = self.plan.stages[stage].devices[replica] if i >= 0 else "?"
+                raise StageFailed(stage, dev, -1, what, f"worker died: {str(e).strip().splitlines()[0]}") from e
             except ray.exceptions.RayTaskError as e:
                 inner = _unwrap(e)
                 if inner is not e:
@@ -116,13 +123,17 @@ class StageGroup:
 
     def export(self, directory: str, merge: bool) -> list[dict[str, Any]]:
         """Each stage's LoRA adapters, and its merged shard written under ``directory``."""
-        return self._get([a.export.remote(directory, merge) for a in self.actors], "export")
+        return self._first_replicas(self._get([a.export.remote(directory, merge) for a in self.actors], "export"))
+
+    def _first_replicas(self, results: list[Any]) -> list[Any]:
+        """One result per stage: its first replica's (the replicas hold the same tensors)."""
+        return [res for res, (_, r) in zip(results, self.ranks, strict=True) if r == 0]
 
     def state_dicts(self) -> list[dict[str, Any]]:
-        return self._get([a.state_dict.remote() for a in self.actors], "state_dict")
+        return self._first_replicas(self._get([a.state_dict.remote() for a in self.actors], "state_dict"))
 
     def gradients(self) -> list[dict[str, Any]]:
-        return self._get([a.gradients.remote() for a in self.actors], "gradients")
+        return self._first_replicas(self._get([a.gradients.remote() for a in self.actors], "gradients"))
 
     def shutdown(self) -> None:
         import ray

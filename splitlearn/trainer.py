@@ -343,8 +343,10 @@ def _start_group(cfg: LoadedConfig, plan: Plan, attempt: int) -> StageGroup:
         run.runtime.placement_timeout_s,
         name=name,
     )
+    # an offloaded stage may build DeepSpeed's CPU Adam on first use: minutes, once per node
+    build_s = 600.0 if any(s.offload != "none" for s in plan.stages) else 0.0
     try:
-        infos = group.start(prepare_timeout_s=max(run.runtime.timeout_s, 120.0))
+        infos = group.start(prepare_timeout_s=max(run.runtime.timeout_s, 120.0) + build_s)
     except BaseException:
         group.shutdown()
         raise
@@ -397,12 +399,15 @@ def _train_loop(
                 result.since_checkpoint_s += dt
                 rec = {
                     "step": step,
-                    "loss": stages[-1]["loss"],
+                    "loss": sum(s["loss"] for s in stages if s["loss"] is not None),  # loss-stage replicas' shares
                     "grad_norm": stages[0]["grad_norm"],
                     "step_s": dt,
                     "tokens_per_s": stages[0]["tokens"] / dt,
                     "attempt": attempt,
-                    "stages": [{k: s[k] for k in ("stage", "device", "compute_s", "comm_s") if k in s} for s in stages],
+                    "stages": [
+                        {k: s[k] for k in ("stage", "replica", "device", "compute_s", "comm_s") if k in s}
+                        for s in stages
+                    ],
                     "bytes_sent": {k: v for s in stages for k, v in s["bytes_sent"].items()},
                 }
                 if any("peak_bytes" in s for s in stages):

@@ -6,10 +6,15 @@ A plain class, unit-testable without Ray; :mod:`splitlearn.runtime` wraps it wit
 1. ``prepare()``: build the model, cut this stage's segment, make its optimizer, and on the
    data-owning first stage read the data. User errors surface here, before any process
    group exists, so no peer is left waiting.
-2. ``init_dist(addr, port)``: join the one ``torch.distributed`` world (rank = stage) and
-   create one group per link, so independent links never serialise.
+2. ``init_dist(addr, port)``: join the one ``torch.distributed`` world (one rank per stage
+   replica) and create one group per link, so independent links never serialise; a group
+   per replicated stage; DeepSpeed's engine for an offloaded stage.
 3. ``run_step(step)``: execute this stage's actions for the step and report its metrics.
-4. ``save(dir)``: write the segment's weights as safetensors.
+4. ``save_checkpoint(dir)`` / ``load_checkpoint(dir)``: tensors and optimizer state by name.
+
+Replicas: a stage on R identical devices runs R workers; replica r takes the micro-batches m
+with m % R == r (its action list is the stage's, filtered), and the replicas sum their
+gradients in their group before the step (DeepSpeed does it for an offloaded stage).
 """
 
 from __future__ import annotations
@@ -62,15 +67,22 @@ def _ray_node_id() -> str:
 
 
 class StageWorker:
-    def __init__(self, stage: int, run: dict[str, Any], plan: dict[str, Any], base_dir: str):
+    def __init__(self, stage: int, run: dict[str, Any], plan: dict[str, Any], base_dir: str, replica: int = 0):
         from splitlearn.config import RunConfig
 
-        self.stage = stage
+        self.stage, self.replica = stage, replica
         self.run = to_typed(RunConfig, run, prefix="", source="run config", error=ConfigError)
         self.topology = topology_from_container(self.run.topology.inline, "run config")
         self.plan = Plan.from_dict(plan)
         self.spec = self.plan.stages[stage]
-        self.device_name = self.spec.device
+        self.device_name = self.spec.devices[replica]
+        self.replicas = [len(s.devices) for s in self.plan.stages]
+        self.num_replicas = self.replicas[stage]
+        self.offsets = [sum(self.replicas[:i]) for i in range(len(self.replicas))]
+        self.rank = self.offsets[stage] + replica
+        self.world_size = sum(self.replicas)
+        self.offload = self.spec.offload
+        self.engine = None  # DeepSpeed's, for an offloaded stage
         self.device_cfg = self.topology.device(self.device_name)
         self.base_dir = Path(base_dir)
         self.num_stages = self.plan.num_stages
@@ -78,7 +90,9 @@ class StageWorker:
         # a link's codec is set on the stage it leaves from; gradients come back through it
         self.codec_out = self.spec.codec
         self.codec_in = self.plan.stages[stage - 1].codec if stage > 0 else "none"
-        self.actions = S.build(self.run.runtime.schedule, self.num_stages, self.run.train.micro_batches)[stage]
+        stage_actions = S.build(self.run.runtime.schedule, self.num_stages, self.run.train.micro_batches)[stage]
+        self.actions = S.replica_actions(stage_actions, replica, self.num_replicas)
+        self.last_backward = max((i for i, a in enumerate(self.actions) if a.kind == S.B), default=-1)
         torch.set_num_threads(self.device_cfg.cpu_threads)
         self.device = torch.device(
             "cuda" if self.device_cfg.accelerator == "cuda" and torch.cuda.is_available() else "cpu"
@@ -104,13 +118,18 @@ class StageWorker:
 
         torch.manual_seed(self.run.train.seed)
         model = build_model(self.run.model, self.run.train.seed)
-        self.segment = Segment(model, self.spec.start, self.spec.stop).to(self.device)
+        self.segment = Segment(model, self.spec.start, self.spec.stop)
+        if self.offload == "none":  # DeepSpeed places an offloaded stage itself
+            self.segment.to(self.device)
         # the plan's method for this stage: LoRA adapters, frozen weights (compact), recompute
         self.adapted = prepare_segment(self.segment, self.plan, self.stage, self.run)
         self.segment.train()
-        self.optimizer = make_optimizer(self.segment.parameters(), self.run.train)  # trainable ones only
         tied = self.segment.tied_parameters() if self.num_stages > 1 else {}
         self.tied = {k: p for k, p in tied.items() if p.requires_grad}  # both ends agree: see tied_trainable
+        if self.offload == "none":
+            self.optimizer = make_optimizer(self.segment.parameters(), self.run.train)  # trainable ones only
+        else:
+            self._check_offload()
         info: dict[str, Any] = {
             "stage": self.stage,
             "device": self.device_name,
@@ -120,6 +139,8 @@ class StageWorker:
             "params": sum(p.numel() for p in self.segment.parameters()),
             "trainable_params": sum(p.numel() for p in self.segment.parameters() if p.requires_grad),
             "method": stage_method(self.spec).label,
+            "replica": self.replica,
+            "offload": self.offload,
         }
         if self.is_first:
             dataset, tokenizer = load_dataset(self.run.data, self._resolve)
@@ -145,30 +166,96 @@ class StageWorker:
             s.bind(("", 0))
             return ip, s.getsockname()[1]
 
+    def _check_offload(self) -> None:
+        """What an offloaded stage needs, checked before any process group exists."""
+        from splitlearn import zero
+
+        if self.offload == "params":
+            raise ConfigError(
+                f"stage {self.stage}: offload: params (ZeRO-3) cannot run inside a pipeline yet: DeepSpeed's "
+                "stage 3 calls world-wide collectives that the other stages never join; use offload: optimizer"
+            )
+        if self.tied:
+            raise ConfigError(
+                f"stage {self.stage} holds a weight tied to another stage ({', '.join(sorted(self.tied))}), whose "
+                "gradients are summed across stages before the step; DeepSpeed reduces them itself, so this "
+                "stage cannot be offloaded: offload another stage, or untie the embeddings"
+            )
+        if self.run.train.micro_batches % self.num_replicas:
+            raise ConfigError(
+                f"train.micro_batches={self.run.train.micro_batches} is not a multiple of stage {self.stage}'s "
+                f"{self.num_replicas} replicas"
+            )
+        zero.check_user_section(self.run.deepspeed, self.offload)
+        zero.ensure_ops(self.device_name, self.device.type == "cuda")
+
+    def _rank_of(self, stage: int, mb: int) -> int:
+        """The rank of the replica of ``stage`` that handles micro-batch ``mb``."""
+        return self.offsets[stage] + mb % self.replicas[stage]
+
     def init_dist(self, addr: str, port: int) -> None:
         timeout = datetime.timedelta(seconds=self.run.runtime.timeout_s)
         dist.init_process_group(
             "gloo",
             init_method=f"tcp://{addr}:{port}",
-            rank=self.stage,
-            world_size=self.num_stages,
+            rank=self.rank,
+            world_size=self.world_size,
             timeout=timeout,
         )
-        n = self.num_stages
-        # Every rank creates every group, in the same order: one per link, NCCL when both
-        # ends are CUDA stages (tensors stay on the GPUs), gloo through host memory otherwise.
-        self.link_backends = [
-            "nccl" if self._is_cuda_stage(i) and self._is_cuda_stage(i + 1) else "gloo" for i in range(n - 1)
-        ]
-        self.link_groups = [
-            dist.new_group([i, i + 1], timeout=timeout, backend=self.link_backends[i]) for i in range(n - 1)
-        ]
-        self.ends_group = dist.new_group([0, n - 1], timeout=timeout) if n > 1 else None
+        n, M = self.num_stages, self.run.train.micro_batches
+        # Every rank creates every group, in the same order: one per pair of ranks that
+        # exchange micro-batches, NCCL when both ends are CUDA devices (tensors stay on the
+        # GPUs), gloo through host memory otherwise.
+        pairs = sorted({(self._rank_of(s, m), self._rank_of(s + 1, m)) for s in range(n - 1) for m in range(M)})
+        self.link_groups: dict[tuple[int, int], Any] = {}
+        self.link_backends: dict[tuple[int, int], str] = {}
+        for a, b in pairs:
+            backend = "nccl" if self._is_cuda_rank(a) and self._is_cuda_rank(b) else "gloo"
+            self.link_groups[(a, b)] = dist.new_group([a, b], timeout=timeout, backend=backend)
+            self.link_backends[(a, b)] = backend
+        # the data owner and every replica of the loss stage: labels, tied embed/head gradients
+        last = [self.offsets[n - 1] + r for r in range(self.replicas[n - 1])]
+        self.ends_group = dist.new_group([0, *last], timeout=timeout) if n > 1 else None
+        self.replica_groups = {}
+        for s in range(n):
+            if self.replicas[s] > 1 or self.plan.stages[s].offload != "none":
+                ranks = [self.offsets[s] + r for r in range(self.replicas[s])]
+                self.replica_groups[s] = dist.new_group(ranks, timeout=timeout)
+        if any(st.offload != "none" for st in self.plan.stages):
+            own = [dist.new_group([r], timeout=timeout) for r in range(self.world_size)]
         self.world_ready = True
+        if self.offload != "none":
+            self._init_deepspeed(self.replica_groups[self.stage], own[self.rank])
 
-    def _is_cuda_stage(self, stage: int) -> bool:
-        dev = self.topology.device(self.plan.stages[stage].device)
+    def _init_deepspeed(self, replica_group, own_group) -> None:
+        from splitlearn import zero
+
+        mbs = self.run.train.micro_batches
+        params = [p for p in self.segment.parameters() if p.requires_grad]
+        config = zero.ds_config(
+            self.run.train,
+            offload=self.offload,
+            rows_per_micro_batch=self.run.train.batch_size // mbs,
+            micro_batches_per_replica=mbs // self.num_replicas,
+            replicas=self.num_replicas,
+            trainable_params=sum(p.numel() for p in params),
+            on_cuda=self.device.type == "cuda",
+            user=self.run.deepspeed,
+        )
+        env = {"RANK": self.rank, "WORLD_SIZE": self.world_size, "LOCAL_RANK": 0}
+        self.engine = zero.initialize(self.segment, params, config, zero.ReplicaGroups(replica_group, own_group), env)
+        self.optimizer = zero.inner_optimizer(self.engine)
+
+    def _device_of(self, rank: int) -> str:
+        stage = max(s for s in range(self.num_stages) if self.offsets[s] <= rank)
+        return self.plan.stages[stage].devices[rank - self.offsets[stage]]
+
+    def _is_cuda_rank(self, rank: int) -> bool:
+        dev = self.topology.device(self._device_of(rank))
         return dev.accelerator == "cuda" and torch.cuda.is_available()
+
+    def _group(self, peer: int):
+        return self.link_groups[(min(self.rank, peer), max(self.rank, peer))]
 
     # -- transfers ------------------------------------------------------------------------
     def _arrival_ns(self, peer: int, nbytes: int) -> int:
@@ -176,7 +263,7 @@ class StageWorker:
         on the real link. One transfer at a time per direction; latency overlaps the next."""
         if not self.run.runtime.emulate_links:
             return 0
-        src, dst = self.device_name, self.plan.stages[peer].device
+        src, dst = self.device_name, self._device_of(peer)
         link = self.topology.link(src, dst)
         if link.bandwidth_mbps == float("inf"):
             return 0
@@ -203,7 +290,7 @@ class StageWorker:
 
     def _on_gpu(self, group) -> bool:
         return self.device.type == "cuda" and any(
-            g is group and b == "nccl" for g, b in zip(self.link_groups, self.link_backends, strict=True)
+            g is group and self.link_backends[k] == "nccl" for k, g in self.link_groups.items()
         )
 
     def _wait_sends(self) -> None:
@@ -266,21 +353,23 @@ class StageWorker:
         compute_s = comm_s = 0.0
         sent = {"next": 0, "prev": 0, "labels": 0}
         loss_total = 0.0
-        next_group = self.link_groups[self.stage] if not self.is_last else None
-        prev_group = self.link_groups[self.stage - 1] if not self.is_first else None
+        last_ranks = [self.offsets[-1] + r for r in range(self.replicas[-1])]
         set_lr(self.optimizer, lr_at(step, self.run.train))
-        self.optimizer.zero_grad(set_to_none=False)  # gradients persist: steady memory
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=False)  # gradients persist: steady memory
         grad_norm = 0.0
         for i, act in enumerate(self.actions):
             t0 = time.perf_counter()
             try:
                 m = act.mb
-                if act.kind == S.SEND_LABELS:
-                    sent["labels"] += self._send(labels_all, self.num_stages - 1, self.ends_group)
+                if act.kind == S.SEND_LABELS:  # every replica of the loss stage gets the step's labels
+                    for dst in last_ranks:
+                        sent["labels"] += self._send(labels_all, dst, self.ends_group)
                 elif act.kind == S.RECV_LABELS:
                     labels_all, _ = self._recv(0, self.ends_group)
                 elif act.kind == S.RECV_ACT:
-                    x, mask = self._recv(self.stage - 1, prev_group)
+                    src = self._rank_of(self.stage - 1, m)
+                    x, mask = self._recv(src, self._group(src))
                     inputs[m] = x.requires_grad_(True)
                     masks[m] = mask
                 elif act.kind == S.F:
@@ -297,21 +386,28 @@ class StageWorker:
                             num_items = count_items(labels_all)
                         lab = labels_all[m * rows : (m + 1) * rows].to(self.device)
                     with autocast:
-                        outputs[m] = self.segment(inputs[m], masks[m], lab, num_items)
+                        fwd = self.engine if self.engine is not None else self.segment
+                        outputs[m] = fwd(inputs[m], masks[m], lab, num_items)
                     if self.is_last:
                         loss_total += float(outputs[m].detach())
                 elif act.kind == S.SEND_ACT:
-                    sent["next"] += self._send(outputs[m], self.stage + 1, next_group, self.codec_out, masks[m])
+                    dst = self._rank_of(self.stage + 1, m)
+                    sent["next"] += self._send(outputs[m], dst, self._group(dst), self.codec_out, masks[m])
                 elif act.kind == S.RECV_GRAD:
-                    grads_in[m], _ = self._recv(self.stage + 1, next_group)
+                    src = self._rank_of(self.stage + 1, m)
+                    grads_in[m], _ = self._recv(src, self._group(src))
                 elif act.kind == S.B:
                     out = outputs.pop(m)
                     grad = None if self.is_last else grads_in.pop(m)
-                    if out.requires_grad:  # a frozen first stage has nothing to differentiate
+                    if self.engine is not None:
+                        self._ds_backward(out, grad, last=i == self.last_backward)
+                    elif out.requires_grad:  # a frozen first stage has nothing to differentiate
                         out.backward(grad)
                 elif act.kind == S.SEND_GRAD:
                     x = inputs.pop(m)
-                    sent["prev"] += self._send(x.grad, self.stage - 1, prev_group, self.codec_in)
+                    dst = self._rank_of(self.stage - 1, m)
+                    grad = x.grad if self.engine is None else x.grad / self.num_replicas  # see _ds_backward
+                    sent["prev"] += self._send(grad, dst, self._group(dst), self.codec_in)
                 elif act.kind == S.STEP:
                     self._wait_sends()
                     grad_norm = self._optimizer_step()
@@ -327,14 +423,16 @@ class StageWorker:
             else:
                 comm_s += dt
         links = {}
+        tag = f"{self.stage}" if self.num_replicas == 1 else f"{self.stage}.{self.replica}"
         if not self.is_last:
-            links[f"{self.stage}->{self.stage + 1}"] = sent["next"]
+            links[f"{tag}->{self.stage + 1}"] = sent["next"]
         if not self.is_first:
-            links[f"{self.stage}->{self.stage - 1}"] = sent["prev"]
+            links[f"{tag}->{self.stage - 1}"] = sent["prev"]
         if sent["labels"]:
             links[f"0->{self.num_stages - 1} (labels)"] = sent["labels"]
         return {
             "stage": self.stage,
+            "replica": self.replica,
             "device": self.device_name,
             "compute_s": compute_s,
             "comm_s": comm_s,
@@ -344,9 +442,21 @@ class StageWorker:
             "tokens": int(batch["input_ids"].numel()) if batch is not None else None,
         }
 
+    def _ds_backward(self, out: torch.Tensor, grad: torch.Tensor | None, last: bool) -> None:
+        """Backward of one micro-batch through DeepSpeed. A stage without a loss of its own
+        differentiates ``sum(out * grad)``, whose gradient with respect to ``out`` is exactly
+        ``grad``. The sum over micro-batches is the step's gradient (each loss is already
+        divided by the whole batch's token count), so DeepSpeed must not divide by its
+        accumulation steps, and its average over the replicas is undone by multiplying by
+        their count (which the gradient sent back to the previous stage divides out)."""
+        self.engine.set_gradient_accumulation_boundary(last)
+        target = out if grad is None else (out * grad.to(out.dtype)).sum()
+        self.engine.backward(target * self.num_replicas, scale_wrt_gas=False)
+
     def _optimizer_step(self) -> float:
-        """Sum the gradients of tied embed/head copies, clip by the global norm, step."""
-        if self.tied:
+        """Sum the gradients of tied embed/head copies and of the replicas, clip by the
+        global norm over every stage, step."""
+        if self.tied:  # the data owner's copy and every loss-stage replica's share
             for p in self.tied.values():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -356,19 +466,51 @@ class StageWorker:
                     p.grad.copy_(host)
                 else:
                     dist.all_reduce(p.grad, group=self.ends_group)
-        params = [p for p in self.segment.parameters() if p.grad is not None]
-        # Count a tied weight once (on the first stage), as the unsplit model does.
-        skip = {id(p) for p in self.tied.values()} if (self.is_last and self.tied) else set()
-        local = sum_of_squares(p.grad for p in params if id(p) not in skip)
-        if self.num_stages > 1:
+        if self.engine is not None:
+            # the replicas' reduced gradients are in DeepSpeed's fp32 partitions, disjoint
+            # across replicas: each contributes its own partition to the global norm
+            from splitlearn import zero
+
+            grads = zero.grad_partitions(self.engine)
+            local = sum_of_squares(grads)
+        else:
+            params = [p for p in self.segment.parameters() if p.grad is not None]
+            if self.num_replicas > 1:
+                self._all_reduce_replicas([p for p in params if not any(p is t for t in self.tied.values())])
+            grads = [p.grad for p in params]
+            # Count a tied weight once (on the first stage), as the unsplit model does, and a
+            # replicated stage's gradients once (on its first replica).
+            skip = {id(p) for p in self.tied.values()} if (self.is_last and self.tied) else set()
+            local = sum_of_squares(p.grad for p in params if id(p) not in skip)
+            if self.replica > 0:
+                local = torch.zeros_like(local)
+        if self.world_size > 1:
             dist.all_reduce(local)
         norm = float(local.sqrt())
         coef = clip_coefficient(norm, self.run.train.max_grad_norm)
         if coef < 1.0:
-            for p in params:
-                p.grad.mul_(coef)
-        self.optimizer.step()
+            for g in grads:
+                g.mul_(coef)
+        if self.engine is not None:
+            self.engine.step()
+        else:
+            self.optimizer.step()
         return norm
+
+    def _all_reduce_replicas(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum the replicas' gradients, flattened into one buffer per call."""
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        host = flat.cpu() if flat.is_cuda else flat  # replica groups are gloo
+        dist.all_reduce(host, group=self.replica_groups[self.stage])
+        if host is not flat:
+            flat.copy_(host)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     # -- results --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -404,18 +546,28 @@ class StageWorker:
         from splitlearn.checkpoint import sha256
 
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         optim: dict[str, torch.Tensor] = {}
-        for name, p in self._named_params().items():
-            for key, value in self.optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value):
-                    optim[f"optim/{name}/{key}"] = value.detach().cpu().contiguous().clone()
+        weights = None
+        if self.engine is not None:  # gathered over the replica group: every replica takes part
+            from splitlearn import zero
+
+            state = zero.get_state(self.engine, self._named_params())
+            optim = {k: v for k, v in state.items() if k.startswith("optim/")}
+            weights = {**self.state_dict(), **{k: v for k, v in state.items() if not k.startswith("optim/")}}
+        if self.replica > 0:  # replicas hold the same tensors: the first one writes them
+            return {"stage": self.stage, "replica": self.replica, "device": self.device_name, "files": []}
+        d.mkdir(parents=True, exist_ok=True)
+        if self.engine is None:
+            for name, p in self._named_params().items():
+                for key, value in self.optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(value):
+                        optim[f"optim/{name}/{key}"] = value.detach().cpu().contiguous().clone()
         optim["rng/torch"] = torch.get_rng_state()
         if self.device.type == "cuda":
             optim["rng/cuda"] = torch.cuda.get_rng_state()
         files = []
         for name, tensors in (
-            (f"stage_{self.stage}.safetensors", self.state_dict()),
+            (f"stage_{self.stage}.safetensors", weights if weights is not None else self.state_dict()),
             (f"stage_{self.stage}.optim.safetensors", optim),
         ):
             tmp = d / f".{name}.tmp"
@@ -460,14 +612,15 @@ class StageWorker:
                     opened[path] = safe_open(str(path), framework="pt").__enter__()
                 return opened[path].get_tensor(k)
 
+            self._check_shapes(params, found, get)
+            if self.engine is not None:
+                from splitlearn import zero
+
+                zero.set_state(self.engine, params, lambda key: get(key) if key in found else None)
+                params = {}  # loaded
             with torch.no_grad():
                 for name, p in params.items():
-                    t = get(name)
-                    if t.shape != p.shape:
-                        raise CheckpointError(
-                            f"{found[name][0]}: {name} has shape {tuple(t.shape)}, the plan's model has {tuple(p.shape)}"
-                        )
-                    p.copy_(t)
+                    p.copy_(get(name))
                     state = {}
                     for key in [k for k in found if k.startswith(f"optim/{name}/")]:
                         state[key.rsplit("/", 1)[1]] = get(key).to(p.device)
@@ -481,6 +634,17 @@ class StageWorker:
             for handle in opened.values():
                 handle.__exit__(None, None, None)
         return len(params)
+
+    @staticmethod
+    def _check_shapes(params, found, get) -> None:
+        from splitlearn.checkpoint import CheckpointError
+
+        for name, p in params.items():
+            t = get(name)
+            if t.shape != p.shape:
+                raise CheckpointError(
+                    f"{found[name][0]}: {name} has shape {tuple(t.shape)}, the plan's model has {tuple(p.shape)}"
+                )
 
     def export(self, directory: str, merge: bool) -> dict[str, Any]:
         """The stage's LoRA adapters (peft's names, returned: they are small) and, with

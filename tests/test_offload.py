@@ -1,0 +1,260 @@
+"""Tier 3: DeepSpeed ZeRO offload of a stage (real DeepSpeed on CPU, gloo) and data-parallel
+replicas of a stage, on a real local Ray cluster.
+
+- an offloaded middle stage trains like the same run without offload (AdamW both ways);
+- a stage on 2 replicas gives the parameters of 1 replica on the whole batch;
+- a run with an offloaded stage resumes from its checkpoint exactly;
+- the DeepSpeed config is a pure function of the run config, and bad input is one line.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, inline_topology
+from families import TINY
+from safetensors.torch import load_file
+
+from splitlearn.checkpoint import latest
+from splitlearn.config import config_from_container
+from splitlearn.errors import ConfigError
+from splitlearn.trainer import train
+from splitlearn.zero import bucket_elements, ds_config
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def raw_config(tmp_path: Path, name: str, *, family="llama", devices=None, steps=20, micro_batches=2, **extra) -> dict:
+    raw = {
+        "name": "offload",
+        "model": {"family": family, "config": {**TINY[family], "vocab_size": 258}},
+        "data": {"path": str(ROOT / "data" / "quickstart.txt"), "seq_len": 16},
+        "topology": {"inline": inline_topology()},
+        "train": {"steps": steps, "batch_size": 4, "micro_batches": micro_batches, "lr": 1e-2, "seed": 5},
+        "plan": {"devices": devices or ["edge-a", "cloud-c", "mid-b"]},
+        "runtime": {
+            "schedule": "1f1b",
+            "output_dir": str(tmp_path / "runs"),
+            "run_name": name,
+            "progress": "none",
+            "timeout_s": 60,
+            "placement_timeout_s": 30,
+        },
+    }
+    for key, value in extra.items():
+        section, _, sub = key.partition("__")
+        raw.setdefault(section, {})
+        if sub:
+            raw[section][sub] = value
+        else:
+            raw[section] = value
+    return raw
+
+
+def run(tmp_path: Path, raw: dict, resume=None):
+    cfg = config_from_container(raw, [], "test", tmp_path)
+    return train(cfg, progress="none", resume=resume)
+
+
+def final_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    ck = latest(run_dir)
+    assert ck is not None and ck.step == step
+    state = {}
+    for name in ck.files:
+        if not name.endswith(".optim.safetensors"):
+            state.update(load_file(ck.path / name))
+    return state
+
+
+def assert_same(a: dict, b: dict, rtol=1e-5, atol=1e-5):
+    assert set(a) == set(b) and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# -- the DeepSpeed config -------------------------------------------------------------------
+
+
+def test_ds_config_is_derived_from_the_run():
+    cfg = config_from_container(raw_config(Path("."), "x"), [], "test", ROOT / "tests")
+    ds = ds_config(
+        cfg.run.train,
+        offload="optimizer",
+        rows_per_micro_batch=2,
+        micro_batches_per_replica=3,
+        replicas=2,
+        trainable_params=10_000_000,
+        on_cuda=False,
+    )
+    assert ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 12
+    assert ds["gradient_clipping"] == 0.0  # clipping is global, by the worker
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert "offload_param" not in ds["zero_optimization"]
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 2_500_000
+    assert ds["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+    }
+    assert bucket_elements(10) == 1_000_000 and bucket_elements(10**9) == 50_000_000
+
+
+def test_ds_config_merges_the_users_section():
+    cfg = config_from_container(raw_config(Path("."), "x"), [], "test", ROOT / "tests")
+    user = {"zero_optimization": {"reduce_bucket_size": 123, "offload_optimizer": {"pin_memory": True}}}
+    ds = ds_config(
+        cfg.run.train,
+        offload="optimizer",
+        rows_per_micro_batch=1,
+        micro_batches_per_replica=1,
+        replicas=1,
+        trainable_params=1,
+        on_cuda=False,
+        user=user,
+    )
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 123
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert ds["zero_optimization"]["stage"] == 2  # kept: the merge is deep
+    ds3 = ds_config(
+        cfg.run.train,
+        offload="params",
+        rows_per_micro_batch=1,
+        micro_batches_per_replica=1,
+        replicas=1,
+        trainable_params=1,
+        on_cuda=True,
+    )
+    assert ds3["zero_optimization"]["stage"] == 3
+    assert ds3["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            {"finetune__offload": "params", "deepspeed": {"zero_optimization": {"stage": 2}}},
+            "deepspeed.zero_optimization.stage=2: offload: params needs ZeRO stage 3",
+        ),
+        ({"finetune__offload": "params"}, "finetune.offload: offload: params (ZeRO-3) cannot run inside a pipeline"),
+        (
+            {"finetune__offload": "optimizer", "deepspeed": {"gradient_clipping": 1.0}},
+            "deepspeed.gradient_clipping: set by splitlearn from train.max_grad_norm",
+        ),
+        ({"finetune__offload": "disk"}, "finetune.offload: 'disk' is not one of none, optimizer, params"),
+    ],
+)
+def test_bad_offload_config_is_one_line(tmp_path, extra, message):
+    raw = raw_config(tmp_path, "bad", **extra)
+    with pytest.raises(ConfigError) as e:
+        config_from_container(raw, [], "test", tmp_path)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_offload_config_from_the_cli_exits_2(tmp_path):
+    raw = raw_config(tmp_path, "bad", finetune__offload="params", deepspeed={"zero_optimization": {"stage": 1}})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = subprocess.run(
+        [sys.executable, "-m", "splitlearn.cli", "validate", str(path)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and "offload: params needs ZeRO stage 3" in lines[0], out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_deepspeed_op_that_cannot_be_built_is_named(tmp_path, monkeypatch):
+    """An empty extensions cache and no working compiler: one line naming the op and the
+    device (the worker raises it at prepare, before any process group or file exists)."""
+    from splitlearn.zero import DeepSpeedOpError, ensure_ops
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setenv("CXX", "/bin/false")
+    monkeypatch.setenv("CC", "/bin/false")
+    with pytest.raises(DeepSpeedOpError) as e:
+        ensure_ops("cloud-c", on_cuda=False)
+    assert "device 'cloud-c': DeepSpeed op 'cpu_adam' cannot be built" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+# -- training with an offloaded stage --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_run(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("plain")
+    result = run(tmp, raw_config(tmp, "plain"))
+    return result, final_state(result.run_dir, 20)
+
+
+def test_offloaded_middle_stage_tracks_the_plain_run(plain_run, tmp_path):
+    plain, plain_state = plain_run
+    raw = raw_config(tmp_path, "off", finetune__by_stage={"1": {"offload": "optimizer"}})
+    result = run(tmp_path, raw)
+    assert [s.offload for s in result.plan.stages] == ["none", "optimizer", "none"]
+    assert len(result.losses) == len(plain.losses) == 20
+    assert plain.losses[-1] < plain.losses[0] * 0.7  # it trains
+    for step, (a, b) in enumerate(zip(result.losses, plain.losses, strict=True)):
+        assert abs(a - b) <= 1e-3 * abs(b), f"step {step}: offload {a} vs plain {b}"
+    assert_same(final_state(result.run_dir, 20), plain_state, rtol=1e-3, atol=1e-4)
+
+
+def test_offloaded_stage_on_two_replicas(plain_run, tmp_path):
+    """DeepSpeed reduces the two replicas' gradients over their group and partitions the
+    optimizer state between them; the run still tracks the plain one."""
+    plain, plain_state = plain_run
+    raw = raw_config(
+        tmp_path,
+        "off2",
+        devices=["edge-a", "cloud-c+cloud-d", "mid-b"],
+        finetune__by_stage={"1": {"offload": "optimizer"}},
+    )
+    result = run(tmp_path, raw)
+    assert result.plan.stages[1].devices == ["cloud-c", "cloud-d"]
+    for step, (a, b) in enumerate(zip(result.losses, plain.losses, strict=True)):
+        assert abs(a - b) <= 1e-3 * abs(b), f"step {step}: offload x2 {a} vs plain {b}"
+    assert_same(final_state(result.run_dir, 20), plain_state, rtol=1e-3, atol=1e-4)
+
+
+def test_offloaded_run_resumes_exactly(ray_cluster, tmp_path):
+    off = {"finetune__by_stage": {"1": {"offload": "optimizer"}}}
+    whole = run(tmp_path, raw_config(tmp_path, "whole", steps=8, checkpoint={"every_steps": 4, "keep": 3}, **off))
+    first = run(tmp_path, raw_config(tmp_path, "part", steps=4, **off))
+    assert latest(first.run_dir).step == 4
+    resumed = run(tmp_path, raw_config(tmp_path, "part", steps=8, **off), resume=str(first.run_dir))
+    assert any(e["kind"] == "resume" for e in resumed.events)
+    assert resumed.losses[4:] == pytest.approx(whole.losses[4:], rel=1e-6, abs=0)
+    assert_same(final_state(resumed.run_dir, 8), final_state(whole.run_dir, 8), rtol=0, atol=1e-7)
+    optim = load_file(latest(resumed.run_dir).path / "stage_1.optim.safetensors")
+    assert (
+        any(k.endswith("/exp_avg_sq") for k in optim)
+        and float(optim[next(k for k in optim if k.endswith("/step"))]) == 8
+    )
+
+
+# -- replicas of a plain stage ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "family, devices, schedule, mbs",
+    [
+        ("llama", ["edge-a", "cloud-c+cloud-d", "mid-b"], "1f1b", 4),  # a middle stage replicated
+        ("gpt2", ["edge-a", "mid-b", "cloud-c+cloud-d"], "gpipe", 2),  # the loss stage, with a tied head
+    ],
+)
+def test_two_replicas_equal_one_on_the_whole_batch(ray_cluster, tmp_path, family, devices, schedule, mbs):
+    single = [d.split("+")[0] for d in devices]
+    common = {"family": family, "steps": 2, "micro_batches": mbs}
+    one = run(tmp_path, raw_config(tmp_path, "one", devices=single, **common, runtime__schedule=schedule))
+    two = run(tmp_path, raw_config(tmp_path, "two", devices=devices, **common, runtime__schedule=schedule))
+    replicated = [s for s in two.plan.stages if len(s.devices) == 2]
+    assert len(replicated) == 1
+    assert two.losses == pytest.approx(one.losses, rel=1e-5)
+    assert_same(final_state(two.run_dir, 2), final_state(one.run_dir, 2))
