@@ -146,11 +146,17 @@ def stage_options(base: StageMethod, allow: Sequence[str]) -> list[StageMethod]:
     return out
 
 
-def with_offload(options: Sequence[StageMethod]) -> list[StageMethod]:
-    """``options`` first, then each of them with every other offload mode."""
+# What the planner may pick by itself. ``params`` (ZeRO-3) is costed but not picked: the
+# runtime cannot run it inside a pipeline yet (DeepSpeed's stage 3 calls world-wide
+# collectives; see splitlearn/zero.py).
+PLANNED_OFFLOAD_MODES = ("none", "optimizer")
+
+
+def with_offload(options: Sequence[StageMethod], modes: Sequence[str] = PLANNED_OFFLOAD_MODES) -> list[StageMethod]:
+    """``options`` first, then each of them with every other offload mode in ``modes``."""
     out = list(options)
     for opt in options:
-        for mode in OFFLOAD_MODES:
+        for mode in modes:
             variant = replace(opt, offload=mode)
             if variant not in out:
                 out.append(variant)

@@ -84,7 +84,8 @@ def test_stage_method_offload_label_parse_and_policy():
 
 def test_offload_options_only_on_cuda_devices():
     r = PlanRequest(layers=chain(), topology=gpu_topology(1.0))
-    assert [o.offload for o in r.options(1, "cloud-g")] == ["none", "optimizer", "params"]
+    # params (ZeRO-3) is costed but not offered: the runtime cannot run it in a pipeline yet
+    assert [o.offload for o in r.options(1, "cloud-g")] == ["none", "optimizer"]
     assert [o.offload for o in r.options(0, "edge-a")] == ["none"]
     r.finetune = FinetunePolicy(default=StageMethod(offload="params"))
     assert [o.offload for o in r.options(1, "cloud-g")] == ["params", "none", "optimizer"]  # configured first
@@ -156,8 +157,12 @@ def test_offload_makes_an_infeasible_plan_feasible(name):
     assert (s.start, s.memory_gb, s.host_memory_gb) == (1, pytest.approx(89000 / 1e9), pytest.approx(54000 / 1e9))
     assert "optimizer (" in plan.table() and "GB host)" in plan.table()
     assert Plan.from_yaml(plan.to_yaml()) == plan
-    # only params offload fits 80000 B
-    plan = partition(name, PlanRequest(layers=chain(), topology=gpu_topology(0.00008), cuts=cuts))
+    # only params offload fits 80000 B: the planner does not pick it by itself (the runtime
+    # cannot run ZeRO-3 in a pipeline yet), but costs it when it is configured
+    with pytest.raises(PlanError, match="short"):
+        partition(name, PlanRequest(layers=chain(), topology=gpu_topology(0.00008), cuts=cuts))
+    policy = FinetunePolicy(by_tier={"cloud": {"offload": "params"}})
+    plan = partition(name, PlanRequest(layers=chain(), topology=gpu_topology(0.00008), cuts=cuts, finetune=policy))
     assert plan.stages[1].offload == "params"
     # a cpu device gains nothing from offload: no plan
     with pytest.raises(PlanError, match="short"):
