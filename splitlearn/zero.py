@@ -164,27 +164,35 @@ class ReplicaGroups:
 
 
 def ensure_ops(device_name: str, on_cuda: bool) -> None:
-    """Build (or load from the torch extensions cache) DeepSpeed's CPU Adam before any
-    process group exists, so a missing compiler is one clear error, not a hang."""
+    """Build (or load from the torch extensions cache) the DeepSpeed ops the stage will use,
+    before any process group exists and under the longer prepare timeout, so a missing
+    compiler is one clear error, not a hang: CPU Adam, and on a CPU stage the shared-memory
+    collectives that DeepSpeed's CPU accelerator builds when it wraps the process group."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_cuda else "cpu")
     try:
-        import deepspeed  # noqa: F401
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
         from deepspeed.ops.op_builder import CPUAdamBuilder
     except Exception as e:  # an import error names a missing package or a broken install
         raise DeepSpeedOpError(
             f"device '{device_name}': deepspeed cannot be imported ({e}); pip install deepspeed"
         ) from e
-    builder = CPUAdamBuilder()
-    try:
-        log.info("loading DeepSpeed's cpu_adam op (built on first use: a few minutes)")
-        builder.load(verbose=False)
-    except BaseException as e:  # noqa: BLE001 - torch's JIT build raises RuntimeError or exits
-        first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
-        raise DeepSpeedOpError(
-            f"device '{device_name}': DeepSpeed op '{builder.name}' cannot be built ({first}); "
-            "it needs a C++ compiler (g++) and Python headers on the node, or install deepspeed "
-            "with DS_BUILD_CPU_ADAM=1 where they exist"
-        ) from e
+    builders = [CPUAdamBuilder()]
+    if not on_cuda:
+        shm = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if shm is not None and deepspeed.ops.__compatible_ops__.get(shm.NAME, False):
+            builders.append(shm)
+    for builder in builders:
+        try:
+            log.info("loading DeepSpeed's %s op (built on first use: a few minutes)", builder.NAME)
+            builder.load(verbose=False)
+        except BaseException as e:  # noqa: BLE001 - torch's JIT build raises RuntimeError or exits
+            first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+            raise DeepSpeedOpError(
+                f"device '{device_name}': DeepSpeed op '{builder.NAME}' cannot be built ({first}); "
+                "it needs a C++ compiler (g++) and Python headers on the node, or install deepspeed "
+                "with the op prebuilt (e.g. DS_BUILD_CPU_ADAM=1) where they exist"
+            ) from e
 
 
 def initialize(module: torch.nn.Module, params: list, config: dict[str, Any], groups: ReplicaGroups, rank_env: dict):
