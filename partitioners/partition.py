@@ -128,11 +128,12 @@ class PlanRequest:
 
     def options(self, stage: int, device: str) -> list[StageMethod]:
         """The methods stage ``stage`` may use on ``device``: the configured one first, then
-        ``allow``'s variants (edge devices), then each with every offload mode (cuda devices)."""
+        ``allow``'s variants (edge devices), then each with every offload mode (cuda devices)
+        unless the config sets the stage's offload itself: a configured offload is kept."""
         dev = self.topology.device(device)
         base = (self.finetune or FinetunePolicy()).for_stage(stage, dev.tier)
         opts = stage_options(base, self.allow) if dev.tier == "edge" else [base]
-        return with_offload(opts) if dev.accelerator == "cuda" else opts
+        return with_offload(opts) if dev.accelerator == "cuda" and base.offload == "none" else opts
 
 
 REPLICA_SEP = "+"  # a plan.devices entry "cloud-c+cloud-d": one stage replicated on both
@@ -1104,17 +1105,40 @@ def _infeasible_reason(req: PlanRequest, tables: CostTables, seqs: list[list[str
     return f"no feasible plan: memory does not fit on any device sequence (e.g. {why}){hint}"
 
 
-def simulate_plan(plan: Plan, labels_ms: float = 0.0):
+def simulate_plan(
+    plan: Plan,
+    labels_ms: float = 0.0,
+    *,
+    step_overhead_ms: float = 0.0,
+    send_host=None,
+    recv_host=None,
+    labels_bytes: float = 0.0,
+):
     """Run the simulator on a plan's predicted costs with the schedule the workers run:
-    a replicated stage's replicas as separate timelines (see :func:`schedule.replica_actions`)."""
+    a replicated stage's replicas as separate timelines (see :func:`schedule.replica_actions`).
+
+    The costs outside the plan's stages are zero unless given (see
+    :func:`partitioners.simulator.simulate`): ``step_overhead_ms`` per step, and the host CPU
+    of each end of a transfer (``send_host`` / ``recv_host``, :class:`~partitioners.simulator.HostCost`)
+    of the plan's ``cut_bytes`` per activation and gradient, ``labels_bytes`` per labels transfer."""
     from partitioners import schedule as S
     from partitioners.simulator import LinkCosts, StageCosts, simulate
 
     sched = S.build(plan.schedule, plan.num_stages, plan.num_micro_batches)
     stages = [StageCosts(s.fwd_ms, s.bwd_ms, s.opt_ms, s.allreduce_ms) for s in plan.stages]
-    links = [LinkCosts(s.link_act_ms, s.link_grad_ms) for s in plan.stages[:-1]]
+    links = [LinkCosts(s.link_act_ms, s.link_grad_ms, s.cut_bytes, s.cut_bytes) for s in plan.stages[:-1]]
     replicas = [len(s.devices) for s in plan.stages]
-    return simulate(sched, stages, links, labels_ms=labels_ms, replicas=replicas)
+    return simulate(
+        sched,
+        stages,
+        links,
+        labels_ms=labels_ms,
+        replicas=replicas,
+        step_overhead_ms=step_overhead_ms,
+        send_host=send_host,
+        recv_host=recv_host,
+        labels_bytes=labels_bytes,
+    )
 
 
 PARTITIONERS = {

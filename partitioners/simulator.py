@@ -5,12 +5,21 @@ and mirrors the runtime's rules:
 
 - each stage runs its list strictly in order, one action at a time; ``F``, ``B`` and
   ``STEP`` occupy the stage for its forward, backward and optimizer time;
-- a send takes no stage time (sends are asynchronous): it queues one transfer on its wire
-  and the stage moves on at once. A wire is one direction of a link (``link s->s+1``
+- a send takes no stage time (sends are asynchronous; host CPU costs below aside): it
+  queues one transfer on its wire and the stage moves on at once. A wire is one direction of a link (``link s->s+1``
   carries activations, ``link s+1->s`` gradients) or the labels line from stage 0 to the
   last stage; it carries one transfer at a time, first in first out, and a transfer starts
   when it has been issued and the wire is free;
 - a receive blocks its stage until the transfer of that micro-batch has arrived;
+- optionally (``send_host``/``recv_host``, default free) each end of a transfer also spends
+  host CPU on it, ``fixed_ms + ms_per_mb * MB`` (:class:`HostCost`): the sender's stage is
+  busy for its share right after it issues the send (the transfer starts at the issue), the
+  receiver's right after the transfer has arrived, before its next action. This is the
+  communication library's own work (copies, socket calls, its network threads), which on a
+  host with as many cores as stages competes with the stages' compute for the cores;
+- optionally (``step_overhead_ms``, default 0) a fixed cost per step that no stage's list
+  holds (the driver's call to the workers and its reply, the step's global collectives) is
+  added to the makespan;
 - a stage on R replicas runs as R timelines: replica r runs the stage's list kept to the
   micro-batches ``m % R == r`` (:func:`~partitioners.schedule.replica_actions`), micro-batch
   m travels between the neighbours' replicas of m, each pair of replicas on its own wires,
@@ -53,6 +62,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 ALLREDUCE = "ALLREDUCE"  # interval kind: a replicated stage's gradient all-reduce, before its STEP
+HOST = "HOST"  # interval kind: a stage's host CPU work on one end of a transfer (see HostCost)
 # Interval kinds of transfers, by the send that issues them
 TRANSFER_KINDS = {SEND_ACT: "ACT", SEND_GRAD: "GRAD", SEND_LABELS: "LABELS"}
 RECV_KINDS = (RECV_ACT, RECV_GRAD, RECV_LABELS)
@@ -79,12 +89,27 @@ class LinkCosts:
 
     act_ms: float  # one activation, s -> s+1
     grad_ms: float  # one gradient, s+1 -> s
+    act_bytes: float = 0.0  # bytes of one activation transfer (only for send_host / recv_host)
+    grad_bytes: float = 0.0  # bytes of one gradient transfer
+
+
+@dataclass
+class HostCost:
+    """Host CPU milliseconds one end of one transfer spends on it: ``fixed_ms + ms_per_mb *
+    bytes / 1e6``. It occupies that end's stage (see :func:`simulate`); zero by default."""
+
+    fixed_ms: float = 0.0
+    ms_per_mb: float = 0.0
+
+    def __call__(self, nbytes: float) -> float:
+        return self.fixed_ms + self.ms_per_mb * nbytes / 1e6
 
 
 @dataclass
 class Interval:
     """One busy span of a resource. Compute (``F``, ``B``, ``STEP``, and ``ALLREDUCE``
-    before a replicated stage's ``STEP``) occupies ``stage s`` (``stage s.r`` for replica r);
+    before a replicated stage's ``STEP``) and ``HOST`` (one end's CPU work on a transfer, with
+    the transfer's micro-batch) occupy ``stage s`` (``stage s.r`` for replica r);
     transfers (``ACT``, ``GRAD``, ``LABELS``) occupy their wire and name the sending stage
     and replica. ``mb`` is -1 for whole-step actions."""
 
@@ -102,8 +127,8 @@ class SimResult:
     """What one simulated training step costs. Per-stage lists have one entry per
     timeline: each stage, or each replica of a replicated stage (``workers`` says which)."""
 
-    step_ms: float  # makespan: end of the last action or transfer
-    busy_ms: list[float]  # per timeline, time computing (F, B, ALLREDUCE, STEP)
+    step_ms: float  # makespan: end of the last action or transfer, plus step_overhead_ms
+    busy_ms: list[float]  # per timeline, time computing (F, B, ALLREDUCE, STEP, HOST)
     idle_ms: list[float]  # per timeline, step_ms - busy
     bubble_fraction: float  # 1 - sum(busy) / (timelines * step_ms); 0 for an empty step
     peak_in_flight: list[int]  # per timeline, most micro-batches forwarded and not yet backwarded
@@ -163,23 +188,36 @@ class _Wire:
     resource: str
     src: tuple[int, int]  # the sending (stage, replica)
     transfer_ms: float
+    send_host_ms: float = 0.0  # the sender's CPU per transfer
+    recv_host_ms: float = 0.0  # the receiver's CPU per transfer
     free_at: float = 0.0
     busy_ms: float = 0.0
     pending: dict[int, float] = field(default_factory=dict)  # micro-batch -> arrival, not yet received
 
 
-def _wires(links: Sequence[LinkCosts], replicas: Sequence[int], labels_ms: float, m: int) -> dict[str, _Wire]:
+def _wires(
+    links: Sequence[LinkCosts],
+    replicas: Sequence[int],
+    labels_ms: float,
+    m: int,
+    labels_bytes: float = 0.0,
+    send_host: HostCost | None = None,
+    recv_host: HostCost | None = None,
+) -> dict[str, _Wire]:
+    snd, rcv = send_host or HostCost(), recv_host or HostCost()
     wires: dict[str, _Wire] = {}
     for s, link in enumerate(links):
         for r, q in replica_pairs(replicas[s], replicas[s + 1], m):
             a, b = _node(s, r, replicas[s]), _node(s + 1, q, replicas[s + 1])
-            wires[link_resource(a, b)] = _Wire(link_resource(a, b), (s, r), link.act_ms)
-            wires[link_resource(b, a)] = _Wire(link_resource(b, a), (s + 1, q), link.grad_ms)
+            act = snd(link.act_bytes), rcv(link.act_bytes)
+            grad = snd(link.grad_bytes), rcv(link.grad_bytes)
+            wires[link_resource(a, b)] = _Wire(link_resource(a, b), (s, r), link.act_ms, *act)
+            wires[link_resource(b, a)] = _Wire(link_resource(b, a), (s + 1, q), link.grad_ms, *grad)
     n = len(replicas)
     if n > 1:
         for q in range(replicas[-1]):
             name = labels_resource(n, _node(n - 1, q, replicas[-1]))
-            wires[name] = _Wire(name, (0, 0), labels_ms)
+            wires[name] = _Wire(name, (0, 0), labels_ms, snd(labels_bytes), rcv(labels_bytes))
     return wires
 
 
@@ -221,6 +259,11 @@ def simulate(
     labels_ms: float = 0.0,
     num_micro_batches: int | None = None,
     replicas: Sequence[int] | None = None,
+    *,
+    step_overhead_ms: float = 0.0,
+    send_host: HostCost | None = None,
+    recv_host: HostCost | None = None,
+    labels_bytes: float = 0.0,
 ) -> SimResult:
     """Replay one step of ``schedule`` (one action list per stage) on the given costs.
 
@@ -234,6 +277,14 @@ def simulate(
     ``SEND_LABELS`` sends to every replica of the last stage; a replicated stage's ``STEP``
     waits for all its replicas (the all-reduce is a collective), then takes
     ``allreduce_ms + step_ms`` on each.
+
+    Costs outside the stages' lists, all zero by default: ``step_overhead_ms`` is added to
+    the makespan once per step (the driver's round trip, the step's global collectives);
+    ``send_host`` / ``recv_host`` (:class:`HostCost` of the transfer's bytes,
+    ``LinkCosts.act_bytes`` / ``grad_bytes``, ``labels_bytes``) is the host CPU a sender
+    spends right after issuing a send and a receiver right after the transfer arrived, each
+    on its own stage (``HOST`` intervals, counted as busy). The transfer itself still starts
+    when it is issued.
 
     Raises :class:`DeadlockError` when the lists wait on each other or on a transfer never
     sent, and :class:`~partitioners.schedule.ScheduleError` for a send or receive with no wire
@@ -254,7 +305,7 @@ def simulate(
     if bad:
         raise ScheduleError(f"stage {bad[0]}: {inferred} micro-batches do not share among {replicas[bad[0]]} replicas")
 
-    wires = _wires(links, replicas, labels_ms, inferred)
+    wires = _wires(links, replicas, labels_ms, inferred, labels_bytes, send_host, recv_host)
     workers = [(s, r) for s in range(n) for r in range(replicas[s])]
     index = {w: i for i, w in enumerate(workers)}
     acts_of = [replica_actions(schedule[s], r, replicas[s]) for s, r in workers]
@@ -271,6 +322,13 @@ def simulate(
         if name not in wires:
             raise ScheduleError(f"stage {names[w]}: {a} has no wire to use ({name})")
         return wires[name]
+
+    def host(w: int, s: int, r: int, mb: int, ms: float) -> None:
+        """One end's CPU work on a transfer: occupies its stage from its clock on."""
+        if ms > 0:
+            timeline.append(Interval(s, HOST, mb, clock[w], clock[w] + ms, stage_resource(s, r, replicas[s]), r))
+            clock[w] += ms
+            busy[w] += ms
 
     progressed = True
     while progressed:
@@ -318,12 +376,14 @@ def simulate(
                         wr.busy_ms += wr.transfer_ms
                         wr.pending[a.mb] = wr.free_at
                         timeline.append(Interval(s, TRANSFER_KINDS[a.kind], a.mb, start, wr.free_at, wr.resource, r))
+                        host(w, s, r, a.mb, wr.send_host_ms)
                 elif a.kind in RECV_KINDS:
                     (name,) = _wires_of(a, s, r, replicas)
                     wr = wire(name, w, a)
                     if a.mb not in wr.pending:
                         break  # blocked until the sender issues it
                     clock[w] = max(clock[w], wr.pending.pop(a.mb))
+                    host(w, s, r, a.mb, wr.recv_host_ms)
                 else:
                     raise ScheduleError(f"stage {names[w]}: unknown action {a}")
                 pc[w] += 1
@@ -338,7 +398,7 @@ def simulate(
     if unreceived:
         raise ScheduleError(f"sent but never received: {', '.join(unreceived)}")
 
-    step = max((iv.end_ms for iv in timeline), default=0.0)
+    step = max((iv.end_ms for iv in timeline), default=0.0) + step_overhead_ms
     return SimResult(
         step_ms=step,
         busy_ms=busy,
@@ -382,6 +442,7 @@ COLOURS = {
     B: "#e07b39",
     ALLREDUCE: "#8c8c8c",
     STEP: "#4e9a55",
+    HOST: "#c9c9c9",
     "ACT": "#9cc3ea",
     "GRAD": "#f4c29a",
     "LABELS": "#b8a2d9",
@@ -391,6 +452,7 @@ LEGEND = {
     B: "backward",
     ALLREDUCE: "gradient all-reduce",
     STEP: "optimizer step",
+    HOST: "host CPU of a transfer",
     "ACT": "activation transfer",
     "GRAD": "gradient transfer",
     "LABELS": "labels transfer",

@@ -11,7 +11,9 @@ from partitioners import schedule as sch
 from partitioners.costmodel import micro_batches_in_flight
 from partitioners.schedule import Action
 from partitioners.simulator import (
+    HOST,
     DeadlockError,
+    HostCost,
     LinkCosts,
     StageCosts,
     plot_timeline,
@@ -272,3 +274,103 @@ def test_plot_timeline_writes_png(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 10_000
+
+
+# -- costs outside the stages' lists: host CPU per transfer, fixed per-step overhead ----------------
+
+
+def test_host_cost_of_transfers_by_hand():
+    # gpipe, 2 stages, 1 micro-batch; f=1 b=2; 1 ms links; an activation is 1 MB, a gradient
+    # 0.5 MB, the labels 0 B. The sender spends 0.5 + 1 ms/MB, the receiver 0.25 + 0.5 ms/MB:
+    # act send 1.5, act recv 0.75, grad send 1.0, grad recv 0.5, labels send 0.5, recv 0.25.
+    links = [LinkCosts(1.0, 1.0, act_bytes=1e6, grad_bytes=5e5)]
+    sched = sch.build("gpipe", 2, 1)
+    free = simulate(sched, EQUAL2, links)
+    assert free.step_ms == pytest.approx(8.0)  # F0 [0,1] act [1,2] F0 [2,3] B0 [3,5] grad [5,6] B0 [6,8]
+    r = simulate(
+        sched,
+        EQUAL2,
+        links,
+        send_host=HostCost(0.5, 1.0),
+        recv_host=HostCost(0.25, 0.5),
+        step_overhead_ms=2.0,
+    )
+    # stage 0: labels sent at 0 (its host [0,0.5]), F0 [0.5,1.5], act0 issued at 1.5 (wire
+    #          [1.5,2.5]) while its sender's host work runs [1.5,3.0]
+    # stage 1: labels host [0,0.25]; act0 arrives 2.5, host [2.5,3.25]; F0 [3.25,4.25]
+    #          B0 [4.25,6.25]; grad0 issued at 6.25 (wire [6.25,7.25]), host [6.25,7.25]
+    # stage 0: grad0 arrives 7.25, host [7.25,7.75]; B0 [7.75,9.75]   -> 9.75 + 2 overhead
+    assert r.step_ms == pytest.approx(11.75)
+    assert spans(r, "stage 0") == [
+        (HOST, -1, 0.0, 0.5),
+        ("F", 0, 0.5, 1.5),
+        (HOST, 0, 1.5, 3.0),
+        (HOST, 0, 7.25, 7.75),
+        ("B", 0, 7.75, 9.75),
+        ("STEP", -1, 9.75, 9.75),
+    ]
+    assert spans(r, "stage 1") == [
+        (HOST, -1, 0.0, 0.25),
+        (HOST, 0, 2.5, 3.25),
+        ("F", 0, 3.25, 4.25),
+        ("B", 0, 4.25, 6.25),
+        (HOST, 0, 6.25, 7.25),
+        ("STEP", -1, 7.25, 7.25),
+    ]
+    assert spans(r, "link 0->1") == [("ACT", 0, 1.5, 2.5)]
+    assert spans(r, "link 1->0") == [("GRAD", 0, 6.25, 7.25)]
+    assert r.busy_ms == [pytest.approx(5.5), pytest.approx(5.0)]  # host work counts as busy
+    assert r.idle_ms == [pytest.approx(11.75 - 5.5), pytest.approx(11.75 - 5.0)]
+
+
+def test_zero_host_cost_and_overhead_keep_the_timeline():
+    links = [LinkCosts(0.5, 0.5, act_bytes=1e6, grad_bytes=1e6)] * 2
+    sched = sch.build("1f1b", 3, 4)
+    base = simulate(sched, EQUAL3, links, labels_ms=0.2)
+    same = simulate(sched, EQUAL3, links, labels_ms=0.2, send_host=HostCost(), recv_host=HostCost(), labels_bytes=5)
+    assert same.timeline == base.timeline and same.step_ms == base.step_ms
+    shifted = simulate(sched, EQUAL3, links, labels_ms=0.2, step_overhead_ms=3.0)
+    assert shifted.step_ms == pytest.approx(base.step_ms + 3.0)
+    assert shifted.timeline == base.timeline
+
+
+def test_host_cost_on_the_critical_path_of_1f1b():
+    # 1f1b, 2 stages, 2 micro-batches, free links. Without host costs:
+    # stage 0: F0 [0,1] F1 [1,2] B0 [4,6] B1 [7,9]; stage 1: F0 [1,2] B0 [2,4] F1 [4,5] B1 [5,7]
+    r = run("1f1b", EQUAL2, m=2)
+    assert r.step_ms == pytest.approx(9.0)
+    # with a receiver cost of 1 ms per transfer (labels too):
+    # stage 1: labels host [0,1]; act0 arrived at 1, host [1,2]; F0 [2,3] B0 [3,5]; act1
+    #          arrived at 2, host [5,6]; F1 [6,7] B1 [7,9]
+    # stage 0: F0 [0,1] F1 [1,2]; grad0 arrives 5, host [5,6], B0 [6,8]; grad1 arrives 9,
+    #          host [9,10], B1 [10,12]
+    sched = sch.build("1f1b", 2, 2)
+    h = simulate(sched, EQUAL2, [LinkCosts(0.0, 0.0)], recv_host=HostCost(1.0))
+    assert h.step_ms == pytest.approx(12.0)
+    assert [iv for iv in spans(h, "stage 0") if iv[0] == "B"] == [("B", 0, 6.0, 8.0), ("B", 1, 10.0, 12.0)]
+
+
+def test_simulate_plan_passes_the_costs_outside_the_stages():
+    from conftest import inline_topology
+
+    from cluster.topology import topology_from_container
+    from partitioners import LayerProfile, PlanRequest, partition
+    from partitioners.partition import simulate_plan
+
+    layers = [
+        LayerProfile(
+            f"l{i}", params=1000, fwd_flops=10**9, bwd_flops=2 * 10**9, in_bytes=2e6, out_bytes=2e6, saved_bytes=10_000
+        )
+        for i in range(4)
+    ]
+    topo = topology_from_container(inline_topology())
+    plan = partition("uniform", PlanRequest(layers=layers, topology=topo, schedule="gpipe", num_micro_batches=2))
+    assert plan.num_stages >= 2
+    base = simulate_plan(plan)
+    assert simulate_plan(plan, step_overhead_ms=4.0).step_ms == pytest.approx(base.step_ms + 4.0)
+    h = simulate_plan(plan, send_host=HostCost(0.0, 2.0), labels_bytes=1e6)
+    # every send's host work is 2 ms per MB of the plan's cut bytes (labels: 1 MB)
+    cut = plan.stages[0].cut_bytes
+    sends0 = [iv.end_ms - iv.start_ms for iv in h.timeline if iv.kind == HOST and iv.resource == "stage 0"]
+    assert sends0 == pytest.approx([2.0] + [2.0 * cut / 1e6] * 2)  # labels, then act 0 and act 1
+    assert h.step_ms > base.step_ms
