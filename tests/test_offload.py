@@ -258,3 +258,21 @@ def test_two_replicas_equal_one_on_the_whole_batch(ray_cluster, tmp_path, family
     assert len(replicated) == 1
     assert two.losses == pytest.approx(one.losses, rel=1e-5)
     assert_same(final_state(two.run_dir, 2), final_state(one.run_dir, 2))
+
+
+def test_offload_on_a_device_with_too_little_host_memory_is_one_line(tmp_path):
+    """cloud-c (cuda) fits stage 1 only with offload, and its host cannot hold what offload
+    moves there: the plan fails with one line naming the device and its host memory."""
+    from splitlearn.errors import PlanError
+    from splitlearn.trainer import make_plan
+
+    raw = raw_config(tmp_path, "host", finetune__by_stage={"1": {"offload": "optimizer"}})
+    cloud = next(d for d in raw["topology"]["inline"]["devices"] if d["name"] == "cloud-c")
+    cloud.update(accelerator="cuda", host_memory_gb=1.0)
+    stage = make_plan(config_from_container(raw, [], "test", tmp_path)).stages[1]
+    assert stage.offload == "optimizer" and stage.host_memory_gb > 0
+    cloud.update(memory_gb=stage.memory_gb * 1.01, host_memory_gb=stage.host_memory_gb / 2)
+    with pytest.raises(PlanError) as e:
+        make_plan(config_from_container(raw, [], "test", tmp_path))
+    msg = str(e.value)
+    assert "device 'cloud-c'" in msg and "host memory" in msg and "host_memory_gb=" in msg and "\n" not in msg
