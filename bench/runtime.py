@@ -9,6 +9,10 @@
     schedule, from a measured, calibrated profile of the model on this machine. Each row also
     records the predicted compute of each stage and the 1-minute load average when it ended
     (on a shared machine, other work running inflates the measured step, not the profile).
+    The prediction also counts the costs the stages' action lists do not hold, each MEASURED
+    here first (``host_costs`` in the JSON, :func:`measure_host_costs`): the driver's Ray
+    round trip and the grad-norm all-reduce per step, and the host CPU that each end of a
+    transfer spends in gloo (a gloo stream between two processes at a few sizes).
 
     python bench/runtime.py          # writes bench/results/runtime-cpu.json
 """
@@ -17,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import platform
+import resource
+import socket
 import statistics
 import sys
 import time
@@ -31,7 +38,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 import torch  # noqa: E402
 
 from cluster.ray_cluster import connect  # noqa: E402
+from partitioners.partition import simulate_plan  # noqa: E402
 from partitioners.profile import calibrate_tflops  # noqa: E402
+from partitioners.simulator import HostCost  # noqa: E402
 from splitlearn.config import config_from_container  # noqa: E402
 from splitlearn.data import BatchSource, load_dataset  # noqa: E402
 from splitlearn.models import build_model  # noqa: E402
@@ -117,6 +126,129 @@ def plain_loop(cfg, steps: int) -> float:
     return statistics.median(times)
 
 
+# -- costs outside the stages' action lists, measured on this machine -----------------------
+
+HEADER_BYTES = 8 * 8  # the runtime's per-tensor header: int64[8], sent before the payload
+TRANSFER_SIZES = (16 * 1024, 128 * 1024, 512 * 1024, 1024 * 1024)  # labels, int8 / fp32 activations
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process, every thread (gloo's network threads included)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _gloo_bench(rank: int, port: int, reps: int, q) -> None:
+    """Rank 0 streams ``reps`` transfers of each size to rank 1 the way the runtime does (a
+    header, then the payload; isend and wait at the end; the receiver blocks in recv), and
+    each rank reports its CPU seconds per transfer. Then the grad-norm all-reduce (one fp32
+    scalar over both ranks), wall time per call."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    out: dict = {"cpu_ms": {}, "allreduce_ms": None}
+    header = torch.zeros(HEADER_BYTES // 8, dtype=torch.int64)
+    for nbytes in TRANSFER_SIZES:
+        payload = torch.zeros(nbytes // 4)
+        rounds = []
+        for r in range(4):  # round 0 warms up (connections, allocations)
+            dist.barrier()
+            c0 = _cpu_s()
+            if rank == 0:
+                works = []
+                for _ in range(reps):
+                    works += [dist.isend(header, 1), dist.isend(payload, 1)]
+                for w in works:
+                    w.wait()
+            else:
+                for _ in range(reps):
+                    dist.recv(header, 0)
+                    dist.recv(payload, 0)
+            if r:
+                rounds.append((_cpu_s() - c0) / reps * 1e3)
+        out["cpu_ms"][nbytes] = statistics.median(rounds)
+    x = torch.ones(())
+    times = []
+    for i in range(220):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(x)
+        if i >= 20:
+            times.append((time.perf_counter() - t0) * 1e3)
+    out["allreduce_ms"] = statistics.median(times)
+    dist.destroy_process_group()
+    q.put((rank, out))
+
+
+def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares ``y = a + b x``."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def measure_host_costs(reps: int = 100, pings: int = 300) -> dict:
+    """The costs a step pays outside its stages' action lists, measured here.
+
+    Per transfer, host CPU on each end: CPU time (``getrusage`` of the whole process, so gloo's
+    own network threads count) of a sender and a receiver process, per transfer, fitted as
+    ``fixed + per MB`` over a few sizes. CPU time rather than the wall time of a ping-pong
+    pinned to one core: what the simulator needs is how long a transfer keeps a core from the
+    stage's compute. In the rehearsal the two workers' single-threaded compute already fills
+    the two cores, so every CPU millisecond gloo spends is taken from a stage; the wall time of
+    a pinned ping-pong would add the loopback latency and the scheduler's hand-offs between
+    the two processes, which the link emulation and the stage's own waits already count.
+
+    Per step: the driver's Ray round trip (median wall time of an empty call to two actors
+    at once, as ``StageGroup.step`` calls its workers) and the grad-norm all-reduce (median
+    wall time of a one-scalar gloo all-reduce between two processes)."""
+    import ray
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [ctx.Process(target=_gloo_bench, args=(r, port, reps, q)) for r in range(2)]
+    for pr in procs:
+        pr.start()
+    res = dict(q.get(timeout=300) for _ in procs)
+    for pr in procs:
+        pr.join(60)
+    sizes = list(TRANSFER_SIZES)
+    send = _fit([n + HEADER_BYTES for n in sizes], [res[0]["cpu_ms"][n] for n in sizes])
+    recv = _fit([n + HEADER_BYTES for n in sizes], [res[1]["cpu_ms"][n] for n in sizes])
+
+    @ray.remote(num_cpus=0)
+    class Pinger:
+        def ping(self, step: int) -> dict:
+            return {"step": step}
+
+    actors = [Pinger.remote(), Pinger.remote()]
+    ray.get([a.ping.remote(-1) for a in actors])
+    rtt = []
+    for i in range(pings):
+        t0 = time.perf_counter()
+        ray.get([a.ping.remote(i) for a in actors])
+        rtt.append((time.perf_counter() - t0) * 1e3)
+    for a in actors:
+        ray.kill(a)
+    return {
+        "transfer_cpu_ms": {
+            "bytes": [n + HEADER_BYTES for n in sizes],
+            "sender": [res[0]["cpu_ms"][n] for n in sizes],
+            "receiver": [res[1]["cpu_ms"][n] for n in sizes],
+        },
+        "send_host": {"fixed_ms": send[0], "ms_per_mb": send[1] * 1e6},
+        "recv_host": {"fixed_ms": recv[0], "ms_per_mb": recv[1] * 1e6},
+        "ray_round_trip_ms": statistics.median(rtt),
+        "grad_norm_allreduce_ms": res[0]["allreduce_ms"],
+        "step_overhead_ms": statistics.median(rtt) + res[0]["allreduce_ms"],
+        "load_1min": os.getloadavg()[0],
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
@@ -175,6 +307,20 @@ def main() -> int:
             cfg = run_config(tflops, ["edge", "cloud"], [4], "1f1b", 4)
             prof, _ = profile_model(cfg, repeats=5)
             prof.calibrated_tflops = tflops  # the topology's devices are this machine, one thread each
+            host = measure_host_costs()
+            results["host_costs"] = host
+            send_host, recv_host = HostCost(**host["send_host"]), HostCost(**host["recv_host"])
+            print(
+                f"    measured: Ray round trip {host['ray_round_trip_ms']:.2f} ms, grad-norm all-reduce "
+                f"{host['grad_norm_allreduce_ms']:.2f} ms; host CPU per transfer: send "
+                f"{send_host.fixed_ms:.3f} + {send_host.ms_per_mb:.2f}/MB ms, receive "
+                f"{recv_host.fixed_ms:.3f} + {recv_host.ms_per_mb:.2f}/MB ms"
+            )
+            # the step's labels, int64, one header: the emulator sends them to the last stage
+            # on the same emulated wire as the activations (first, at the step's start); the
+            # simulator gives them their own line, which here gives the same times (they are
+            # done long before the first activation leaves, after a forward)
+            labels_bytes = 16 * 128 * 8 + HEADER_BYTES
             links = {
                 "LAN 1 Gbit/s": {"bandwidth_mbps": 1000, "latency_ms": 0.5},
                 "100 Mbit/s": {"bandwidth_mbps": 100, "latency_ms": 5},
@@ -188,7 +334,15 @@ def main() -> int:
                         tflops, ["edge", "cloud"], [4], "1f1b", 4, link=link, codec=codec, emulate_links=True
                     )
                     plan, step_s, _ = measure_runtime(cfg, args.steps, profile=prof)
-                    pred = plan.predicted["simulated_step_ms"]
+                    stages_only = plan.predicted["simulated_step_ms"]
+                    pred = simulate_plan(
+                        plan,
+                        labels_ms=cfg.topology.transfer_ms("edge", "cloud", labels_bytes),
+                        step_overhead_ms=host["step_overhead_ms"],
+                        send_host=send_host,
+                        recv_host=recv_host,
+                        labels_bytes=labels_bytes,
+                    ).step_ms
                     rows.append(
                         {
                             "link": lname,
@@ -196,6 +350,8 @@ def main() -> int:
                             "measured_ms": step_s * 1e3,
                             "predicted_ms": pred,
                             "ratio": step_s * 1e3 / pred,
+                            "predicted_stages_only_ms": stages_only,
+                            "ratio_stages_only": step_s * 1e3 / stages_only,
                             "predicted_stage_compute_ms": [
                                 round(4 * (st.fwd_ms + st.bwd_ms) + st.opt_ms, 1) for st in plan.stages
                             ],
