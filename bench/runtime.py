@@ -138,36 +138,46 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+LATE_S = 0.005  # a late receiver reaches its receive this long after the data was sent
+
+
 def _gloo_bench(rank: int, port: int, reps: int, q) -> None:
     """Rank 0 streams ``reps`` transfers of each size to rank 1 the way the runtime does (a
     header, then the payload; isend and wait at the end; the receiver blocks in recv), and
-    each rank reports its CPU seconds per transfer. Then the grad-norm all-reduce (one fp32
-    scalar over both ranks), wall time per call."""
+    each rank reports its CPU seconds per transfer; twice: with the receiver waiting in its
+    receive ("posted"), and with the receiver reaching each receive ``LATE_S`` after the data
+    was sent ("late", it sleeps, which costs no CPU), as a stage does when the transfer comes
+    in while it computes: gloo then holds the message until it is asked for, at a higher CPU
+    cost. Then the grad-norm all-reduce (one fp32 scalar over both ranks), wall time per call."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    out: dict = {"cpu_ms": {}, "allreduce_ms": None}
+    out: dict = {"posted": {}, "late": {}, "allreduce_ms": None}
     header = torch.zeros(HEADER_BYTES // 8, dtype=torch.int64)
-    for nbytes in TRANSFER_SIZES:
-        payload = torch.zeros(nbytes // 4)
-        rounds = []
-        for r in range(4):  # round 0 warms up (connections, allocations)
-            dist.barrier()
-            c0 = _cpu_s()
-            if rank == 0:
-                works = []
-                for _ in range(reps):
-                    works += [dist.isend(header, 1), dist.isend(payload, 1)]
-                for w in works:
-                    w.wait()
-            else:
-                for _ in range(reps):
-                    dist.recv(header, 0)
-                    dist.recv(payload, 0)
-            if r:
-                rounds.append((_cpu_s() - c0) / reps * 1e3)
-        out["cpu_ms"][nbytes] = statistics.median(rounds)
+    for mode in ("posted", "late"):
+        n = reps if mode == "posted" else max(reps // 3, 10)
+        for nbytes in TRANSFER_SIZES:
+            payload = torch.zeros(nbytes // 4)
+            rounds = []
+            for r in range(4):  # round 0 warms up (connections, allocations)
+                dist.barrier()
+                c0 = _cpu_s()
+                if rank == 0:
+                    works = []
+                    for _ in range(n):
+                        works += [dist.isend(header, 1), dist.isend(payload, 1)]
+                    for w in works:
+                        w.wait()
+                else:
+                    for _ in range(n):
+                        if mode == "late":
+                            time.sleep(LATE_S)
+                        dist.recv(header, 0)
+                        dist.recv(payload, 0)
+                if r:
+                    rounds.append((_cpu_s() - c0) / n * 1e3)
+            out[mode][nbytes] = statistics.median(rounds)
     x = torch.ones(())
     times = []
     for i in range(220):
@@ -182,9 +192,12 @@ def _gloo_bench(rank: int, port: int, reps: int, q) -> None:
 
 
 def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least squares ``y = a + b x``."""
+    """Least squares ``y = a + b x``; a cost cannot fall with the bytes, so when the fitted
+    slope is negative (noise larger than the size effect) the cost is the median, flat."""
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    if b < 0:
+        return statistics.median(ys), 0.0
     return my - b * mx, b
 
 
@@ -193,7 +206,9 @@ def measure_host_costs(reps: int = 100, pings: int = 300) -> dict:
 
     Per transfer, host CPU on each end: CPU time (``getrusage`` of the whole process, so gloo's
     own network threads count) of a sender and a receiver process, per transfer, fitted as
-    ``fixed + per MB`` over a few sizes. CPU time rather than the wall time of a ping-pong
+    ``fixed + per MB`` over a few sizes, for a receiver waiting in its receive and for a late
+    one (see :func:`_gloo_bench`); the sender's cost is the late case's, the common one in the
+    compute-bound rows (a stage computes while its neighbour's transfer comes in). CPU time rather than the wall time of a ping-pong
     pinned to one core: what the simulator needs is how long a transfer keeps a core from the
     stage's compute. In the rehearsal the two workers' single-threaded compute already fills
     the two cores, so every CPU millisecond gloo spends is taken from a stage; the wall time of
@@ -217,8 +232,10 @@ def measure_host_costs(reps: int = 100, pings: int = 300) -> dict:
     for pr in procs:
         pr.join(60)
     sizes = list(TRANSFER_SIZES)
-    send = _fit([n + HEADER_BYTES for n in sizes], [res[0]["cpu_ms"][n] for n in sizes])
-    recv = _fit([n + HEADER_BYTES for n in sizes], [res[1]["cpu_ms"][n] for n in sizes])
+    xs = [n + HEADER_BYTES for n in sizes]
+    send = _fit(xs, [res[0]["late"][n] for n in sizes])
+    recv = _fit(xs, [res[1]["posted"][n] for n in sizes])
+    recv_late = _fit(xs, [res[1]["late"][n] for n in sizes])
 
     @ray.remote(num_cpus=0)
     class Pinger:
@@ -236,12 +253,16 @@ def measure_host_costs(reps: int = 100, pings: int = 300) -> dict:
         ray.kill(a)
     return {
         "transfer_cpu_ms": {
-            "bytes": [n + HEADER_BYTES for n in sizes],
-            "sender": [res[0]["cpu_ms"][n] for n in sizes],
-            "receiver": [res[1]["cpu_ms"][n] for n in sizes],
+            "bytes": xs,
+            **{
+                f"{who}_{mode}": [res[rank][mode][n] for n in sizes]
+                for rank, who in enumerate(("sender", "receiver"))
+                for mode in ("posted", "late")
+            },
         },
         "send_host": {"fixed_ms": send[0], "ms_per_mb": send[1] * 1e6},
         "recv_host": {"fixed_ms": recv[0], "ms_per_mb": recv[1] * 1e6},
+        "recv_late_host": {"fixed_ms": recv_late[0], "ms_per_mb": recv_late[1] * 1e6},
         "ray_round_trip_ms": statistics.median(rtt),
         "grad_norm_allreduce_ms": res[0]["allreduce_ms"],
         "step_overhead_ms": statistics.median(rtt) + res[0]["allreduce_ms"],
@@ -310,11 +331,13 @@ def main() -> int:
             host = measure_host_costs()
             results["host_costs"] = host
             send_host, recv_host = HostCost(**host["send_host"]), HostCost(**host["recv_host"])
+            recv_late_host = HostCost(**host["recv_late_host"])
             print(
                 f"    measured: Ray round trip {host['ray_round_trip_ms']:.2f} ms, grad-norm all-reduce "
                 f"{host['grad_norm_allreduce_ms']:.2f} ms; host CPU per transfer: send "
                 f"{send_host.fixed_ms:.3f} + {send_host.ms_per_mb:.2f}/MB ms, receive "
-                f"{recv_host.fixed_ms:.3f} + {recv_host.ms_per_mb:.2f}/MB ms"
+                f"{recv_host.fixed_ms:.3f} + {recv_host.ms_per_mb:.2f}/MB ms (late "
+                f"{recv_late_host.fixed_ms:.3f} + {recv_late_host.ms_per_mb:.2f}/MB ms)"
             )
             # the step's labels, int64, one header: the emulator sends them to the last stage
             # on the same emulated wire as the activations (first, at the step's start); the
@@ -341,6 +364,7 @@ def main() -> int:
                         step_overhead_ms=host["step_overhead_ms"],
                         send_host=send_host,
                         recv_host=recv_host,
+                        recv_late_host=recv_late_host,
                         labels_bytes=labels_bytes,
                     ).step_ms
                     rows.append(

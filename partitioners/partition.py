@@ -1112,6 +1112,7 @@ def simulate_plan(
     step_overhead_ms: float = 0.0,
     send_host=None,
     recv_host=None,
+    recv_late_host=None,
     labels_bytes: float = 0.0,
 ):
     """Run the simulator on a plan's predicted costs with the schedule the workers run:
@@ -1119,7 +1120,8 @@ def simulate_plan(
 
     The costs outside the plan's stages are zero unless given (see
     :func:`partitioners.simulator.simulate`): ``step_overhead_ms`` per step, and the host CPU
-    of each end of a transfer (``send_host`` / ``recv_host``, :class:`~partitioners.simulator.HostCost`)
+    of each end of a transfer (``send_host`` / ``recv_host`` / ``recv_late_host``,
+    :class:`~partitioners.simulator.HostCost`)
     of the plan's ``cut_bytes`` per activation and gradient, ``labels_bytes`` per labels transfer."""
     from partitioners import schedule as S
     from partitioners.simulator import LinkCosts, StageCosts, simulate
@@ -1137,6 +1139,7 @@ def simulate_plan(
         step_overhead_ms=step_overhead_ms,
         send_host=send_host,
         recv_host=recv_host,
+        recv_late_host=recv_late_host,
         labels_bytes=labels_bytes,
     )
 

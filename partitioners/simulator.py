@@ -14,7 +14,9 @@ and mirrors the runtime's rules:
 - optionally (``send_host``/``recv_host``, default free) each end of a transfer also spends
   host CPU on it, ``fixed_ms + ms_per_mb * MB`` (:class:`HostCost`): the sender's stage is
   busy for its share right after it issues the send (the transfer starts at the issue), the
-  receiver's right after the transfer has arrived, before its next action. This is the
+  receiver's right after the transfer has arrived, before its next action (``recv_late_host``
+  instead when the transfer had already arrived when the receiver reached its receive: the
+  library then holds the message until it is asked for it, which costs more). This is the
   communication library's own work (copies, socket calls, its network threads), which on a
   host with as many cores as stages competes with the stages' compute for the cores;
 - optionally (``step_overhead_ms``, default 0) a fixed cost per step that no stage's list
@@ -189,7 +191,8 @@ class _Wire:
     src: tuple[int, int]  # the sending (stage, replica)
     transfer_ms: float
     send_host_ms: float = 0.0  # the sender's CPU per transfer
-    recv_host_ms: float = 0.0  # the receiver's CPU per transfer
+    recv_host_ms: float = 0.0  # the receiver's CPU per transfer, waiting for it at its receive
+    recv_late_host_ms: float = 0.0  # ... reaching its receive after the transfer arrived
     free_at: float = 0.0
     busy_ms: float = 0.0
     pending: dict[int, float] = field(default_factory=dict)  # micro-batch -> arrival, not yet received
@@ -203,21 +206,23 @@ def _wires(
     labels_bytes: float = 0.0,
     send_host: HostCost | None = None,
     recv_host: HostCost | None = None,
+    recv_late_host: HostCost | None = None,
 ) -> dict[str, _Wire]:
     snd, rcv = send_host or HostCost(), recv_host or HostCost()
+    late = recv_late_host or rcv
     wires: dict[str, _Wire] = {}
     for s, link in enumerate(links):
         for r, q in replica_pairs(replicas[s], replicas[s + 1], m):
             a, b = _node(s, r, replicas[s]), _node(s + 1, q, replicas[s + 1])
-            act = snd(link.act_bytes), rcv(link.act_bytes)
-            grad = snd(link.grad_bytes), rcv(link.grad_bytes)
+            act = snd(link.act_bytes), rcv(link.act_bytes), late(link.act_bytes)
+            grad = snd(link.grad_bytes), rcv(link.grad_bytes), late(link.grad_bytes)
             wires[link_resource(a, b)] = _Wire(link_resource(a, b), (s, r), link.act_ms, *act)
             wires[link_resource(b, a)] = _Wire(link_resource(b, a), (s + 1, q), link.grad_ms, *grad)
     n = len(replicas)
     if n > 1:
         for q in range(replicas[-1]):
             name = labels_resource(n, _node(n - 1, q, replicas[-1]))
-            wires[name] = _Wire(name, (0, 0), labels_ms, snd(labels_bytes), rcv(labels_bytes))
+            wires[name] = _Wire(name, (0, 0), labels_ms, snd(labels_bytes), rcv(labels_bytes), late(labels_bytes))
     return wires
 
 
@@ -263,6 +268,7 @@ def simulate(
     step_overhead_ms: float = 0.0,
     send_host: HostCost | None = None,
     recv_host: HostCost | None = None,
+    recv_late_host: HostCost | None = None,
     labels_bytes: float = 0.0,
 ) -> SimResult:
     """Replay one step of ``schedule`` (one action list per stage) on the given costs.
@@ -283,8 +289,9 @@ def simulate(
     ``send_host`` / ``recv_host`` (:class:`HostCost` of the transfer's bytes,
     ``LinkCosts.act_bytes`` / ``grad_bytes``, ``labels_bytes``) is the host CPU a sender
     spends right after issuing a send and a receiver right after the transfer arrived, each
-    on its own stage (``HOST`` intervals, counted as busy). The transfer itself still starts
-    when it is issued.
+    on its own stage (``HOST`` intervals, counted as busy); ``recv_late_host`` (default
+    ``recv_host``) replaces ``recv_host`` for a transfer that had arrived before its receiver
+    reached the receive. The transfer itself still starts when it is issued.
 
     Raises :class:`DeadlockError` when the lists wait on each other or on a transfer never
     sent, and :class:`~partitioners.schedule.ScheduleError` for a send or receive with no wire
@@ -305,7 +312,7 @@ def simulate(
     if bad:
         raise ScheduleError(f"stage {bad[0]}: {inferred} micro-batches do not share among {replicas[bad[0]]} replicas")
 
-    wires = _wires(links, replicas, labels_ms, inferred, labels_bytes, send_host, recv_host)
+    wires = _wires(links, replicas, labels_ms, inferred, labels_bytes, send_host, recv_host, recv_late_host)
     workers = [(s, r) for s in range(n) for r in range(replicas[s])]
     index = {w: i for i, w in enumerate(workers)}
     acts_of = [replica_actions(schedule[s], r, replicas[s]) for s, r in workers]
@@ -382,8 +389,10 @@ def simulate(
                     wr = wire(name, w, a)
                     if a.mb not in wr.pending:
                         break  # blocked until the sender issues it
-                    clock[w] = max(clock[w], wr.pending.pop(a.mb))
-                    host(w, s, r, a.mb, wr.recv_host_ms)
+                    arrival = wr.pending.pop(a.mb)
+                    host_ms = wr.recv_late_host_ms if arrival < clock[w] else wr.recv_host_ms
+                    clock[w] = max(clock[w], arrival)
+                    host(w, s, r, a.mb, host_ms)
                 else:
                     raise ScheduleError(f"stage {names[w]}: unknown action {a}")
                 pc[w] += 1

@@ -374,3 +374,21 @@ def test_simulate_plan_passes_the_costs_outside_the_stages():
     sends0 = [iv.end_ms - iv.start_ms for iv in h.timeline if iv.kind == HOST and iv.resource == "stage 0"]
     assert sends0 == pytest.approx([2.0] + [2.0 * cut / 1e6] * 2)  # labels, then act 0 and act 1
     assert h.step_ms > base.step_ms
+
+
+def test_late_receiver_pays_its_own_host_cost():
+    # as above (1f1b, 2 stages, 2 micro-batches, free links), receiving costs 1 ms when the
+    # receiver waits for the transfer, 3 ms when the transfer arrived before it got there:
+    # stage 1: labels (at 0, there at 0: waiting) host [0,1]; act0 arrives 1, host [1,2]; F0 [2,3]
+    #          B0 [3,5]; act1 arrived at 2 < 5: late, host [5,8]; F1 [8,9] B1 [9,11]
+    # stage 0: F0 [0,1] F1 [1,2]; grad0 arrives 5 > 2, host [5,6], B0 [6,8]; grad1 arrives
+    #          11 > 8, host [11,12], B1 [12,14]
+    sched = sch.build("1f1b", 2, 2)
+    h = simulate(sched, EQUAL2, [LinkCosts(0.0, 0.0)], recv_host=HostCost(1.0), recv_late_host=HostCost(3.0))
+    assert h.step_ms == pytest.approx(14.0)
+    assert [iv for iv in spans(h, "stage 1") if iv[0] == HOST] == [
+        (HOST, -1, 0.0, 1.0),
+        (HOST, 0, 1.0, 2.0),
+        (HOST, 1, 5.0, 8.0),
+    ]
+    assert [iv for iv in spans(h, "stage 0") if iv[0] == HOST] == [(HOST, 0, 5.0, 6.0), (HOST, 1, 11.0, 12.0)]
