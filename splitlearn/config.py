@@ -347,7 +347,7 @@ def validate(cfg: LoadedConfig) -> None:
     if lo.target_modules is not None and not lo.target_modules:
         fail("finetune.lora.target_modules", "an empty list adapts nothing; use null for the family's default")
 
-    _check_offload(fail, r)
+    _check_offload(r)
 
     rt = r.runtime
     choice("runtime.schedule", rt.schedule, SCHEDULES)
@@ -379,22 +379,11 @@ def _check_override(fail, choice, key: str, over: FinetuneOverride) -> None:
         fail(f"{key}.frozen_dtype", f"{over.frozen_dtype} stores frozen weights, but method full freezes none")
 
 
-def _check_offload(fail, r: RunConfig) -> None:
+def _check_offload(r: RunConfig) -> None:
     """The offload modes the config asks for, against its ``deepspeed:`` section."""
     from splitlearn.zero import check_user_section
 
     f = r.finetune
-    asked = {"finetune.offload": f.offload}
-    asked.update({f"finetune.by_tier.{k}.offload": o.offload for k, o in f.by_tier.items() if o.offload})
-    asked.update({f"finetune.by_stage.{k}.offload": o.offload for k, o in f.by_stage.items() if o.offload})
-    for key, mode in asked.items():
-        if mode == "none":
-            continue
+    modes = {f.offload, *(o.offload for o in (*f.by_tier.values(), *f.by_stage.values()) if o.offload)}
+    for mode in sorted(modes):
         check_user_section(r.deepspeed, mode)
-        if mode == "params":
-            fail(
-                key,
-                "offload: params (ZeRO-3) cannot run inside a pipeline yet: DeepSpeed's stage 3 calls "
-                "world-wide collectives that the other stages never join; use offload: optimizer",
-            )
-    check_user_section(r.deepspeed, "none")

@@ -98,8 +98,24 @@ def meta_chain_names(cfg: LoadedConfig) -> list[str]:
 def make_plan(cfg: LoadedConfig, partitioner: str | None = None, request: PlanRequest | None = None) -> Plan:
     req = request or plan_request(cfg)
     plan = partition(partitioner or cfg.run.plan.partitioner, req)
+    check_offload_schedule(cfg, plan)
     simulate_plan(plan)
     return plan
+
+
+def check_offload_schedule(cfg: LoadedConfig, plan: Plan) -> None:
+    """A params-offloaded (ZeRO-3) stage must hold one micro-batch at a time: checked on the
+    plan, before anything is placed."""
+    from partitioners import schedule as S
+    from splitlearn.zero import check_schedule
+
+    run = cfg.run
+    sched = S.build(run.runtime.schedule, plan.num_stages, run.train.micro_batches)
+    for st in plan.stages:
+        for r in range(len(st.devices)):
+            check_schedule(
+                st.offload, S.replica_actions(sched[st.index], r, len(st.devices)), st.index, run.runtime.schedule
+            )
 
 
 def simulate_plan(plan: Plan) -> None:

@@ -170,11 +170,6 @@ class StageWorker:
         """What an offloaded stage needs, checked before any process group exists."""
         from splitlearn import zero
 
-        if self.offload == "params":
-            raise ConfigError(
-                f"stage {self.stage}: offload: params (ZeRO-3) cannot run inside a pipeline yet: DeepSpeed's "
-                "stage 3 calls world-wide collectives that the other stages never join; use offload: optimizer"
-            )
         if self.tied:
             raise ConfigError(
                 f"stage {self.stage} holds a weight tied to another stage ({', '.join(sorted(self.tied))}), whose "
@@ -187,6 +182,7 @@ class StageWorker:
                 f"{self.num_replicas} replicas"
             )
         zero.check_user_section(self.run.deepspeed, self.offload)
+        zero.check_schedule(self.offload, self.actions, self.stage, self.run.runtime.schedule)
         zero.ensure_ops(self.device_name, self.device.type == "cuda")
 
     def _rank_of(self, stage: int, mb: int) -> int:
@@ -194,42 +190,55 @@ class StageWorker:
         return self.offsets[stage] + mb % self.replicas[stage]
 
     def init_dist(self, addr: str, port: int) -> None:
+        """Join the pipeline: standalone process groups on one store served by rank 0 (see
+        :mod:`splitlearn.fabric`), then, on an offloaded stage, torch's default group over
+        the stage's replicas and DeepSpeed's engine on it."""
+        from splitlearn import fabric
+
         timeout = datetime.timedelta(seconds=self.run.runtime.timeout_s)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://{addr}:{port}",
-            rank=self.rank,
-            world_size=self.world_size,
-            timeout=timeout,
-        )
+        self.store = fabric.store_for(addr, port, self.rank, self.world_size, timeout)
         n, M = self.num_stages, self.run.train.micro_batches
-        # Every rank creates every group, in the same order: one per pair of ranks that
-        # exchange micro-batches, NCCL when both ends are CUDA devices (tensors stay on the
-        # GPUs), gloo through host memory otherwise.
+        wanted: list[tuple[str, list[int], str]] = [("world", list(range(self.world_size)), "gloo")]
+        # one group per pair of ranks that exchange micro-batches: NCCL when both ends are
+        # CUDA devices (tensors stay on the GPUs), gloo through host memory otherwise
         pairs = sorted({(self._rank_of(s, m), self._rank_of(s + 1, m)) for s in range(n - 1) for m in range(M)})
-        self.link_groups: dict[tuple[int, int], Any] = {}
-        self.link_backends: dict[tuple[int, int], str] = {}
         for a, b in pairs:
             backend = "nccl" if self._is_cuda_rank(a) and self._is_cuda_rank(b) else "gloo"
-            self.link_groups[(a, b)] = dist.new_group([a, b], timeout=timeout, backend=backend)
-            self.link_backends[(a, b)] = backend
+            wanted.append((f"link/{a}-{b}", [a, b], backend))
         # the data owner and every replica of the loss stage: labels, tied embed/head gradients
-        last = [self.offsets[n - 1] + r for r in range(self.replicas[n - 1])]
-        self.ends_group = dist.new_group([0, *last], timeout=timeout) if n > 1 else None
-        self.replica_groups = {}
+        if n > 1:
+            wanted.append(("ends", [0, *[self.offsets[n - 1] + r for r in range(self.replicas[n - 1])]], "gloo"))
         for s in range(n):
-            if self.replicas[s] > 1 or self.plan.stages[s].offload != "none":
-                ranks = [self.offsets[s] + r for r in range(self.replicas[s])]
-                self.replica_groups[s] = dist.new_group(ranks, timeout=timeout)
-        if any(st.offload != "none" for st in self.plan.stages):
-            own = [dist.new_group([r], timeout=timeout) for r in range(self.world_size)]
+            if self.replicas[s] > 1:
+                wanted.append((f"replicas/{s}", [self.offsets[s] + r for r in range(self.replicas[s])], "gloo"))
+        groups = fabric.build(self.store, self.rank, timeout, wanted)
+        self.world = groups["world"]
+        self.link_groups = {k: g for k, g in groups.items() if k.startswith("link/")}
+        self.ends_group = groups.get("ends")
+        self.replica_group = groups.get(f"replicas/{self.stage}")
         self.world_ready = True
         if self.offload != "none":
-            self._init_deepspeed(self.replica_groups[self.stage], own[self.rank])
+            self._init_deepspeed(timeout)
 
-    def _init_deepspeed(self, replica_group, own_group) -> None:
+    def _init_deepspeed(self, timeout: datetime.timedelta) -> None:
+        """torch's default group over this stage's replicas (replica 0 publishes an address
+        in the store), then DeepSpeed on it: its world is the replica group."""
         from splitlearn import zero
 
+        key = f"splitlearn/deepspeed/{self.stage}"
+        if self.replica == 0:
+            ip, port = self.rendezvous_address()
+            self.store.set(key, f"{ip}:{port}")
+        address = self.store.get(key).decode()
+        on_cuda = self.device.type == "cuda"
+        dist.init_process_group(
+            "nccl" if on_cuda else "gloo",
+            init_method=f"tcp://{address}",
+            rank=self.replica,
+            world_size=self.num_replicas,
+            timeout=timeout,
+        )
+        own = [dist.new_group([r]) for r in range(self.num_replicas)]
         mbs = self.run.train.micro_batches
         params = [p for p in self.segment.parameters() if p.requires_grad]
         config = zero.ds_config(
@@ -239,11 +248,12 @@ class StageWorker:
             micro_batches_per_replica=mbs // self.num_replicas,
             replicas=self.num_replicas,
             trainable_params=sum(p.numel() for p in params),
-            on_cuda=self.device.type == "cuda",
+            on_cuda=on_cuda,
             user=self.run.deepspeed,
         )
-        env = {"RANK": self.rank, "WORLD_SIZE": self.world_size, "LOCAL_RANK": 0}
-        self.engine = zero.initialize(self.segment, params, config, zero.ReplicaGroups(replica_group, own_group), env)
+        env = {"RANK": self.replica, "WORLD_SIZE": self.num_replicas, "LOCAL_RANK": 0}
+        groups = zero.ReplicaGroups(dist.group.WORLD, own[self.replica])
+        self.engine = zero.initialize(self.segment, params, config, groups, env)
         self.optimizer = zero.inner_optimizer(self.engine)
 
     def _device_of(self, rank: int) -> str:
@@ -255,7 +265,7 @@ class StageWorker:
         return dev.accelerator == "cuda" and torch.cuda.is_available()
 
     def _group(self, peer: int):
-        return self.link_groups[(min(self.rank, peer), max(self.rank, peer))]
+        return self.link_groups[f"link/{min(self.rank, peer)}-{max(self.rank, peer)}"]
 
     # -- transfers ------------------------------------------------------------------------
     def _arrival_ns(self, peer: int, nbytes: int) -> int:
@@ -285,13 +295,11 @@ class StageWorker:
         nbytes = _HEADER_LEN * 8 + codecs.wire_bytes(parts)
         header = _header(t, mask is not None, _CODECS.index(codec), self._arrival_ns(dst, nbytes))
         for part in [header.to(t.device) if gpu else header, *parts]:
-            self._pending.append((dist.isend(part, dst, group=group), part))
+            self._pending.append((group.isend(part, dst), part))
         return nbytes
 
     def _on_gpu(self, group) -> bool:
-        return self.device.type == "cuda" and any(
-            g is group and self.link_backends[k] == "nccl" for k, g in self.link_groups.items()
-        )
+        return self.device.type == "cuda" and group.backend == "nccl"
 
     def _wait_sends(self) -> None:
         for work, _ in self._pending:
@@ -302,18 +310,18 @@ class StageWorker:
         gpu = self._on_gpu(group)
         where = self.device if gpu else torch.device("cpu")
         h = torch.empty(_HEADER_LEN, dtype=torch.int64, device=where)
-        dist.recv(h, src, group=group)
+        group.recv(h, src)
         h = h.cpu()
         ndim, code, has_mask, codec = int(h[0]), int(h[1]), bool(h[2]), _CODECS[int(h[3])]
         shape = [int(x) for x in h[4 : 4 + ndim]]
         dtype = _DTYPES[code]
         parts = [p.to(where) for p in codecs.payload_like(shape, dtype, codec)]
         for part in parts:
-            dist.recv(part, src, group=group)
+            group.recv(part, src)
         mask = None
         if has_mask:
             mask = torch.empty(shape[:2], dtype=torch.int64, device=where)
-            dist.recv(mask, src, group=group)
+            group.recv(mask, src)
         arrival = int(h[_HEADER_LEN - 1])
         if arrival:  # link rehearsal: the transfer is not here before the real link would deliver it
             wait = (arrival - time.time_ns()) / 1e9
@@ -462,10 +470,10 @@ class StageWorker:
                     p.grad = torch.zeros_like(p)
                 if p.grad.is_cuda:  # the ends group is gloo: reduce through host memory
                     host = p.grad.cpu()
-                    dist.all_reduce(host, group=self.ends_group)
+                    self.ends_group.all_reduce(host)
                     p.grad.copy_(host)
                 else:
-                    dist.all_reduce(p.grad, group=self.ends_group)
+                    self.ends_group.all_reduce(p.grad)
         if self.engine is not None:
             # the replicas' reduced gradients are in DeepSpeed's fp32 partitions, disjoint
             # across replicas: each contributes its own partition to the global norm
@@ -485,7 +493,7 @@ class StageWorker:
             if self.replica > 0:
                 local = torch.zeros_like(local)
         if self.world_size > 1:
-            dist.all_reduce(local)
+            self.world.all_reduce(local)
         norm = float(local.sqrt())
         coef = clip_coefficient(norm, self.run.train.max_grad_norm)
         if coef < 1.0:
@@ -504,7 +512,7 @@ class StageWorker:
         grads = [p.grad for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         host = flat.cpu() if flat.is_cuda else flat  # replica groups are gloo
-        dist.all_reduce(host, group=self.replica_groups[self.stage])
+        self.replica_group.all_reduce(host)
         if host is not flat:
             flat.copy_(host)
         offset = 0
@@ -671,6 +679,9 @@ class StageWorker:
         return out
 
     def close(self) -> None:
-        if self.world_ready and dist.is_initialized():
-            dist.destroy_process_group()
+        if self.world_ready:
+            if dist.is_initialized():  # an offloaded stage's replica group
+                dist.destroy_process_group()
+            self.link_groups, self.ends_group, self.replica_group, self.world = {}, None, None, None
+            self.store = None
             self.world_ready = False

@@ -3,14 +3,16 @@
 A stage planned with ``offload: optimizer`` is wrapped by ``deepspeed.initialize`` with
 ZeRO stage 2 and ``offload_optimizer: cpu`` (DeepSpeedCPUAdam): the fp32 gradient copy and
 the Adam moments live in host memory and the step runs on the host CPU. DeepSpeed is not
-launched by its launcher: the worker has already joined the pipeline's world, and a
-model-parallel-unit object (:class:`ReplicaGroups`) hands DeepSpeed the stage's replica
-group, so its collectives never leave the stage.
+launched by its launcher: the worker has already joined the pipeline (whose groups are
+standalone, :mod:`splitlearn.fabric`), torch's default group in an offloaded stage's worker
+is the stage's replica group, and a model-parallel-unit object (:class:`ReplicaGroups`)
+hands DeepSpeed that group, so its collectives never leave the stage.
 
-Why not ZeRO-3 (``offload: params``) inside a pipeline: DeepSpeed's stage-3 code calls
-world-wide collectives (barriers in its optimizer's constructor, broadcasts from global rank
-0 in its parameter coordinator's trace checks) that the other stages of the pipeline never
-join, so it hangs. See docs/decisions.md.
+``offload: params`` uses ZeRO stage 3 with ``offload_param: cpu`` too. ZeRO-3 calls
+world-wide collectives (barriers, broadcasts from rank 0), so the pipeline's own groups are
+standalone (:mod:`splitlearn.fabric`) and torch's default group of an offloaded stage's
+worker is its replica group: DeepSpeed's world. ZeRO-3 also needs one micro-batch in flight
+per replica (:func:`check_schedule`).
 
 Everything that touches DeepSpeed's internals is here: the flat fp32 gradient partitions
 (for the pipeline-wide gradient norm) and the by-name optimizer state (checkpoints in the
@@ -78,7 +80,40 @@ def check_user_section(user: dict[str, Any], offload: str, where: str = "deepspe
     if offload == "optimizer" and stage is not None and int(stage) not in (1, 2):
         raise ConfigError(
             f"{where}.zero_optimization.stage={stage}: offload: optimizer runs ZeRO stage 2 (or 1); "
-            "stage 3 partitions the weights, which a pipeline stage cannot do yet"
+            "for stage 3 (the weights in host memory too) set offload: params"
+        )
+
+
+def most_in_flight(actions) -> int:
+    """The most micro-batches whose forward has run and whose backward has not, in one
+    action list (one replica's)."""
+    from partitioners import schedule as S
+
+    now = most = 0
+    for a in actions:
+        if a.kind == S.F:
+            now += 1
+            most = max(most, now)
+        elif a.kind == S.B:
+            now -= 1
+    return most
+
+
+def check_schedule(offload: str, actions, stage: int, schedule: str) -> None:
+    """ZeRO-3 keeps one micro-batch's gradients at a time: with a second forward before the
+    first one's backward (GPipe, or 1F1B's warm-up) it loses the first one's gradients
+    (measured with DeepSpeed 0.19.8: the parameter gradients of a two-micro-batch step came
+    out as the second micro-batch's alone). So a params-offloaded stage must run its
+    micro-batches one at a time."""
+    if offload != "params":
+        return
+    inflight = most_in_flight(actions)
+    if inflight > 1:
+        raise ConfigError(
+            f"stage {stage}: offload: params (ZeRO-3) needs one micro-batch in flight, but runtime.schedule="
+            f"{schedule} holds {inflight} on it (DeepSpeed's stage 3 then loses gradients); use "
+            "runtime.schedule: sequential, put the stage last under 1f1b, give it as many replicas as "
+            "micro-batches, or use offload: optimizer"
         )
 
 

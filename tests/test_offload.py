@@ -141,7 +141,10 @@ def test_ds_config_merges_the_users_section():
             {"finetune__offload": "params", "deepspeed": {"zero_optimization": {"stage": 2}}},
             "deepspeed.zero_optimization.stage=2: offload: params needs ZeRO stage 3",
         ),
-        ({"finetune__offload": "params"}, "finetune.offload: offload: params (ZeRO-3) cannot run inside a pipeline"),
+        (
+            {"finetune__offload": "optimizer", "deepspeed": {"zero_optimization": {"stage": 3}}},
+            "deepspeed.zero_optimization.stage=3: offload: optimizer runs ZeRO stage 2",
+        ),
         (
             {"finetune__offload": "optimizer", "deepspeed": {"gradient_clipping": 1.0}},
             "deepspeed.gradient_clipping: set by splitlearn from train.max_grad_norm",
@@ -155,6 +158,20 @@ def test_bad_offload_config_is_one_line(tmp_path, extra, message):
         config_from_container(raw, [], "test", tmp_path)
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_params_offload_with_several_micro_batches_in_flight_is_refused(tmp_path):
+    """ZeRO-3 loses gradients when a second forward runs before the first backward: a
+    params-offloaded stage under GPipe (or 1F1B's warm-up) is refused when planned."""
+    from splitlearn.trainer import make_plan
+
+    raw = raw_config(tmp_path, "z3", finetune__by_stage={"1": {"offload": "params"}}, runtime__schedule="gpipe")
+    with pytest.raises(ConfigError) as e:
+        make_plan(config_from_container(raw, [], "test", tmp_path))
+    assert "stage 1: offload: params (ZeRO-3) needs one micro-batch in flight" in str(e.value)
+    assert "runtime.schedule=gpipe holds 2" in str(e.value) and "\n" not in str(e.value)
+    raw["runtime"]["schedule"] = "sequential"  # one at a time: accepted
+    assert make_plan(config_from_container(raw, [], "test", tmp_path)).stages[1].offload == "params"
 
 
 def test_bad_offload_config_from_the_cli_exits_2(tmp_path):
@@ -221,6 +238,27 @@ def test_offloaded_stage_on_two_replicas(plain_run, tmp_path):
     for step, (a, b) in enumerate(zip(result.losses, plain.losses, strict=True)):
         assert abs(a - b) <= 1e-3 * abs(b), f"step {step}: offload x2 {a} vs plain {b}"
     assert_same(final_state(result.run_dir, 20), plain_state, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "devices, schedule",
+    [
+        (["edge-a", "cloud-c", "mid-b"], "sequential"),  # one micro-batch at a time
+        (["edge-a", "cloud-c+cloud-d", "mid-b"], "1f1b"),  # one micro-batch per replica
+    ],
+)
+def test_params_offloaded_middle_stage_tracks_the_plain_run(ray_cluster, tmp_path, devices, schedule):
+    """ZeRO-3 with the weights in host memory, inside the pipeline: DeepSpeed's world is the
+    stage's replica group (the pipeline's groups are standalone)."""
+    common = {"steps": 6, "runtime__schedule": schedule}
+    plain = run(tmp_path, raw_config(tmp_path, "plain3", devices=[d.split("+")[0] for d in devices], **common))
+    z3 = run(
+        tmp_path, raw_config(tmp_path, "z3", devices=devices, finetune__by_stage={"1": {"offload": "params"}}, **common)
+    )
+    assert z3.plan.stages[1].offload == "params"
+    for step, (a, b) in enumerate(zip(z3.losses, plain.losses, strict=True)):
+        assert abs(a - b) <= 1e-3 * abs(b), f"step {step}: params offload {a} vs plain {b}"
+    assert_same(final_state(z3.run_dir, 6), final_state(plain.run_dir, 6), rtol=1e-3, atol=1e-4)
 
 
 def test_offloaded_run_resumes_exactly(ray_cluster, tmp_path):
