@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--plain-grid", default="1,2,3,4,5,6,8")
     ap.add_argument("--offload-grid", default="8,12,16,20,24,28,32")
+    ap.add_argument("--params-grid", default="", help="blocks for offload: params (ZeRO-3); empty: skip")
     ap.add_argument("--trial-timeout", type=float, default=300)
     ap.add_argument("--trial", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "offload-gpu.json"))
@@ -187,17 +188,25 @@ def main() -> None:
     print(
         f"GPU {torch.cuda.get_device_name(0)}, capped at {args.cap_gib} GiB; batch {args.batch}x{args.seq}", flush=True
     )
-    plain = sweep(args, "none", [int(x) for x in args.plain_grid.split(",")])
-    off = sweep(args, "optimizer", [int(x) for x in args.offload_grid.split(",")])
+
+    def grid(text: str) -> list[int]:
+        return [int(x) for x in text.split(",") if x]
+
+    plain = sweep(args, "none", grid(args.plain_grid))
+    off = sweep(args, "optimizer", grid(args.offload_grid))
+    params = sweep(args, "params", grid(args.params_grid))
     best_plain = max((r for r in plain if r["ok"]), key=lambda r: r["params"], default=None)
     best_off = max((r for r in off if r["ok"]), key=lambda r: r["params"], default=None)
+    best_params = max((r for r in params if r["ok"]), key=lambda r: r["params"], default=None)
     same = None
-    if best_plain is not None:  # the step-time cost at one size: the largest that fits without offload
+    if best_plain is not None and off:  # the step-time cost at one size: the largest that fits without offload
         same = run_trial(args, best_plain["blocks"], "optimizer")
     summary = {
         "largest_params_no_offload": best_plain and best_plain["params"],
         "largest_params_offload": best_off and best_off["params"],
         "ratio": (best_off["params"] / best_plain["params"]) if best_plain and best_off else None,
+        "largest_params_offload_params": best_params and best_params["params"],
+        "ratio_params": (best_params["params"] / best_plain["params"]) if best_plain and best_params else None,
         "same_size_step_s": {"none": best_plain and best_plain["step_s"], "optimizer": same and same.get("step_s")},
         "same_size_peak_gib": {
             "none": best_plain and best_plain["peak_gib"],
@@ -205,11 +214,13 @@ def main() -> None:
         },
     }
     print("\nmode       largest model  peak GiB  step s")
-    for name, best in (("none", best_plain), ("optimizer", best_off)):
+    for name, best in (("none", best_plain), ("optimizer", best_off), ("params", best_params)):
         if best:
             print(f"{name:10s} {best['params'] / 1e6:10.0f}M  {best['peak_gib']:8.2f}  {best['step_s']:6.3f}")
     if summary["ratio"]:
         print(f"offload trains a {summary['ratio']:.2f}x larger model on the capped GPU")
+    if summary["ratio_params"]:
+        print(f"params offload (ZeRO-3) trains a {summary['ratio_params']:.2f}x larger model (largest tried)")
     if same and same.get("ok"):
         print(
             f"at {best_plain['params'] / 1e6:.0f}M params: step {best_plain['step_s']:.3f} s without offload, "
@@ -228,6 +239,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "plain": plain,
         "offload": off,
+        "offload_params": params,
         "same_size_offload": same,
         "summary": summary,
     }
