@@ -146,9 +146,9 @@ def stage_options(base: StageMethod, allow: Sequence[str]) -> list[StageMethod]:
     return out
 
 
-# What the planner may pick by itself. ``params`` (ZeRO-3) is costed but not picked: the
-# runtime cannot run it inside a pipeline yet (DeepSpeed's stage 3 calls world-wide
-# collectives; see splitlearn/zero.py).
+# What the planner may pick by itself. ``params`` (ZeRO-3) is costed when configured but not
+# picked: the runtime runs it only with one micro-batch in flight on the stage
+# (splitlearn/zero.py: check_schedule), which the partitioners do not model.
 PLANNED_OFFLOAD_MODES = ("none", "optimizer")
 
 
