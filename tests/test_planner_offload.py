@@ -84,7 +84,7 @@ def test_stage_method_offload_label_parse_and_policy():
 
 def test_offload_options_only_on_cuda_devices():
     r = PlanRequest(layers=chain(), topology=gpu_topology(1.0))
-    # params (ZeRO-3) is costed but not offered: the runtime cannot run it in a pipeline yet
+    # params (ZeRO-3) is costed but not offered: the runtime needs one micro-batch in flight for it
     assert [o.offload for o in r.options(1, "cloud-g")] == ["none", "optimizer"]
     assert [o.offload for o in r.options(0, "edge-a")] == ["none"]
     r.finetune = FinetunePolicy(default=StageMethod(offload="params"))
