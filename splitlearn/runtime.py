@@ -118,6 +118,10 @@ class StageGroup:
     def save_checkpoint(self, directory: str) -> list[dict[str, Any]]:
         return self._get([a.save_checkpoint.remote(directory) for a in self.actors], "save_checkpoint")
 
+    def check_checkpoint(self, directory: str, files: list[str]) -> None:
+        """Every stage can load this checkpoint (names, shapes); nothing is changed."""
+        self._get([a.check_checkpoint.remote(directory, files) for a in self.actors], "check_checkpoint")
+
     def load_checkpoint(self, directory: str, files: list[str]) -> None:
         self._get([a.load_checkpoint.remote(directory, files) for a in self.actors], "load_checkpoint")
 

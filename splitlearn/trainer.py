@@ -384,13 +384,14 @@ def _restore(group: StageGroup, result: RunResult, resumed: bool) -> int:
                 result.event("resume", "no whole checkpoint: starting from step 0 with the seed's initial model", 0)
             result.truncate(0)
             return 0
-        try:
-            group.load_checkpoint(str(ck.path), ck.files)
+        try:  # every stage checks before any loads: a checkpoint is taken whole or not at all
+            group.check_checkpoint(str(ck.path), ck.files)
         except ckpt.CheckpointError as e:
             log.warning("checkpoint skipped: %s; falling back to the previous one", e)
             result.event("checkpoint_skipped", str(e), ck.step)
             skip.add(ck.path)
             continue
+        group.load_checkpoint(str(ck.path), ck.files)
         if resumed:
             result.event("resume", f"continuing from {ck.path.name} (step {ck.step})", ck.step)
         result.truncate(ck.step)

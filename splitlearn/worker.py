@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -523,13 +523,21 @@ class StageWorker:
     # -- results --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This segment's tensors under the model's own names, shared tensors once; LoRA
-        adapters under peft's names (``base_model.model.<module>.lora_A.weight``)."""
+        adapters under peft's names (``base_model.model.<module>.lora_A.weight``). A ZeRO-3
+        stage's weights are partitioned: they are gathered over its replicas (every replica
+        takes part)."""
         from splitlearn.models.finetune import checkpoint_tensors
 
-        return checkpoint_tensors(self.segment.model)
+        tensors = checkpoint_tensors(self.segment.model)
+        if self.engine is not None and self.offload == "params":
+            from splitlearn import zero
+
+            tensors.update(zero.full_params(self._named_params()))
+        return tensors
 
     def gradients(self) -> dict[str, torch.Tensor]:
-        """The gradients left by the last step (after the tied-weight sum and clipping)."""
+        """The gradients left by the last step (after the tied-weight sum and clipping). An
+        offloaded stage has none here: DeepSpeed moved them to the host and stepped."""
         from splitlearn.models.finetune import checkpoint_params
 
         return {
@@ -558,10 +566,12 @@ class StageWorker:
         weights = None
         if self.engine is not None:  # gathered over the replica group: every replica takes part
             from splitlearn import zero
+            from splitlearn.models.finetune import checkpoint_tensors
 
-            state = zero.get_state(self.engine, self._named_params())
+            params = self._named_params()
+            state = zero.get_state(self.engine, params)
             optim = {k: v for k, v in state.items() if k.startswith("optim/")}
-            weights = {**self.state_dict(), **{k: v for k, v in state.items() if not k.startswith("optim/")}}
+            weights = {**checkpoint_tensors(self.segment.model), **{k: v for k, v in state.items() if k in params}}
         if self.replica > 0:  # replicas hold the same tensors: the first one writes them
             return {"stage": self.stage, "replica": self.replica, "device": self.device_name, "files": []}
         d.mkdir(parents=True, exist_ok=True)
@@ -586,10 +596,32 @@ class StageWorker:
             files.append({"name": name, "bytes": (d / name).stat().st_size, "sha256": sha256(d / name)})
         return {"stage": self.stage, "device": self.device_name, "files": files}
 
-    def load_checkpoint(self, directory: str, files: list[str]) -> int:
-        """Load this stage's parameters and optimizer state by name from a checkpoint written
-        by any plan. A name missing from every file or a shape that differs is a
-        CheckpointError naming the file."""
+    def check_checkpoint(self, directory: str, files: list[str]) -> int:
+        """What :meth:`load_checkpoint` checks, changing nothing: the driver asks every stage
+        before any loads, so a checkpoint is taken whole or not at all."""
+        from safetensors import safe_open
+
+        params, found = self._index_checkpoint(directory, files)
+        with ExitStack() as stack:
+            handles: dict[Path, Any] = {}
+            for name in params:
+                path, key = found[name]
+                if path not in handles:
+                    handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
+                shape = tuple(handles[path].get_slice(key).get_shape())
+                self._check_shape(params[name], shape, name, path)
+        return len(params)
+
+    @staticmethod
+    def _check_shape(p: torch.nn.Parameter, shape: tuple, name: str, path: Path) -> None:
+        from splitlearn.checkpoint import CheckpointError
+
+        want = tuple(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 parameter is partitioned
+        if shape != want:
+            raise CheckpointError(f"{path}: {name} has shape {shape}, the plan's model has {want}")
+
+    def _index_checkpoint(self, directory: str, files: list[str]):
+        """This stage's parameters and where each of its tensors is in the checkpoint's files."""
         from safetensors import safe_open
 
         from splitlearn.checkpoint import CheckpointError
@@ -611,6 +643,15 @@ class StageWorker:
         missing = [n for n in params if n not in found]
         if missing:
             raise CheckpointError(f"{d}: no tensor for {missing[0]} (and {len(missing) - 1} more) in any shard")
+        return params, found
+
+    def load_checkpoint(self, directory: str, files: list[str]) -> int:
+        """Load this stage's parameters and optimizer state by name from a checkpoint written
+        by any plan. A name missing from every file or a shape that differs is a
+        CheckpointError naming the file."""
+        from safetensors import safe_open
+
+        params, found = self._index_checkpoint(directory, files)
         opened: dict[Path, Any] = {}
         try:
 
@@ -620,7 +661,8 @@ class StageWorker:
                     opened[path] = safe_open(str(path), framework="pt").__enter__()
                 return opened[path].get_tensor(k)
 
-            self._check_shapes(params, found, get)
+            for name, p in params.items():
+                self._check_shape(p, tuple(get(name).shape), name, found[name][0])
             if self.engine is not None:
                 from splitlearn import zero
 
@@ -642,17 +684,6 @@ class StageWorker:
             for handle in opened.values():
                 handle.__exit__(None, None, None)
         return len(params)
-
-    @staticmethod
-    def _check_shapes(params, found, get) -> None:
-        from splitlearn.checkpoint import CheckpointError
-
-        for name, p in params.items():
-            t = get(name)
-            if t.shape != p.shape:
-                raise CheckpointError(
-                    f"{found[name][0]}: {name} has shape {tuple(t.shape)}, the plan's model has {tuple(p.shape)}"
-                )
 
     def export(self, directory: str, merge: bool) -> dict[str, Any]:
         """The stage's LoRA adapters (peft's names, returned: they are small) and, with

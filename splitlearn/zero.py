@@ -265,15 +265,21 @@ def optimizer_step_count(engine) -> int:
     return int(states[0].get("step", 0)) if states else 0
 
 
+def full_params(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Every parameter's whole fp32 value by checkpoint name (gathered over the replicas)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {name: safe_get_full_fp32_param(p).detach().cpu().contiguous().clone() for name, p in params.items()}
+
+
 def get_state(engine, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
     """Every parameter's fp32 value and Adam moments, whole, by checkpoint name (gathered over
     the replica group: every replica calls this, in the same order)."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from deepspeed.utils import safe_get_full_optimizer_state
 
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = full_params(params)
     step = optimizer_step_count(engine)
     for name, p in params.items():
-        out[name] = safe_get_full_fp32_param(p).detach().cpu().contiguous().clone()
         if step:
             for key in ADAM_STATE:
                 out[f"optim/{name}/{key}"] = safe_get_full_optimizer_state(p, key).detach().cpu().contiguous().clone()
@@ -287,16 +293,22 @@ def set_state(engine, params: dict[str, torch.nn.Parameter], get) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     opt = inner_optimizer(engine)
+    if any(get(f"optim/{name}/{ADAM_STATE[0]}") is not None for name in params):
+        _ensure_adam_state(engine, opt)
     steps = set()
     for name, p in params.items():
         value = get(name).to(torch.float32)
         with torch.no_grad():
             safe_set_full_fp32_param(p, value)  # the optimizer's fp32 master partition
-            if p.numel() == value.numel():  # ZeRO 1/2: the module holds the whole weight too
+            if hasattr(p, "ds_id"):  # ZeRO 3: the module's own partition of the weight too
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    p.data.copy_(value.to(p.dtype))
+            elif p.numel() == value.numel():  # ZeRO 1/2: the module holds the whole weight too
                 p.data.copy_(value.to(p.dtype))
         moments = {key: get(f"optim/{name}/{key}") for key in ADAM_STATE}
         if all(m is not None for m in moments.values()):
-            _ensure_adam_state(engine, opt)
             for key, value in moments.items():
                 safe_set_full_optimizer_state(p, value.to(torch.float32), key)
             step = get(f"optim/{name}/step")
@@ -309,17 +321,20 @@ def set_state(engine, params: dict[str, torch.nn.Parameter], get) -> None:
 
 def _ensure_adam_state(engine, opt) -> None:
     """DeepSpeedCPUAdam creates its moments on the first step; a checkpoint loaded before
-    then needs them to exist (zeros, as the first step would make them) and linked to the
-    parameters' fragments."""
-    if opt.state:
-        return
-    for group in opt.param_groups:
-        for flat in group["params"]:
-            opt.state[flat] = {
-                "step": 0,
-                "exp_avg": torch.zeros_like(flat.data, dtype=torch.float32),
-                "exp_avg_sq": torch.zeros_like(flat.data, dtype=torch.float32),
-            }
+    then needs them to exist (zeros, as the first step would make them) and, under ZeRO 1/2,
+    linked to the parameters' fragments."""
+    created = False
+    flats = [flat for group in opt.param_groups for flat in group["params"]]
+    flats += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))  # ZeRO 3's keys
+    for flat in flats:
+        state = opt.state.setdefault(flat, {})
+        for key in ADAM_STATE:
+            if key not in state:
+                state[key] = torch.zeros_like(flat.data, dtype=torch.float32)
+                created = True
+        state.setdefault("step", 0)
+    if not created or hasattr(engine.optimizer, "fp32_partitioned_groups_flat"):
+        return  # ZeRO 3 reads the state by its flat partitions directly: nothing to link
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is None:
         raise RuntimeError(f"unsupported DeepSpeed optimizer {type(engine.optimizer).__name__}: cannot link state")

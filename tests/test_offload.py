@@ -261,13 +261,14 @@ def test_params_offloaded_middle_stage_tracks_the_plain_run(ray_cluster, tmp_pat
     assert_same(final_state(z3.run_dir, 6), final_state(plain.run_dir, 6), rtol=1e-3, atol=1e-4)
 
 
-def test_offloaded_run_resumes_exactly(ray_cluster, tmp_path):
-    off = {"finetune__by_stage": {"1": {"offload": "optimizer"}}}
+@pytest.mark.parametrize("offload, schedule", [("optimizer", "1f1b"), ("params", "sequential")])
+def test_offloaded_run_resumes_exactly(ray_cluster, tmp_path, offload, schedule):
+    off = {"finetune__by_stage": {"1": {"offload": offload}}, "runtime__schedule": schedule}
     whole = run(tmp_path, raw_config(tmp_path, "whole", steps=8, checkpoint={"every_steps": 4, "keep": 3}, **off))
     first = run(tmp_path, raw_config(tmp_path, "part", steps=4, **off))
     assert latest(first.run_dir).step == 4
     resumed = run(tmp_path, raw_config(tmp_path, "part", steps=8, **off), resume=str(first.run_dir))
-    assert any(e["kind"] == "resume" for e in resumed.events)
+    assert [e["reason"] for e in resumed.events if e["kind"] == "resume"] == ["continuing from step_00000004 (step 4)"]
     assert resumed.losses[4:] == pytest.approx(whole.losses[4:], rel=1e-6, abs=0)
     assert_same(final_state(resumed.run_dir, 8), final_state(whole.run_dir, 8), rtol=0, atol=1e-7)
     optim = load_file(latest(resumed.run_dir).path / "stage_1.optim.safetensors")
