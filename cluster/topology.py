@@ -41,11 +41,12 @@ class Device:
     cpu_threads: int = 1  # torch threads for this device's worker
     gpus: float = 0.0  # GPUs the worker asks Ray for (cuda devices on a real cluster)
     # ZeRO offload (a stage's optimizer state, and at ``params`` its weights, in host RAM):
-    # sustained TFLOP/s of the host CPU running the AdamW step (DeepSpeedCPUAdam is memory
-    # bound: ~12 flops per parameter at ~2.5 G parameters/s on a server socket), and the
-    # host<->accelerator link (PCIe 4 x16: ~25 GB/s = 200 Gbit/s pinned) in gigabits per
-    # second, the unit of ``bandwidth_mbps`` times 1000. Unused by cpu devices (no link).
-    host_tflops: float = 0.03
+    # sustained TFLOP/s of the host CPU running the AdamW step, counted as 12 flops per
+    # parameter: measured 0.004 with DeepSpeedCPUAdam on an H200 host's 16 cores (283M
+    # parameters: 0.78 s of host step per training step, bench/results/offload-gpu.json),
+    # and the host<->accelerator link (PCIe 4 x16: ~25 GB/s = 200 Gbit/s pinned) in gigabits
+    # per second, the unit of ``bandwidth_mbps`` times 1000. Unused by cpu devices (no link).
+    host_tflops: float = 0.004
     host_link_gbps: float = 200.0
 
     @property
