@@ -102,6 +102,7 @@ class StageWorker:
         self.world_ready = False
         self._pending: list = []  # (work, tensor) of sends posted this step
         self._link_free_ns: dict[int, int] = {}  # link rehearsal: when each outgoing wire is free
+        self._sync_s = 0.0  # this step's STEP time spent waiting on sends and collectives
 
     # -- set-up ---------------------------------------------------------------------------
     def _resolve(self, p: str) -> Path:
@@ -417,7 +418,9 @@ class StageWorker:
                     grad = x.grad if self.engine is None else x.grad / self.num_replicas  # see _ds_backward
                     sent["prev"] += self._send(grad, dst, self._group(dst), self.codec_in)
                 elif act.kind == S.STEP:
+                    t_wait = time.perf_counter()
                     self._wait_sends()
+                    self._sync_s = time.perf_counter() - t_wait
                     grad_norm = self._optimizer_step()
                 else:  # pragma: no cover - validated schedules hold only known kinds
                     raise AssertionError(f"unknown action {act}")
@@ -426,7 +429,10 @@ class StageWorker:
                 log.error("stage %d actions: %s  <-- ERROR HERE at %s (#%d)", self.stage, grid, act, i)
                 raise StageFailed(self.stage, self.device_name, step, str(act), f"{type(e).__name__}: {e}") from e
             dt = time.perf_counter() - t0
-            if act.kind in (S.F, S.B, S.STEP):
+            if act.kind == S.STEP:  # waiting for sends and the step's collectives is not compute
+                compute_s += dt - self._sync_s
+                comm_s += self._sync_s
+            elif act.kind in (S.F, S.B):
                 compute_s += dt
             else:
                 comm_s += dt
@@ -464,6 +470,8 @@ class StageWorker:
     def _optimizer_step(self) -> float:
         """Sum the gradients of tied embed/head copies and of the replicas, clip by the
         global norm over every stage, step."""
+        t_sync = time.perf_counter()
+        sync = 0.0
         if self.tied:  # the data owner's copy and every loss-stage replica's share
             for p in self.tied.values():
                 if p.grad is None:
@@ -474,6 +482,7 @@ class StageWorker:
                     p.grad.copy_(host)
                 else:
                     self.ends_group.all_reduce(p.grad)
+        sync += time.perf_counter() - t_sync
         if self.engine is not None:
             # the replicas' reduced gradients are in DeepSpeed's fp32 partitions, disjoint
             # across replicas: each contributes its own partition to the global norm
@@ -484,7 +493,9 @@ class StageWorker:
         else:
             params = [p for p in self.segment.parameters() if p.grad is not None]
             if self.num_replicas > 1:
+                t_sync = time.perf_counter()
                 self._all_reduce_replicas([p for p in params if not any(p is t for t in self.tied.values())])
+                sync += time.perf_counter() - t_sync
             grads = [p.grad for p in params]
             # Count a tied weight once (on the first stage), as the unsplit model does, and a
             # replicated stage's gradients once (on its first replica).
@@ -493,7 +504,10 @@ class StageWorker:
             if self.replica > 0:
                 local = torch.zeros_like(local)
         if self.world_size > 1:
+            t_sync = time.perf_counter()
             self.world.all_reduce(local)
+            sync += time.perf_counter() - t_sync
+        self._sync_s += sync
         norm = float(local.sqrt())
         coef = clip_coefficient(norm, self.run.train.max_grad_norm)
         if coef < 1.0:
