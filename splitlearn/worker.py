@@ -177,11 +177,6 @@ class StageWorker:
                 "gradients are summed across stages before the step; DeepSpeed reduces them itself, so this "
                 "stage cannot be offloaded: offload another stage, or untie the embeddings"
             )
-        if self.run.train.micro_batches % self.num_replicas:
-            raise ConfigError(
-                f"train.micro_batches={self.run.train.micro_batches} is not a multiple of stage {self.stage}'s "
-                f"{self.num_replicas} replicas"
-            )
         zero.check_user_section(self.run.deepspeed, self.offload)
         zero.check_schedule(self.offload, self.actions, self.stage, self.run.runtime.schedule)
         zero.ensure_ops(self.device_name, self.device.type == "cuda")

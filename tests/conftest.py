@@ -12,6 +12,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TEST_DEVICES = ["edge-a", "mid-b", "cloud-c", "cloud-d"]
 
 
+def checkpoint_state(run_dir, step: int) -> dict:
+    """The weights (no optimizer state) of a run's newest whole checkpoint, which must be
+    the one of ``step``."""
+    from safetensors.torch import load_file
+
+    from splitlearn.checkpoint import latest
+
+    ck = latest(run_dir)
+    assert ck is not None and ck.step == step
+    state = {}
+    for name in ck.files:
+        if not name.endswith(".optim.safetensors"):
+            state.update(load_file(ck.path / name))
+    return state
+
+
 def inline_topology(devices=TEST_DEVICES, owner="edge-a"):
     return {
         "devices": [

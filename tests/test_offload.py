@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, inline_topology
+from conftest import ROOT, checkpoint_state, inline_topology
 from families import TINY
 from safetensors.torch import load_file
 
@@ -60,16 +60,6 @@ def run(tmp_path: Path, raw: dict, resume=None):
     return train(cfg, progress="none", resume=resume)
 
 
-def final_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    ck = latest(run_dir)
-    assert ck is not None and ck.step == step
-    state = {}
-    for name in ck.files:
-        if not name.endswith(".optim.safetensors"):
-            state.update(load_file(ck.path / name))
-    return state
-
-
 def assert_same(a: dict, b: dict, rtol=1e-5, atol=1e-5):
     assert set(a) == set(b) and a
     for k in a:
@@ -79,17 +69,22 @@ def assert_same(a: dict, b: dict, rtol=1e-5, atol=1e-5):
 # -- the DeepSpeed config -------------------------------------------------------------------
 
 
-def test_ds_config_is_derived_from_the_run():
+def stage_ds_config(offload="optimizer", rows=1, per_replica=1, replicas=1, trainable=1, on_cuda=False, user=None):
     cfg = config_from_container(raw_config(Path("."), "x"), [], "test", ROOT / "tests")
-    ds = ds_config(
+    return ds_config(
         cfg.run.train,
-        offload="optimizer",
-        rows_per_micro_batch=2,
-        micro_batches_per_replica=3,
-        replicas=2,
-        trainable_params=10_000_000,
-        on_cuda=False,
+        offload=offload,
+        rows_per_micro_batch=rows,
+        micro_batches_per_replica=per_replica,
+        replicas=replicas,
+        trainable_params=trainable,
+        on_cuda=on_cuda,
+        user=user,
     )
+
+
+def test_ds_config_is_derived_from_the_run():
+    ds = stage_ds_config(rows=2, per_replica=3, replicas=2, trainable=10_000_000)
     assert ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 12
@@ -106,30 +101,12 @@ def test_ds_config_is_derived_from_the_run():
 
 
 def test_ds_config_merges_the_users_section():
-    cfg = config_from_container(raw_config(Path("."), "x"), [], "test", ROOT / "tests")
     user = {"zero_optimization": {"reduce_bucket_size": 123, "offload_optimizer": {"pin_memory": True}}}
-    ds = ds_config(
-        cfg.run.train,
-        offload="optimizer",
-        rows_per_micro_batch=1,
-        micro_batches_per_replica=1,
-        replicas=1,
-        trainable_params=1,
-        on_cuda=False,
-        user=user,
-    )
+    ds = stage_ds_config(user=user)
     assert ds["zero_optimization"]["reduce_bucket_size"] == 123
     assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert ds["zero_optimization"]["stage"] == 2  # kept: the merge is deep
-    ds3 = ds_config(
-        cfg.run.train,
-        offload="params",
-        rows_per_micro_batch=1,
-        micro_batches_per_replica=1,
-        replicas=1,
-        trainable_params=1,
-        on_cuda=True,
-    )
+    ds3 = stage_ds_config(offload="params", on_cuda=True)
     assert ds3["zero_optimization"]["stage"] == 3
     assert ds3["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
 
@@ -208,7 +185,7 @@ def test_a_deepspeed_op_that_cannot_be_built_is_named(tmp_path, monkeypatch):
 def plain_run(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plain")
     result = run(tmp, raw_config(tmp, "plain"))
-    return result, final_state(result.run_dir, 20)
+    return result, checkpoint_state(result.run_dir, 20)
 
 
 def test_offloaded_middle_stage_tracks_the_plain_run(plain_run, tmp_path):
@@ -220,7 +197,7 @@ def test_offloaded_middle_stage_tracks_the_plain_run(plain_run, tmp_path):
     assert plain.losses[-1] < plain.losses[0] * 0.7  # it trains
     for step, (a, b) in enumerate(zip(result.losses, plain.losses, strict=True)):
         assert abs(a - b) <= 1e-3 * abs(b), f"step {step}: offload {a} vs plain {b}"
-    assert_same(final_state(result.run_dir, 20), plain_state, rtol=1e-3, atol=1e-4)
+    assert_same(checkpoint_state(result.run_dir, 20), plain_state, rtol=1e-3, atol=1e-4)
 
 
 def test_offloaded_stage_on_two_replicas(plain_run, tmp_path):
@@ -237,7 +214,7 @@ def test_offloaded_stage_on_two_replicas(plain_run, tmp_path):
     assert result.plan.stages[1].devices == ["cloud-c", "cloud-d"]
     for step, (a, b) in enumerate(zip(result.losses, plain.losses, strict=True)):
         assert abs(a - b) <= 1e-3 * abs(b), f"step {step}: offload x2 {a} vs plain {b}"
-    assert_same(final_state(result.run_dir, 20), plain_state, rtol=1e-3, atol=1e-4)
+    assert_same(checkpoint_state(result.run_dir, 20), plain_state, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -258,7 +235,7 @@ def test_params_offloaded_middle_stage_tracks_the_plain_run(ray_cluster, tmp_pat
     assert z3.plan.stages[1].offload == "params"
     for step, (a, b) in enumerate(zip(z3.losses, plain.losses, strict=True)):
         assert abs(a - b) <= 1e-3 * abs(b), f"step {step}: params offload {a} vs plain {b}"
-    assert_same(final_state(z3.run_dir, 6), final_state(plain.run_dir, 6), rtol=1e-3, atol=1e-4)
+    assert_same(checkpoint_state(z3.run_dir, 6), checkpoint_state(plain.run_dir, 6), rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("offload, schedule", [("optimizer", "1f1b"), ("params", "sequential")])
@@ -270,7 +247,7 @@ def test_offloaded_run_resumes_exactly(ray_cluster, tmp_path, offload, schedule)
     resumed = run(tmp_path, raw_config(tmp_path, "part", steps=8, **off), resume=str(first.run_dir))
     assert [e["reason"] for e in resumed.events if e["kind"] == "resume"] == ["continuing from step_00000004 (step 4)"]
     assert resumed.losses[4:] == pytest.approx(whole.losses[4:], rel=1e-6, abs=0)
-    assert_same(final_state(resumed.run_dir, 8), final_state(whole.run_dir, 8), rtol=0, atol=1e-7)
+    assert_same(checkpoint_state(resumed.run_dir, 8), checkpoint_state(whole.run_dir, 8), rtol=0, atol=1e-7)
     optim = load_file(latest(resumed.run_dir).path / "stage_1.optim.safetensors")
     assert (
         any(k.endswith("/exp_avg_sq") for k in optim)
@@ -296,7 +273,7 @@ def test_two_replicas_equal_one_on_the_whole_batch(ray_cluster, tmp_path, family
     replicated = [s for s in two.plan.stages if len(s.devices) == 2]
     assert len(replicated) == 1
     assert two.losses == pytest.approx(one.losses, rel=1e-5)
-    assert_same(final_state(two.run_dir, 2), final_state(one.run_dir, 2))
+    assert_same(checkpoint_state(two.run_dir, 2), checkpoint_state(one.run_dir, 2))
 
 
 def test_offload_on_a_device_with_too_little_host_memory_is_one_line(tmp_path):

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, inline_topology
+from conftest import ROOT, checkpoint_state, inline_topology
 from families import TINY
-from safetensors.torch import load_file
 
 from splitlearn.checkpoint import latest
 from splitlearn.config import config_from_container, load_config
@@ -53,13 +52,7 @@ def raw_config(tmp_path: Path, run_name: str, latency_ms: float = 0.1, **runtime
 
 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    ck = latest(run_dir)
-    assert ck is not None and ck.step == STEPS
-    state = {}
-    for name in ck.files:
-        if not name.endswith(".optim.safetensors"):
-            state.update(load_file(ck.path / name))
-    return state
+    return checkpoint_state(run_dir, STEPS)
 
 
 def assert_same_params(a: dict, b: dict):
