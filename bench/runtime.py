@@ -5,10 +5,14 @@
 (b) schedules: sequential vs GPipe vs 1F1B on a 3-stage plan co-located here: tokens/s and
     each stage's peak memory (measured in the worker with torch's allocation events).
 (c) rehearsal: a 2-stage plan with emulated links (LAN, 100 Mbit/s, 20 Mbit/s) and codecs
-    (none, int8): measured step time vs the simulator's prediction for the same plan and
-    schedule, from a measured, calibrated profile of the model on this machine. Each row also
-    records the predicted compute of each stage and the 1-minute load average when it ended
-    (on a shared machine, other work running inflates the measured step, not the profile).
+    (none, int8): measured step time vs the simulator for the same plan, schedule and links,
+    twice: "replayed", on the compute the workers measured in the same steps (each stage's
+    forward and backward per micro-batch and its STEP, medians; ``trainer.replay``), which
+    checks the schedule and link model the rehearsal stands for; and "profile", on a
+    measured, calibrated per-layer profile of the model taken in this process before the
+    runs, which adds the compute cost model's error on this machine (its noise, and stages
+    slowing each other when they compute at once on two cores). Each row also records both
+    compute figures per stage and the 1-minute load average when it ended.
     The prediction also counts the costs the stages' action lists do not hold, each MEASURED
     here first (``host_costs`` in the JSON, :func:`measure_host_costs`): the driver's Ray
     round trip and the grad-norm all-reduce per step, and the host CPU that each end of a
@@ -47,7 +51,7 @@ from splitlearn.models import build_model  # noqa: E402
 from splitlearn.optim import make_optimizer, reference_step  # noqa: E402
 from splitlearn.profiling import profile_model  # noqa: E402
 from splitlearn.runtime import StageGroup  # noqa: E402
-from splitlearn.trainer import make_plan, plan_request  # noqa: E402
+from splitlearn.trainer import make_plan, measured_stage_costs, plan_request  # noqa: E402
 
 DEVICES = ["edge", "mid", "cloud"]
 MODEL = {
@@ -99,15 +103,16 @@ def measure_runtime(cfg, steps: int, profile=None):
     group = StageGroup(plan, cfg.topology, cfg.resolved_dict(), str(ROOT), cfg.run.runtime.timeout_s, 60)
     try:
         group.start(prepare_timeout_s=180)
-        times, last = [], None
+        times, metrics = [], []
         for step in range(steps + 1):
             t0 = time.perf_counter()
             last = group.step(step)
             if step:  # the first step allocates gradients and optimizer state
                 times.append(time.perf_counter() - t0)
+                metrics.append(last)
     finally:
         group.shutdown()
-    return plan, statistics.median(times), last
+    return plan, statistics.median(times), metrics
 
 
 def plain_loop(cfg, steps: int) -> float:
@@ -317,8 +322,8 @@ def main() -> int:
                 cfg = run_config(tflops, DEVICES, [3, 5], sched, 4)
                 _, step_s, _ = measure_runtime(cfg, args.steps)
                 cfg_mem = run_config(tflops, DEVICES, [3, 5], sched, 4, measure_memory=True)
-                _, _, last = measure_runtime(cfg_mem, 2)
-                peaks = [s["peak_bytes"] / 1e6 for s in last]
+                _, _, metrics = measure_runtime(cfg_mem, 2)
+                peaks = [s["peak_bytes"] / 1e6 for s in metrics[-1]]
                 rows.append({"schedule": sched, "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_mb": peaks})
                 print(f"    {sched:10} {tokens / step_s:9.0f}   {', '.join(f'{p:.1f}' for p in peaks)}")
             results["schedules"] = rows
@@ -350,41 +355,61 @@ def main() -> int:
                 "20 Mbit/s uplink": {"bandwidth_mbps": 20, "latency_ms": 20},
             }
             rows = []
-            print("(c) link              codec   measured ms  predicted ms  ratio")
+            print(
+                "(c) link              codec  measured ms  replayed ms  ratio  free links  profile ms  ratio\n"
+                "    (replayed: the simulator on the compute the workers measured in these steps and the\n"
+                "    emulated links; free links: the same compute, instant transfers; profile: the\n"
+                "    simulator on the per-layer profile measured in this process before the runs)"
+            )
             for lname, link in links.items():
                 for codec in ("none", "int8"):
                     cfg = run_config(
                         tflops, ["edge", "cloud"], [4], "1f1b", 4, link=link, codec=codec, emulate_links=True
                     )
-                    plan, step_s, _ = measure_runtime(cfg, args.steps, profile=prof)
+                    plan, step_s, metrics = measure_runtime(cfg, args.steps, profile=prof)
                     stages_only = plan.predicted["simulated_step_ms"]
-                    pred = simulate_plan(
-                        plan,
-                        labels_ms=cfg.topology.transfer_ms("edge", "cloud", labels_bytes),
-                        step_overhead_ms=host["step_overhead_ms"],
-                        send_host=send_host,
-                        recv_host=recv_host,
-                        recv_late_host=recv_late_host,
-                        labels_bytes=labels_bytes,
-                    ).step_ms
+                    extras = {
+                        "labels_ms": cfg.topology.transfer_ms("edge", "cloud", labels_bytes),
+                        "step_overhead_ms": host["step_overhead_ms"],
+                        "send_host": send_host,
+                        "recv_host": recv_host,
+                        "recv_late_host": recv_late_host,
+                        "labels_bytes": labels_bytes,
+                    }
+                    pred = simulate_plan(plan, **extras).step_ms
+                    # the same simulation on the compute the workers measured in these steps
+                    measured_costs = measured_stage_costs(plan, metrics)
+                    replayed = simulate_plan(plan, stage_costs=measured_costs, **extras).step_ms
+                    free = simulate_plan(plan, stage_costs=measured_costs, free_links=True, **extras).step_ms
+                    ms = step_s * 1e3
                     rows.append(
                         {
                             "link": lname,
                             "codec": codec,
-                            "measured_ms": step_s * 1e3,
+                            "measured_ms": ms,
+                            "replayed_ms": replayed,
+                            "ratio": ms / replayed,
+                            "replayed_free_links_ms": free,
                             "predicted_ms": pred,
-                            "ratio": step_s * 1e3 / pred,
+                            "ratio_profile": ms / pred,
                             "predicted_stages_only_ms": stages_only,
-                            "ratio_stages_only": step_s * 1e3 / stages_only,
-                            "predicted_stage_compute_ms": [
-                                round(4 * (st.fwd_ms + st.bwd_ms) + st.opt_ms, 1) for st in plan.stages
+                            "ratio_stages_only": ms / stages_only,
+                            "predicted_fwd_bwd_opt_ms": [
+                                [round(st.fwd_ms, 2), round(st.bwd_ms, 2), round(st.opt_ms, 2)] for st in plan.stages
+                            ],
+                            "measured_fwd_bwd_opt_ms": [
+                                [round(c.fwd_ms, 2), round(c.bwd_ms, 2), round(c.step_ms, 2)] for c in measured_costs
                             ],
                             "load_1min": os.getloadavg()[0],
                         }
                     )
-                    print(f"    {lname:17} {codec:5} {step_s * 1e3:12.1f} {pred:13.1f}  {step_s * 1e3 / pred:.3f}")
+                    print(
+                        f"    {lname:17} {codec:5} {ms:12.1f} {replayed:12.1f} {ms / replayed:6.3f}"
+                        f" {free:10.1f} {pred:11.1f} {ms / pred:6.3f}"
+                    )
             results["rehearsal"] = rows
             results["rehearsal_within_15pct"] = all(0.85 <= r["ratio"] <= 1.15 for r in rows)
+            results["rehearsal_profile_within_15pct"] = all(0.85 <= r["ratio_profile"] <= 1.15 for r in rows)
         if "schedules" in results:
             sched = {r["schedule"]: r for r in results["schedules"]}
             results["one_f_one_b_lower_peak_than_gpipe"] = all(

@@ -1114,9 +1114,15 @@ def simulate_plan(
     recv_host=None,
     recv_late_host=None,
     labels_bytes: float = 0.0,
+    stage_costs=None,
+    free_links: bool = False,
 ):
     """Run the simulator on a plan's predicted costs with the schedule the workers run:
     a replicated stage's replicas as separate timelines (see :func:`schedule.replica_actions`).
+
+    ``stage_costs`` (one :class:`~partitioners.simulator.StageCosts` per stage) replaces the
+    plan's compute, e.g. with what a run's workers measured (a replay); ``free_links`` makes
+    every transfer instant (the step the same compute would take on free links).
 
     The costs outside the plan's stages are zero unless given (see
     :func:`partitioners.simulator.simulate`): ``step_overhead_ms`` per step, and the host CPU
@@ -1127,8 +1133,15 @@ def simulate_plan(
     from partitioners.simulator import LinkCosts, StageCosts, simulate
 
     sched = S.build(plan.schedule, plan.num_stages, plan.num_micro_batches)
-    stages = [StageCosts(s.fwd_ms, s.bwd_ms, s.opt_ms, s.allreduce_ms) for s in plan.stages]
-    links = [LinkCosts(s.link_act_ms, s.link_grad_ms, s.cut_bytes, s.cut_bytes) for s in plan.stages[:-1]]
+    stages = stage_costs or [StageCosts(s.fwd_ms, s.bwd_ms, s.opt_ms, s.allreduce_ms) for s in plan.stages]
+    if len(stages) != plan.num_stages:
+        raise ValueError(f"stage_costs has {len(stages)} entries for a plan of {plan.num_stages} stages")
+    links = [
+        LinkCosts(0.0 if free_links else s.link_act_ms, 0.0 if free_links else s.link_grad_ms, s.cut_bytes, s.cut_bytes)
+        for s in plan.stages[:-1]
+    ]
+    if free_links:
+        labels_ms = 0.0
     replicas = [len(s.devices) for s in plan.stages]
     return simulate(
         sched,

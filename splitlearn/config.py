@@ -120,6 +120,7 @@ class RuntimeConfig:
     replan_on_failure: bool = False  # a device gone for good: plan again on the devices that remain
     emulate_links: bool = False  # each transfer takes at least its link's latency + bytes / bandwidth
     measure_memory: bool = False  # record each stage's peak memory per step (slower: profiler on CPU)
+    trace: bool = False  # record each action's start and end per stage and step (metrics.jsonl "trace")
 
 
 @dataclass

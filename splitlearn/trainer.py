@@ -125,6 +125,57 @@ def simulate_plan(plan: Plan) -> None:
     plan.predicted["simulated_step_ms"] = round(_simulate(plan).step_ms, 4)
 
 
+STAGE_METRICS = ("stage", "replica", "device", "compute_s", "fwd_s", "bwd_s", "micro_batches", "comm_s", "trace")
+
+
+def measured_stage_costs(plan: Plan, steps: list[list[dict[str, Any]]]):
+    """The compute a run's workers measured, as the simulator's per-stage costs: per stage,
+    the median over steps of one micro-batch's forward and backward (the step's forward and
+    backward time over the micro-batches the replica ran, averaged over replicas) and of the
+    ``STEP`` action's own compute. ``steps``: each step's stage metrics (``run_step``'s).
+    The first step is left out when there are others (it allocates the optimizer state)."""
+    from partitioners.simulator import StageCosts
+
+    ranks = sorted((s.index, d) for s in plan.stages for d in s.devices)
+    # this plan's steps only (a re-planned run's earlier attempts ran other stages)
+    steps = [s for s in steps if sorted((m["stage"], m["device"]) for m in s) == ranks]
+    steps = [s for s in steps if all("fwd_s" in m for m in s)]
+    if len(steps) > 1:
+        steps = steps[1:]
+    if not steps:
+        return None
+
+    def median_of(stage: int, value) -> float:
+        per_step = []
+        for metrics in steps:
+            mine = [m for m in metrics if m["stage"] == stage]
+            per_step.append(statistics.fmean(value(m) for m in mine) * 1e3)
+        return statistics.median(per_step)
+
+    return [
+        StageCosts(
+            median_of(s.index, lambda m: m["fwd_s"] / max(m["micro_batches"], 1)),
+            median_of(s.index, lambda m: m["bwd_s"] / max(m["micro_batches"], 1)),
+            median_of(s.index, lambda m: max(m["compute_s"] - m["fwd_s"] - m["bwd_s"], 0.0)),
+            s.allreduce_ms,
+        )
+        for s in plan.stages
+    ]
+
+
+def replay(plan: Plan, steps: list[list[dict[str, Any]]], free_links: bool = False) -> float | None:
+    """The simulator's step time for this plan and schedule with the compute the run
+    measured (:func:`measured_stage_costs`) and the plan's link costs (none with
+    ``free_links``): what separates the cost model's error from the links' and the
+    schedule's. None when the run has no stage metrics."""
+    from partitioners.partition import simulate_plan as _simulate
+
+    costs = measured_stage_costs(plan, steps)
+    if costs is None:
+        return None
+    return _simulate(plan, stage_costs=costs, free_links=free_links).step_ms
+
+
 @dataclass
 class RunResult:
     """What a run has done so far: its trajectory by step (redone steps replace the steps
@@ -146,10 +197,13 @@ class RunResult:
     events: list[dict[str, Any]] = field(default_factory=list)
     events_path: Path | None = None
 
+    stage_metrics: list[list[dict[str, Any]]] = field(default_factory=list)  # per step, each worker's
+
     def record(self, rec: dict[str, Any]) -> None:
         self.losses.append(rec["loss"])
         self.step_times.append(rec["step_s"])
         self.tokens_per_s.append(rec["tokens_per_s"])
+        self.stage_metrics.append(rec.get("stages", []))
 
     def truncate(self, step: int) -> None:
         """Forget steps at and after ``step`` (they will run again); on a resumed run, read
@@ -160,11 +214,11 @@ class RunResult:
                 if line.strip():
                     r = json.loads(line)
                     by_step[r["step"]] = r
-            self.losses, self.step_times, self.tokens_per_s = [], [], []
+            self.losses, self.step_times, self.tokens_per_s, self.stage_metrics = [], [], [], []
             for i in range(step):
                 if i in by_step:
                     self.record(by_step[i])
-        del self.losses[step:], self.step_times[step:], self.tokens_per_s[step:]
+        del self.losses[step:], self.step_times[step:], self.tokens_per_s[step:], self.stage_metrics[step:]
 
     def event(self, kind: str, reason: str, step: int) -> None:
         ev = {"time": datetime.now().isoformat(timespec="seconds"), "kind": kind, "step": step, "reason": reason}
@@ -421,10 +475,7 @@ def _train_loop(
                     "step_s": dt,
                     "tokens_per_s": stages[0]["tokens"] / dt,
                     "attempt": attempt,
-                    "stages": [
-                        {k: s[k] for k in ("stage", "replica", "device", "compute_s", "comm_s") if k in s}
-                        for s in stages
-                    ],
+                    "stages": [{k: s[k] for k in STAGE_METRICS if k in s} for s in stages],
                     "bytes_sent": {k: v for s in stages for k, v in s["bytes_sent"].items()},
                 }
                 if any("peak_bytes" in s for s in stages):
@@ -485,6 +536,17 @@ def _summarise(cfg: LoadedConfig, result: RunResult, wall_s: float) -> None:
             f"(costs {'measured by plan.profile' if cfg.run.plan.profile else 'counted, FLOPs over device tflops'})",
             flush=True,
         )
+        replayed = replay(result.plan, result.stage_metrics)
+        if replayed is not None:
+            free = replay(result.plan, result.stage_metrics, free_links=True)
+            result.summary["replayed_step_ms"] = replayed
+            result.summary["replayed_free_links_step_ms"] = free
+            where = "as emulated" if cfg.run.runtime.emulate_links else "as planned"
+            print(
+                f"replayed with the compute this run measured: {replayed:.1f} ms on the links {where}, "
+                f"{free:.1f} ms on free links",
+                flush=True,
+            )
 
 
 def _save_checkpoint(cfg: LoadedConfig, group: StageGroup, result: RunResult, step: int) -> None:

@@ -92,6 +92,7 @@ class StageWorker:
         self.codec_in = self.plan.stages[stage - 1].codec if stage > 0 else "none"
         stage_actions = S.build(self.run.runtime.schedule, self.num_stages, self.run.train.micro_batches)[stage]
         self.actions = S.replica_actions(stage_actions, replica, self.num_replicas)
+        self.num_forwards = sum(a.kind == S.F for a in self.actions)  # this replica's micro-batches
         self.last_backward = max((i for i, a in enumerate(self.actions) if a.kind == S.B), default=-1)
         torch.set_num_threads(self.device_cfg.cpu_threads)
         self.device = torch.device(
@@ -355,6 +356,7 @@ class StageWorker:
         masks: dict[int, torch.Tensor | None] = {}
         grads_in: dict[int, torch.Tensor] = {}
         compute_s = comm_s = 0.0
+        phase_s = {S.F: 0.0, S.B: 0.0}  # compute_s split into forwards and backwards
         sent = {"next": 0, "prev": 0, "labels": 0}
         loss_total = 0.0
         last_ranks = [self.offsets[-1] + r for r in range(self.replicas[-1])]
@@ -362,8 +364,11 @@ class StageWorker:
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=False)  # gradients persist: steady memory
         grad_norm = 0.0
+        trace: list[list] | None = [] if self.run.runtime.trace else None
         for i, act in enumerate(self.actions):
             t0 = time.perf_counter()
+            if trace is not None:
+                wall0 = time.time_ns()
             try:
                 m = act.mb
                 if act.kind == S.SEND_LABELS:  # every replica of the loss stage gets the step's labels
@@ -424,11 +429,14 @@ class StageWorker:
                 log.error("stage %d actions: %s  <-- ERROR HERE at %s (#%d)", self.stage, grid, act, i)
                 raise StageFailed(self.stage, self.device_name, step, str(act), f"{type(e).__name__}: {e}") from e
             dt = time.perf_counter() - t0
+            if trace is not None:  # wall clock (ms since the epoch): comparable across workers on one host
+                trace.append([act.kind, act.mb, wall0 / 1e6, time.time_ns() / 1e6])
             if act.kind == S.STEP:  # waiting for sends and the step's collectives is not compute
                 compute_s += dt - self._sync_s
                 comm_s += self._sync_s
             elif act.kind in (S.F, S.B):
                 compute_s += dt
+                phase_s[act.kind] += dt
             else:
                 comm_s += dt
         links = {}
@@ -439,17 +447,23 @@ class StageWorker:
             links[f"{tag}->{self.stage - 1}"] = sent["prev"]
         if sent["labels"]:
             links[f"0->{self.num_stages - 1} (labels)"] = sent["labels"]
-        return {
+        out = {
             "stage": self.stage,
             "replica": self.replica,
             "device": self.device_name,
             "compute_s": compute_s,
+            "fwd_s": phase_s[S.F],
+            "bwd_s": phase_s[S.B],
+            "micro_batches": self.num_forwards,
             "comm_s": comm_s,
             "bytes_sent": links,
             "loss": loss_total if self.is_last else None,
             "grad_norm": grad_norm,
             "tokens": int(batch["input_ids"].numel()) if batch is not None else None,
         }
+        if trace is not None:
+            out["trace"] = trace
+        return out
 
     def _ds_backward(self, out: torch.Tensor, grad: torch.Tensor | None, last: bool) -> None:
         """Backward of one micro-batch through DeepSpeed. A stage without a loss of its own

@@ -151,6 +151,9 @@ def test_train_end_to_end_from_the_command_line(tmp_path):
     assert summary["steps"] == 4 and len(summary["stages"]) == 3
     assert summary["measured_step_ms"] > 0 and summary["simulated_step_ms"] > 0
     assert "step time: measured" in r.stdout
+    # links emulated: the replay on the run's own compute counts them, the free-links one not
+    assert "replayed with the compute this run measured" in r.stdout
+    assert summary["replayed_step_ms"] > summary["replayed_free_links_step_ms"] > 0
     plan = yaml.safe_load((run_dir / "plan.yaml").read_text())
     assert [s["devices"][0] for s in plan["stages"]] == ["edge-phone", "home-server", "cloud-gpu"]
 

@@ -72,6 +72,40 @@ def test_pipelined_step_equals_whole_batch(ray_cluster, tmp_path, schedule, m):
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5, msg=lambda msg, n=name: f"{n}: {msg}")
 
 
+def test_trace_records_every_action_and_the_emulated_latency(ray_cluster, tmp_path):
+    """``runtime.trace``: each stage reports its actions in schedule order with wall-clock
+    spans that do not overlap, and every receive ends at least the emulated link's latency
+    after its sender posted the transfer (the rehearsal's lower bound)."""
+    from partitioners import schedule as S
+
+    latency_ms = 40.0
+    topo = inline_topology()
+    topo["links"]["default"] = {"bandwidth_mbps": 1000, "latency_ms": latency_ms}
+    cfg = cfg_for(tmp_path, "1f1b", 2, emulate_links=True, trace=True)
+    cfg = config_from_container({**_raw(cfg), "topology": {"inline": topo}}, [], "test", tmp_path)
+    plan = make_plan(cfg)
+    group = StageGroup(plan, cfg.topology, cfg.resolved_dict(), str(tmp_path), 30, 30)
+    try:
+        group.start(prepare_timeout_s=120)
+        stages = group.step(0)
+    finally:
+        group.shutdown()
+    lists = S.build("1f1b", 3, 2)
+    spans = {}
+    for st in stages:
+        trace = st["trace"]
+        assert [(k, m) for k, m, _, _ in trace] == [(a.kind, a.mb) for a in lists[st["stage"]]]
+        for (_, _, a0, a1), (_, _, b0, _) in zip(trace, trace[1:], strict=False):
+            assert a0 <= a1 <= b0
+        spans.update({(st["stage"], k, m): (t0, t1) for k, m, t0, t1 in trace})
+    for s in range(3):
+        for m in range(2):
+            if s > 0:  # activation m from stage s-1
+                assert spans[(s, S.RECV_ACT, m)][1] - spans[(s - 1, S.SEND_ACT, m)][0] >= latency_ms
+            if s < 2:  # gradient m from stage s+1
+                assert spans[(s, S.RECV_GRAD, m)][1] - spans[(s + 1, S.SEND_GRAD, m)][0] >= latency_ms
+
+
 @pytest.mark.parametrize("codec", ["fp16", "bf16", "int8"])
 def test_codec_round_trip(codec):
     x = torch.randn(3, 5, 64) * 3

@@ -14,7 +14,7 @@ from splitlearn.data import BatchSource, load_dataset
 from splitlearn.errors import PlacementError
 from splitlearn.models import build_model
 from splitlearn.optim import make_optimizer, reference_step
-from splitlearn.trainer import train
+from splitlearn.trainer import replay, train
 
 pytestmark = pytest.mark.ray
 
@@ -99,6 +99,14 @@ def test_split_training_equals_single_process(ray_cluster, tmp_path, family, dev
     first = rows[0]
     assert len(first["stages"]) == len(devices)
     assert all(s["compute_s"] > 0 for s in first["stages"])
+    # compute split into forwards and backwards (the rest is the STEP's own compute)
+    m = cfg.run.train.micro_batches
+    assert all(s["micro_batches"] == m and 0 < s["fwd_s"] and 0 < s["bwd_s"] for s in first["stages"])
+    assert all(s["fwd_s"] + s["bwd_s"] <= s["compute_s"] for s in first["stages"])
+    # the summary's replay: the simulator on this run's measured compute, the plan's links
+    replayed = replay(result.plan, [r["stages"] for r in rows])
+    assert result.summary["replayed_step_ms"] == pytest.approx(replayed)
+    assert result.summary["replayed_free_links_step_ms"] <= replayed
     assert first["bytes_sent"]["0->1"] > 0 and first["tokens_per_s"] > 0
 
 

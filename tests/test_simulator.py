@@ -392,3 +392,61 @@ def test_late_receiver_pays_its_own_host_cost():
         (HOST, 1, 5.0, 8.0),
     ]
     assert [iv for iv in spans(h, "stage 0") if iv[0] == HOST] == [(HOST, 0, 5.0, 6.0), (HOST, 1, 11.0, 12.0)]
+
+
+def test_replay_on_measured_compute_and_free_links():
+    """``simulate_plan(stage_costs=...)`` replaces the plan's compute; ``free_links`` keeps
+    the compute and makes transfers instant; ``measured_stage_costs`` turns the workers'
+    per-step metrics into those costs (per micro-batch, median over steps, the first left out)."""
+    from conftest import inline_topology
+
+    from cluster.topology import topology_from_container
+    from partitioners import LayerProfile, PlanRequest, partition
+    from partitioners.partition import simulate_plan
+    from splitlearn.trainer import measured_stage_costs
+
+    layers = [
+        LayerProfile(
+            f"l{i}", params=1000, fwd_flops=10**9, bwd_flops=2 * 10**9, in_bytes=2e6, out_bytes=2e6, saved_bytes=10_000
+        )
+        for i in range(4)
+    ]
+    topo = topology_from_container(inline_topology())
+    plan = partition("uniform", PlanRequest(layers=layers, topology=topo, schedule="gpipe", num_micro_batches=2))
+    n = plan.num_stages
+    assert n >= 2 and plan.stages[0].link_act_ms > 0
+
+    def metrics(scale):  # each stage: 2 micro-batches of 10 ms forward and 20 ms backward, a 3 ms STEP
+        return [
+            {
+                "stage": s.index,
+                "replica": 0,
+                "device": s.device,
+                "micro_batches": 2,
+                "fwd_s": 0.020 * scale,
+                "bwd_s": 0.040 * scale,
+                "compute_s": 0.063 * scale,
+                "comm_s": 0.0,
+            }
+            for s in plan.stages
+        ]
+
+    # the first step (slow: it allocates the optimizer state) is left out; the median of the rest
+    costs = measured_stage_costs(plan, [metrics(5.0), metrics(1.0), metrics(1.0), metrics(2.0)])
+    for c in costs:
+        assert (c.fwd_ms, c.bwd_ms, c.step_ms) == pytest.approx((10.0, 20.0, 3.0))
+    # metrics of another plan's stages (an earlier attempt before a re-plan) are not used
+    other = [dict(m, device="elsewhere") for m in metrics(9.0)]
+    assert measured_stage_costs(plan, [metrics(1.0), other, metrics(1.0)])[0].fwd_ms == pytest.approx(10.0)
+    assert measured_stage_costs(plan, [other]) is None
+
+    replay = simulate_plan(plan, stage_costs=costs)
+    free = simulate_plan(plan, stage_costs=costs, free_links=True)
+    # GPipe on free links: the first stage's forwards, each later stage one forward behind,
+    # then the backwards back the same way, then the last STEP (every stage's is 3 ms)
+    assert free.step_ms == pytest.approx(2 * 10 + (n - 1) * 10 + 2 * 20 + (n - 1) * 20 + 3)
+    assert all(iv.end_ms == iv.start_ms for iv in free.timeline if iv.kind in ("ACT", "GRAD"))
+    assert replay.step_ms > free.step_ms  # the plan's links take time
+    assert replay.step_ms != pytest.approx(simulate_plan(plan).step_ms)  # not the plan's compute
+    with pytest.raises(ValueError, match="stage_costs has 1 entries"):
+        simulate_plan(plan, stage_costs=costs[:1])
