@@ -41,6 +41,11 @@ def build_model(model_cfg: Any, seed: int) -> nn.Module:
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from splitlearn.models.compact import quiet_torchao
+
+    with quiet_torchao():
+        import transformers.modeling_utils  # noqa: F401  (imports torchao when installed)
+
     import_adapter_module(model_cfg.adapter_module)
     overrides = dict(model_cfg.config or {})
     attn = model_cfg.attn_implementation

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -43,20 +44,29 @@ def _conv1d_type() -> type | None:
     return Conv1D
 
 
-def _torchao_int8():
-    """torchao's ``Int8Tensor`` and ``PerRow``, imported quietly (torchao logs a warning for
-    each optional CUDA extension it cannot load on a CPU-only build)."""
+@contextmanager
+def quiet_torchao():
+    """Import torchao quietly inside: on a CPU-only build it logs a warning for each optional
+    CUDA extension it cannot load, and torch's pytree one deprecation per enum it registers.
+    ``transformers.modeling_utils`` imports torchao too, when it is installed."""
     quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm")]
     levels = [lg.level for lg in quiet]
     for lg in quiet:
         lg.setLevel(logging.ERROR)
     try:
-        from torchao.quantization import Int8Tensor, PerRow
-    except ImportError as e:
-        raise ModelError(f"finetune.frozen_dtype: int8 needs torchao (pip install 'torchao>=0.18'): {e}") from e
+        yield
     finally:
         for lg, lv in zip(quiet, levels, strict=True):
             lg.setLevel(lv)
+
+
+def _torchao_int8():
+    """torchao's ``Int8Tensor`` and ``PerRow``, imported quietly."""
+    try:
+        with quiet_torchao():
+            from torchao.quantization import Int8Tensor, PerRow
+    except ImportError as e:
+        raise ModelError(f"finetune.frozen_dtype: int8 needs torchao (pip install 'torchao>=0.18'): {e}") from e
     return Int8Tensor, PerRow
 
 
