@@ -444,6 +444,65 @@ def _why_stuck(
     return f"stage {me} blocked at {a} (action {pc[w]}) waiting on {wire.resource}, {sender}"
 
 
+RECV_OF = {SEND_ACT: RECV_ACT, SEND_GRAD: RECV_GRAD, SEND_LABELS: RECV_LABELS}
+
+
+def observed(traces: dict[tuple[int, int], Sequence[Sequence]], replicas: Sequence[int]) -> SimResult:
+    """A measured step in the simulator's terms, to draw or compare with a simulated one.
+
+    ``traces[(stage, replica)]``: that worker's actions as ``(kind, micro-batch, start ms,
+    end ms)`` on a clock the workers share (``runtime.trace``). ``F``, ``B`` and ``STEP`` are
+    busy intervals on the worker's row; each transfer spans its wire from the send's start to
+    the end of the matching receive: the wire's time plus any wait for a late receiver (the
+    runtime does not see when the bytes arrived). Times start at the earliest action."""
+    if not traces:
+        raise ValueError("no traces: run with runtime.trace=true")
+    t0 = min(a[2] for acts in traces.values() for a in acts)
+    workers = sorted(traces)
+    timeline: list[Interval] = []
+    busy: list[float] = []
+    peak: list[int] = []
+    received: dict[tuple[str, str, int], float] = {}  # (wire, receive kind, mb) -> end
+    for s, r in workers:
+        for kind, mb, _, end in traces[(s, r)]:
+            if kind in RECV_KINDS:
+                for wire in _wires_of(Action(kind, mb), s, r, replicas):
+                    received[(wire, kind, mb)] = end - t0
+    wires: dict[str, float] = {}
+    for s, r in workers:
+        me = stage_resource(s, r, replicas[s])
+        total, in_flight, most = 0.0, 0, 0
+        for kind, mb, start, end in traces[(s, r)]:
+            start, end = start - t0, end - t0
+            if kind in (F, B, STEP):
+                timeline.append(Interval(s, kind, mb, start, end, me, r))
+                total += end - start
+                in_flight += {F: 1, B: -1}.get(kind, 0)
+                most = max(most, in_flight)
+            elif kind in RECV_OF:
+                for wire in _wires_of(Action(kind, mb), s, r, replicas):
+                    arrived = received.get((wire, RECV_OF[kind], mb))
+                    if arrived is None:
+                        raise ValueError(f"{wire}: {kind}{mb} of stage {me} has no matching receive in the traces")
+                    timeline.append(Interval(s, TRANSFER_KINDS[kind], mb, start, arrived, wire, r))
+                    wires[wire] = wires.get(wire, 0.0) + arrived - start
+        busy.append(total)
+        peak.append(most)
+    step = max(iv.end_ms for iv in timeline) if timeline else 0.0
+    mbs = [iv.mb for iv in timeline if iv.kind == F]
+    return SimResult(
+        step_ms=step,
+        busy_ms=busy,
+        idle_ms=[step - b for b in busy],
+        bubble_fraction=1 - sum(busy) / (len(busy) * step) if step > 0 else 0.0,
+        peak_in_flight=peak,
+        timeline=timeline,
+        link_busy_ms=wires,
+        num_micro_batches=max(mbs) + 1 if mbs else 0,
+        workers=workers,
+    )
+
+
 # -- timeline plot -----------------------------------------------------------------------
 
 COLOURS = {
@@ -508,21 +567,73 @@ def _row_label(resource: str, stage_labels: Sequence[str] | None, result: SimRes
     return f"{src}→{dst} " + ("act" if _stage_of(src) < _stage_of(dst) else "grad")
 
 
-def timeline_figure(result: SimResult, title: str = "", stage_labels: Sequence[str] | None = None) -> Figure:
+def timeline_figure(
+    result: SimResult,
+    title: str = "",
+    stage_labels: Sequence[str] | None = None,
+    below: SimResult | None = None,
+    below_title: str = "",
+) -> Figure:
     """A Gantt chart of ``result.timeline``: one row per stage (per replica) and per wire, F
     and B in distinct colours, the micro-batch written in each box wide enough for it.
-    ``stage_labels``: one per stage (replicas get `` r0``, `` r1``, ...) or one per timeline."""
+    ``stage_labels``: one per stage (replicas get `` r0``, `` r1``, ...) or one per timeline.
+    ``below``: a second timeline of the same pipeline drawn under the first on the same time
+    axis (e.g. a measured step above, the simulator's below)."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    if stage_labels is not None and len(stage_labels) not in (result.num_stages, result.num_workers):
-        raise ValueError(f"{len(stage_labels)} stage labels for {result.num_stages} stages")
+    panels = [(result, title)] + ([(below, below_title)] if below is not None else [])
+    for res, _ in panels:
+        if stage_labels is not None and len(stage_labels) not in (res.num_stages, res.num_workers):
+            raise ValueError(f"{len(stage_labels)} stage labels for {res.num_stages} stages")
+    n_rows = sum(len(timeline_rows(res)) for res, _ in panels)
+    fig = Figure(figsize=(12, 1.6 * len(panels) + 0.38 * n_rows), dpi=120, layout="constrained")
+    axes = fig.subplots(
+        len(panels), 1, sharex=True, squeeze=False, height_ratios=[len(timeline_rows(r)) + 2 for r, _ in panels]
+    )[:, 0]
+    end = max(max(res.step_ms, 1e-9) for res, _ in panels) * 1.01
+    used: set[str] = set()
+    drawn = []
+    for ax, (res, ttl) in zip(axes, panels, strict=True):
+        y_of = _draw_timeline(ax, res, ttl, stage_labels, used)
+        ax.set_xlim(0, end)
+        drawn.append((ax, res, y_of))
+    axes[-1].set_xlabel("time (ms)")
+    kinds = [k for k in LEGEND if k in used]
+    fig.legend(
+        handles=[Patch(facecolor=COLOURS[k], label=LEGEND[k]) for k in kinds],
+        loc="outside lower center",
+        ncol=len(kinds) or 1,
+        frameon=False,
+        fontsize=9,
+    )
+    # Write micro-batch numbers where they fit: needs the laid-out axes width in pixels.
+    fig.draw_without_rendering()
+    char_px = 0.62 * _FONT_PT * fig.dpi / 72
+    for ax, res, y_of in drawn:
+        px_per_ms = ax.get_window_extent().width / (ax.get_xlim()[1] - ax.get_xlim()[0])
+        for iv in res.timeline:
+            text = str(iv.mb) if iv.mb >= 0 else ""
+            if text and (iv.end_ms - iv.start_ms) * px_per_ms >= len(text) * char_px + 4:
+                dark = iv.kind in (F, B, STEP, ALLREDUCE)
+                ax.text(
+                    (iv.start_ms + iv.end_ms) / 2,
+                    y_of[iv.resource],
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=_FONT_PT,
+                    color="white" if dark else "black",
+                )
+    return fig
+
+
+def _draw_timeline(ax, result: SimResult, title: str, stage_labels, used: set[str]) -> dict[str, int]:
+    """One Gantt panel on ``ax``; adds the interval kinds drawn to ``used``; returns the row
+    of each resource."""
     groups = _row_groups(result)
     rows = [row for g in groups for row in g]
     y_of = {r: i for i, r in enumerate(rows)}
-    fig = Figure(figsize=(12, 1.6 + 0.38 * len(rows)), dpi=120, layout="constrained")
-    ax = fig.add_subplot()
-
     boxes: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for iv in result.timeline:
         if iv.end_ms > iv.start_ms:
@@ -532,7 +643,7 @@ def timeline_figure(result: SimResult, title: str = "", stage_labels: Sequence[s
         ax.broken_barh(
             spans, (y_of[resource] - height / 2, height), facecolors=COLOURS[kind], edgecolor="white", linewidth=0.6
         )
-
+        used.add(kind)
     ax.set_yticks(range(len(rows)), [_row_label(r, stage_labels, result) for r in rows])
     for tick, r in zip(ax.get_yticklabels(), rows, strict=True):
         if not r.startswith("stage"):
@@ -541,42 +652,15 @@ def timeline_figure(result: SimResult, title: str = "", stage_labels: Sequence[s
     for g in groups[:-1]:  # a rule under each stage's group of rows
         ax.axhline(y_of[g[-1]] + 0.5, color="lightgray", linewidth=0.6)
     ax.set_ylim(len(rows) - 0.5, -0.5)
-    ax.set_xlim(0, max(result.step_ms, 1e-9) * 1.01)
-    ax.set_xlabel("time (ms)")
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
     summary = (
-        f"step {result.step_ms:.4g} ms · bubble {result.bubble_fraction:.0%} · "
-        f"{result.num_micro_batches} micro-batches · peak in flight {result.peak_in_flight}"
+        f"step {result.step_ms:.4g} ms · bubble {result.bubble_fraction:.0%} · {result.num_micro_batches} micro-batches"
     )
+    if result.peak_in_flight:
+        summary += f" · peak in flight {result.peak_in_flight}"
     ax.set_title(f"{title}\n{summary}" if title else summary, fontsize=10)
-    kinds = [k for k in LEGEND if any(kind == k for _, kind in boxes)]
-    fig.legend(
-        handles=[Patch(facecolor=COLOURS[k], label=LEGEND[k]) for k in kinds],
-        loc="outside lower center",
-        ncol=len(kinds) or 1,
-        frameon=False,
-        fontsize=9,
-    )
-
-    # Write micro-batch numbers where they fit: needs the laid-out axes width in pixels.
-    fig.draw_without_rendering()
-    px_per_ms = ax.get_window_extent().width / (ax.get_xlim()[1] - ax.get_xlim()[0])
-    char_px = 0.62 * _FONT_PT * fig.dpi / 72
-    for iv in result.timeline:
-        text = str(iv.mb) if iv.mb >= 0 else ""
-        if text and (iv.end_ms - iv.start_ms) * px_per_ms >= len(text) * char_px + 4:
-            dark = iv.kind in (F, B, STEP, ALLREDUCE)
-            ax.text(
-                (iv.start_ms + iv.end_ms) / 2,
-                y_of[iv.resource],
-                text,
-                ha="center",
-                va="center",
-                fontsize=_FONT_PT,
-                color="white" if dark else "black",
-            )
-    return fig
+    return y_of
 
 
 def plot_timeline(result: SimResult, path: str, title: str = "", stage_labels: Sequence[str] | None = None) -> None:

@@ -123,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
     p = sub.add_parser(
+        "timeline",
+        help="draw a traced step of a run next to the simulator's replay of it",
+        description=(
+            "Draw one step of a run made with runtime.trace=true as it ran (each stage's forwards, "
+            "backwards and optimizer step; each transfer from its send to its receive), above the "
+            "simulator's replay of the same plan and links on the compute the run measured."
+        ),
+        epilog="example:\n  splitlearn train configs/quickstart.yaml runtime.trace=true runtime.run_name=q\n"
+        "  splitlearn timeline runs/q --out q.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    p.add_argument("run_dir", help="a run directory (plan.yaml, metrics.jsonl)")
+    p.add_argument("--step", type=int, default=None, help="the step to draw (default: the traced step of median time)")
+    p.add_argument("--out", default="timeline.png", help="PNG to write (default timeline.png)")
+
+    p = sub.add_parser(
         "data",
         help="write the quickstart corpus",
         description="Write the small synthetic corpus the quickstart trains on (deterministic for a seed).",
@@ -178,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
             return _profile(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "timeline":
+            from splitlearn.planning import draw_run_timeline
+
+            step, measured, replayed = draw_run_timeline(args.run_dir, args.out, args.step)
+            print(f"step {step}: {measured:.1f} ms measured (first action to last), {replayed:.1f} ms replayed")
+            print(f"wrote {args.out}")
+            return 0
         if args.command == "data":
             from splitlearn.data import write_synth_corpus
 

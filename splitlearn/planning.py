@@ -114,3 +114,51 @@ def draw_memory(plan: Plan, cfg: LoadedConfig, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def draw_run_timeline(run_dir: str | Path, path: str | Path, step: int | None = None) -> tuple[int, float, float]:
+    """A traced step of a run (``runtime.trace: true``) as measured, above the simulator's
+    replay of the same plan on the compute the run measured (:func:`trainer.replay`), on one
+    time axis. ``step``: default the traced step of median step time. Returns the step, its
+    measured span and the replay's step time, in ms."""
+    import json
+
+    from partitioners.simulator import observed, timeline_figure
+    from splitlearn.errors import ConfigError
+    from splitlearn.trainer import measured_stage_costs
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "plan.yaml").is_file() or not (run_dir / "metrics.jsonl").is_file():
+        raise ConfigError(f"timeline: {run_dir} is not a run directory (no plan.yaml or metrics.jsonl)")
+    plan = Plan.from_yaml((run_dir / "plan.yaml").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    ranks = sorted((s.index, d) for s in plan.stages for d in s.devices)
+    traced = {
+        r["step"]: r
+        for r in records
+        if sorted((m["stage"], m["device"]) for m in r["stages"]) == ranks and all("trace" in m for m in r["stages"])
+    }
+    if not traced:
+        raise ConfigError(f"timeline: {run_dir} has no traced steps of its plan; run with runtime.trace=true")
+    if step is None:
+        steps = sorted(traced)[1:] or sorted(traced)  # the first step allocates the optimizer state
+        steps.sort(key=lambda k: traced[k]["step_s"])
+        step = steps[len(steps) // 2]
+    elif step not in traced:
+        raise ConfigError(
+            f"timeline: --step {step} is not a traced step of {run_dir} (traced: {min(traced)}..{max(traced)})"
+        )
+    replicas = [len(s.devices) for s in plan.stages]
+    measured = observed({(m["stage"], m["replica"]): m["trace"] for m in traced[step]["stages"]}, replicas)
+    costs = measured_stage_costs(plan, [traced[k]["stages"] for k in sorted(traced)])
+    replayed = simulate_plan(plan, stage_costs=costs)
+    labels = [f"{s.index}: {s.device}" for s in plan.stages]
+    fig = timeline_figure(
+        measured,
+        f"{run_dir.name}, step {step}, measured (a transfer: posted to received)",
+        labels,
+        below=replayed,
+        below_title="simulated: the same plan and links on the compute this run measured (replay)",
+    )
+    fig.savefig(str(path), format="png")
+    return step, measured.step_ms, replayed.step_ms

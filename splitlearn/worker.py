@@ -430,7 +430,10 @@ class StageWorker:
                 raise StageFailed(self.stage, self.device_name, step, str(act), f"{type(e).__name__}: {e}") from e
             dt = time.perf_counter() - t0
             if trace is not None:  # wall clock (ms since the epoch): comparable across workers on one host
-                trace.append([act.kind, act.mb, wall0 / 1e6, time.time_ns() / 1e6])
+                wall1 = time.time_ns()
+                if act.kind == S.STEP:  # its own compute, after its waits (sends, the step's all-reduces)
+                    wall0 = max(wall0, wall1 - int((dt - self._sync_s) * 1e9))
+                trace.append([act.kind, act.mb, wall0 / 1e6, wall1 / 1e6])
             if act.kind == S.STEP:  # waiting for sends and the step's collectives is not compute
                 compute_s += dt - self._sync_s
                 comm_s += self._sync_s

@@ -125,6 +125,7 @@ def test_train_end_to_end_from_the_command_line(tmp_path):
             "train.steps=4",
             f"runtime.output_dir={tmp_path / 'runs'}",
             "runtime.run_name=e2e",
+            "runtime.trace=true",
             "--progress",
             "log",
         ],
@@ -154,6 +155,13 @@ def test_train_end_to_end_from_the_command_line(tmp_path):
     # links emulated: the replay on the run's own compute counts them, the free-links one not
     assert "replayed with the compute this run measured" in r.stdout
     assert summary["replayed_step_ms"] > summary["replayed_free_links_step_ms"] > 0
+    # a traced step drawn above its replay; a step that was not traced is one clear line
+    png = tmp_path / "t.png"
+    assert main(["timeline", str(run_dir), "--step", "2", "--out", str(png)]) == 0
+    assert png.stat().st_size > 0
+    assert main(["timeline", str(run_dir), "--step", "9", "--out", str(tmp_path / "no.png")]) == 2
+    assert main(["timeline", str(tmp_path), "--out", str(tmp_path / "no.png")]) == 2
+    assert not (tmp_path / "no.png").exists()
     plan = yaml.safe_load((run_dir / "plan.yaml").read_text())
     assert [s["devices"][0] for s in plan["stages"]] == ["edge-phone", "home-server", "cloud-gpu"]
 

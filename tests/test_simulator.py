@@ -450,3 +450,46 @@ def test_replay_on_measured_compute_and_free_links():
     assert replay.step_ms != pytest.approx(simulate_plan(plan).step_ms)  # not the plan's compute
     with pytest.raises(ValueError, match="stage_costs has 1 entries"):
         simulate_plan(plan, stage_costs=costs[:1])
+
+
+def test_observed_trace_reads_like_the_simulation_it_matches(tmp_path):
+    """A traced step (``runtime.trace``) in the simulator's terms: a hand-made trace of 2
+    stages, sequential, M=1, whose times are exactly what the simulator gives for these
+    costs, reads back as the same step: same compute intervals, each transfer from its
+    send to its receive's end, same makespan; the clock's origin does not matter."""
+    from partitioners.simulator import observed
+
+    sim = run("sequential", [StageCosts(10, 20, 2), StageCosts(5, 15, 3)], [LinkCosts(5, 5)], labels_ms=1.0)
+    t = 1.7e12  # wall clock in ms
+    traces = {
+        (0, 0): [
+            ("SEND_LABELS", -1, t, t),
+            ("F", 0, t, t + 10),
+            ("SEND_ACT", 0, t + 10, t + 10),
+            ("RECV_GRAD", 0, t + 10, t + 40),
+            ("B", 0, t + 40, t + 60),
+            ("STEP", -1, t + 60, t + 62),
+        ],
+        (1, 0): [
+            ("RECV_LABELS", -1, t, t + 1),
+            ("RECV_ACT", 0, t + 1, t + 15),
+            ("F", 0, t + 15, t + 20),
+            ("B", 0, t + 20, t + 35),
+            ("SEND_GRAD", 0, t + 35, t + 35),
+            ("STEP", -1, t + 35, t + 38),
+        ],
+    }
+    obs = observed(traces, [1, 1])
+    assert obs.step_ms == pytest.approx(sim.step_ms) == pytest.approx(62.0)
+    for resource in ("stage 0", "stage 1", "link 0->1", "link 1->0", "labels 0->1"):
+        assert spans(obs, resource) == spans(sim, resource), resource  # exact: whole ms in float64
+    assert obs.busy_ms == pytest.approx([32.0, 23.0]) and obs.peak_in_flight == [1, 1]
+    assert obs.num_micro_batches == 1 and obs.workers == [(0, 0), (1, 0)]
+    plot_timeline(obs, str(tmp_path / "t.png"))  # draws like a simulated step
+    assert (tmp_path / "t.png").stat().st_size > 0
+    # a send whose receive is not in the traces
+    broken = {k: [a for a in v if a[0] != "RECV_ACT"] for k, v in traces.items()}
+    with pytest.raises(ValueError, match="SEND_ACT0 of stage stage 0 has no matching receive"):
+        observed(broken, [1, 1])
+    with pytest.raises(ValueError, match="runtime.trace=true"):
+        observed({}, [1, 1])
