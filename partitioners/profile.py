@@ -55,7 +55,7 @@ class LayerProfile:
     saved_bytes: int = 0  # held for backward between this layer's forward and backward
     fwd_ms: float = 0.0
     bwd_ms: float = 0.0
-    opt_ms: float = 0.0  # AdamW step over the layer's trainable parameters
+    opt_ms: float = 0.0  # a STEP over the layer's trainable parameters: norm share, clipping, AdamW
     bwd_transient_bytes: int = 0  # peak extra allocation while the layer runs backward
     compact_params: int = 0  # parameters in matmul/embedding weights: what a compact frozen dtype shrinks
     compact_rows: int = 0  # output rows of those weights (int8 keeps one scale per row)
@@ -278,7 +278,18 @@ def profile_chain(
             trainable = [p for p in params if p.requires_grad]
             if trainable:
                 opt = torch.optim.AdamW(trainable, lr=1e-9, foreach=False)
-                prof.opt_ms = _median_ms(opt.step, warmup, repeats, sync)
+                grads = [p.grad for p in trainable if p.grad is not None]
+
+                def step(opt=opt, grads=grads):
+                    # what a worker's STEP computes per parameter: its share of the global
+                    # gradient norm (squares summed in float64), the clipping, AdamW
+                    if grads:
+                        torch.stack([g.double().pow(2).sum() for g in grads]).sum()
+                    for g in grads:
+                        g.mul_(1.0)  # the clipping's cost; its factor does not change it
+                    opt.step()
+
+                prof.opt_ms = _median_ms(step, warmup, repeats, sync)
                 opt.zero_grad(set_to_none=True)
                 del opt
             for p in params:
