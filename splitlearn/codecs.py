@@ -29,16 +29,22 @@ def encode(t: torch.Tensor, codec: str) -> list[torch.Tensor]:
     raise ValueError(f"unknown codec '{codec}' (known: {', '.join(CODECS)})")
 
 
-def payload_like(shape: list[int], dtype: torch.dtype, codec: str) -> list[torch.Tensor]:
-    """Empty receive buffers for what :func:`encode` sends for a tensor of this shape/dtype."""
+def payload_like(
+    shape: list[int], dtype: torch.dtype, codec: str, device: torch.device | str = "cpu"
+) -> list[torch.Tensor]:
+    """Empty receive buffers, on ``device``, for what :func:`encode` sends for a tensor of
+    this shape/dtype (allocated where the data lands: no copy of an empty host buffer)."""
     if codec == "none" or not dtype.is_floating_point:
-        return [torch.empty(shape, dtype=dtype)]
+        return [torch.empty(shape, dtype=dtype, device=device)]
     if codec == "fp16":
-        return [torch.empty(shape, dtype=torch.float16)]
+        return [torch.empty(shape, dtype=torch.float16, device=device)]
     if codec == "bf16":
-        return [torch.empty(shape, dtype=torch.bfloat16)]
+        return [torch.empty(shape, dtype=torch.bfloat16, device=device)]
     if codec == "int8":
-        return [torch.empty(shape, dtype=torch.int8), torch.empty(shape[:-1], dtype=torch.float32)]
+        return [
+            torch.empty(shape, dtype=torch.int8, device=device),
+            torch.empty(shape[:-1], dtype=torch.float32, device=device),
+        ]
     raise ValueError(f"unknown codec '{codec}' (known: {', '.join(CODECS)})")
 
 
