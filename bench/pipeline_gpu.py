@@ -127,11 +127,11 @@ def run_torch_pipelining(args) -> float:
     return step_s
 
 
-def run_ours(args) -> float:
+def run_ours(args, trace: bool = False) -> float:
     from cluster.ray_cluster import connect
     from splitlearn.config import config_from_container
     from splitlearn.runtime import StageGroup
-    from splitlearn.trainer import make_plan
+    from splitlearn.trainer import make_plan, measured_stage_costs, replay
 
     n = BLOCKS + 2
     raw = {
@@ -165,7 +165,7 @@ def run_ours(args) -> float:
             "max_grad_norm": 0.0,
         },
         "plan": {"partitioner": "manual", "devices": ["gpu0", "gpu1"], "cuts": [n // 2]},
-        "runtime": {"schedule": "1f1b", "timeout_s": 300, "progress": "none"},
+        "runtime": {"schedule": "1f1b", "timeout_s": 300, "progress": "none", "trace": trace},
     }
     cfg = config_from_container(raw, [], "bench", ROOT)
     handle = connect(cfg.topology, env_vars={"NCCL_NVLS_ENABLE": "0"})
@@ -174,16 +174,35 @@ def run_ours(args) -> float:
     try:
         infos = group.start(prepare_timeout_s=600)
         print("ours: stages", [(i["stage"], i["device"], i["params"]) for i in infos], flush=True)
-        times = []
+        times, metrics = [], []
         for step in range(args.warmup + args.steps):
             t0 = time.perf_counter()
-            group.step(step)
+            m = group.step(step)
             if step >= args.warmup:
                 times.append(time.perf_counter() - t0)
+                metrics.append(m)
     finally:
         group.shutdown()
         handle.shutdown()
-    return statistics.median(times)
+    # the simulator on the compute the workers measured (CUDA events), the plan's NVLink figure
+    costs = measured_stage_costs(plan, metrics, skip_first=False)
+    replayed = replay(plan, metrics, skip_first=False)
+    if trace:  # the step of median time, as it ran on the GPUs, above its replay
+        from partitioners.partition import simulate_plan
+        from partitioners.simulator import observed, timeline_figure
+
+        k = sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]
+        seen = observed({(m["stage"], m["replica"]): m["trace"] for m in metrics[k]}, [1, 1])
+        sim = simulate_plan(plan, stage_costs=costs)
+        fig = timeline_figure(
+            seen, f"splitlearn 1F1B, traced (CUDA events), step of {times[k] * 1e3:.1f} ms", below=sim
+        )
+        fig.savefig(args.timeline, format="png")
+        print(f"wrote {args.timeline}", flush=True)
+    return statistics.median(times), {
+        "replayed_step_s": replayed / 1e3,
+        "measured_fwd_bwd_step_ms": [[round(c.fwd_ms, 3), round(c.bwd_ms, 3), round(c.step_ms, 3)] for c in costs],
+    }
 
 
 def main() -> int:
@@ -194,6 +213,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pipeline-gpu.json"))
+    ap.add_argument("--timeline", help="also run ours traced and draw its median step above the replay (PNG)")
     args = ap.parse_args()
     tokens = args.batch * args.seq
     theirs = run_torch_pipelining(args)
@@ -201,9 +221,15 @@ def main() -> int:
         f"torch.distributed.pipelining Schedule1F1B: {theirs * 1e3:.1f} ms/step, {tokens / theirs:.0f} tokens/s",
         flush=True,
     )
-    ours = run_ours(args)
+    ours, replayed = run_ours(args)
     print(
         f"splitlearn 1F1B (Ray actors, NCCL link):   {ours * 1e3:.1f} ms/step, {tokens / ours:.0f} tokens/s", flush=True
+    )
+    print(
+        f"  replayed on the compute the workers measured: {replayed['replayed_step_s'] * 1e3:.1f} ms/step "
+        f"(measured / replayed {ours / replayed['replayed_step_s']:.3f}); per stage fwd/bwd per micro-batch, "
+        f"STEP ms: {replayed['measured_fwd_bwd_step_ms']}",
+        flush=True,
     )
     res = {
         "gpu": torch.cuda.get_device_name(0),
@@ -213,8 +239,12 @@ def main() -> int:
         "torch_pipelining_step_s": theirs,
         "splitlearn_step_s": ours,
         "ratio_tokens_per_s": theirs / ours,
+        **replayed,
     }
     print(f"ratio (ours / theirs, tokens/s): {theirs / ours:.3f}")
+    if args.timeline:  # a separate run: tracing synchronises each step's start
+        traced, _ = run_ours(args, trace=True)
+        res["traced_step_s"] = traced
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     return 0

@@ -394,7 +394,7 @@ def main() -> int:
                     }
                     pred = simulate_plan(plan, **extras).step_ms
                     # the same simulation on the compute the workers measured in these steps
-                    measured_costs = measured_stage_costs(plan, metrics)
+                    measured_costs = measured_stage_costs(plan, metrics, skip_first=False)
                     replayed = simulate_plan(plan, stage_costs=measured_costs, **extras).step_ms
                     free = simulate_plan(plan, stage_costs=measured_costs, free_links=True, **extras).step_ms
                     ms = step_s * 1e3

@@ -125,19 +125,14 @@ def draw_run_timeline(run_dir: str | Path, path: str | Path, step: int | None = 
 
     from partitioners.simulator import observed, timeline_figure
     from splitlearn.errors import ConfigError
-    from splitlearn.trainer import measured_stage_costs
+    from splitlearn.trainer import measured_stage_costs, ran_plan
 
     run_dir = Path(run_dir)
     if not (run_dir / "plan.yaml").is_file() or not (run_dir / "metrics.jsonl").is_file():
         raise ConfigError(f"timeline: {run_dir} is not a run directory (no plan.yaml or metrics.jsonl)")
     plan = Plan.from_yaml((run_dir / "plan.yaml").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    ranks = sorted((s.index, d) for s in plan.stages for d in s.devices)
-    traced = {
-        r["step"]: r
-        for r in records
-        if sorted((m["stage"], m["device"]) for m in r["stages"]) == ranks and all("trace" in m for m in r["stages"])
-    }
+    traced = {r["step"]: r for r in records if ran_plan(plan, r["stages"]) and all("trace" in m for m in r["stages"])}
     if not traced:
         raise ConfigError(f"timeline: {run_dir} has no traced steps of its plan; run with runtime.trace=true")
     if step is None:

@@ -128,19 +128,24 @@ def simulate_plan(plan: Plan) -> None:
 STAGE_METRICS = ("stage", "replica", "device", "compute_s", "fwd_s", "bwd_s", "micro_batches", "comm_s", "trace")
 
 
-def measured_stage_costs(plan: Plan, steps: list[list[dict[str, Any]]]):
+def ran_plan(plan: Plan, stage_metrics: list[dict[str, Any]]) -> bool:
+    """Whether one step's stage metrics come from this plan's workers (a re-planned run's
+    earlier attempts ran other stages on other devices)."""
+    ranks = sorted((s.index, d) for s in plan.stages for d in s.devices)
+    return sorted((m["stage"], m["device"]) for m in stage_metrics) == ranks
+
+
+def measured_stage_costs(plan: Plan, steps: list[list[dict[str, Any]]], skip_first: bool = True):
     """The compute a run's workers measured, as the simulator's per-stage costs: per stage,
     the median over steps of one micro-batch's forward and backward (the step's forward and
     backward time over the micro-batches the replica ran, averaged over replicas) and of the
     ``STEP`` action's own compute. ``steps``: each step's stage metrics (``run_step``'s).
-    The first step is left out when there are others (it allocates the optimizer state)."""
+    The first step is left out when there are others (it allocates the optimizer state),
+    unless ``skip_first`` is off (steps after a warm-up)."""
     from partitioners.simulator import StageCosts
 
-    ranks = sorted((s.index, d) for s in plan.stages for d in s.devices)
-    # this plan's steps only (a re-planned run's earlier attempts ran other stages)
-    steps = [s for s in steps if sorted((m["stage"], m["device"]) for m in s) == ranks]
-    steps = [s for s in steps if all("fwd_s" in m for m in s)]
-    if len(steps) > 1:
+    steps = [s for s in steps if ran_plan(plan, s) and all("fwd_s" in m for m in s)]
+    if skip_first and len(steps) > 1:
         steps = steps[1:]
     if not steps:
         return None
@@ -163,14 +168,16 @@ def measured_stage_costs(plan: Plan, steps: list[list[dict[str, Any]]]):
     ]
 
 
-def replay(plan: Plan, steps: list[list[dict[str, Any]]], free_links: bool = False) -> float | None:
+def replay(
+    plan: Plan, steps: list[list[dict[str, Any]]], free_links: bool = False, skip_first: bool = True
+) -> float | None:
     """The simulator's step time for this plan and schedule with the compute the run
     measured (:func:`measured_stage_costs`) and the plan's link costs (none with
     ``free_links``): what separates the cost model's error from the links' and the
     schedule's. None when the run has no stage metrics."""
     from partitioners.partition import simulate_plan as _simulate
 
-    costs = measured_stage_costs(plan, steps)
+    costs = measured_stage_costs(plan, steps, skip_first)
     if costs is None:
         return None
     return _simulate(plan, stage_costs=costs, free_links=free_links).step_ms

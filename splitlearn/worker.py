@@ -66,6 +66,60 @@ def _ray_node_id() -> str:
     return socket.gethostname()
 
 
+class _ActionTimer:
+    """Times a step's actions. On a CPU: host wall time. On a GPU, where an action returns once
+    its kernels are queued, CUDA events on the compute stream give each action's span on the
+    device (a receive: the stream waiting for its data; the step's one wait is at the end).
+    With ``trace``, each action's ``[kind, mb, start ms, end ms]`` on the wall clock (ms since
+    the epoch: comparable across workers on one host); on a GPU the device spans placed on the
+    wall clock at a synchronisation when the step begins. ``STEP``'s span in the trace is its
+    own compute, after its waits."""
+
+    def __init__(self, gpu: bool, trace: bool):
+        self.gpu = gpu
+        self.trace: list[list] | None = [] if trace else None
+        self.rows: list[tuple[S.Action, float, float, Any, Any, int, int]] = []  # act, host s, wait s, events, walls
+        self.ref = None
+        if gpu and trace:
+            torch.cuda.synchronize()
+            self.ref_ns = time.time_ns()
+            self.ref = self._event()
+
+    @staticmethod
+    def _event():
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def start(self, act: S.Action) -> None:
+        self._wall0 = time.time_ns()
+        self._ev0 = self._event() if self.gpu and (act.kind in (S.F, S.B, S.STEP) or self.ref) else None
+
+    def end(self, act: S.Action, host_s: float, wait_s: float) -> None:
+        ev1 = self._event() if self._ev0 is not None else None
+        self.rows.append((act, host_s, wait_s, self._ev0, ev1, self._wall0, time.time_ns()))
+
+    def durations(self) -> list[tuple[str, float, float]]:
+        """Per action: kind, seconds, seconds of it spent waiting; fills ``trace``."""
+        if self.gpu and self.rows and self.rows[-1][4] is not None:
+            self.rows[-1][4].synchronize()
+        out = []
+        for act, host_s, wait_s, ev0, ev1, wall0, wall1 in self.rows:
+            dt = ev0.elapsed_time(ev1) / 1e3 if ev0 is not None else host_s
+            wait_s = min(wait_s, dt)
+            out.append((act.kind, dt, wait_s))
+            if self.trace is not None:
+                if self.ref is not None:
+                    start = self.ref_ns / 1e6 + self.ref.elapsed_time(ev0)
+                    end = start + dt * 1e3
+                else:
+                    start, end = wall0 / 1e6, wall1 / 1e6
+                if act.kind == S.STEP:
+                    start = end - (dt - wait_s) * 1e3
+                self.trace.append([act.kind, act.mb, start, end])
+        return out
+
+
 class StageWorker:
     def __init__(self, stage: int, run: dict[str, Any], plan: dict[str, Any], base_dir: str, replica: int = 0):
         from splitlearn.config import RunConfig
@@ -312,7 +366,7 @@ class StageWorker:
         ndim, code, has_mask, codec = int(h[0]), int(h[1]), bool(h[2]), _CODECS[int(h[3])]
         shape = [int(x) for x in h[4 : 4 + ndim]]
         dtype = _DTYPES[code]
-        parts = [p.to(where) for p in codecs.payload_like(shape, dtype, codec)]
+        parts = codecs.payload_like(shape, dtype, codec, where)
         for part in parts:
             group.recv(part, src)
         mask = None
@@ -364,11 +418,10 @@ class StageWorker:
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=False)  # gradients persist: steady memory
         grad_norm = 0.0
-        trace: list[list] | None = [] if self.run.runtime.trace else None
+        timer = _ActionTimer(self.device.type == "cuda", self.run.runtime.trace)
         for i, act in enumerate(self.actions):
             t0 = time.perf_counter()
-            if trace is not None:
-                wall0 = time.time_ns()
+            timer.start(act)
             try:
                 m = act.mb
                 if act.kind == S.SEND_LABELS:  # every replica of the loss stage gets the step's labels
@@ -428,18 +481,14 @@ class StageWorker:
                 grid = " ".join(str(a) for a in self.actions)
                 log.error("stage %d actions: %s  <-- ERROR HERE at %s (#%d)", self.stage, grid, act, i)
                 raise StageFailed(self.stage, self.device_name, step, str(act), f"{type(e).__name__}: {e}") from e
-            dt = time.perf_counter() - t0
-            if trace is not None:  # wall clock (ms since the epoch): comparable across workers on one host
-                wall1 = time.time_ns()
-                if act.kind == S.STEP:  # its own compute, after its waits (sends, the step's all-reduces)
-                    wall0 = max(wall0, wall1 - int((dt - self._sync_s) * 1e9))
-                trace.append([act.kind, act.mb, wall0 / 1e6, wall1 / 1e6])
-            if act.kind == S.STEP:  # waiting for sends and the step's collectives is not compute
-                compute_s += dt - self._sync_s
-                comm_s += self._sync_s
-            elif act.kind in (S.F, S.B):
-                compute_s += dt
-                phase_s[act.kind] += dt
+            timer.end(act, time.perf_counter() - t0, self._sync_s if act.kind == S.STEP else 0.0)
+        # per action: its time, and the part of it spent waiting (STEP's sends and collectives)
+        for kind, dt, wait in timer.durations():
+            if kind in (S.F, S.B, S.STEP):
+                compute_s += dt - wait
+                comm_s += wait
+                if kind in phase_s:
+                    phase_s[kind] += dt
             else:
                 comm_s += dt
         links = {}
@@ -464,8 +513,8 @@ class StageWorker:
             "grad_norm": grad_norm,
             "tokens": int(batch["input_ids"].numel()) if batch is not None else None,
         }
-        if trace is not None:
-            out["trace"] = trace
+        if timer.trace is not None:
+            out["trace"] = timer.trace
         return out
 
     def _ds_backward(self, out: torch.Tensor, grad: torch.Tensor | None, last: bool) -> None:
