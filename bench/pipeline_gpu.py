@@ -129,9 +129,10 @@ def run_torch_pipelining(args) -> float:
 
 def run_ours(args, trace: bool = False) -> float:
     from cluster.ray_cluster import connect
+    from partitioners.partition import simulate_plan
     from splitlearn.config import config_from_container
     from splitlearn.runtime import StageGroup
-    from splitlearn.trainer import make_plan, measured_stage_costs, replay
+    from splitlearn.trainer import make_plan, measured_stage_costs
 
     n = BLOCKS + 2
     raw = {
@@ -186,21 +187,19 @@ def run_ours(args, trace: bool = False) -> float:
         handle.shutdown()
     # the simulator on the compute the workers measured (CUDA events), the plan's NVLink figure
     costs = measured_stage_costs(plan, metrics, skip_first=False)
-    replayed = replay(plan, metrics, skip_first=False)
+    sim = simulate_plan(plan, stage_costs=costs)
     if trace:  # the step of median time, as it ran on the GPUs, above its replay
-        from partitioners.partition import simulate_plan
         from partitioners.simulator import observed, timeline_figure
 
         k = sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]
         seen = observed({(m["stage"], m["replica"]): m["trace"] for m in metrics[k]}, [1, 1])
-        sim = simulate_plan(plan, stage_costs=costs)
         fig = timeline_figure(
             seen, f"splitlearn 1F1B, traced (CUDA events), step of {times[k] * 1e3:.1f} ms", below=sim
         )
         fig.savefig(args.timeline, format="png")
         print(f"wrote {args.timeline}", flush=True)
     return statistics.median(times), {
-        "replayed_step_s": replayed / 1e3,
+        "replayed_step_s": sim.step_ms / 1e3,
         "measured_fwd_bwd_step_ms": [[round(c.fwd_ms, 3), round(c.bwd_ms, 3), round(c.step_ms, 3)] for c in costs],
     }
 

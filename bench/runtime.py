@@ -98,7 +98,10 @@ def run_config(tflops, devices, cuts, schedule, m, link=None, codec="none", **ru
     return config_from_container(raw, [], "bench", ROOT)
 
 
-def measure_runtime(cfg, steps: int, profile=None):
+def measure_runtime(cfg, steps: int, profile=None, before_step=None):
+    """Run ``steps`` timed steps (after one untimed: it allocates gradients and optimizer
+    state) of the config's plan; returns the plan, the step times and each step's stage
+    metrics. ``before_step(step)``, when given, runs before each step, outside its time."""
     req = plan_request(cfg, profile)
     plan = make_plan(cfg, request=req)
     group = StageGroup(plan, cfg.topology, cfg.resolved_dict(), str(ROOT), cfg.run.runtime.timeout_s, 60)
@@ -106,14 +109,16 @@ def measure_runtime(cfg, steps: int, profile=None):
         group.start(prepare_timeout_s=180)
         times, metrics = [], []
         for step in range(steps + 1):
+            if before_step is not None:
+                before_step(step)
             t0 = time.perf_counter()
             last = group.step(step)
-            if step:  # the first step allocates gradients and optimizer state
+            if step:
                 times.append(time.perf_counter() - t0)
                 metrics.append(last)
     finally:
         group.shutdown()
-    return plan, statistics.median(times), metrics
+    return plan, times, metrics
 
 
 def overhead_pairs(cfg, steps: int) -> dict:
@@ -127,22 +132,15 @@ def overhead_pairs(cfg, steps: int) -> dict:
     opt = make_optimizer(model.parameters(), run.train)
     ds, _ = load_dataset(run.data)
     batches = BatchSource(ds, run.train.batch_size, run.train.seed)
-    plan = make_plan(cfg, request=plan_request(cfg, None))
-    group = StageGroup(plan, cfg.topology, cfg.resolved_dict(), str(ROOT), cfg.run.runtime.timeout_s, 60)
-    plain, ours = [], []
-    try:
-        group.start(prepare_timeout_s=180)
-        for step in range(steps + 1):
-            t0 = time.perf_counter()
-            reference_step(model, batches.batch(step), run.train, opt, step)
-            t1 = time.perf_counter()
-            group.step(step)
-            t2 = time.perf_counter()
-            if step:  # the first step allocates gradients and optimizer state
-                plain.append(t1 - t0)
-                ours.append(t2 - t1)
-    finally:
-        group.shutdown()
+    plain = []
+
+    def plain_step(step: int) -> None:
+        t0 = time.perf_counter()
+        reference_step(model, batches.batch(step), run.train, opt, step)
+        if step:
+            plain.append(time.perf_counter() - t0)
+
+    _, ours, _ = measure_runtime(cfg, steps, before_step=plain_step)
     return {
         "plain_step_s": statistics.median(plain),
         "runtime_1stage_step_s": statistics.median(ours),
@@ -336,7 +334,8 @@ def main() -> int:
             print("(b) schedule     tokens/s   peak MB per stage")
             for sched in ("sequential", "gpipe", "1f1b"):
                 cfg = run_config(tflops, DEVICES, [3, 5], sched, 4)
-                _, step_s, _ = measure_runtime(cfg, args.steps)
+                _, times, _ = measure_runtime(cfg, args.steps)
+                step_s = statistics.median(times)
                 cfg_mem = run_config(tflops, DEVICES, [3, 5], sched, 4, measure_memory=True)
                 _, _, metrics = measure_runtime(cfg_mem, 2)
                 peaks = [s["peak_bytes"] / 1e6 for s in metrics[-1]]
@@ -382,7 +381,8 @@ def main() -> int:
                     cfg = run_config(
                         tflops, ["edge", "cloud"], [4], "1f1b", 4, link=link, codec=codec, emulate_links=True
                     )
-                    plan, step_s, metrics = measure_runtime(cfg, args.steps, profile=prof)
+                    plan, times, metrics = measure_runtime(cfg, args.steps, profile=prof)
+                    step_s = statistics.median(times)
                     stages_only = plan.predicted["simulated_step_ms"]
                     extras = {
                         "labels_ms": cfg.topology.transfer_ms("edge", "cloud", labels_bytes),

@@ -138,6 +138,19 @@ def replica_actions(actions: list[Action], replica: int, num_replicas: int) -> l
     return [a for a in actions if a.mb < 0 or a.mb % num_replicas == replica]
 
 
+def peak_in_flight(actions) -> int:
+    """The most micro-batches whose forward has run and whose backward has not, over one
+    action list (one stage's, or one replica's): what the stage holds activations for."""
+    now = most = 0
+    for a in actions:
+        if a.kind == F:
+            now += 1
+            most = max(most, now)
+        elif a.kind == B:
+            now -= 1
+    return most
+
+
 def build(name: str, num_stages: int, num_micro_batches: int) -> Schedule:
     sched = SCHEDULES[name](num_stages, num_micro_batches)
     validate(sched, num_micro_batches)

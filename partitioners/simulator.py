@@ -56,6 +56,7 @@ from partitioners.schedule import (
     F,
     Schedule,
     ScheduleError,
+    peak_in_flight,
     replica_actions,
     replica_pairs,
 )
@@ -322,8 +323,6 @@ def simulate(
     pc = [0] * W  # next action of each timeline
     clock = [0.0] * W  # when each timeline is free
     busy = [0.0] * W
-    in_flight: list[set[int]] = [set() for _ in range(W)]
-    peak = [0] * W
 
     def wire(name: str, w: int, a: Action) -> _Wire:
         if name not in wires:
@@ -368,11 +367,6 @@ def simulate(
                     timeline.append(Interval(s, a.kind, a.mb, clock[w], clock[w] + ms, res, r))
                     clock[w] += ms
                     busy[w] += ms
-                    if a.kind == F:
-                        in_flight[w].add(a.mb)
-                        peak[w] = max(peak[w], len(in_flight[w]))
-                    elif a.kind == B:
-                        in_flight[w].discard(a.mb)
                 elif a.kind in TRANSFER_KINDS:
                     for name in _wires_of(a, s, r, replicas):
                         wr = wire(name, w, a)
@@ -413,7 +407,7 @@ def simulate(
         busy_ms=busy,
         idle_ms=[step - b for b in busy],
         bubble_fraction=1.0 - sum(busy) / (W * step) if step > 0 else 0.0,
-        peak_in_flight=peak,
+        peak_in_flight=[peak_in_flight(acts) for acts in acts_of],  # every list ran to its end
         timeline=timeline,
         link_busy_ms={name: wr.busy_ms for name, wr in wires.items()},
         num_micro_batches=inferred,
@@ -461,7 +455,6 @@ def observed(traces: dict[tuple[int, int], Sequence[Sequence]], replicas: Sequen
     workers = sorted(traces)
     timeline: list[Interval] = []
     busy: list[float] = []
-    peak: list[int] = []
     received: dict[tuple[str, str, int], float] = {}  # (wire, receive kind, mb) -> end
     for s, r in workers:
         for kind, mb, _, end in traces[(s, r)]:
@@ -471,14 +464,12 @@ def observed(traces: dict[tuple[int, int], Sequence[Sequence]], replicas: Sequen
     wires: dict[str, float] = {}
     for s, r in workers:
         me = stage_resource(s, r, replicas[s])
-        total, in_flight, most = 0.0, 0, 0
+        total = 0.0
         for kind, mb, start, end in traces[(s, r)]:
             start, end = start - t0, end - t0
             if kind in (F, B, STEP):
                 timeline.append(Interval(s, kind, mb, start, end, me, r))
                 total += end - start
-                in_flight += {F: 1, B: -1}.get(kind, 0)
-                most = max(most, in_flight)
             elif kind in RECV_OF:
                 for wire in _wires_of(Action(kind, mb), s, r, replicas):
                     arrived = received.get((wire, RECV_OF[kind], mb))
@@ -487,7 +478,6 @@ def observed(traces: dict[tuple[int, int], Sequence[Sequence]], replicas: Sequen
                     timeline.append(Interval(s, TRANSFER_KINDS[kind], mb, start, arrived, wire, r))
                     wires[wire] = wires.get(wire, 0.0) + arrived - start
         busy.append(total)
-        peak.append(most)
     step = max(iv.end_ms for iv in timeline) if timeline else 0.0
     mbs = [iv.mb for iv in timeline if iv.kind == F]
     return SimResult(
@@ -495,7 +485,7 @@ def observed(traces: dict[tuple[int, int], Sequence[Sequence]], replicas: Sequen
         busy_ms=busy,
         idle_ms=[step - b for b in busy],
         bubble_fraction=1 - sum(busy) / (len(busy) * step) if step > 0 else 0.0,
-        peak_in_flight=peak,
+        peak_in_flight=[peak_in_flight([Action(k, mb) for k, mb, *_ in traces[w]]) for w in workers],
         timeline=timeline,
         link_busy_ms=wires,
         num_micro_batches=max(mbs) + 1 if mbs else 0,

@@ -26,20 +26,15 @@ class Group:
     def __init__(
         self, store, name: str, members: list[int], rank: int, timeout: datetime.timedelta, backend: str = "gloo"
     ):
-        self.name, self.members, self.backend = name, list(members), backend
-        self.index = self.members.index(rank)
+        self.members, self.backend = list(members), backend
+        index, size = self.members.index(rank), len(self.members)
         prefix = dist.PrefixStore(f"splitlearn/{name}/", store)
-        size = len(self.members)
         if backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
-            self.pg = dist.ProcessGroupNCCL(prefix, self.index, size, opts)
+            self.pg = dist.ProcessGroupNCCL(prefix, index, size, opts)
         else:
-            self.pg = dist.ProcessGroupGloo(prefix, self.index, size, timeout)
-
-    @property
-    def size(self) -> int:
-        return len(self.members)
+            self.pg = dist.ProcessGroupGloo(prefix, index, size, timeout)
 
     def isend(self, tensor: torch.Tensor, dst: int):
         """Post a send to global rank ``dst``; returns the work to wait on."""

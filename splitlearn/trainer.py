@@ -168,19 +168,17 @@ def measured_stage_costs(plan: Plan, steps: list[list[dict[str, Any]]], skip_fir
     ]
 
 
-def replay(
-    plan: Plan, steps: list[list[dict[str, Any]]], free_links: bool = False, skip_first: bool = True
-) -> float | None:
+def replay(plan: Plan, steps: list[list[dict[str, Any]]], skip_first: bool = True) -> tuple[float, float] | None:
     """The simulator's step time for this plan and schedule with the compute the run
-    measured (:func:`measured_stage_costs`) and the plan's link costs (none with
-    ``free_links``): what separates the cost model's error from the links' and the
-    schedule's. None when the run has no stage metrics."""
+    measured (:func:`measured_stage_costs`): on the plan's links, and on free links. What
+    separates the cost model's error from the links' and the schedule's, and what the links
+    cost. None when the run has no stage metrics of this plan."""
     from partitioners.partition import simulate_plan as _simulate
 
     costs = measured_stage_costs(plan, steps, skip_first)
     if costs is None:
         return None
-    return _simulate(plan, stage_costs=costs, free_links=free_links).step_ms
+    return _simulate(plan, stage_costs=costs).step_ms, _simulate(plan, stage_costs=costs, free_links=True).step_ms
 
 
 @dataclass
@@ -545,7 +543,7 @@ def _summarise(cfg: LoadedConfig, result: RunResult, wall_s: float) -> None:
         )
         replayed = replay(result.plan, result.stage_metrics)
         if replayed is not None:
-            free = replay(result.plan, result.stage_metrics, free_links=True)
+            replayed, free = replayed
             result.summary["replayed_step_ms"] = replayed
             result.summary["replayed_free_links_step_ms"] = free
             where = "as emulated" if cfg.run.runtime.emulate_links else "as planned"

@@ -79,7 +79,7 @@ class _ActionTimer:
         self.gpu = gpu
         self.trace: list[list] | None = [] if trace else None
         self.rows: list[tuple[S.Action, float, float, Any, Any, int, int]] = []  # act, host s, wait s, events, walls
-        self.ref = None
+        self.ref = None  # on a GPU with trace: the event recorded at the step's synchronised start
         if gpu and trace:
             torch.cuda.synchronize()
             self.ref_ns = time.time_ns()
@@ -92,10 +92,13 @@ class _ActionTimer:
         return ev
 
     def start(self, act: S.Action) -> None:
-        self._wall0 = time.time_ns()
-        self._ev0 = self._event() if self.gpu and (act.kind in (S.F, S.B, S.STEP) or self.ref) else None
+        self._t0, self._wall0 = time.perf_counter(), time.time_ns()
+        timed = act.kind in (S.F, S.B, S.STEP) or self.ref is not None
+        self._ev0 = self._event() if self.gpu and timed else None
 
-    def end(self, act: S.Action, host_s: float, wait_s: float) -> None:
+    def end(self, act: S.Action, wait_s: float = 0.0) -> None:
+        """``wait_s``: the part of the action's host time spent waiting on others."""
+        host_s = time.perf_counter() - self._t0
         ev1 = self._event() if self._ev0 is not None else None
         self.rows.append((act, host_s, wait_s, self._ev0, ev1, self._wall0, time.time_ns()))
 
@@ -118,6 +121,30 @@ class _ActionTimer:
                     start = end - (dt - wait_s) * 1e3
                 self.trace.append([act.kind, act.mb, start, end])
         return out
+
+
+class _Shards:
+    """A checkpoint's tensors by key, each file opened once (closed with ``stack``)."""
+
+    def __init__(self, found: dict[str, tuple[Path, str]], stack: ExitStack):
+        from safetensors import safe_open
+
+        self._open = lambda path: stack.enter_context(safe_open(str(path), framework="pt"))
+        self.found, self.handles = found, {}
+
+    def _file(self, key: str):
+        path, k = self.found[key]
+        if path not in self.handles:
+            self.handles[path] = self._open(path)
+        return self.handles[path], k
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        f, k = self._file(key)
+        return tuple(f.get_slice(k).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        f, k = self._file(key)
+        return f.get_tensor(k)
 
 
 class StageWorker:
@@ -157,7 +184,6 @@ class StageWorker:
         self.world_ready = False
         self._pending: list = []  # (work, tensor) of sends posted this step
         self._link_free_ns: dict[int, int] = {}  # link rehearsal: when each outgoing wire is free
-        self._sync_s = 0.0  # this step's STEP time spent waiting on sends and collectives
 
     # -- set-up ---------------------------------------------------------------------------
     def _resolve(self, p: str) -> Path:
@@ -420,8 +446,8 @@ class StageWorker:
         grad_norm = 0.0
         timer = _ActionTimer(self.device.type == "cuda", self.run.runtime.trace)
         for i, act in enumerate(self.actions):
-            t0 = time.perf_counter()
             timer.start(act)
+            waited = 0.0  # of this action's time, waiting on other workers (STEP's sends, collectives)
             try:
                 m = act.mb
                 if act.kind == S.SEND_LABELS:  # every replica of the loss stage gets the step's labels
@@ -473,15 +499,16 @@ class StageWorker:
                 elif act.kind == S.STEP:
                     t_wait = time.perf_counter()
                     self._wait_sends()
-                    self._sync_s = time.perf_counter() - t_wait
-                    grad_norm = self._optimizer_step()
+                    waited = time.perf_counter() - t_wait
+                    grad_norm, collectives_s = self._optimizer_step()
+                    waited += collectives_s
                 else:  # pragma: no cover - validated schedules hold only known kinds
                     raise AssertionError(f"unknown action {act}")
             except Exception as e:
                 grid = " ".join(str(a) for a in self.actions)
                 log.error("stage %d actions: %s  <-- ERROR HERE at %s (#%d)", self.stage, grid, act, i)
                 raise StageFailed(self.stage, self.device_name, step, str(act), f"{type(e).__name__}: {e}") from e
-            timer.end(act, time.perf_counter() - t0, self._sync_s if act.kind == S.STEP else 0.0)
+            timer.end(act, waited)
         # per action: its time, and the part of it spent waiting (STEP's sends and collectives)
         for kind, dt, wait in timer.durations():
             if kind in (S.F, S.B, S.STEP):
@@ -528,9 +555,10 @@ class StageWorker:
         target = out if grad is None else (out * grad.to(out.dtype)).sum()
         self.engine.backward(target * self.num_replicas, scale_wrt_gas=False)
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> tuple[float, float]:
         """Sum the gradients of tied embed/head copies and of the replicas, clip by the
-        global norm over every stage, step."""
+        global norm over every stage, step. Returns the norm and the seconds spent in the
+        collectives (waiting for the other workers, mostly)."""
         t_sync = time.perf_counter()
         sync = 0.0
         if self.tied:  # the data owner's copy and every loss-stage replica's share
@@ -568,7 +596,6 @@ class StageWorker:
             t_sync = time.perf_counter()
             self.world.all_reduce(local)
             sync += time.perf_counter() - t_sync
-        self._sync_s += sync
         norm = float(local.sqrt())
         coef = clip_coefficient(norm, self.run.train.max_grad_norm)
         if coef < 1.0:
@@ -578,7 +605,7 @@ class StageWorker:
             self.engine.step()
         else:
             self.optimizer.step()
-        return norm
+        return norm, sync
 
     def _all_reduce_replicas(self, params: list[torch.nn.Parameter]) -> None:
         """Sum the replicas' gradients, flattened into one buffer per call."""
@@ -674,26 +701,22 @@ class StageWorker:
     def check_checkpoint(self, directory: str, files: list[str]) -> int:
         """What :meth:`load_checkpoint` checks, changing nothing: the driver asks every stage
         before any loads, so a checkpoint is taken whole or not at all."""
-        from safetensors import safe_open
-
         params, found = self._index_checkpoint(directory, files)
         with ExitStack() as stack:
-            handles: dict[Path, Any] = {}
-            for name in params:
-                path, key = found[name]
-                if path not in handles:
-                    handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-                shape = tuple(handles[path].get_slice(key).get_shape())
-                self._check_shape(params[name], shape, name, path)
+            self._check_shapes(params, found, _Shards(found, stack))
         return len(params)
 
     @staticmethod
-    def _check_shape(p: torch.nn.Parameter, shape: tuple, name: str, path: Path) -> None:
+    def _check_shapes(params: dict[str, torch.nn.Parameter], found, shards: _Shards) -> None:
+        """Every parameter's shape in the checkpoint (read from the files' headers) is the
+        plan's model's (a ZeRO-3 parameter's whole shape is its ``ds_shape``)."""
         from splitlearn.checkpoint import CheckpointError
 
-        want = tuple(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 parameter is partitioned
-        if shape != want:
-            raise CheckpointError(f"{path}: {name} has shape {shape}, the plan's model has {want}")
+        for name, p in params.items():
+            shape = shards.shape(name)
+            want = tuple(getattr(p, "ds_shape", p.shape))
+            if shape != want:
+                raise CheckpointError(f"{found[name][0]}: {name} has shape {shape}, the plan's model has {want}")
 
     def _index_checkpoint(self, directory: str, files: list[str]):
         """This stage's parameters and where each of its tensors is in the checkpoint's files."""
@@ -724,40 +747,26 @@ class StageWorker:
         """Load this stage's parameters and optimizer state by name from a checkpoint written
         by any plan. A name missing from every file or a shape that differs is a
         CheckpointError naming the file."""
-        from safetensors import safe_open
-
         params, found = self._index_checkpoint(directory, files)
-        opened: dict[Path, Any] = {}
-        try:
-
-            def get(key: str) -> torch.Tensor:
-                path, k = found[key]
-                if path not in opened:
-                    opened[path] = safe_open(str(path), framework="pt").__enter__()
-                return opened[path].get_tensor(k)
-
-            for name, p in params.items():
-                self._check_shape(p, tuple(get(name).shape), name, found[name][0])
+        with ExitStack() as stack:
+            shards = _Shards(found, stack)
+            self._check_shapes(params, found, shards)
             if self.engine is not None:
                 from splitlearn import zero
 
-                zero.set_state(self.engine, params, lambda key: get(key) if key in found else None)
-                params = {}  # loaded
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(get(name))
-                    state = {}
-                    for key in [k for k in found if k.startswith(f"optim/{name}/")]:
-                        state[key.rsplit("/", 1)[1]] = get(key).to(p.device)
-                    if state:
-                        self.optimizer.state[p] = state
+                zero.set_state(self.engine, params, lambda key: shards.get(key) if key in found else None)
+            else:
+                with torch.no_grad():
+                    for name, p in params.items():
+                        p.copy_(shards.get(name))
+                        prefix = f"optim/{name}/"
+                        state = {k[len(prefix) :]: shards.get(k).to(p.device) for k in found if k.startswith(prefix)}
+                        if state:
+                            self.optimizer.state[p] = state
             if "rng/torch" in found:
-                torch.set_rng_state(get("rng/torch"))
+                torch.set_rng_state(shards.get("rng/torch"))
             if "rng/cuda" in found and self.device.type == "cuda":
-                torch.cuda.set_rng_state(get("rng/cuda"))
-        finally:
-            for handle in opened.values():
-                handle.__exit__(None, None, None)
+                torch.cuda.set_rng_state(shards.get("rng/cuda"))
         return len(params)
 
     def export(self, directory: str, merge: bool) -> dict[str, Any]:

@@ -84,30 +84,17 @@ def check_user_section(user: dict[str, Any], offload: str, where: str = "deepspe
         )
 
 
-def most_in_flight(actions) -> int:
-    """The most micro-batches whose forward has run and whose backward has not, in one
-    action list (one replica's)."""
-    from partitioners import schedule as S
-
-    now = most = 0
-    for a in actions:
-        if a.kind == S.F:
-            now += 1
-            most = max(most, now)
-        elif a.kind == S.B:
-            now -= 1
-    return most
-
-
 def check_schedule(offload: str, actions, stage: int, schedule: str) -> None:
     """ZeRO-3 keeps one micro-batch's gradients at a time: with a second forward before the
     first one's backward (GPipe, or 1F1B's warm-up) it loses the first one's gradients
     (measured with DeepSpeed 0.19.8: the parameter gradients of a two-micro-batch step came
     out as the second micro-batch's alone). So a params-offloaded stage must run its
     micro-batches one at a time."""
+    from partitioners.schedule import peak_in_flight
+
     if offload != "params":
         return
-    inflight = most_in_flight(actions)
+    inflight = peak_in_flight(actions)
     if inflight > 1:
         raise ConfigError(
             f"stage {stage}: offload: params (ZeRO-3) needs one micro-batch in flight, but runtime.schedule="

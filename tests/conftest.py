@@ -15,6 +15,7 @@ TEST_DEVICES = ["edge-a", "mid-b", "cloud-c", "cloud-d"]
 def checkpoint_state(run_dir, step: int) -> dict:
     """The weights (no optimizer state) of a run's newest whole checkpoint, which must be
     the one of ``step``."""
+    import torch
     from safetensors.torch import load_file
 
     from splitlearn.checkpoint import latest
@@ -24,7 +25,9 @@ def checkpoint_state(run_dir, step: int) -> dict:
     state = {}
     for name in ck.files:
         if not name.endswith(".optim.safetensors"):
-            state.update(load_file(ck.path / name))
+            for k, v in load_file(ck.path / name).items():
+                assert k not in state or torch.equal(state[k], v), f"{k} differs between shards"
+                state[k] = v
     return state
 
 

@@ -350,12 +350,13 @@ def test_host_cost_on_the_critical_path_of_1f1b():
     assert [iv for iv in spans(h, "stage 0") if iv[0] == "B"] == [("B", 0, 6.0, 8.0), ("B", 1, 10.0, 12.0)]
 
 
-def test_simulate_plan_passes_the_costs_outside_the_stages():
+def uniform_gpipe_plan():
+    """A uniform plan of 4 equal layers (2 MB across each cut) over the test topology,
+    GPipe with 2 micro-batches, on at least 2 stages."""
     from conftest import inline_topology
 
     from cluster.topology import topology_from_container
     from partitioners import LayerProfile, PlanRequest, partition
-    from partitioners.partition import simulate_plan
 
     layers = [
         LayerProfile(
@@ -366,6 +367,13 @@ def test_simulate_plan_passes_the_costs_outside_the_stages():
     topo = topology_from_container(inline_topology())
     plan = partition("uniform", PlanRequest(layers=layers, topology=topo, schedule="gpipe", num_micro_batches=2))
     assert plan.num_stages >= 2
+    return plan
+
+
+def test_simulate_plan_passes_the_costs_outside_the_stages():
+    from partitioners.partition import simulate_plan
+
+    plan = uniform_gpipe_plan()
     base = simulate_plan(plan)
     assert simulate_plan(plan, step_overhead_ms=4.0).step_ms == pytest.approx(base.step_ms + 4.0)
     h = simulate_plan(plan, send_host=HostCost(0.0, 2.0), labels_bytes=1e6)
@@ -398,23 +406,12 @@ def test_replay_on_measured_compute_and_free_links():
     """``simulate_plan(stage_costs=...)`` replaces the plan's compute; ``free_links`` keeps
     the compute and makes transfers instant; ``measured_stage_costs`` turns the workers'
     per-step metrics into those costs (per micro-batch, median over steps, the first left out)."""
-    from conftest import inline_topology
-
-    from cluster.topology import topology_from_container
-    from partitioners import LayerProfile, PlanRequest, partition
     from partitioners.partition import simulate_plan
     from splitlearn.trainer import measured_stage_costs
 
-    layers = [
-        LayerProfile(
-            f"l{i}", params=1000, fwd_flops=10**9, bwd_flops=2 * 10**9, in_bytes=2e6, out_bytes=2e6, saved_bytes=10_000
-        )
-        for i in range(4)
-    ]
-    topo = topology_from_container(inline_topology())
-    plan = partition("uniform", PlanRequest(layers=layers, topology=topo, schedule="gpipe", num_micro_batches=2))
+    plan = uniform_gpipe_plan()
     n = plan.num_stages
-    assert n >= 2 and plan.stages[0].link_act_ms > 0
+    assert plan.stages[0].link_act_ms > 0
 
     def metrics(scale):  # each stage: 2 micro-batches of 10 ms forward and 20 ms backward, a 3 ms STEP
         return [

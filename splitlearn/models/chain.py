@@ -39,12 +39,7 @@ def build_model(model_cfg: Any, seed: int) -> nn.Module:
 
     Never touches the network: a local directory is read with ``local_files_only``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from splitlearn.models.compact import quiet_torchao
-
-    with quiet_torchao():
-        import transformers.modeling_utils  # noqa: F401  (imports torchao when installed)
+    AutoConfig, AutoModelForCausalLM = _auto_classes()
 
     import_adapter_module(model_cfg.adapter_module)
     overrides = dict(model_cfg.config or {})
@@ -264,8 +259,19 @@ def meta_profile(
     return layers
 
 
+def _auto_classes():
+    """transformers' ``AutoConfig`` and ``AutoModelForCausalLM``, imported quietly: the
+    modelling code imports torchao when it is installed (see ``compact.quiet_torchao``)."""
+    from splitlearn.models.compact import quiet_torchao
+
+    with quiet_torchao():
+        import transformers.modeling_utils  # noqa: F401  (the lazy import that loads torchao)
+        from transformers import AutoConfig, AutoModelForCausalLM
+    return AutoConfig, AutoModelForCausalLM
+
+
 def _meta_from_dir(model_cfg: Any) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    AutoConfig, AutoModelForCausalLM = _auto_classes()
 
     try:
         hf_cfg = AutoConfig.from_pretrained(model_cfg.path, local_files_only=True, **dict(model_cfg.config or {}))
