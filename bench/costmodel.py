@@ -33,7 +33,8 @@ from partitioners import schedule as S  # noqa: E402
 from partitioners.costmodel import stage_memory, stage_time  # noqa: E402
 from partitioners.profile import peak_allocated_bytes, profile_chain  # noqa: E402
 from splitlearn.config import ModelConfig  # noqa: E402
-from splitlearn.models.chain import Segment, build_model, layer_views  # noqa: E402
+from splitlearn.models.build import build_model  # noqa: E402
+from splitlearn.models.chain import Segment, layer_views  # noqa: E402
 
 SIZES = {  # name: (hidden, intermediate, layers, heads)
     "S": (128, 352, 8, 4),

@@ -43,10 +43,11 @@ from partitioners import schedule as S  # noqa: E402
 from partitioners.costmodel import StageMethod, stage_memory, stage_time  # noqa: E402
 from partitioners.profile import _inner, peak_allocated_bytes  # noqa: E402
 from splitlearn.config import config_from_container  # noqa: E402
-from splitlearn.models.chain import Segment, build_model  # noqa: E402
-from splitlearn.models.finetune import LoraSpec, apply_methods  # noqa: E402
+from splitlearn.models.build import build_model  # noqa: E402
+from splitlearn.models.chain import Segment  # noqa: E402
+from splitlearn.models.methods import LoraSpec, apply_methods  # noqa: E402
 from splitlearn.optim import make_optimizer  # noqa: E402
-from splitlearn.profiling import profile_model  # noqa: E402
+from splitlearn.profile_report import profile_model  # noqa: E402
 
 METHODS = {
     "full": StageMethod("full"),

@@ -46,7 +46,7 @@ def trial(blocks: int, offload: str, cap_gib: float, steps: int, seq: int, batch
 
     from partitioners.plan import Plan, Stage
     from splitlearn.config import config_from_container
-    from splitlearn.worker import StageWorker
+    from splitlearn.stage import StageWorker
 
     total = torch.cuda.get_device_properties(0).total_memory
     cap = cap_gib * 2**30

@@ -69,7 +69,8 @@ def torch_pipelining_worker(rank, args, port, out_q):
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
-    from splitlearn.models.chain import Segment, build_model, causal_lm_loss
+    from splitlearn.models.build import build_model
+    from splitlearn.models.chain import Segment, causal_lm_loss
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NCCL_NVLS_ENABLE": "0"})
     torch.cuda.set_device(rank)
@@ -131,8 +132,9 @@ def run_ours(args, trace: bool = False) -> float:
     from cluster.ray_cluster import connect
     from partitioners.partition import simulate_plan
     from splitlearn.config import config_from_container
+    from splitlearn.planning import make_plan
+    from splitlearn.replay import measured_stage_costs
     from splitlearn.runtime import StageGroup
-    from splitlearn.trainer import make_plan, measured_stage_costs
 
     n = BLOCKS + 2
     raw = {

@@ -48,7 +48,7 @@ MODELS = {  # layers: (hidden, intermediate)
 
 def model_layers(num_blocks: int, micro_batch: int = 4, seq: int = 512) -> list[LayerProfile]:
     """Counted costs of a Llama-like model on the meta device."""
-    from splitlearn.models.chain import meta_profile
+    from splitlearn.models.costs import meta_profile
 
     h, i = MODELS[num_blocks]
     cfg = ModelConfig(

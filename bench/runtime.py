@@ -8,7 +8,7 @@
 (c) rehearsal: a 2-stage plan with emulated links (LAN, 100 Mbit/s, 20 Mbit/s) and codecs
     (none, int8): measured step time vs the simulator for the same plan, schedule and links,
     twice: "replayed", on the compute the workers measured in the same steps (each stage's
-    forward and backward per micro-batch and its STEP, medians; ``trainer.replay``), which
+    forward and backward per micro-batch and its STEP, medians; ``splitlearn.replay``), which
     checks the schedule and link model the rehearsal stands for; and "profile", on a
     measured, calibrated per-layer profile of the model taken in this process before the
     runs, which adds the compute cost model's error on this machine (its noise, and stages
@@ -50,9 +50,10 @@ from splitlearn.config import config_from_container  # noqa: E402
 from splitlearn.data import BatchSource, load_dataset  # noqa: E402
 from splitlearn.models import build_model  # noqa: E402
 from splitlearn.optim import make_optimizer, reference_step  # noqa: E402
-from splitlearn.profiling import profile_model  # noqa: E402
+from splitlearn.planning import make_plan, plan_request  # noqa: E402
+from splitlearn.profile_report import profile_model  # noqa: E402
+from splitlearn.replay import measured_stage_costs  # noqa: E402
 from splitlearn.runtime import StageGroup  # noqa: E402
-from splitlearn.trainer import make_plan, measured_stage_costs, plan_request  # noqa: E402
 
 DEVICES = ["edge", "mid", "cloud"]
 MODEL = {

@@ -11,6 +11,7 @@ from typing import Any
 
 from cluster.node import LABEL_PREFIX
 from cluster.ray_cluster import devices_in_cluster, join_hint
+from cluster.tables import render_table
 from cluster.topology import Topology
 
 PRESENT, MISSING, TWICE = "present", "MISSING", "TWICE"
@@ -112,9 +113,10 @@ def _num(x: float) -> str:
 def format_report(
     report: ClusterReport, topology: Topology, topology_file: str | None = None, head: str | None = None
 ) -> str:
-    """The report as a fixed-width table, then what is wrong and the commands that fix it."""
+    """The report as a table (see :mod:`cluster.tables`), then what is wrong and the commands
+    that fix it."""
     header = ("device", "tier", "zone", "needed", "status", "node", "address", "CPUs", "GPUs", "mem GB", "note")
-    rows = [header]
+    rows: list[tuple[str, ...]] = []
     for r in report.rows:
         on_node = bool(r.node_id)
         rows.append(
@@ -132,9 +134,7 @@ def format_report(
                 r.note,
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = render_table(header, rows, numeric=("CPUs", "GPUs", "mem GB")).splitlines()
     found = sum(1 for d in topology.device_names if any(r.device == d and r.node_id for r in report.rows))
     lines.insert(
         0,

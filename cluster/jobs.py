@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from cluster.errors import UserError
 from cluster.remote import Address, auth_hint, first_line, is_auth_failure, probe
+from cluster.tables import render_table
 
 # Never uploaded: environments, caches, VCS data, build output and local run directories.
 DEFAULT_EXCLUDES = [
@@ -169,14 +170,11 @@ def _when(ms: int | None) -> str:
 
 def format_jobs(jobs: list[Any]) -> str:
     header = ("job", "status", "started", "ended", "entrypoint")
-    rows = [header]
+    rows: list[tuple[str, ...]] = []
     for j in jobs:
         entry = " ".join(j.entrypoint.split())
         entry = entry if len(entry) <= 70 else entry[:67] + "..."
         rows.append(
             (j.submission_id or j.job_id or "-", str(j.status.value), _when(j.start_time), _when(j.end_time), entry)
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) if jobs else "no jobs"
+    return render_table(header, rows) if jobs else "no jobs"

@@ -126,7 +126,8 @@ def probe(addr: Address, timeout_s: float = PROBE_TIMEOUT_S) -> None:
 
 def token_source(env: dict[str, str] | None = None) -> str | None:
     """Where Ray takes the token from, in its order: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
-    env = os.environ if env is None else env
+    if env is None:
+        env = dict(os.environ)
     if env.get(AUTH_TOKEN_ENV, "").strip():
         return AUTH_TOKEN_ENV
     path = env.get(AUTH_TOKEN_PATH_ENV) or str(DEFAULT_TOKEN_PATH)

@@ -204,7 +204,7 @@ def load_topology(path: str | Path) -> Topology:
     if not p.is_file():
         raise TopologyError(f"topology file not found: {p}")
     try:
-        raw = OmegaConf.load(p)
+        raw: Any = OmegaConf.load(p)
     except Exception as e:  # yaml.YAMLError and friends
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise TopologyError(f"{p}: not valid YAML: {first}") from e

@@ -40,7 +40,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from cluster.topology import Device, Topology
+from partitioners.choices import FROZEN_DTYPES, METHODS, OFFLOAD_MODES
 from partitioners.profile import LayerProfile
+from partitioners.schedule import SCHEDULES
 
 # bytes per parameter: weight, gradient, fp32 master copy, optimizer moments
 PRECISIONS: dict[str, tuple[int, int, int, int]] = {
@@ -48,15 +50,10 @@ PRECISIONS: dict[str, tuple[int, int, int, int]] = {
     "bf16": (4, 4, 0, 8),  # autocast: fp32 weights; 16-bit copies show up in saved activations
     "bf16-master": (2, 2, 4, 8),  # 16-bit weights and gradients, fp32 master and moments
 }
-SCHEDULE_NAMES = ("sequential", "gpipe", "1f1b")
-OFFLOAD_MODES = ("none", "optimizer", "params")
 GB = 1e9
 
-METHODS = ("full", "frozen", "lora")
-FROZEN_DTYPES = ("fp32", "bf16", "fp16", "int8")
 FROZEN_BYTES = {"bf16": 2, "fp16": 2, "int8": 1}  # per compact weight entry
 INT8_ROW_BYTES = 5  # per output row of an int8 weight: an fp32 scale and an int8 zero point
-ALLOW_OPTIONS = ("lora", "frozen", "recompute", "bf16", "fp16", "int8")  # what the planner may change
 OFFLOAD_LABELS = {"optimizer": "off-opt", "params": "off-params"}  # in StageMethod.label
 ADAM_FLOPS_PER_PARAM = 12  # AdamW on the host: moments, bias correction, decay, update
 
@@ -213,7 +210,7 @@ def micro_batches_in_flight(schedule: str, stage: int, num_stages: int, num_micr
         return num_micro_batches
     if schedule == "1f1b":
         return min(num_micro_batches, num_stages - stage)
-    raise ValueError(f"unknown schedule '{schedule}' (known: {', '.join(SCHEDULE_NAMES)})")
+    raise ValueError(f"unknown schedule '{schedule}' (known: {', '.join(SCHEDULES)})")
 
 
 @dataclass
@@ -336,8 +333,7 @@ def stage_time(
     base = list(layers)
     layers = [effective_layer(layer, method) for layer in base]
     scale = device_scale(device, calibrated_tflops)
-    measured = scale is not None and any(layer.fwd_ms > 0 for layer in layers)
-    if measured:
+    if scale is not None and any(layer.fwd_ms > 0 for layer in layers):
         fwd = sum(layer.fwd_ms for layer in layers) * scale
         bwd = sum(layer.bwd_ms for layer in layers) * scale
         opt = sum(layer.opt_ms for layer in layers) * scale

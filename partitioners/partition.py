@@ -58,6 +58,7 @@ each).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -66,8 +67,8 @@ import numpy as np
 
 from cluster.errors import UserError
 from cluster.topology import Device, Topology
+from partitioners.choices import ALLOW_OPTIONS
 from partitioners.costmodel import (
-    ALLOW_OPTIONS,
     PRECISIONS,
     FinetunePolicy,
     StageMethod,
@@ -412,7 +413,7 @@ def closest_options(tables: CostTables, seq: list[str], bounds: list[int]) -> li
             tables.host_mem(dev, a, b, o) / tables.host_capacity(dev),
         )
 
-    return [min(tables.options(s, dev), key=lambda o, s=s: over(s, o)) for s, dev in enumerate(seq)]
+    return [min(tables.options(s, dev), key=functools.partial(over, s)) for s, dev in enumerate(seq)]
 
 
 def check_plan(
@@ -509,7 +510,8 @@ def evaluate(
         allreduce.append(ar)
         for dev in groups[s]:
             load[dev] = load.get(dev, 0.0) + per_dev
-    links, wire_load = [], []
+    links: list[tuple[float, float]] = []
+    wire_load: list[float] = []
     for s in range(S - 1):
         src, dst = groups[s], groups[s + 1]
         pairs = replica_pairs(len(src), len(dst), M)
@@ -520,11 +522,13 @@ def evaluate(
         wire_load.append(max(act, grad) if k == 1 else (M // k - 1) * max(act, grad) / (M - 1))
     total = sum(stage_ms) + sum(a + g for a, g in links)
     worst_dev = max(load, key=lambda d: load[d])
-    worst, bottleneck = load[worst_dev], f"device {worst_dev}"
-    for s, (a, g) in enumerate(links):
+    worst: float = load[worst_dev]
+    bottleneck = f"device {worst_dev}"
+    for s, (act_ms, grad_ms) in enumerate(links):
         if wire_load[s] > worst:
-            src, dst = _group_name(groups[s]), _group_name(groups[s + 1])
-            worst, bottleneck = wire_load[s], f"link {src}->{dst}" if a >= g else f"link {dst}->{src}"
+            src_name, dst_name = _group_name(groups[s]), _group_name(groups[s + 1])
+            worst = wire_load[s]
+            bottleneck = f"link {src_name}->{dst_name}" if act_ms >= grad_ms else f"link {dst_name}->{src_name}"
     return Evaluation(tables.objective(total, worst), bottleneck, busy, stage_ms, links, allreduce)
 
 
@@ -554,7 +558,7 @@ def choose_options(
         fits = [o for o in tables.options(s, dev) if tables.fits(dev, a, b, s, S, o)]
         if not fits:
             return None
-        chosen[s] = min(fits, key=lambda o, a=a, b=b, dev=dev: tables.stage_ms(dev, a, b, o))
+        chosen[s] = min(fits, key=functools.partial(tables.stage_ms, dev, a, b))
         if len(groups[s]) > 1:
             replicated.append((s, fits))
 
@@ -1129,10 +1133,9 @@ def simulate_plan(
     of each end of a transfer (``send_host`` / ``recv_host`` / ``recv_late_host``,
     :class:`~partitioners.simulator.HostCost`)
     of the plan's ``cut_bytes`` per activation and gradient, ``labels_bytes`` per labels transfer."""
-    from partitioners import schedule as S
     from partitioners.simulator import LinkCosts, StageCosts, simulate
 
-    sched = S.build(plan.schedule, plan.num_stages, plan.num_micro_batches)
+    sched = plan.actions()
     stages = stage_costs or [StageCosts(s.fwd_ms, s.bwd_ms, s.opt_ms, s.allreduce_ms) for s in plan.stages]
     if len(stages) != plan.num_stages:
         raise ValueError(f"stage_costs has {len(stages)} entries for a plan of {plan.num_stages} stages")

@@ -12,8 +12,10 @@ from typing import Any
 
 import yaml
 
-OFFLOAD_MODES = ("none", "optimizer", "params")
-CODECS = ("none",)
+from cluster.tables import render_table
+from partitioners.schedule import Schedule
+from partitioners.schedule import build as build_schedule
+
 DEVICES_WIDTH = 28  # widest "a+b" in the table's device column before "a xR"
 
 
@@ -95,6 +97,11 @@ class Plan:
     def ranges(self) -> list[tuple[int, int]]:
         return [(s.start, s.stop) for s in self.stages]
 
+    def actions(self) -> Schedule:
+        """Each stage's action list for one step: what the workers execute and the simulator
+        replays (one source: this plan's ``schedule`` and ``num_micro_batches``)."""
+        return build_schedule(self.schedule, self.num_stages, self.num_micro_batches)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -116,7 +123,8 @@ class Plan:
         return float(self.predicted.get("step_ms", 0.0))
 
     def table(self) -> str:
-        """A fixed-width table of the stages, for terminals and logs."""
+        """The stages as a table (rich boxes on a terminal, plain text in logs: see
+        :mod:`cluster.tables`), then the plan's settings and prediction."""
         head = (
             "stage",
             "device",
@@ -130,7 +138,7 @@ class Plan:
             "offload",
             "codec",
         )
-        rows = [head]
+        rows: list[tuple[str, ...]] = []
         for s in self.stages:
             names = s.layer_names
             span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}" if names else ""
@@ -150,9 +158,7 @@ class Plan:
                     s.codec,
                 )
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = [render_table(head, rows, numeric=("stage", "params", "mem GB", "fwd+bwd ms", "link ms"))]
         footer = f"partitioner={self.partitioner} schedule={self.schedule} micro_batches={self.num_micro_batches}"
         p = self.predicted
         if "step_ms" in p:

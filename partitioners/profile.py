@@ -15,13 +15,13 @@ applied; the cost model picks the entry a stage's method names.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 
@@ -91,9 +91,6 @@ class ModelProfile:
             layers.append(LayerProfile(**x))
         d["layers"] = layers
         return cls(**d)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
 
     def totals(self) -> dict[str, float]:
         keys = ("params", "param_bytes", "fwd_flops", "bwd_flops", "saved_bytes", "fwd_ms", "bwd_ms", "opt_ms")
@@ -273,7 +270,7 @@ def profile_chain(
                 # (they persist between steps), so only temporaries count
                 with autocast():
                     y2 = layer(inp)
-                prof.bwd_transient_bytes = peak_allocated_bytes(lambda y2=y2, g=grad_out: y2.backward(g), device)
+                prof.bwd_transient_bytes = peak_allocated_bytes(functools.partial(y2.backward, grad_out), device)
                 del y2
             trainable = [p for p in params if p.requires_grad]
             if trainable:

@@ -8,28 +8,40 @@ matching sends and receives before anything runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
-# Action kinds
-F = "F"  # forward of one micro-batch
-B = "B"  # backward of one micro-batch
-SEND_ACT = "SEND_ACT"  # activation to the next stage
-RECV_ACT = "RECV_ACT"  # activation from the previous stage
-SEND_GRAD = "SEND_GRAD"  # gradient to the previous stage
-RECV_GRAD = "RECV_GRAD"  # gradient from the next stage
-SEND_LABELS = "SEND_LABELS"  # the step's labels, from the data owner to the loss stage
-RECV_LABELS = "RECV_LABELS"
-STEP = "STEP"  # reduce shared gradients, clip, optimizer step
+from cluster.tables import render_table
 
-KINDS = (F, B, SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD, SEND_LABELS, RECV_LABELS, STEP)
+
+class ActionKind(StrEnum):
+    """What one action of a stage's list does. A ``StrEnum``: an action prints, compares and
+    serialises (traces, JSON) as its plain name."""
+
+    F = "F"  # forward of one micro-batch
+    B = "B"  # backward of one micro-batch
+    SEND_ACT = "SEND_ACT"  # activation to the next stage
+    RECV_ACT = "RECV_ACT"  # activation from the previous stage
+    SEND_GRAD = "SEND_GRAD"  # gradient to the previous stage
+    RECV_GRAD = "RECV_GRAD"  # gradient from the next stage
+    SEND_LABELS = "SEND_LABELS"  # the step's labels, from the data owner to the loss stage
+    RECV_LABELS = "RECV_LABELS"
+    STEP = "STEP"  # reduce shared gradients, clip, optimizer step
+
+
+# short names for the kinds, as the schedules and the simulator write them
+F, B, STEP = ActionKind.F, ActionKind.B, ActionKind.STEP
+SEND_ACT, RECV_ACT = ActionKind.SEND_ACT, ActionKind.RECV_ACT
+SEND_GRAD, RECV_GRAD = ActionKind.SEND_GRAD, ActionKind.RECV_GRAD
+SEND_LABELS, RECV_LABELS = ActionKind.SEND_LABELS, ActionKind.RECV_LABELS
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: str
+    kind: ActionKind
     mb: int = -1  # micro-batch, -1 for whole-step actions
 
     def __str__(self) -> str:
-        return self.kind if self.mb < 0 else f"{self.kind}{self.mb}"
+        return str(self.kind) if self.mb < 0 else f"{self.kind}{self.mb}"
 
 
 Schedule = list[list[Action]]
@@ -184,7 +196,9 @@ def validate(sched: Schedule, num_micro_batches: int) -> None:
 
 
 def format_grid(sched: Schedule) -> str:
-    """One row per stage, one column per action slot."""
-    cells = [[str(a) for a in acts] for acts in sched]
-    width = max(len(c) for row in cells for c in row)
-    return "\n".join(f"stage {s}: " + " ".join(c.ljust(width) for c in row) for s, row in enumerate(cells))
+    """A table with one row per stage and one column per action slot (0, 1, ...: the
+    position in the stage's list); a shorter list leaves its last cells empty."""
+    slots = max((len(acts) for acts in sched), default=0)
+    header = ("stage", *(str(i) for i in range(slots)))
+    rows = [(str(s), *(str(a) for a in acts), *([""] * (slots - len(acts)))) for s, acts in enumerate(sched)]
+    return render_table(header, rows, numeric=("stage",))

@@ -39,6 +39,7 @@ names the stuck actions.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -653,6 +654,9 @@ def _draw_timeline(ax, result: SimResult, title: str, stage_labels, used: set[st
     return y_of
 
 
-def plot_timeline(result: SimResult, path: str, title: str = "", stage_labels: Sequence[str] | None = None) -> None:
-    """Save :func:`timeline_figure` as a PNG (rendered with Agg, no display needed)."""
-    timeline_figure(result, title, stage_labels).savefig(path, format="png")
+def timeline_png(result: SimResult, title: str = "", stage_labels: Sequence[str] | None = None) -> bytes:
+    """:func:`timeline_figure` as the bytes of a PNG (rendered with Agg, no display needed).
+    Writes no file: the caller does (splitlearn with ``fsio.atomic_write``)."""
+    buf = io.BytesIO()
+    timeline_figure(result, title, stage_labels).savefig(buf, format="png")
+    return buf.getvalue()

@@ -7,7 +7,7 @@ Layout of a run directory::
         stage_0.safetensors       stage 0's tensors under the model's own parameter names
         stage_0.optim.safetensors its optimizer state by parameter name, and its RNG state
         ...
-        manifest.json             written last (write, fsync, rename): whole or absent
+        manifest.json             written last (fsio.atomic_write): whole or absent
 
 A checkpoint counts only when its manifest exists and every file it lists has the size
 and SHA-256 the manifest records. Tensors are stored by parameter name, not by stage, so a
@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from splitlearn.errors import UserError
+from splitlearn.fsio import atomic_write
 
 log = logging.getLogger("splitlearn")
 
@@ -48,20 +48,6 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @dataclass

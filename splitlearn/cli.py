@@ -6,7 +6,9 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
+from typing import Any
+
+from splitlearn.config import PROGRESS_MODES
 
 EPILOG = """overrides are key=value pairs merged over the config file, e.g.
   splitlearn train configs/quickstart.yaml train.steps=20 train.lr=3e-4"""
@@ -32,7 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug detail")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_train, _add_validate, _add_plan, _add_profile, _add_timeline, _add_data):
+        add(sub, common)
+    from splitlearn.cli_cluster import add_cluster_commands
 
+    add_cluster_commands(sub, common)
+    return parser
+
+
+def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "train",
         help="plan, place and train a run",
@@ -56,11 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--progress",
-        choices=["auto", "bar", "log", "none"],
+        choices=PROGRESS_MODES,
         default=None,
         help="progress display (default: runtime.progress, 'auto' = bar on a terminal)",
     )
 
+
+def _add_validate(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "validate",
         help="check a config and print it resolved",
@@ -73,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--no-plan", action="store_true", help="skip building the plan (no model construction)")
 
+
+def _add_plan(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "plan",
         help="plan the run: which device runs which layers; compare partitioners",
@@ -92,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeline", metavar="PNG", help="draw the simulated schedule of the plan as a Gantt chart")
     p.add_argument("--memory", metavar="PNG", help="draw predicted memory per device against its capacity")
 
+
+def _add_profile(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "profile",
         help="measure each layer: params, FLOPs, cut bytes, memory, time",
@@ -122,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per layer, median reported (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
+
+def _add_timeline(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "timeline",
         help="draw a traced step of a run next to the simulator's replay of it",
@@ -139,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="the step to draw (default: the traced step of median time)")
     p.add_argument("--out", default="timeline.png", help="PNG to write (default timeline.png)")
 
+
+def _add_data(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "data",
         help="write the quickstart corpus",
@@ -148,11 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", nargs="?", default="data/quickstart.txt", help="file to write")
     p.add_argument("--docs", type=int, default=600, help="number of documents (default 600)")
     p.add_argument("--seed", type=int, default=0)
-
-    from splitlearn.cli_cluster import add_cluster_commands
-
-    add_cluster_commands(sub, common)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "validate":
             from splitlearn.config import load_config
-            from splitlearn.trainer import make_plan
+            from splitlearn.planning import make_plan
 
             cfg = load_config(args.config, args.overrides)
             print(cfg.to_yaml().rstrip())
@@ -196,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             return _plan(args)
         if args.command == "timeline":
-            from splitlearn.planning import draw_run_timeline
+            from splitlearn.plan_report import draw_run_timeline
 
             step, measured, replayed = draw_run_timeline(args.run_dir, args.out, args.step)
             print(f"step {step}: {measured:.1f} ms measured (first action to last), {replayed:.1f} ms replayed")
@@ -228,8 +243,9 @@ def _plan(args: argparse.Namespace) -> int:
     from partitioners import PARTITIONERS
     from splitlearn.config import load_config
     from splitlearn.errors import ConfigError
-    from splitlearn.planning import compare, draw_memory, draw_timeline
-    from splitlearn.trainer import make_plan
+    from splitlearn.fsio import atomic_write
+    from splitlearn.plan_report import compare, draw_memory, draw_timeline
+    from splitlearn.planning import make_plan
 
     cfg = load_config(args.config, args.overrides)
     names = [n.strip() for n in args.compare.split(",") if n.strip()] if args.compare else []
@@ -242,7 +258,7 @@ def _plan(args: argparse.Namespace) -> int:
         _, table = compare(cfg, names)
         print()
         print(table)
-    Path(args.out).write_text(plan.to_yaml())
+    atomic_write(args.out, plan.to_yaml())
     print(f"wrote {args.out}")
     if args.timeline:
         draw_timeline(plan, args.timeline)
@@ -258,7 +274,8 @@ def _profile(args: argparse.Namespace) -> int:
 
     from splitlearn.config import load_config
     from splitlearn.errors import ConfigError
-    from splitlearn.profiling import profile_model, profile_table
+    from splitlearn.fsio import atomic_write
+    from splitlearn.profile_report import profile_model, profile_table
 
     overrides = list(args.overrides)
     cfg = load_config(args.config, overrides)
@@ -279,7 +296,7 @@ def _profile(args: argparse.Namespace) -> int:
         cfg, layers=args.layers, device=device, repeats=args.repeats, calibrate=args.calibrate, threads=args.threads
     )
     print(profile_table(prof, span))
-    prof.save(args.out)
+    atomic_write(args.out, prof.to_json())
     print(f"wrote {args.out}")
     return 0
 

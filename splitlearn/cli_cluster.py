@@ -386,8 +386,8 @@ def _check_target(args: argparse.Namespace):
 
 def _load_and_plan(config: str, overrides: list[str]):
     from splitlearn.config import load_config
-    from splitlearn.models.chain import import_adapter_module
-    from splitlearn.trainer import make_plan
+    from splitlearn.models.build import import_adapter_module
+    from splitlearn.planning import make_plan
 
     cfg = load_config(config, overrides)
     import_adapter_module(cfg.run.model.adapter_module)

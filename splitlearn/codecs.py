@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-CODECS = ("none", "fp16", "bf16", "int8")
+from partitioners.choices import CODECS
 
 
 def encode(t: torch.Tensor, codec: str) -> list[torch.Tensor]:

@@ -7,26 +7,24 @@ line names the key and the file; the CLI prints it and exits with code 2.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, cast
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cluster.conf import conf_error_line
-from cluster.topology import Topology, load_topology, topology_from_container
+from cluster.topology import TIERS, Topology, load_topology, topology_from_container
+from partitioners.choices import ALLOW_OPTIONS, CODECS, FROZEN_DTYPES, METHODS, OFFLOAD_MODES, PRECISIONS
+from partitioners.partition import PARTITIONERS
+from partitioners.schedule import SCHEDULES
 from splitlearn.errors import ConfigError, TopologyError
 
-DTYPES = ("fp32", "bf16")
-SCHEDULES = ("sequential", "gpipe", "1f1b")
-PARTITIONERS = ("uniform", "balanced", "optimal", "manual", "exhaustive")
 DATA_FORMATS = ("auto", "text", "jsonl")
-FINETUNE_METHODS = ("full", "frozen", "lora")
-FROZEN_DTYPES = ("fp32", "bf16", "fp16", "int8")
-OFFLOAD_CHOICES = ("none", "optimizer", "params")
-PLAN_ALLOW = ("lora", "frozen", "recompute", "bf16", "fp16", "int8")
-TIERS = ("edge", "cloud")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+PROGRESS_MODES = ("auto", "bar", "log", "none")  # runtime.progress and --progress
 
 
 @dataclass
@@ -63,7 +61,7 @@ class TrainConfig:
 
 @dataclass
 class PlanConfig:
-    partitioner: str = "uniform"  # uniform | manual
+    partitioner: str = "uniform"  # one of PARTITIONERS
     devices: list[str] = field(default_factory=list)  # stage order; empty: all devices
     cuts: list[int] = field(default_factory=list)  # manual: chain index where each stage after the first starts
     label_privacy: bool = False  # the head and loss run on the data owner too (U-shaped split)
@@ -180,9 +178,9 @@ class LoadedConfig:
 
     def resolved_dict(self) -> dict[str, Any]:
         """The run config with the topology written inline: what the workers receive."""
-        d = OmegaConf.to_container(OmegaConf.structured(self.run))
+        d = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.structured(self.run)))
         d["topology"] = {"file": None, "inline": OmegaConf.to_container(OmegaConf.structured(self.topology))}
-        return d  # type: ignore[return-value]
+        return d
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedConfig:
@@ -237,7 +235,7 @@ def _stage_keys_as_strings(raw: Any) -> Any:
         return raw
     if not by_stage or not hasattr(by_stage, "items"):
         return raw
-    container = OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else dict(raw)
+    container = cast(dict[str, Any], OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else dict(raw))
     container["finetune"] = dict(container["finetune"])
     container["finetune"]["by_stage"] = {str(k): v for k, v in container["finetune"]["by_stage"].items()}
     return OmegaConf.create(container)
@@ -257,127 +255,151 @@ def _resolve_topology(cfg: LoadedConfig) -> Topology:
     raise ConfigError(f"{cfg.source}: topology: missing; set topology.file (a YAML path) or topology.inline")
 
 
-def validate(cfg: LoadedConfig) -> None:
-    """Range and choice checks that the type system cannot express."""
-    r, src = cfg.run, cfg.source
+class _Checker:
+    """Raises one :class:`ConfigError` line naming the file and the key."""
 
-    def fail(key: str, msg: str) -> None:
-        raise ConfigError(f"{src}: {key}: {msg}")
+    def __init__(self, source: str):
+        self.source = source
 
-    def choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    def fail(self, key: str, msg: str) -> NoReturn:
+        raise ConfigError(f"{self.source}: {key}: {msg}")
+
+    def choice(self, key: str, value: str, allowed: Iterable[str]) -> None:
         if value not in allowed:
-            fail(key, f"'{value}' is not one of {', '.join(allowed)}")
+            self.fail(key, f"'{value}' is not one of {', '.join(allowed)}")
 
-    m = r.model
+    def at_least(self, key: str, value: float, low: float) -> None:
+        if value < low:
+            self.fail(key, f"must be >= {low:g}, got {value}")
+
+    def positive(self, key: str, value: float) -> None:
+        if value <= 0:
+            self.fail(key, f"must be > 0, got {value}")
+
+
+def validate(cfg: LoadedConfig) -> None:
+    """Range and choice checks that the type system cannot express, section by section."""
+    c = _Checker(cfg.source)
+    _check_model(c, cfg)
+    _check_data(c, cfg)
+    _check_train(c, cfg.run.train)
+    _check_plan(c, cfg)
+    _check_finetune(c, cfg.run)
+    _check_offload(cfg.run)
+    _check_runtime(c, cfg.run)
+
+
+def _check_model(c: _Checker, cfg: LoadedConfig) -> None:
+    m = cfg.run.model
     if bool(m.family) == bool(m.path):
-        fail("model", "set exactly one of model.family (build from config) or model.path (local checkpoint)")
+        c.fail("model", "set exactly one of model.family (build from config) or model.path (local checkpoint)")
     if m.path and not cfg.resolve_path(m.path).is_dir():
-        fail("model.path", f"directory not found: {m.path}")
+        c.fail("model.path", f"directory not found: {m.path}")
     if m.path:
         m.path = str(cfg.resolve_path(m.path))
-    choice("model.attn_implementation", m.attn_implementation, ("eager", "sdpa"))
+    c.choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
 
-    d = r.data
-    choice("data.format", d.format, DATA_FORMATS)
-    if d.seq_len < 2:
-        fail("data.seq_len", f"must be >= 2, got {d.seq_len}")
-    if r.ray.address is None and not cfg.resolve_path(d.path).is_file():
-        fail("data.path", f"file not found: {d.path}")
+
+def _check_data(c: _Checker, cfg: LoadedConfig) -> None:
+    d = cfg.run.data
+    c.choice("data.format", d.format, DATA_FORMATS)
+    c.at_least("data.seq_len", d.seq_len, 2)
+    if cfg.run.ray.address is None and not cfg.resolve_path(d.path).is_file():
+        c.fail("data.path", f"file not found: {d.path}")
     if d.tokenizer != "byte" and not cfg.resolve_path(d.tokenizer).is_file():
-        fail("data.tokenizer", f"'{d.tokenizer}' is neither 'byte' nor an existing tokenizer.json")
+        c.fail("data.tokenizer", f"'{d.tokenizer}' is neither 'byte' nor an existing tokenizer.json")
 
-    t = r.train
+
+def _check_train(c: _Checker, t: TrainConfig) -> None:
     for key in ("steps", "batch_size", "micro_batches"):
-        if getattr(t, key) < 1:
-            fail(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+        c.at_least(f"train.{key}", getattr(t, key), 1)
     if t.batch_size % t.micro_batches:
-        fail("train.micro_batches", f"{t.micro_batches} does not divide train.batch_size={t.batch_size}")
-    if t.lr <= 0:
-        fail("train.lr", f"must be > 0, got {t.lr}")
+        c.fail("train.micro_batches", f"{t.micro_batches} does not divide train.batch_size={t.batch_size}")
+    c.positive("train.lr", t.lr)
     for key in ("weight_decay", "warmup_steps", "max_grad_norm"):
-        if getattr(t, key) < 0:
-            fail(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
-    choice("train.dtype", t.dtype, DTYPES)
+        c.at_least(f"train.{key}", getattr(t, key), 0)
+    c.choice("train.dtype", t.dtype, PRECISIONS)
 
-    p = r.plan
-    choice("plan.partitioner", p.partitioner, PARTITIONERS)
+
+def _plan_stages(p: PlanConfig) -> int:
+    """The number of stages the config fixes (plan.devices, plus the loss stage under label privacy)."""
+    return len(p.devices) + (1 if p.label_privacy else 0)
+
+
+def _check_plan(c: _Checker, cfg: LoadedConfig) -> None:
+    p = cfg.run.plan
+    c.choice("plan.partitioner", p.partitioner, PARTITIONERS)
     names = set(cfg.topology.device_names)
     listed = [d for entry in p.devices for d in entry.split("+")]  # "a+b": one stage replicated on a and b
     for i, entry in enumerate(p.devices):
         for dev in entry.split("+"):
             if dev not in names:
-                fail(
+                c.fail(
                     f"plan.devices[{i}]",
                     f"device '{dev}' is not in the topology (devices: {', '.join(cfg.topology.device_names)})",
                 )
     if len(set(listed)) != len(listed):
-        fail("plan.devices", "a device is listed twice")
+        c.fail("plan.devices", "a device is listed twice")
     if p.partitioner == "manual" and not p.devices:
-        fail("plan.devices", "the manual partitioner needs plan.devices (one per stage)")
-    stages = len(p.devices) + (1 if p.label_privacy else 0)
+        c.fail("plan.devices", "the manual partitioner needs plan.devices (one per stage)")
+    stages = _plan_stages(p)
     if p.partitioner == "manual" and len(p.cuts) != stages - 1:
-        fail("plan.cuts", f"{stages} stages need {stages - 1} cuts, got {len(p.cuts)}")
-    choice("plan.codec", p.codec, ("none", "fp16", "bf16", "int8"))
+        c.fail("plan.cuts", f"{stages} stages need {stages - 1} cuts, got {len(p.cuts)}")
+    c.choice("plan.codec", p.codec, CODECS)
     if p.profile and not cfg.resolve_path(p.profile).is_file():
-        fail("plan.profile", f"file not found: {p.profile}")
-
+        c.fail("plan.profile", f"file not found: {p.profile}")
     for i, opt in enumerate(p.allow):
-        choice(f"plan.allow[{i}]", opt, PLAN_ALLOW)
+        c.choice(f"plan.allow[{i}]", opt, ALLOW_OPTIONS)
 
-    f = r.finetune
-    choice("finetune.method", f.method, FINETUNE_METHODS)
-    choice("finetune.offload", f.offload, OFFLOAD_CHOICES)
-    choice("finetune.frozen_dtype", f.frozen_dtype, FROZEN_DTYPES)
+
+def _check_finetune(c: _Checker, r: RunConfig) -> None:
+    f, p = r.finetune, r.plan
+    c.choice("finetune.method", f.method, METHODS)
+    c.choice("finetune.offload", f.offload, OFFLOAD_MODES)
+    c.choice("finetune.frozen_dtype", f.frozen_dtype, FROZEN_DTYPES)
     for tier, over in f.by_tier.items():
         if tier not in TIERS:
-            fail(f"finetune.by_tier.{tier}", f"'{tier}' is not a device tier ({', '.join(TIERS)})")
-        _check_override(fail, choice, f"finetune.by_tier.{tier}", over)
+            c.fail(f"finetune.by_tier.{tier}", f"'{tier}' is not a device tier ({', '.join(TIERS)})")
+        _check_override(c, f"finetune.by_tier.{tier}", over)
+    stages = _plan_stages(p)
     for key, over in f.by_stage.items():
         if not key.isdigit():
-            fail(f"finetune.by_stage.{key}", "keys are stage indices (0, 1, ...)")
+            c.fail(f"finetune.by_stage.{key}", "keys are stage indices (0, 1, ...)")
         if p.partitioner in ("uniform", "manual") and p.devices and int(key) >= stages:
-            fail(f"finetune.by_stage.{key}", f"the plan has {stages} stages (0..{stages - 1})")
-        _check_override(fail, choice, f"finetune.by_stage.{key}", over)
+            c.fail(f"finetune.by_stage.{key}", f"the plan has {stages} stages (0..{stages - 1})")
+        _check_override(c, f"finetune.by_stage.{key}", over)
     lo = f.lora
-    if lo.r < 1:
-        fail("finetune.lora.r", f"must be >= 1, got {lo.r}")
-    if lo.alpha <= 0:
-        fail("finetune.lora.alpha", f"must be > 0, got {lo.alpha}")
+    c.at_least("finetune.lora.r", lo.r, 1)
+    c.positive("finetune.lora.alpha", lo.alpha)
     if not 0 <= lo.dropout < 1:
-        fail("finetune.lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+        c.fail("finetune.lora.dropout", f"must be in [0, 1), got {lo.dropout}")
     if lo.target_modules is not None and not lo.target_modules:
-        fail("finetune.lora.target_modules", "an empty list adapts nothing; use null for the family's default")
+        c.fail("finetune.lora.target_modules", "an empty list adapts nothing; use null for the family's default")
 
-    _check_offload(r)
 
+def _check_runtime(c: _Checker, r: RunConfig) -> None:
     rt = r.runtime
-    choice("runtime.schedule", rt.schedule, SCHEDULES)
-    choice("runtime.progress", rt.progress, ("auto", "bar", "log", "none"))
-    if rt.timeout_s <= 0:
-        fail("runtime.timeout_s", f"must be > 0, got {rt.timeout_s}")
-    if rt.placement_timeout_s <= 0:
-        fail("runtime.placement_timeout_s", f"must be > 0, got {rt.placement_timeout_s}")
-    if rt.log_every < 1:
-        fail("runtime.log_every", f"must be >= 1, got {rt.log_every}")
-    if rt.max_restarts < 0:
-        fail("runtime.max_restarts", f"must be >= 0, got {rt.max_restarts}")
-    if r.checkpoint.every_steps < 0:
-        fail("checkpoint.every_steps", f"must be >= 0, got {r.checkpoint.every_steps}")
-    if r.checkpoint.keep < 1:
-        fail("checkpoint.keep", f"must be >= 1, got {r.checkpoint.keep}")
-    if r.ray.num_cpus is not None and r.ray.num_cpus < 1:
-        fail("ray.num_cpus", f"must be >= 1, got {r.ray.num_cpus}")
+    c.choice("runtime.schedule", rt.schedule, SCHEDULES)
+    c.choice("runtime.progress", rt.progress, PROGRESS_MODES)
+    c.positive("runtime.timeout_s", rt.timeout_s)
+    c.positive("runtime.placement_timeout_s", rt.placement_timeout_s)
+    c.at_least("runtime.log_every", rt.log_every, 1)
+    c.at_least("runtime.max_restarts", rt.max_restarts, 0)
+    c.at_least("checkpoint.every_steps", r.checkpoint.every_steps, 0)
+    c.at_least("checkpoint.keep", r.checkpoint.keep, 1)
+    if r.ray.num_cpus is not None:
+        c.at_least("ray.num_cpus", r.ray.num_cpus, 1)
 
 
-def _check_override(fail, choice, key: str, over: FinetuneOverride) -> None:
+def _check_override(c: _Checker, key: str, over: FinetuneOverride) -> None:
     if over.method is not None:
-        choice(f"{key}.method", over.method, FINETUNE_METHODS)
+        c.choice(f"{key}.method", over.method, METHODS)
     if over.frozen_dtype is not None:
-        choice(f"{key}.frozen_dtype", over.frozen_dtype, FROZEN_DTYPES)
+        c.choice(f"{key}.frozen_dtype", over.frozen_dtype, FROZEN_DTYPES)
     if over.offload is not None:
-        choice(f"{key}.offload", over.offload, OFFLOAD_CHOICES)
+        c.choice(f"{key}.offload", over.offload, OFFLOAD_MODES)
     if over.method == "full" and over.frozen_dtype not in (None, "fp32"):
-        fail(f"{key}.frozen_dtype", f"{over.frozen_dtype} stores frozen weights, but method full freezes none")
+        c.fail(f"{key}.frozen_dtype", f"{over.frozen_dtype} stores frozen weights, but method full freezes none")
 
 
 def _check_offload(r: RunConfig) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from splitlearn.errors import DataError
+from splitlearn.fsio import atomic_write
 from splitlearn.models.chain import IGNORE_INDEX
 
 
@@ -208,7 +209,4 @@ def synth_corpus(num_docs: int = 600, seed: int = 0) -> str:
 def write_synth_corpus(path: str | Path, num_docs: int = 600, seed: int = 0) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(synth_corpus(num_docs, seed), encoding="utf-8")
-    tmp.replace(p)
-    return p
+    return atomic_write(p, synth_corpus(num_docs, seed))

@@ -15,6 +15,7 @@ so their rendezvous cannot wait on each other in a cycle.
 from __future__ import annotations
 
 import datetime
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ class Group:
         self.members, self.backend = list(members), backend
         index, size = self.members.index(rank), len(self.members)
         prefix = dist.PrefixStore(f"splitlearn/{name}/", store)
+        self.pg: Any
         if backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout

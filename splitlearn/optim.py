@@ -39,7 +39,7 @@ def lr_at(step: int, train_cfg: Any) -> float:
     return train_cfg.lr
 
 
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(opt: torch.optim.Optimizer | NoOptimizer, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
 

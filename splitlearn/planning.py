@@ -1,159 +1,104 @@
-"""``splitlearn plan``: make the run's plan, compare partitioners, draw the schedule."""
+"""The run's plan: the layer costs, the request to the partitioner, the plan and the
+simulator's step time for it, checked before anything is placed."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from partitioners import Plan, PlanError
-from partitioners.partition import simulate_plan
+from partitioners import Plan, PlanRequest, partition
+from partitioners import schedule as S
+from partitioners.partition import simulate_plan as simulate
+from partitioners.profile import ModelProfile
+from splitlearn import method_policy
 from splitlearn.config import LoadedConfig
-from splitlearn.trainer import make_plan, plan_request
+from splitlearn.errors import ConfigError
+from splitlearn.models.build import meta_model
+from splitlearn.models.chain import chain_names, num_blocks
+from splitlearn.models.costs import meta_profile
 
 
-def compare(cfg: LoadedConfig, names: list[str]) -> tuple[dict[str, Plan | str], str]:
-    """Plans of several partitioners for one request, and a side-by-side table: predicted
-    step time, throughput, bottleneck, peak memory per device, bytes over the slowest link,
-    and the ratio of each step time to the best."""
-    req = plan_request(cfg)
-    plans: dict[str, Plan | str] = {}
-    for name in names:
+def load_profile(cfg: LoadedConfig) -> ModelProfile:
+    """The layer costs the planner uses: ``plan.profile`` (measured by ``splitlearn
+    profile``) when given and matching this run, else counted on the meta device."""
+    run = cfg.run
+    mb = run.train.batch_size // run.train.micro_batches
+    seq = run.data.seq_len
+    method_policy.check_lora_targets(run)
+    if run.plan.profile:
+        path = cfg.resolve_path(run.plan.profile)
         try:
-            plans[name] = make_plan(cfg, name, req)
-        except PlanError as e:
-            plans[name] = str(e)
-    ok = {n: p for n, p in plans.items() if isinstance(p, Plan)}
-    best = min((p.step_ms for p in ok.values()), default=0.0)
-    tokens = cfg.run.train.batch_size * cfg.run.data.seq_len
-    head = (
-        "partitioner",
-        "stages",
-        "step ms",
-        "tokens/s",
-        "x best",
-        "bottleneck",
-        "peak mem GB (device)",
-        "slowest link: MB/step",
-    )
-    rows = [head]
-    for name, p in plans.items():
-        if not isinstance(p, Plan):
-            rows.append((name, "-", "-", "-", "-", f"infeasible: {p}", "", ""))
-            continue
-        mem: dict[str, float] = {}
-        for s in p.stages:
-            mem[s.device] = mem.get(s.device, 0.0) + s.memory_gb
-        peak_dev = max(mem, key=lambda d: mem[d])
-        slow = max(p.stages[:-1], key=lambda s: s.link_act_ms, default=None)
-        link = "-"
-        if slow is not None:
-            nxt = p.stages[slow.index + 1].device
-            mb = 2 * slow.cut_bytes * p.num_micro_batches / 1e6  # activations forward, gradients back
-            link = f"{slow.device}->{nxt}: {mb:.2f}"
-        rows.append(
-            (
-                name,
-                str(p.num_stages),
-                f"{p.step_ms:.2f}",
-                f"{tokens / (p.step_ms / 1e3):.0f}",
-                f"{p.step_ms / best:.2f}" if best else "-",
-                str(p.predicted.get("bottleneck")),
-                f"{mem[peak_dev]:.3f} ({peak_dev})",
-                link,
+            prof = ModelProfile.from_json(path.read_text())
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"plan.profile: {path} is not a profile written by `splitlearn profile`: {e}") from e
+        if (prof.micro_batch, prof.seq_len) != (mb, seq):
+            raise ConfigError(
+                f"plan.profile: {path} was measured for micro_batch={prof.micro_batch}, seq_len={prof.seq_len}, "
+                f"but this run has {mb}, {seq}; profile again with this config"
             )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return plans, "\n".join(lines)
-
-
-def draw_timeline(plan: Plan, path: str | Path, title: str = "") -> None:
-    from partitioners.simulator import plot_timeline
-
-    result = simulate_plan(plan)
-    labels = [f"{s.index}: {s.device}" for s in plan.stages]
-    plot_timeline(result, str(path), title=title or f"{plan.partitioner} plan, {plan.schedule}", stage_labels=labels)
-
-
-def draw_memory(plan: Plan, cfg: LoadedConfig, path: str | Path) -> None:
-    """Predicted memory per device, stacked by kind, against each device's capacity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = ("weights", "grads", "optimizer", "activations", "buffers")
-    devices = list(dict.fromkeys(plan.devices))
-    totals = {d: dict.fromkeys(kinds, 0.0) for d in devices}
-    for s in plan.stages:
-        for k in kinds:
-            totals[s.device][k] += s.memory.get(k, 0.0)
-    caps = {d: cfg.topology.device(d).memory_gb for d in devices}
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(devices) + 3.5), 4.5))
-    bottom = [0.0] * len(devices)
-    for k in kinds:  # stacked, as a percentage of each device's capacity
-        vals = [100 * totals[d][k] / caps[d] for d in devices]
-        ax.bar(devices, vals, bottom=bottom, label=k)
-        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    for i, d in enumerate(devices):
-        used = sum(totals[d].values())
-        ax.annotate(
-            f"{used:.3g} / {caps[d]:g} GB",
-            (i, bottom[i]),
-            xytext=(0, 3),
-            textcoords="offset points",
-            ha="center",
-            fontsize=8,
-        )
-    ax.axhline(100, color="black", linewidth=1, linestyle="--", label="capacity")
-    ax.set_ylim(0, max(110, max(bottom) * 1.15))
-    ax.set_ylabel("% of the device's memory_gb")
-    ax.set_title(f"predicted memory per device: {plan.partitioner}, {plan.schedule}, M={plan.num_micro_batches}")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def draw_run_timeline(run_dir: str | Path, path: str | Path, step: int | None = None) -> tuple[int, float, float]:
-    """A traced step of a run (``runtime.trace: true``) as measured, above the simulator's
-    replay of the same plan on the compute the run measured (:func:`trainer.replay`), on one
-    time axis. ``step``: default the traced step of median step time. Returns the step, its
-    measured span and the replay's step time, in ms."""
-    import json
-
-    from partitioners.simulator import observed, timeline_figure
-    from splitlearn.errors import ConfigError
-    from splitlearn.trainer import measured_stage_costs, ran_plan
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "plan.yaml").is_file() or not (run_dir / "metrics.jsonl").is_file():
-        raise ConfigError(f"timeline: {run_dir} is not a run directory (no plan.yaml or metrics.jsonl)")
-    plan = Plan.from_yaml((run_dir / "plan.yaml").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    traced = {r["step"]: r for r in records if ran_plan(plan, r["stages"]) and all("trace" in m for m in r["stages"])}
-    if not traced:
-        raise ConfigError(f"timeline: {run_dir} has no traced steps of its plan; run with runtime.trace=true")
-    if step is None:
-        steps = sorted(traced)[1:] or sorted(traced)  # the first step allocates the optimizer state
-        steps.sort(key=lambda k: traced[k]["step_s"])
-        step = steps[len(steps) // 2]
-    elif step not in traced:
-        raise ConfigError(
-            f"timeline: --step {step} is not a traced step of {run_dir} (traced: {min(traced)}..{max(traced)})"
-        )
-    replicas = [len(s.devices) for s in plan.stages]
-    measured = observed({(m["stage"], m["replica"]): m["trace"] for m in traced[step]["stages"]}, replicas)
-    costs = measured_stage_costs(plan, [traced[k]["stages"] for k in sorted(traced)])
-    replayed = simulate_plan(plan, stage_costs=costs)
-    labels = [f"{s.index}: {s.device}" for s in plan.stages]
-    fig = timeline_figure(
-        measured,
-        f"{run_dir.name}, step {step}, measured (a transfer: posted to received)",
-        labels,
-        below=replayed,
-        below_title="simulated: the same plan and links on the compute this run measured (replay)",
+        method_policy.check_profile(prof, run, path)
+        return prof
+    variants = method_policy.variants(run)
+    layers = meta_profile(run.model, mb, seq, run.train.seed, variants, method_policy.lora_spec(run))
+    return ModelProfile(
+        layers=layers,
+        micro_batch=mb,
+        seq_len=seq,
+        dtype=run.train.dtype,
+        device="meta",
+        lora=method_policy.lora_record(run) if variants else None,
     )
-    fig.savefig(str(path), format="png")
-    return step, measured.step_ms, replayed.step_ms
+
+
+def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> PlanRequest:
+    """What the partitioner is asked: the layers, the topology and the config's constraints."""
+    run = cfg.run
+    profile = profile or load_profile(cfg)
+    n = len(profile.layers)
+    if run.plan.profile and n != len(meta_chain_names(cfg)):
+        raise ConfigError(f"plan.profile: it has {n} layers but the model's chain has {len(meta_chain_names(cfg))}")
+    return PlanRequest(
+        layers=profile.layers,
+        topology=cfg.topology,
+        num_micro_batches=run.train.micro_batches,
+        schedule=run.runtime.schedule,
+        devices=list(run.plan.devices) or None,
+        cuts=list(run.plan.cuts) or None,
+        label_privacy=run.plan.label_privacy,
+        precision=run.train.dtype,
+        calibrated_tflops=profile.calibrated_tflops,
+        codec=run.plan.codec,
+        finetune=method_policy.policy(run),
+        allow=tuple(run.plan.allow),
+    )
+
+
+def meta_chain_names(cfg: LoadedConfig) -> list[str]:
+    """The names of the model's chain of layers, from the model built on the meta device."""
+    return chain_names(num_blocks(meta_model(cfg.run.model, cfg.run.train.seed)))
+
+
+def make_plan(cfg: LoadedConfig, partitioner: str | None = None, request: PlanRequest | None = None) -> Plan:
+    """The plan of ``partitioner`` (default the config's) for ``request`` (default the
+    config's), checked and with the simulator's step time."""
+    req = request or plan_request(cfg)
+    plan = partition(partitioner or cfg.run.plan.partitioner, req)
+    check_offload_schedule(cfg, plan)
+    simulate_plan(plan)
+    return plan
+
+
+def check_offload_schedule(cfg: LoadedConfig, plan: Plan) -> None:
+    """A params-offloaded (ZeRO-3) stage must hold one micro-batch at a time: checked on the
+    plan, before anything is placed."""
+    from splitlearn.zero import check_schedule
+
+    run = cfg.run
+    sched = S.build(run.runtime.schedule, plan.num_stages, run.train.micro_batches)
+    for st in plan.stages:
+        for r in range(len(st.devices)):
+            check_schedule(
+                st.offload, S.replica_actions(sched[st.index], r, len(st.devices)), st.index, run.runtime.schedule
+            )
+
+
+def simulate_plan(plan: Plan) -> None:
+    """Add the simulator's step time (same schedule data as the workers) to the plan."""
+    plan.predicted["simulated_step_ms"] = round(simulate(plan).step_ms, 4)

@@ -15,7 +15,7 @@ from cluster.ray_cluster import actor_options, place_stages
 from cluster.topology import Topology
 from partitioners.plan import Plan
 from splitlearn.errors import StageFailed
-from splitlearn.worker import StageWorker
+from splitlearn.stage import StageWorker
 
 log = logging.getLogger(__name__)
 ACTOR_NAMESPACE = "splitlearn"
@@ -51,8 +51,8 @@ class StageGroup:
 
         self.plan, self.topology, self.timeout_s = plan, topology, timeout_s
         self.pg = place_stages(topology, plan.devices, placement_timeout_s)
-        remote_cls = ray.remote(StageWorker)
-        self.actors = []
+        remote_cls: Any = ray.remote(StageWorker)
+        self.actors: list[Any] = []
         self.ranks: list[tuple[int, int]] = []  # (stage, replica) of each actor
         for s in plan.stages:
             for r, device in enumerate(s.devices):
@@ -132,9 +132,6 @@ class StageGroup:
     def _first_replicas(self, results: list[Any]) -> list[Any]:
         """One result per stage: its first replica's (the replicas hold the same tensors)."""
         return [res for res, (_, r) in zip(results, self.ranks, strict=True) if r == 0]
-
-    def state_dicts(self) -> list[dict[str, Any]]:
-        return self._first_replicas(self._get([a.state_dict.remote() for a in self.actors], "state_dict"))
 
     def gradients(self) -> list[dict[str, Any]]:
         return self._first_replicas(self._get([a.gradients.remote() for a in self.actors], "gradients"))

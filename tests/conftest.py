@@ -11,6 +11,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TEST_DEVICES = ["edge-a", "mid-b", "cloud-c", "cloud-d"]
 
+# Fixtures that start Ray: a test that uses one (directly or through another fixture) is in
+# the `ray` tier whether or not it says so (README, "Tests"). A test that starts Ray in
+# another way (train(...), the `train` CLI, ray.cluster_utils.Cluster) carries the mark itself.
+RAY_FIXTURES = {"ray_cluster", "local_cluster"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES.intersection(getattr(item, "fixturenames", ())) and not item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.ray)
+
 
 def checkpoint_state(run_dir, step: int) -> dict:
     """The weights (no optimizer state) of a run's newest whole checkpoint, which must be

@@ -20,7 +20,7 @@ from splitlearn.config import config_from_container
 from splitlearn.errors import ConfigError
 from splitlearn.models import Segment, build_model, causal_lm_loss, num_blocks
 from splitlearn.models.compact import FrozenEmbedding, FrozenLinear, compact_counts, compact_frozen
-from splitlearn.models.finetune import (
+from splitlearn.models.methods import (
     LoraSpec,
     adapter_state_dict,
     apply_methods,
@@ -296,7 +296,7 @@ def test_saved_adapters_load_with_peft_and_merged_with_transformers(tmp_path):
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from splitlearn.finetune import lora_config
+    from splitlearn.models.methods import lora_config
 
     family = "gpt2"  # Conv1D layers (fan_in_fan_out) and tied embeddings
     cfg = model_cfg(family)
@@ -545,7 +545,7 @@ def raw_config(**finetune):
 def test_finetune_config_resolves_by_tier_then_stage(tmp_path):
     from omegaconf import OmegaConf
 
-    from splitlearn.finetune import policy, variants
+    from splitlearn.method_policy import policy, variants
 
     raw = OmegaConf.create(
         "finetune: {by_tier: {edge: {method: lora, recompute: true}}, by_stage: {1: {method: frozen}}}"
@@ -557,7 +557,7 @@ def test_finetune_config_resolves_by_tier_then_stage(tmp_path):
     assert pol.for_stage(2, "cloud") == StageMethod()
     cfg = config_from_container(raw_config(), ["finetune.by_stage.2.method=lora", "plan.allow=[int8]"], "t", tmp_path)
     assert {v.key for v in variants(cfg.run)} == {"lora", "lora+int8"}
-    from splitlearn.trainer import make_plan
+    from splitlearn.planning import make_plan
 
     plan = make_plan(cfg)
     assert [s.method for s in plan.stages] == ["full", "full", "lora"]
@@ -586,7 +586,7 @@ def test_finetune_config_errors_name_the_key(tmp_path, override, needle):
 
 
 def test_lora_targets_that_match_nothing(tmp_path):
-    from splitlearn.trainer import make_plan
+    from splitlearn.planning import make_plan
 
     cfg = config_from_container(raw_config(method="lora", lora={"target_modules": ["qproj"]}), [], "t", tmp_path)
     with pytest.raises(ConfigError, match=r"finetune.lora.target_modules: \['qproj'\] matches no linear layer"):
@@ -596,7 +596,7 @@ def test_lora_targets_that_match_nothing(tmp_path):
 def test_tied_weight_trains_only_when_both_ends_train_fully():
     """GPT-2 ties the embedding and the LM head: with a LoRA edge stage and a full cloud
     stage the tied weight is frozen at both ends (the reference model too)."""
-    from splitlearn.finetune import apply_plan, tied_trainable
+    from splitlearn.method_policy import apply_plan, tied_trainable
 
     def plan(*methods):
         stages = [

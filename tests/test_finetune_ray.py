@@ -11,11 +11,12 @@ from safetensors.torch import load_file
 
 from splitlearn.config import config_from_container
 from splitlearn.data import BatchSource, load_dataset
-from splitlearn.finetune import apply_plan
+from splitlearn.method_policy import apply_plan
 from splitlearn.models import build_model
-from splitlearn.models.finetune import base_state_dict
+from splitlearn.models.methods import base_state_dict
 from splitlearn.optim import make_optimizer, reference_step
-from splitlearn.trainer import make_plan, train
+from splitlearn.planning import make_plan
+from splitlearn.trainer import train
 
 pytestmark = pytest.mark.ray
 

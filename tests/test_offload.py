@@ -140,7 +140,7 @@ def test_bad_offload_config_is_one_line(tmp_path, extra, message):
 def test_params_offload_with_several_micro_batches_in_flight_is_refused(tmp_path):
     """ZeRO-3 loses gradients when a second forward runs before the first backward: a
     params-offloaded stage under GPipe (or 1F1B's warm-up) is refused when planned."""
-    from splitlearn.trainer import make_plan
+    from splitlearn.planning import make_plan
 
     raw = raw_config(tmp_path, "z3", finetune__by_stage={"1": {"offload": "params"}}, runtime__schedule="gpipe")
     with pytest.raises(ConfigError) as e:
@@ -164,6 +164,7 @@ def test_bad_offload_config_from_the_cli_exits_2(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.deepspeed
 def test_a_deepspeed_op_that_cannot_be_built_is_named(tmp_path, monkeypatch):
     """An empty extensions cache and no working compiler: one line naming the op and the
     device (the worker raises it at prepare, before any process group or file exists)."""
@@ -188,6 +189,8 @@ def plain_run(ray_cluster, tmp_path_factory):
     return result, checkpoint_state(result.run_dir, 20)
 
 
+@pytest.mark.ray
+@pytest.mark.deepspeed
 def test_offloaded_middle_stage_tracks_the_plain_run(plain_run, tmp_path):
     plain, plain_state = plain_run
     raw = raw_config(tmp_path, "off", finetune__by_stage={"1": {"offload": "optimizer"}})
@@ -200,6 +203,8 @@ def test_offloaded_middle_stage_tracks_the_plain_run(plain_run, tmp_path):
     assert_same(checkpoint_state(result.run_dir, 20), plain_state, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.ray
+@pytest.mark.deepspeed
 def test_offloaded_stage_on_two_replicas(plain_run, tmp_path):
     """DeepSpeed reduces the two replicas' gradients over their group and partitions the
     optimizer state between them; the run still tracks the plain one."""
@@ -217,6 +222,8 @@ def test_offloaded_stage_on_two_replicas(plain_run, tmp_path):
     assert_same(checkpoint_state(result.run_dir, 20), plain_state, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.ray
+@pytest.mark.deepspeed
 @pytest.mark.parametrize(
     "devices, schedule",
     [
@@ -238,6 +245,8 @@ def test_params_offloaded_middle_stage_tracks_the_plain_run(ray_cluster, tmp_pat
     assert_same(checkpoint_state(z3.run_dir, 6), checkpoint_state(plain.run_dir, 6), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.ray
+@pytest.mark.deepspeed
 @pytest.mark.parametrize("offload, schedule", [("optimizer", "1f1b"), ("params", "sequential")])
 def test_offloaded_run_resumes_exactly(ray_cluster, tmp_path, offload, schedule):
     off = {"finetune__by_stage": {"1": {"offload": offload}}, "runtime__schedule": schedule}
@@ -258,6 +267,7 @@ def test_offloaded_run_resumes_exactly(ray_cluster, tmp_path, offload, schedule)
 # -- replicas of a plain stage ---------------------------------------------------------------
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize(
     "family, devices, schedule, mbs",
     [
@@ -280,7 +290,7 @@ def test_offload_on_a_device_with_too_little_host_memory_is_one_line(tmp_path):
     """cloud-c (cuda) fits stage 1 only with offload, and its host cannot hold what offload
     moves there: the plan fails with one line naming the device and its host memory."""
     from splitlearn.errors import PlanError
-    from splitlearn.trainer import make_plan
+    from splitlearn.planning import make_plan
 
     raw = raw_config(tmp_path, "host", finetune__by_stage={"1": {"offload": "optimizer"}})
     cloud = next(d for d in raw["topology"]["inline"]["devices"] if d["name"] == "cloud-c")

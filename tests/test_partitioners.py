@@ -125,7 +125,9 @@ def test_sequential_schedule_is_valid(stages, mbs):
         assert [a.mb for a in acts if a.kind == S.F] == list(range(mbs))
     if stages > 1:
         assert sched[0][0].kind == S.SEND_LABELS and sched[-1][0].kind == S.RECV_LABELS
-    assert "stage 0:" in S.format_grid(sched)
+    grid = S.format_grid(sched).splitlines()  # plain text under pytest: header, rule, a row per stage
+    assert grid[0].split() == ["stage", *map(str, range(max(map(len, sched))))]
+    assert [row.split() for row in grid[2:]] == [[str(s), *map(str, acts)] for s, acts in enumerate(sched)]
 
 
 def test_sequential_order_of_a_middle_stage():

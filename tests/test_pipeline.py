@@ -15,10 +15,9 @@ from splitlearn.data import BatchSource, load_dataset
 from splitlearn.errors import StageFailed
 from splitlearn.models import build_model
 from splitlearn.models.chain import causal_lm_loss
+from splitlearn.planning import make_plan
 from splitlearn.runtime import StageGroup
-from splitlearn.trainer import make_plan, train
-
-pytestmark = pytest.mark.ray
+from splitlearn.trainer import train
 
 
 def cfg_for(tmp_path, schedule, m, **runtime):
@@ -53,6 +52,7 @@ def whole_batch_reference(cfg):
     return float(loss.detach()), {n: p.grad for n, p in model.named_parameters()}
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("m", [1, 2, 4])
 def test_pipelined_step_equals_whole_batch(ray_cluster, tmp_path, schedule, m):
@@ -72,6 +72,7 @@ def test_pipelined_step_equals_whole_batch(ray_cluster, tmp_path, schedule, m):
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5, msg=lambda msg, n=name: f"{n}: {msg}")
 
 
+@pytest.mark.ray
 def test_trace_records_every_action_and_the_emulated_latency(ray_cluster, tmp_path):
     """``runtime.trace``: each stage reports its actions in schedule order with wall-clock
     spans that do not overlap, and every receive ends at least the emulated link's latency
@@ -123,6 +124,7 @@ def test_codec_round_trip(codec):
     assert codecs.wire_bytes(parts) < x.numel() * 4 * (0.3 if codec == "int8" else 0.51)
 
 
+@pytest.mark.ray
 def test_int8_codec_quickstart_still_learns(tmp_path):
     """The quickstart with int8 on every link (activations and gradients): the loss still
     falls by at least half, and the links carry about a quarter of the fp32 bytes."""
@@ -148,6 +150,7 @@ def test_int8_codec_quickstart_still_learns(tmp_path):
     assert first["bytes_sent"]["0->1"] < 2 * 0.3 * fp32_bytes  # two micro-batches, int8 + scales + header
 
 
+@pytest.mark.ray
 def test_dead_stage_fails_the_step_by_name(ray_cluster, tmp_path):
     """Kill the middle stage while a step runs (slow emulated links keep it running): the
     step fails within the timeout with an error naming the stage, device and step."""

@@ -12,7 +12,8 @@ from splitlearn.data import BatchSource, load_dataset
 from splitlearn.errors import PlacementError
 from splitlearn.models import build_model
 from splitlearn.optim import make_optimizer, reference_step
-from splitlearn.trainer import replay, train
+from splitlearn.replay import replay
+from splitlearn.trainer import train
 
 pytestmark = pytest.mark.ray
 

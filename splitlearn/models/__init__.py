@@ -1,16 +1,16 @@
-"""Model building and cutting: Hugging Face causal LMs as a chain of layers."""
+"""Hugging Face causal LMs as a chain of layers: building (:mod:`.build`), cutting
+(:mod:`.chain`), families (:mod:`.families`), fine-tuning methods (:mod:`.methods`) and
+their per-layer costs (:mod:`.costs`)."""
 
+from splitlearn.models.build import build_model, import_adapter_module, meta_model
 from splitlearn.models.chain import (
     Segment,
-    build_model,
     causal_lm_loss,
     chain_names,
     count_items,
     cut,
     layer_views,
-    meta_profile,
     num_blocks,
-    split_model,
     tied_parameter_names,
 )
 from splitlearn.models.families import (
@@ -33,11 +33,11 @@ __all__ = [
     "chain_names",
     "count_items",
     "cut",
+    "import_adapter_module",
     "layer_views",
-    "meta_profile",
+    "meta_model",
     "num_blocks",
     "register_family",
-    "split_model",
     "supported_families",
     "tied_parameter_names",
 ]

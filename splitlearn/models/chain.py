@@ -1,4 +1,4 @@
-"""Build a causal LM and cut it into segments of the chain ``embed, block_0…block_{n-1}, head``.
+"""A causal LM as the chain ``embed, block_0…block_{n-1}, head``: segments, layer views, the loss.
 
 Chain indices: ``0`` is the embedding layer, ``1…n`` are the transformer blocks, ``n+1``
 is the head (final norm, LM head and the loss). A segment is any contiguous range
@@ -6,12 +6,13 @@ is the head (final norm, LM head and the loss). A segment is any contiguous rang
 module it does not run removed, so its parameter names are the model's own
 (``model.layers.3.mlp.up_proj.weight``): the union of all segments' state dicts is a state
 dict the whole model loads.
+
+Building the model is :mod:`splitlearn.models.build`; a layer view (:class:`LayerView`) is
+what the profiler measures.
 """
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,59 +24,19 @@ from splitlearn.models.families import FamilyAdapter, adapter_for, get_path, set
 
 IGNORE_INDEX = -100
 
-
-def import_adapter_module(name: str | None) -> None:
-    """Import the user's module that registers extra families (``model.adapter_module``)."""
-    if not name:
-        return
-    try:
-        importlib.import_module(name)
-    except ImportError as e:
-        raise ModelError(f"model.adapter_module: cannot import '{name}': {e}") from e
+# the attribute :func:`record_compute_dtype` sets on a model and :func:`compute_dtype` reads
+_COMPUTE_DTYPE_ATTR = "splitlearn_compute_dtype"
 
 
-def build_model(model_cfg: Any, seed: int) -> nn.Module:
-    """Build the full causal LM from a transformers config (random init) or a local directory.
-
-    Never touches the network: a local directory is read with ``local_files_only``.
-    """
-    AutoConfig, AutoModelForCausalLM = _auto_classes()
-
-    import_adapter_module(model_cfg.adapter_module)
-    overrides = dict(model_cfg.config or {})
-    attn = model_cfg.attn_implementation
-    torch.manual_seed(seed)
-    try:
-        if model_cfg.path:
-            path = Path(model_cfg.path)
-            if not (path / "config.json").is_file():
-                raise ModelError(f"model.path: no config.json in '{path}' (expected a local checkpoint directory)")
-            hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
-            adapter_for(hf_cfg.model_type)  # fail early with the list of families
-            model = AutoModelForCausalLM.from_pretrained(
-                path,
-                config=hf_cfg,
-                local_files_only=True,
-                dtype=torch.float32,
-                attn_implementation=attn,
-            )
-        else:
-            family = model_cfg.family
-            adapter_for(family)
-            hf_cfg = AutoConfig.for_model(family, **overrides)
-            model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn)
-    except ModelError:
-        raise
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"model: cannot build the model: {line}") from e
-    model.float()
-    model.config.use_cache = False
-    return model
+def hf_config(model: nn.Module) -> Any:
+    """``model.config``, the transformers config of a Hugging Face model. Typed ``Any``:
+    ``nn.Module.__getattr__`` is typed ``Tensor | Module``, and which fields a config has
+    (``vocab_size``, ``tie_word_embeddings``, ...) depends on the model family."""
+    return model.config
 
 
 def num_blocks(model: nn.Module) -> int:
-    return adapter_for(model.config.model_type).num_blocks(model)
+    return adapter_for(hf_config(model).model_type).num_blocks(model)
 
 
 def chain_names(num_blocks: int) -> list[str]:
@@ -95,7 +56,7 @@ def _param_ids(model: nn.Module, paths: tuple[str, ...]) -> dict[int, str]:
 
 def tied_parameter_names(model: nn.Module) -> list[tuple[str, str]]:
     """(embed name, head name) of each parameter the embed and head layers share."""
-    adapter = adapter_for(model.config.model_type)
+    adapter = adapter_for(hf_config(model).model_type)
     emb = _param_ids(model, adapter.embed_paths)
     head = _param_ids(model, adapter.head_paths)
     return [(emb[i], head[i]) for i in emb if i in head]
@@ -104,8 +65,16 @@ def tied_parameter_names(model: nn.Module) -> list[tuple[str, str]]:
 def compute_dtype(model: nn.Module) -> torch.dtype:
     """The dtype a model computes in: its parameters' dtype before any frozen weight was
     stored compactly (see :mod:`splitlearn.models.compact`)."""
-    dt = getattr(model, "splitlearn_compute_dtype", None)
+    dt = getattr(model, _COMPUTE_DTYPE_ATTR, None)
     return dt if dt is not None else next(model.parameters()).dtype
+
+
+def record_compute_dtype(model: nn.Module) -> None:
+    """Fix :func:`compute_dtype` to the parameters' dtype now, unless already recorded: call
+    it before any frozen weight is stored compactly."""
+    if getattr(model, _COMPUTE_DTYPE_ATTR, None) is None:
+        # setattr: nn.Module.__setattr__ is typed for tensor and module values only
+        setattr(model, _COMPUTE_DTYPE_ATTR, next(model.parameters()).dtype)
 
 
 class Segment(nn.Module):
@@ -119,7 +88,7 @@ class Segment(nn.Module):
     def __init__(self, model: nn.Module, start: int, stop: int, recompute: bool = False):
         super().__init__()
         self.recompute = recompute
-        self.adapter: FamilyAdapter = adapter_for(model.config.model_type)
+        self.adapter: FamilyAdapter = adapter_for(hf_config(model).model_type)
         n = self.adapter.num_blocks(model)
         if not (0 <= start < stop <= n + 2):
             raise ModelError(f"segment [{start}, {stop}) is outside the chain of {n + 2} layers")
@@ -222,65 +191,6 @@ def cut(model: nn.Module, start: int, stop: int) -> Segment:
     return Segment(model, start, stop)
 
 
-def split_model(model_cfg: Any, seed: int, ranges: list[tuple[int, int]]) -> list[Segment]:
-    """Whole model built once per segment (same seed) and cut: the segments share nothing."""
-    return [Segment(build_model(model_cfg, seed), a, b) for a, b in ranges]
-
-
-def meta_profile(
-    model_cfg: Any, micro_batch: int, seq_len: int, seed: int = 0, variants: Any = (), lora: Any = None
-) -> list:
-    """Counted costs of each chain layer (parameters, FLOPs, cut and saved bytes; no times)
-    from the model built on the meta device: no memory, no weights read, seconds even for a
-    7B model. Attention kernels differ on meta, so saved bytes there are estimates; a
-    measured profile (``splitlearn profile``) is exact. ``variants`` (fine-tuning methods
-    other than full, with the ``lora`` settings) are counted too, into each layer's
-    ``methods``."""
-    from partitioners.profile import profile_chain
-
-    def make() -> nn.Module:
-        with torch.device("meta"):
-            return build_model(model_cfg, seed) if not model_cfg.path else _meta_from_dir(model_cfg)
-
-    model = make()
-    vocab = model.config.vocab_size
-    ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta").clamp_(0, vocab - 1)
-    names = chain_names(num_blocks(model))
-    layers = profile_chain(layer_views(model, None, ids), ids, names, measure_time=False)
-    if variants:
-        from splitlearn.models.finetune import layer_compact_counts, method_costs
-
-        for layer, (params, rows) in zip(layers, layer_compact_counts(model), strict=True):
-            layer.compact_params, layer.compact_rows = params, rows
-        for v in variants:
-            costs = method_costs(make(), v, lora, seed, ids, measure_time=False)
-            for layer, cost in zip(layers, costs, strict=True):
-                layer.methods[v.key] = cost
-    return layers
-
-
-def _auto_classes():
-    """transformers' ``AutoConfig`` and ``AutoModelForCausalLM``, imported quietly: the
-    modelling code imports torchao when it is installed (see ``compact.quiet_torchao``)."""
-    from splitlearn.models.compact import quiet_torchao
-
-    with quiet_torchao():
-        import transformers.modeling_utils  # noqa: F401  (the lazy import that loads torchao)
-        from transformers import AutoConfig, AutoModelForCausalLM
-    return AutoConfig, AutoModelForCausalLM
-
-
-def _meta_from_dir(model_cfg: Any) -> nn.Module:
-    AutoConfig, AutoModelForCausalLM = _auto_classes()
-
-    try:
-        hf_cfg = AutoConfig.from_pretrained(model_cfg.path, local_files_only=True, **dict(model_cfg.config or {}))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model.path: cannot read the config in '{model_cfg.path}': {str(e).splitlines()[0]}") from e
-    adapter_for(hf_cfg.model_type)
-    return AutoModelForCausalLM.from_config(hf_cfg)
-
-
 class LayerView(nn.Module):
     """Chain layer ``index`` of a whole model as a one-tensor-in, one-tensor-out module: the
     profiler's view. Its ``parameters()`` are the layer's own; the model is shared, not cut.
@@ -288,7 +198,7 @@ class LayerView(nn.Module):
 
     def __init__(self, model: nn.Module, index: int, attention_mask=None, labels=None):
         super().__init__()
-        adapter = adapter_for(model.config.model_type)
+        adapter = adapter_for(hf_config(model).model_type)
         n = adapter.num_blocks(model)
         self.index, self.n = index, n
         if index == 0:

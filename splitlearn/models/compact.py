@@ -24,16 +24,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from partitioners.choices import FROZEN_DTYPES
 from splitlearn.errors import ModelError
 from splitlearn.models.families import set_path
 
 COMPACT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-FROZEN_DTYPES = ("fp32", "bf16", "fp16", "int8")
 
 
 def _conv1d_type() -> type | None:
@@ -139,7 +140,8 @@ class FrozenEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.storage == "int8":
-            w = self.weight
+            # a torchao Int8Tensor inside the Parameter: torch's stubs know no qdata/scale
+            w: Any = self.weight
             return F.embedding(ids, w.qdata).to(self.out_dtype) * F.embedding(ids, w.scale.to(self.out_dtype))
         return F.embedding(ids, self.weight).to(self.out_dtype)
 
@@ -158,6 +160,21 @@ def is_compactable(module: nn.Module) -> bool:
     return type(module) in (nn.Linear, nn.Embedding) or (conv1d is not None and type(module) is conv1d)
 
 
+def _weight(layer: nn.Module) -> torch.Tensor:
+    """The ``weight`` parameter of a compactable layer (``nn.Module.__getattr__`` is typed
+    ``Tensor | Module``; ``Conv1D`` has no stubs)."""
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor), f"{type(layer).__name__}.weight is not a tensor"
+    return weight
+
+
+def _bias(layer: nn.Module) -> torch.Tensor | None:
+    """The ``bias`` parameter of a compactable linear layer, None when it has none."""
+    bias = layer.bias
+    assert bias is None or isinstance(bias, torch.Tensor), f"{type(layer).__name__}.bias is not a tensor"
+    return bias
+
+
 def compact_counts(modules: Iterable[nn.Module]) -> tuple[int, int]:
     """(weight entries, output rows) of the compactable layers among ``modules`` and their
     children, each weight once: what the cost model's ``compact_params``/``compact_rows``
@@ -166,16 +183,19 @@ def compact_counts(modules: Iterable[nn.Module]) -> tuple[int, int]:
     params = rows = 0
     for root in modules:
         for m in root.modules():
-            if not is_compactable(m) or id(m.weight) in seen:
+            if not is_compactable(m):
                 continue
-            seen.add(id(m.weight))
-            params += m.weight.numel()
+            weight = _weight(m)
+            if id(weight) in seen:
+                continue
+            seen.add(id(weight))
+            params += weight.numel()
             if isinstance(m, nn.Embedding):
-                rows += m.weight.shape[0]
+                rows += weight.shape[0]
             elif isinstance(m, nn.Linear):
                 rows += m.out_features
             else:  # Conv1D: weight (in, out)
-                rows += m.weight.shape[1]
+                rows += weight.shape[1]
     return params, rows
 
 
@@ -194,13 +214,15 @@ def compact_frozen(root: nn.Module, names: Iterable[str], storage: str) -> int:
         m = root.get_submodule(name)
         if not is_compactable(m) or any(p.requires_grad for p in m.parameters()):
             continue
-        key = id(m.weight)
+        weight = _weight(m)
+        key = id(weight)
+        new: FrozenEmbedding | FrozenLinear
         if isinstance(m, nn.Embedding):
-            new: nn.Module = FrozenEmbedding(m.weight, storage)
+            new = FrozenEmbedding(weight, storage)
         else:
             transposed = conv1d is not None and isinstance(m, conv1d)
-            w = m.weight.t() if transposed else m.weight
-            new = FrozenLinear(w, m.bias, storage, transposed)
+            w = weight.t() if transposed else weight
+            new = FrozenLinear(w, _bias(m), storage, transposed)
             if transposed:
                 key = -key  # the same tensor in another layout is not shareable
         if key in shared:

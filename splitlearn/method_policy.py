@@ -1,5 +1,6 @@
-"""Fine-tuning methods across a run: from the config to the planner, from the plan to each
-stage, and the trained adapters out.
+"""Which fine-tuning method each stage uses, across a run: from the config to the planner,
+from the plan to each stage, and the trained adapters out. (Applying a method to a model's
+modules is :mod:`splitlearn.models.methods`.)
 
 - The config's ``finetune`` section (a default, overrides by device tier and by stage) becomes
   the planner's :class:`~partitioners.costmodel.FinetunePolicy`; ``plan.allow`` lets it change
@@ -18,17 +19,20 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from cluster.topology import TIERS
 from partitioners.costmodel import FinetunePolicy, StageMethod, stage_options
 from partitioners.plan import Plan, Stage
 from splitlearn.errors import ConfigError
-from splitlearn.models.finetune import LoraSpec, apply_methods, lora_config, lora_target_names
+from splitlearn.fsio import atomic_write
+from splitlearn.models.build import meta_model
+from splitlearn.models.chain import hf_config, num_blocks, tied_parameter_names
+from splitlearn.models.methods import LoraSpec, apply_methods, lora_config, lora_target_names
 
 log = logging.getLogger("splitlearn")
-
-TIERS = ("edge", "cloud")
 
 
 def policy(run: Any) -> FinetunePolicy:
@@ -91,8 +95,6 @@ def prepare_segment(segment: Any, plan: Plan, stage: int, run: Any) -> list[str]
 def apply_plan(model: Any, plan: Plan, run: Any) -> list[str]:
     """Every stage's method on its range of the whole model: the unsplit model that split
     training with this plan is held to."""
-    from splitlearn.models.chain import tied_parameter_names
-
     if not tied_trainable(plan):
         params = dict(model.named_parameters(remove_duplicate=False))
         for emb, head in tied_parameter_names(model):
@@ -103,24 +105,12 @@ def apply_plan(model: Any, plan: Plan, run: Any) -> list[str]:
     return apply_methods(model, ranges, lora_spec(run), run.train.seed)
 
 
-def meta_model(run: Any):
-    """The run's model on the meta device: structure and config, no memory."""
-    import torch
-
-    from splitlearn.models.chain import _meta_from_dir, build_model
-
-    with torch.device("meta"):
-        return build_model(run.model, run.train.seed) if not run.model.path else _meta_from_dir(run.model)
-
-
 def check_lora_targets(run: Any, model: Any = None) -> None:
     """``finetune.lora.target_modules`` must name some linear layer of the model when any
     stage may use LoRA."""
     if not any(v.method == "lora" for v in variants(run)):
         return
-    model = model if model is not None else meta_model(run)
-    from splitlearn.models.chain import num_blocks
-
+    model = model if model is not None else meta_model(run.model, run.train.seed)
     spec = lora_spec(run)
     if not lora_target_names(model, 0, num_blocks(model) + 2, spec):
         raise ConfigError(
@@ -142,40 +132,52 @@ def export_model(run: Any, group: Any, plan: Plan, run_dir: Path) -> dict[str, A
     per stage written by that stage). Returns what was written."""
     from safetensors.torch import save_file
 
-    from splitlearn.checkpoint import atomic_write
-
     merge = bool(run.finetune.merge_adapters)
     merged_dir = run_dir / "merged"
     parts = group.export(str(merged_dir), merge)
-    model = meta_model(run)
+    model = meta_model(run.model, run.train.seed)
     out: dict[str, Any] = {}
     names = [n for p in parts for n in p["lora_modules"]]
     if names:
         adir = run_dir / "adapter"
         adir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v for p in parts for k, v in p["adapter"].items()}
-        tmp = adir / ".adapter_model.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        tmp.replace(adir / "adapter_model.safetensors")
+        atomic_write(
+            adir / "adapter_model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})
+        )
         cfg = lora_config(
             model, names, lora_spec(run), task_type="CAUSAL_LM", base_model_name_or_path=run.model.path or None
         )
-        cfg.save_pretrained(str(adir))
+        save_pretrained_atomic(cfg, adir)
         out["adapter"] = {"dir": str(adir), "modules": len(names), "tensors": len(tensors)}
     if merge:
         import torch
 
         weight_map = {k: p["merged_file"] for p in parts for k in p["merged_keys"]}
         total = sum(p["merged_bytes"] for p in parts)
-        model.config.use_cache = True
-        model.config.dtype = torch.float32
-        model.config.save_pretrained(str(merged_dir))
+        config = hf_config(model)
+        config.use_cache = True
+        config.dtype = torch.float32
+        save_pretrained_atomic(config, merged_dir)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         atomic_write(merged_dir / "model.safetensors.index.json", json.dumps(index, indent=2))
         out["merged"] = {"dir": str(merged_dir), "files": len(parts), "bytes": total}
     for what, info in out.items():
         log.info("%s written to %s", what, info["dir"])
     return out
+
+
+def save_pretrained_atomic(obj: Any, directory: Path) -> None:
+    """``obj.save_pretrained(directory)`` (a ``transformers`` or peft config), each file it
+    writes put in place with :func:`~splitlearn.fsio.atomic_write`: the library writes into a
+    scratch directory, so its own serialisation is kept byte for byte. Creates ``directory``
+    as ``save_pretrained`` does."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="splitlearn-save-") as scratch:
+        obj.save_pretrained(scratch)
+        for f in sorted(Path(scratch).iterdir()):
+            if f.is_file():
+                atomic_write(directory / f.name, f.read_bytes())
 
 
 # -- profiles ------------------------------------------------------------------------------

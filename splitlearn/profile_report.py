@@ -1,17 +1,21 @@
-"""``splitlearn profile``: measure each chain layer of the run's model on this machine."""
+"""``splitlearn profile``: build the run's model, measure each chain layer of it on this
+machine (every fine-tuning method the run may use) and print the tables. The profile data
+type and the model-agnostic measuring are :mod:`partitioners.profile`."""
 
 from __future__ import annotations
 
 import torch
 
+from cluster.tables import render_table
 from cluster.topology import Device
 from partitioners.costmodel import StageMethod, stage_memory, stage_time
 from partitioners.profile import ModelProfile, calibrate_tflops, profile_chain
-from splitlearn import finetune
+from splitlearn import method_policy
 from splitlearn.config import LoadedConfig
 from splitlearn.errors import ConfigError
-from splitlearn.models.chain import build_model, chain_names, layer_views, num_blocks
-from splitlearn.models.finetune import layer_compact_counts, method_costs
+from splitlearn.models.build import build_model
+from splitlearn.models.chain import chain_names, hf_config, layer_views, num_blocks
+from splitlearn.models.costs import layer_compact_counts, method_costs
 
 
 def parse_layers(spec: str | None, num_layers: int) -> range:
@@ -52,7 +56,7 @@ def profile_model(
     model.train()
     n = num_blocks(model) + 2
     span = parse_layers(layers, n)
-    vocab = model.config.vocab_size
+    vocab = hf_config(model).vocab_size
     g = torch.Generator().manual_seed(run.train.seed)
     ids = torch.randint(0, vocab, (mb, seq), generator=g).to(device)
     views = layer_views(model, None, ids)
@@ -73,7 +77,7 @@ def profile_model(
     )
     # the other fine-tuning methods this run may use (finetune section, plan.allow): each
     # measured the same way on a fresh model with the method applied to the whole chain
-    variants = finetune.variants(run)
+    variants = method_policy.variants(run)
     if variants:
         counts = layer_compact_counts(model)
         for layer, i in zip(profs, span, strict=True):
@@ -84,7 +88,7 @@ def profile_model(
             costs = method_costs(
                 fresh,
                 v,
-                finetune.lora_spec(run),
+                method_policy.lora_spec(run),
                 run.train.seed,
                 ids,
                 span,
@@ -103,7 +107,7 @@ def profile_model(
         device=device,
         threads=torch.get_num_threads(),
         calibrated_tflops=calibrate_tflops(device) if calibrate else None,
-        lora=finetune.lora_record(run) if variants else None,
+        lora=method_policy.lora_record(run) if variants else None,
     )
     return prof, span
 
@@ -116,8 +120,10 @@ def _fmt_count(x: float) -> str:
 
 
 def profile_table(prof: ModelProfile, span: range) -> str:
+    """The profiled layers, one row each, and their total (see :mod:`cluster.tables`), then
+    the profile's settings and :func:`methods_table`."""
     head = ("idx", "layer", "params", "fwd FLOPs", "bwd FLOPs", "cut MB", "saved MB", "train MB", "fwd ms", "bwd ms")
-    rows = [head]
+    rows: list[tuple[str, ...]] = []
     for i, layer in zip(span, prof.layers, strict=True):
         mem = stage_memory([layer], precision=prof.dtype)
         rows.append(
@@ -136,27 +142,19 @@ def profile_table(prof: ModelProfile, span: range) -> str:
         )
     t = prof.totals()
     tot_mem = stage_memory(prof.layers, precision=prof.dtype)
-    rows.append(
-        (
-            "",
-            "total",
-            _fmt_count(t["params"]),
-            _fmt_count(t["fwd_flops"]),
-            _fmt_count(t["bwd_flops"]),
-            "",
-            f"{t['saved_bytes'] / 1e6:.3f}",
-            f"{tot_mem.device_total / 1e6:.3f}",
-            f"{t['fwd_ms']:.3f}",
-            f"{t['bwd_ms']:.3f}",
-        )
+    total = (
+        "",
+        "total",
+        _fmt_count(t["params"]),
+        _fmt_count(t["fwd_flops"]),
+        _fmt_count(t["bwd_flops"]),
+        "",
+        f"{t['saved_bytes'] / 1e6:.3f}",
+        f"{tot_mem.device_total / 1e6:.3f}",
+        f"{t['fwd_ms']:.3f}",
+        f"{t['bwd_ms']:.3f}",
     )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [
-        "  ".join(c.rjust(w) if j not in (1,) else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True)))
-        for r in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.insert(len(lines) - 1, "  ".join("-" * w for w in widths))
+    table = render_table(head, rows, numeric=[h for h in head if h != "layer"], total=total)
     foot = (
         f"micro_batch={prof.micro_batch} seq_len={prof.seq_len} dtype={prof.dtype} device={prof.device} "
         f"threads={prof.threads}"
@@ -165,7 +163,7 @@ def profile_table(prof: ModelProfile, span: range) -> str:
         foot += f" calibrated={prof.calibrated_tflops * 1e3:.1f} GFLOP/s"
     foot += "\ncut MB: activation crossing a cut after the layer; saved MB: held for backward (one micro-batch);"
     foot += "\ntrain MB: weights + gradients + AdamW state + saved activations of one micro-batch"
-    return "\n".join([*lines, foot, "", methods_table(prof)])
+    return "\n".join([table, foot, "", methods_table(prof)])
 
 
 HERE = Device(name="here", memory_gb=1.0, tflops=1.0)  # the profiling machine, at scale 1
@@ -176,7 +174,7 @@ def methods_table(prof: ModelProfile) -> str:
     profiled layers as one stage running one micro-batch: what trains, and its memory."""
     keys = ["full", *dict.fromkeys(k for layer in prof.layers for k in layer.methods)]
     head = ("method", "trainable", "weights MB", "grads+opt MB", "saved MB", "train MB", "fwd ms", "bwd ms")
-    rows = [head]
+    rows: list[tuple[str, ...]] = []
     for key in keys:
         for rc in (False, True):
             m = StageMethod.parse(key)
@@ -199,11 +197,7 @@ def methods_table(prof: ModelProfile) -> str:
                     f"{t.bwd_ms:.3f}",
                 )
             )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [
-        "  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    table = render_table(head, rows, numeric=head[1:])
     foot = "methods over these layers as one stage, one micro-batch: full | frozen | lora, +bf16/fp16/int8 frozen"
     foot += " weights, +rc recompute (saved MB: inputs held + one layer's activations)"
-    return "\n".join([*lines, foot])
+    return "\n".join([table, foot])

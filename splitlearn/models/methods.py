@@ -1,5 +1,7 @@
-"""Fine-tuning methods on ranges of the layer chain: full, frozen, LoRA (peft), with frozen
-weights stored compactly; and what a trained stage exports.
+"""Fine-tuning methods applied to a model's modules: full, frozen, LoRA (peft) on ranges of
+the layer chain, with frozen weights stored compactly; and the state dicts a trained model
+exports. Which method each stage uses is decided run-wide in :mod:`splitlearn.method_policy`;
+what a method costs per layer is :mod:`splitlearn.models.costs`.
 
 :func:`apply_methods` changes a model in place for one or more chain ranges (a stage's
 segment, or every stage's range of the unsplit reference model):
@@ -25,15 +27,18 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from partitioners.costmodel import StageMethod
-from splitlearn.models.chain import compute_dtype
-from splitlearn.models.compact import _conv1d_type, compact_frozen, is_compactable
+from splitlearn.models.chain import compute_dtype, hf_config, record_compute_dtype
+from splitlearn.models.compact import FrozenEmbedding, FrozenLinear, _conv1d_type, compact_frozen, is_compactable
 from splitlearn.models.families import adapter_for, get_path
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
 
 ADAPTER = "default"  # peft's adapter name inside the model; dropped from saved keys
 
@@ -54,12 +59,12 @@ class LoraSpec:
         return cls(int(cfg.r), float(cfg.alpha), float(cfg.dropout), tuple(targets) if targets else None)
 
     def targets(self, model: nn.Module) -> tuple[str, ...]:
-        return self.target_modules or adapter_for(model.config.model_type).lora_targets
+        return self.target_modules or adapter_for(hf_config(model).model_type).lora_targets
 
 
 def chain_module_names(model: nn.Module, start: int, stop: int) -> list[str]:
     """Paths of the modules that chain layers ``[start, stop)`` run (absent ones skipped)."""
-    ad = adapter_for(model.config.model_type)
+    ad = adapter_for(hf_config(model).model_type)
     n = ad.num_blocks(model)
     names: list[str] = []
     if start == 0:
@@ -105,11 +110,13 @@ def seed_lora_init(model: nn.Module, seed: int) -> int:
         if not isinstance(m, LoraLayer):
             continue
         for adapter, lin in m.lora_A.items():
+            weight = lin.weight  # lora_A's layers are nn.Linear (or convolutions): a Parameter
+            assert isinstance(weight, torch.Tensor), f"{name}.lora_A.{adapter}.weight is not a tensor"
             g = torch.Generator().manual_seed(_name_seed(seed, f"{name}.lora_A.{adapter}"))
-            w = torch.empty(lin.weight.shape, dtype=torch.float32)
+            w = torch.empty(weight.shape, dtype=torch.float32)
             nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)
             with torch.no_grad():
-                lin.weight.copy_(w)
+                weight.copy_(w)
             count += 1
     return count
 
@@ -122,7 +129,9 @@ def lora_config(model: nn.Module, names: Sequence[str], spec: LoraSpec, **extra:
     fan_in_fan_out = conv1d is not None and any(isinstance(model.get_submodule(n), conv1d) for n in names)
     return LoraConfig(
         r=spec.r,
-        lora_alpha=spec.alpha,
+        # peft annotates lora_alpha as int but only divides by it (scaling = alpha / r): a
+        # fractional alpha is passed on as it is
+        lora_alpha=cast(int, spec.alpha),
         lora_dropout=spec.dropout,
         target_modules=sorted(names),
         fan_in_fan_out=fan_in_fan_out,
@@ -152,20 +161,19 @@ def apply_methods(
         # peft looks for weights tied to the input embedding, which a segment without the
         # embed layer lacks; the adapters never target the embedding or the head, so the
         # tie is of no concern to it here
-        tie = getattr(model.config, "tie_word_embeddings", None)
-        model.config.tie_word_embeddings = False
+        tie = getattr(hf_config(model), "tie_word_embeddings", None)
+        hf_config(model).tie_word_embeddings = False
         try:
             inject_adapter_in_model(lora_config(model, lora_names, lora), model, adapter_name=ADAPTER)
         finally:
-            model.config.tie_word_embeddings = tie
+            hf_config(model).tie_word_embeddings = tie
         for p in model.parameters():  # peft freezes the whole model; restore the other ranges
             if id(p) in trainable:
                 p.requires_grad_(trainable[id(p)])
         seed_lora_init(model, seed)
     for start, stop, method in ranges:
         if method.method != "full" and method.frozen_dtype != "fp32":
-            if getattr(model, "splitlearn_compute_dtype", None) is None:
-                model.splitlearn_compute_dtype = next(model.parameters()).dtype
+            record_compute_dtype(model)
             names = [
                 n
                 for n, m in _walk(model, chain_module_names(model, start, stop))
@@ -185,8 +193,6 @@ def _own_name(key: str) -> str:
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under its own names (LoRA bases unwrapped, adapters left out),
     each shared tensor once, on CPU: int8 weights dequantized, 16-bit ones as stored."""
-    from splitlearn.models.compact import FrozenEmbedding, FrozenLinear
-
     compact = {n: m for n, m in model.named_modules() if isinstance(m, (FrozenLinear, FrozenEmbedding))}
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -220,8 +226,6 @@ def checkpoint_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters a checkpoint restores, by their checkpoint names: the model's own
     names (LoRA bases unwrapped), peft's names for adapters. Weights stored compactly are
     left out: they are frozen and rebuilt from the model's source exactly as before."""
-    from splitlearn.models.compact import FrozenEmbedding, FrozenLinear
-
     compact = {id(p) for m in model.modules() if isinstance(m, (FrozenLinear, FrozenEmbedding)) for p in m.parameters()}
     out = {}
     for name, p in model.named_parameters():
@@ -230,7 +234,7 @@ def checkpoint_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """The LoRA-wrapped layers of ``model`` by module path."""
     from peft.tuners.lora import LoraLayer
 
@@ -254,59 +258,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     dtype = compute_dtype(model)
     out = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in base_state_dict(model).items()}
     for name, layer in lora_layers(model).items():
+        # each of peft's LoRA layer classes (lora.Linear, lora.Embedding, ...) defines
+        # get_delta_weight; their common base LoraLayer does not declare it
+        wrapped: Any = layer
         key = f"{name}.weight"
-        out[key] = (out[key] + layer.get_delta_weight(ADAPTER).detach().cpu().to(dtype)).contiguous()
+        out[key] = (out[key] + wrapped.get_delta_weight(ADAPTER).detach().cpu().to(dtype)).contiguous()
     return out
-
-
-# -- costs for the planner -----------------------------------------------------------------
-
-
-def layer_compact_counts(model: nn.Module) -> list[tuple[int, int]]:
-    """(compactable weight entries, their output rows) of each chain layer of a whole model."""
-    from splitlearn.models.chain import layer_views
-    from splitlearn.models.compact import compact_counts
-
-    return [compact_counts(view.owned) for view in layer_views(model)]
-
-
-def method_costs(
-    model: nn.Module,
-    method: StageMethod,
-    lora: LoraSpec,
-    seed: int,
-    ids: torch.Tensor,
-    span: range | None = None,
-    **profile_kw: Any,
-) -> list:
-    """Each chain layer's costs (in ``span``) with ``method`` applied to the whole chain of
-    ``model`` (a fresh model: it is changed in place), measured like ``profile_chain``
-    measures the full method (or counted, on the meta device)."""
-    from partitioners.profile import MethodCost, profile_chain
-    from splitlearn.models.chain import chain_names, layer_views, num_blocks
-
-    n = num_blocks(model) + 2
-    span = span if span is not None else range(n)
-    apply_methods(model, [(0, n, method)], lora, seed)
-    model.train()
-    views = layer_views(model, None, ids)
-    x = ids
-    with torch.no_grad():
-        for i in range(span.start):
-            x = views[i](x)
-    names = chain_names(n - 2)
-    profs = profile_chain([views[i] for i in span], x, [names[i] for i in span], **profile_kw)
-    return [
-        MethodCost(
-            params=p.params,
-            trainable_params=p.trainable,
-            fwd_flops=p.fwd_flops,
-            bwd_flops=p.bwd_flops,
-            saved_bytes=p.saved_bytes,
-            fwd_ms=p.fwd_ms,
-            bwd_ms=p.bwd_ms,
-            opt_ms=p.opt_ms,
-            bwd_transient_bytes=p.bwd_transient_bytes,
-        )
-        for p in profs
-    ]

@@ -1,0 +1,153 @@
+"""What a run records: its run directory, the trajectory by step (``metrics.jsonl``), its
+failures (``events.jsonl``) and its summary (``summary.json``)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from partitioners import Plan
+from splitlearn.config import LoadedConfig
+from splitlearn.errors import ConfigError
+from splitlearn.replay import replay
+
+# what metrics.jsonl keeps of each stage's metrics, per step
+STAGE_METRICS = ("stage", "replica", "device", "compute_s", "fwd_s", "bwd_s", "micro_batches", "comm_s", "trace")
+
+
+@dataclass
+class RunResult:
+    """What a run has done so far: its trajectory by step (redone steps replace the steps
+    they redo), its failures and what they cost."""
+
+    run_dir: Path
+    plan: Plan
+    losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    restarts: int = 0
+    replans: int = 0
+    steps_redone: int = 0
+    time_lost_s: float = 0.0
+    since_checkpoint_s: float = 0.0
+    current_step: int = 0
+    last_checkpoint_step: int | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    events_path: Path | None = None
+
+    stage_metrics: list[list[dict[str, Any]]] = field(default_factory=list)  # per step, each worker's
+
+    def record(self, rec: dict[str, Any]) -> None:
+        self.losses.append(rec["loss"])
+        self.step_times.append(rec["step_s"])
+        self.tokens_per_s.append(rec["tokens_per_s"])
+        self.stage_metrics.append(rec.get("stages", []))
+
+    def truncate(self, step: int) -> None:
+        """Forget steps at and after ``step`` (they will run again); on a resumed run, read
+        the earlier ones back from metrics.jsonl."""
+        if len(self.losses) < step and (self.run_dir / "metrics.jsonl").is_file():
+            by_step: dict[int, dict[str, Any]] = {}
+            for line in (self.run_dir / "metrics.jsonl").read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    by_step[r["step"]] = r
+            self.losses, self.step_times, self.tokens_per_s, self.stage_metrics = [], [], [], []
+            for i in range(step):
+                if i in by_step:
+                    self.record(by_step[i])
+        del self.losses[step:], self.step_times[step:], self.tokens_per_s[step:], self.stage_metrics[step:]
+
+    def event(self, kind: str, reason: str, step: int) -> None:
+        ev = {"time": datetime.now().isoformat(timespec="seconds"), "kind": kind, "step": step, "reason": reason}
+        self.events.append(ev)
+        if self.events_path is not None:
+            with open(self.events_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(ev) + "\n")
+
+
+def new_run_dir(cfg: LoadedConfig) -> Path:
+    """A new, empty run directory under ``runtime.output_dir``: ``runtime.run_name``, or the
+    config's name and the time; ``-2``, ``-3``... when that exists."""
+    rt = cfg.run.runtime
+    root = Path(rt.output_dir)
+    name = rt.run_name or f"{cfg.run.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    path, k = root / name, 1
+    while path.exists():
+        k += 1
+        path = root / f"{name}-{k}"
+    path.mkdir(parents=True)
+    return path
+
+
+def find_resume_dir(cfg: LoadedConfig, resume: str | bool) -> Path:
+    """The run directory to resume: the one given, or the newest of this config's name."""
+    if isinstance(resume, str):
+        path = Path(resume)
+        if not (path / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {path} is not a run directory (no config.yaml)")
+        return path
+    root = Path(cfg.run.runtime.output_dir)
+    runs = sorted(
+        (p for p in root.glob(f"{cfg.run.name}-*") if (p / "config.yaml").is_file()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if cfg.run.runtime.run_name and (root / cfg.run.runtime.run_name / "config.yaml").is_file():
+        runs.append(root / cfg.run.runtime.run_name)
+    if not runs:
+        raise ConfigError(f"--resume: no run of '{cfg.run.name}' under {root}; give the run directory")
+    return runs[-1]
+
+
+def step_record(step: int, stages: list[dict[str, Any]], step_s: float, attempt: int) -> dict[str, Any]:
+    """One line of ``metrics.jsonl``: the step's loss, time and throughput from every
+    worker's metrics (``StageGroup.step``'s)."""
+    rec: dict[str, Any] = {
+        "step": step,
+        "loss": sum(s["loss"] for s in stages if s["loss"] is not None),  # loss-stage replicas' shares
+        "grad_norm": stages[0]["grad_norm"],
+        "step_s": step_s,
+        "tokens_per_s": stages[0]["tokens"] / step_s,
+        "attempt": attempt,
+        "stages": [{k: s[k] for k in STAGE_METRICS if k in s} for s in stages],
+        "bytes_sent": {k: v for s in stages for k, v in s["bytes_sent"].items()},
+    }
+    if any("peak_bytes" in s for s in stages):
+        rec["peak_bytes"] = [s.get("peak_bytes") for s in stages]
+    return rec
+
+
+def summary(result: RunResult, wall_s: float) -> dict[str, Any]:
+    """``summary.json``: the trajectory's medians, the plan's predictions, the failures and,
+    when the run measured its stages, the simulator replayed on that compute."""
+    times = result.step_times
+    losses = result.losses
+    out: dict[str, Any] = {
+        "steps": len(losses),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "wall_s": wall_s,
+        "median_step_s": statistics.median(times) if times else None,
+        "median_tokens_per_s": statistics.median(result.tokens_per_s) if result.tokens_per_s else None,
+        "stages": [{"stage": s.index, "device": s.device, "layers": [s.start, s.stop]} for s in result.plan.stages],
+        "predicted_step_ms": result.plan.predicted.get("step_ms"),
+        "simulated_step_ms": result.plan.predicted.get("simulated_step_ms"),
+        "restarts": result.restarts,
+        "replans": result.replans,
+        "steps_redone": result.steps_redone,
+        "time_lost_s": round(result.time_lost_s, 3),
+        "events": result.events,
+        "last_checkpoint": result.last_checkpoint_step,
+    }
+    if times:
+        out["measured_step_ms"] = statistics.median(times) * 1e3
+    if out["simulated_step_ms"] and times:
+        replayed = replay(result.plan, result.stage_metrics)
+        if replayed is not None:
+            out["replayed_step_ms"], out["replayed_free_links_step_ms"] = replayed
+    return out

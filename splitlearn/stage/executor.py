@@ -1,0 +1,217 @@
+"""Runs one stage's action list for a step: a table from action kind to handler.
+
+The list comes from :mod:`partitioners.schedule` (the simulator replays the same lists).
+Each handler works on a small per-step :class:`StepState` (what this step has received,
+computed and sent so far) and returns the seconds of its time spent waiting on other
+workers. A failing action is logged with the stage's whole list and the action marked, and
+raised as :class:`~splitlearn.errors.StageFailed` naming the stage, device, step and action.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from partitioners.schedule import Action, ActionKind
+from splitlearn.errors import StageFailed
+from splitlearn.models.chain import count_items
+from splitlearn.optim import lr_at, set_lr
+from splitlearn.stage.timing import ActionTimer
+
+if TYPE_CHECKING:
+    from splitlearn.stage.worker import StageWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepState:
+    """What one step has received, computed and sent so far, by micro-batch."""
+
+    step: int
+    batch: dict[str, Any] | None  # the data owner's rows for the step
+    labels: torch.Tensor | None  # the step's labels (the data owner's, or received by the loss stage)
+    num_items: int | None = None  # label tokens in the whole step: each loss is divided by it
+    inputs: dict[int, Any] = field(default_factory=dict)
+    masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    grads_in: dict[int, torch.Tensor] = field(default_factory=dict)
+    sent: dict[str, int] = field(default_factory=lambda: {"next": 0, "prev": 0, "labels": 0})
+    loss_total: float = 0.0
+    grad_norm: float = 0.0
+
+
+Handler = Callable[[StepState, Action], float]
+
+
+class Executor:
+    """Executes a prepared, connected worker's actions (see :class:`~splitlearn.stage.worker.StageWorker`)."""
+
+    def __init__(self, worker: StageWorker):
+        assert worker.groups is not None, "init_dist() first"
+        self.w, self.groups = worker, worker.groups
+        self.rows = worker.run.train.batch_size // worker.num_micro_batches  # rows per micro-batch
+        # DeepSpeed's gradient-accumulation boundary: this list's last backward
+        self.last_backward = next((a for a in reversed(worker.actions) if a.kind == ActionKind.B), None)
+        self.handlers: dict[ActionKind, Handler] = {
+            ActionKind.SEND_LABELS: self._send_labels,
+            ActionKind.RECV_LABELS: self._recv_labels,
+            ActionKind.RECV_ACT: self._recv_act,
+            ActionKind.F: self._forward,
+            ActionKind.SEND_ACT: self._send_act,
+            ActionKind.RECV_GRAD: self._recv_grad,
+            ActionKind.B: self._backward,
+            ActionKind.SEND_GRAD: self._send_grad,
+            ActionKind.STEP: self._step,
+        }
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        if self.w.run.train.dtype == "bf16":
+            return torch.autocast(self.w.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def run(self, step: int) -> dict[str, Any]:
+        """Execute the actions for ``step``; return the step's metrics."""
+        w = self.w
+        batch = w.batches.batch(step) if w.is_first else None
+        state = StepState(step, batch, batch["labels"] if batch is not None else None)
+        set_lr(w.optimizer, lr_at(step, w.run.train))
+        if w.engine is None:
+            w.optimizer.zero_grad(set_to_none=False)  # gradients persist: steady memory
+        timer = ActionTimer(w.device.type == "cuda", w.run.runtime.trace)
+        for i, act in enumerate(w.actions):
+            timer.start(act)
+            try:
+                waited = self.handlers[act.kind](state, act)
+            except Exception as e:
+                grid = " ".join(str(a) for a in w.actions)
+                log.error("stage %d actions: %s  <-- ERROR HERE at %s (#%d)", w.stage, grid, act, i)
+                raise StageFailed(w.stage, w.device_name, step, str(act), f"{type(e).__name__}: {e}") from e
+            timer.end(act, waited)
+        return self._metrics(state, timer)
+
+    def _metrics(self, state: StepState, timer: ActionTimer) -> dict[str, Any]:
+        w = self.w
+        times = timer.summary()
+        links = {}
+        tag = f"{w.stage}" if w.num_replicas == 1 else f"{w.stage}.{w.replica}"
+        if not w.is_last:
+            links[f"{tag}->{w.stage + 1}"] = state.sent["next"]
+        if not w.is_first:
+            links[f"{tag}->{w.stage - 1}"] = state.sent["prev"]
+        if state.sent["labels"]:
+            links[f"0->{w.num_stages - 1} (labels)"] = state.sent["labels"]
+        out = {
+            "stage": w.stage,
+            "replica": w.replica,
+            "device": w.device_name,
+            "compute_s": times.compute_s,
+            "fwd_s": times.fwd_s,
+            "bwd_s": times.bwd_s,
+            "micro_batches": w.num_forwards,
+            "comm_s": times.comm_s,
+            "bytes_sent": links,
+            "loss": state.loss_total if w.is_last else None,
+            "grad_norm": state.grad_norm,
+            "tokens": int(state.batch["input_ids"].numel()) if state.batch is not None else None,
+        }
+        if times.trace is not None:
+            out["trace"] = times.trace
+        return out
+
+    # -- handlers: each returns the seconds of its time spent waiting on other workers -------
+    def _send_labels(self, state: StepState, act: Action) -> float:
+        """Every replica of the loss stage gets the step's labels."""
+        assert state.labels is not None
+        for dst in self.w.layout.stage_ranks(self.w.num_stages - 1):
+            state.sent["labels"] += self.w.transport.send(state.labels, dst, self.groups.ends)
+        return 0.0
+
+    def _recv_labels(self, state: StepState, act: Action) -> float:
+        state.labels, _ = self.w.transport.recv(0, self.groups.ends)
+        return 0.0
+
+    def _recv_act(self, state: StepState, act: Action) -> float:
+        src = self.w.layout.rank_of(self.w.stage - 1, act.mb)
+        x, mask = self.w.transport.recv(src, self.groups.link(self.w.rank, src))
+        state.inputs[act.mb] = x.requires_grad_(True)
+        state.masks[act.mb] = mask
+        return 0.0
+
+    def _forward(self, state: StepState, act: Action) -> float:
+        w, m, rows = self.w, act.mb, self.rows
+        if w.is_first:
+            assert state.batch is not None
+            sl = slice(m * rows, (m + 1) * rows)
+            state.inputs[m] = state.batch["input_ids"][sl].to(w.device)
+            bm = state.batch["attention_mask"]
+            state.masks[m] = None if bm is None else bm[sl].to(w.device)
+        lab = None
+        if w.is_last:
+            assert state.labels is not None
+            if state.num_items is None:
+                state.num_items = count_items(state.labels)
+            lab = state.labels[m * rows : (m + 1) * rows].to(w.device)
+        with self._autocast():
+            fwd = w.engine if w.engine is not None else w.segment
+            state.outputs[m] = fwd(state.inputs[m], state.masks[m], lab, state.num_items)
+        if w.is_last:
+            state.loss_total += float(state.outputs[m].detach())
+        return 0.0
+
+    def _send_act(self, state: StepState, act: Action) -> float:
+        w, m = self.w, act.mb
+        dst = w.layout.rank_of(w.stage + 1, m)
+        state.sent["next"] += w.transport.send(
+            state.outputs[m], dst, self.groups.link(w.rank, dst), w.codec_out, state.masks[m]
+        )
+        return 0.0
+
+    def _recv_grad(self, state: StepState, act: Action) -> float:
+        src = self.w.layout.rank_of(self.w.stage + 1, act.mb)
+        state.grads_in[act.mb], _ = self.w.transport.recv(src, self.groups.link(self.w.rank, src))
+        return 0.0
+
+    def _backward(self, state: StepState, act: Action) -> float:
+        w = self.w
+        out = state.outputs.pop(act.mb)
+        grad = None if w.is_last else state.grads_in.pop(act.mb)
+        if w.engine is not None:
+            self._ds_backward(out, grad, last=act == self.last_backward)
+        elif out.requires_grad:  # a frozen first stage has nothing to differentiate
+            out.backward(grad)
+        return 0.0
+
+    def _ds_backward(self, out: torch.Tensor, grad: torch.Tensor | None, last: bool) -> None:
+        """Backward of one micro-batch through DeepSpeed. A stage without a loss of its own
+        differentiates ``sum(out * grad)``, whose gradient with respect to ``out`` is exactly
+        ``grad``. The sum over micro-batches is the step's gradient (each loss is already
+        divided by the whole batch's token count), so DeepSpeed must not divide by its
+        accumulation steps, and its average over the replicas is undone by multiplying by
+        their count (which the gradient sent back to the previous stage divides out)."""
+        engine = self.w.engine
+        engine.set_gradient_accumulation_boundary(last)
+        target = out if grad is None else (out * grad.to(out.dtype)).sum()
+        engine.backward(target * self.w.num_replicas, scale_wrt_gas=False)
+
+    def _send_grad(self, state: StepState, act: Action) -> float:
+        w, m = self.w, act.mb
+        x = state.inputs.pop(m)
+        dst = w.layout.rank_of(w.stage - 1, m)
+        grad = x.grad if w.engine is None else x.grad / w.num_replicas  # see _ds_backward
+        state.sent["prev"] += w.transport.send(grad, dst, self.groups.link(w.rank, dst), w.codec_in)
+        return 0.0
+
+    def _step(self, state: StepState, act: Action) -> float:
+        """Wait for this step's sends, then reduce, clip and step (:mod:`splitlearn.stage.optim_step`)."""
+        t_wait = time.perf_counter()
+        self.w.transport.wait_sends()
+        waited = time.perf_counter() - t_wait
+        state.grad_norm, collectives_s = self.w.optimizer_step(self.w.segment.parameters())
+        return waited + collectives_s

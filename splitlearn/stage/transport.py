@@ -1,0 +1,117 @@
+"""What crosses a link between two stage workers: a header, the encoded tensor, the mask.
+
+A message is a fixed-size int64 header (ndim, dtype, has-mask flag, codec, up to 5 dims,
+arrival time) followed by the tensor as its link's codec packs it (:mod:`splitlearn.codecs`)
+and, for an activation, the padding mask. Sends are posted without waiting; the step waits
+for them all before it ends (:meth:`Transport.wait_sends`). Messages between two ranks
+arrive in the order they were posted.
+
+Link rehearsal (``runtime.emulate_links``): the sender stamps each message with the time the
+real link would deliver it (one transfer at a time per direction, latency overlapping the
+next), and the receiver does not hand it over before then.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from cluster.topology import Topology
+from partitioners.choices import CODECS
+from splitlearn import codecs
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.bool]
+HEADER_LEN = 10  # ndim, dtype, has-mask flag, codec, up to 5 dims, arrival time (ns, 0 = now)
+_CODECS = list(CODECS)
+
+
+def header(t: torch.Tensor, has_mask: bool, codec: str = "none", arrival_ns: int = 0) -> torch.Tensor:
+    h = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    h[0], h[1], h[2], h[3] = t.dim(), DTYPES.index(t.dtype), int(has_mask), _CODECS.index(codec)
+    h[4 : 4 + t.dim()] = torch.tensor(t.shape)
+    h[HEADER_LEN - 1] = arrival_ns
+    return h
+
+
+def parse_header(h: torch.Tensor) -> tuple[list[int], torch.dtype, bool, str, int]:
+    """Shape, dtype, has-mask flag, codec and arrival time (ns) of a received header."""
+    ndim = int(h[0])
+    return [int(x) for x in h[4 : 4 + ndim]], DTYPES[int(h[1])], bool(h[2]), _CODECS[int(h[3])], int(h[-1])
+
+
+class LinkClock:
+    """Link rehearsal: when a transfer posted now would arrive on the real link."""
+
+    def __init__(self, topology: Topology, device_name: str, device_of: Callable[[int], str]):
+        self.topology, self.device_name, self.device_of = topology, device_name, device_of
+        self._free_ns: dict[int, int] = {}  # when each outgoing wire is free, by peer rank
+
+    def arrival_ns(self, peer: int, nbytes: int) -> int:
+        """One transfer at a time per direction; latency overlaps the next. 0 on a free link."""
+        link = self.topology.link(self.device_name, self.device_of(peer))
+        if link.bandwidth_mbps == float("inf"):
+            return 0
+        now = time.time_ns()
+        start = max(now, self._free_ns.get(peer, 0))
+        wire_ns = int(nbytes * 8 / (link.bandwidth_mbps * 1e6) * 1e9)
+        self._free_ns[peer] = start + wire_ns
+        return start + wire_ns + int(link.latency_ms * 1e6)
+
+
+class Transport:
+    """Sends and receives of one worker over its process groups (:class:`splitlearn.fabric.Group`).
+
+    ``device``: where this worker computes; a message travels on the GPU only over an NCCL
+    group from a CUDA worker, through host memory otherwise. ``clock``: link rehearsal, or None.
+    """
+
+    def __init__(self, device: torch.device, clock: LinkClock | None):
+        self.device, self.clock = device, clock
+        self._pending: list[tuple[Any, torch.Tensor]] = []  # (work, tensor) of sends posted this step
+
+    def _on_gpu(self, group: Any) -> bool:
+        return self.device.type == "cuda" and group.backend == "nccl"
+
+    def send(self, t: torch.Tensor, dst: int, group: Any, codec: str = "none", mask: torch.Tensor | None = None) -> int:
+        """Post the header, the encoded tensor (and the padding mask) to rank ``dst`` without
+        waiting. Returns the bytes sent."""
+        gpu = self._on_gpu(group)
+        t = t.detach().contiguous()
+        parts = codecs.encode(t if gpu else t.cpu(), codec)
+        if mask is not None:
+            parts.append(mask.contiguous() if gpu else mask.contiguous().cpu())
+        nbytes = HEADER_LEN * 8 + codecs.wire_bytes(parts)
+        arrival = self.clock.arrival_ns(dst, nbytes) if self.clock is not None else 0
+        h = header(t, mask is not None, codec, arrival)
+        for part in [h.to(t.device) if gpu else h, *parts]:
+            self._pending.append((group.isend(part, dst), part))
+        return nbytes
+
+    def wait_sends(self) -> None:
+        """Wait for every send posted since the last call."""
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
+
+    def recv(self, src: int, group: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next tensor (and mask) from rank ``src``, decoded, on this worker's device."""
+        where = self.device if self._on_gpu(group) else torch.device("cpu")
+        h = torch.empty(HEADER_LEN, dtype=torch.int64, device=where)
+        group.recv(h, src)
+        shape, dtype, has_mask, codec, arrival = parse_header(h.cpu())
+        parts = codecs.payload_like(shape, dtype, codec, where)
+        for part in parts:
+            group.recv(part, src)
+        mask = None
+        if has_mask:
+            mask = torch.empty(shape[:2], dtype=torch.int64, device=where)
+            group.recv(mask, src)
+        if arrival:  # link rehearsal: the transfer is not here before the real link would deliver it
+            wait = (arrival - time.time_ns()) / 1e9
+            if wait > 0:
+                time.sleep(wait)
+        t = codecs.decode(parts, dtype, codec).to(self.device)
+        return t, (None if mask is None else mask.to(self.device))

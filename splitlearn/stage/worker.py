@@ -1,0 +1,250 @@
+"""The stage worker: one segment of the model on one device, run by its action list.
+
+A plain class, unit-testable without Ray; :mod:`splitlearn.runtime` wraps it with
+``ray.remote`` when it places it. It is a facade over the parts of a stage, each in its own
+module: :mod:`~splitlearn.stage.groups` (ranks, process groups, DeepSpeed's engine),
+:mod:`~splitlearn.stage.transport` (the wire: header, codecs, link rehearsal),
+:mod:`~splitlearn.stage.executor` (the action list), :mod:`~splitlearn.stage.optim_step`
+(reductions, clipping, the step), :mod:`~splitlearn.stage.timing` and
+:mod:`~splitlearn.stage.checkpoint_io`. Life cycle, each step driven by one call from the driver:
+
+1. ``prepare()``: build the model, cut this stage's segment, make its optimizer, and on the
+   data-owning first stage read the data. User errors surface here, before any process
+   group exists, so no peer is left waiting.
+2. ``init_dist(addr, port)``: join the one ``torch.distributed`` world (one rank per stage
+   replica) and create one group per link, so independent links never serialise; a group
+   per replicated stage; DeepSpeed's engine for an offloaded stage.
+3. ``run_step(step)``: execute this stage's actions for the step and report its metrics.
+4. ``save_checkpoint(dir)`` / ``load_checkpoint(dir)``: tensors and optimizer state by name.
+
+Replicas: a stage on R identical devices runs R workers; replica r takes the micro-batches m
+with m % R == r (its action list is the stage's, filtered), and the replicas sum their
+gradients in their group before the step (DeepSpeed does it for an offloaded stage).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from cluster.conf import to_typed
+from cluster.topology import topology_from_container
+from partitioners import schedule as S
+from partitioners.plan import Plan
+from splitlearn.errors import ConfigError, DataError
+from splitlearn.optim import make_optimizer
+from splitlearn.stage.checkpoint_io import StageCheckpoint
+from splitlearn.stage.executor import Executor
+from splitlearn.stage.groups import Groups, RankLayout, build_groups, init_deepspeed, rendezvous_address
+from splitlearn.stage.optim_step import OptimizerStep
+from splitlearn.stage.transport import LinkClock, Transport
+
+
+def _ray_node_id() -> str:
+    """The Ray node this worker runs on (the host name when not under Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:
+        pass
+    return socket.gethostname()
+
+
+class StageWorker:
+    def __init__(self, stage: int, run: dict[str, Any], plan: dict[str, Any], base_dir: str, replica: int = 0):
+        from splitlearn.config import RunConfig
+
+        self.stage, self.replica = stage, replica
+        self.run = to_typed(RunConfig, run, prefix="", source="run config", error=ConfigError)
+        self.topology = topology_from_container(self.run.topology.inline, "run config")
+        self.plan = Plan.from_dict(plan)
+        self.spec = self.plan.stages[stage]
+        self.device_name = self.spec.devices[replica]
+        self.layout = RankLayout(self.plan, self.topology)
+        self.num_replicas = self.layout.replicas[stage]
+        self.rank = self.layout.rank(stage, replica)
+        self.offload = self.spec.offload
+        self.device_cfg = self.topology.device(self.device_name)
+        self.base_dir = Path(base_dir)
+        self.num_stages = self.plan.num_stages
+        self.num_micro_batches = self.plan.num_micro_batches
+        self.is_first, self.is_last = stage == 0, stage == self.num_stages - 1
+        # a link's codec is set on the stage it leaves from; gradients come back through it
+        self.codec_out = self.spec.codec
+        self.codec_in = self.plan.stages[stage - 1].codec if stage > 0 else "none"
+        self.actions = S.replica_actions(self.plan.actions()[stage], replica, self.num_replicas)
+        self.num_forwards = sum(a.kind == S.F for a in self.actions)  # this replica's micro-batches
+        torch.set_num_threads(self.device_cfg.cpu_threads)
+        self.device = torch.device(
+            "cuda" if self.device_cfg.accelerator == "cuda" and torch.cuda.is_available() else "cpu"
+        )
+        clock = (
+            LinkClock(self.topology, self.device_name, self.layout.device_of)
+            if self.run.runtime.emulate_links
+            else None
+        )
+        self.transport = Transport(self.device, clock)
+        self.checkpoints = StageCheckpoint(self)
+        self.segment: Any = None
+        self.engine: Any = None  # DeepSpeed's, for an offloaded stage
+        self.batches: Any = None
+        self.groups: Groups | None = None
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _resolve(self, p: str) -> Path:
+        path = Path(p).expanduser()
+        if path.is_absolute():
+            return path
+        beside = self.base_dir / path
+        return beside if beside.exists() or not path.exists() else path
+
+    def prepare(self) -> dict[str, Any]:
+        from splitlearn.data import BatchSource, load_dataset
+        from splitlearn.method_policy import prepare_segment, stage_method
+        from splitlearn.models.build import build_model
+        from splitlearn.models.chain import Segment
+
+        torch.manual_seed(self.run.train.seed)
+        model = build_model(self.run.model, self.run.train.seed)
+        self.segment = Segment(model, self.spec.start, self.spec.stop)
+        if self.offload == "none":  # DeepSpeed places an offloaded stage itself
+            self.segment.to(self.device)
+        # the plan's method for this stage: LoRA adapters, frozen weights (compact), recompute
+        self.adapted = prepare_segment(self.segment, self.plan, self.stage, self.run)
+        self.segment.train()
+        tied = self.segment.tied_parameters() if self.num_stages > 1 else {}
+        self.tied = {k: p for k, p in tied.items() if p.requires_grad}  # both ends agree: see tied_trainable
+        if self.offload == "none":
+            self.optimizer = make_optimizer(self.segment.parameters(), self.run.train)  # trainable ones only
+        else:
+            self._check_offload()
+        info: dict[str, Any] = {
+            "stage": self.stage,
+            "device": self.device_name,
+            "pid": os.getpid(),
+            "node": _ray_node_id(),
+            "threads": torch.get_num_threads(),
+            "params": sum(p.numel() for p in self.segment.parameters()),
+            "trainable_params": sum(p.numel() for p in self.segment.parameters() if p.requires_grad),
+            "method": stage_method(self.spec).label,
+            "replica": self.replica,
+            "offload": self.offload,
+        }
+        if self.is_first:
+            dataset, tokenizer = load_dataset(self.run.data, self._resolve)
+            model_config: Any = model.config
+            vocab = model_config.vocab_size
+            if tokenizer.vocab_size > vocab:
+                raise DataError(
+                    f"model.config.vocab_size={vocab} is smaller than the tokenizer's "
+                    f"{tokenizer.vocab_size} tokens; raise model.config.vocab_size"
+                )
+            self.batches = BatchSource(dataset, self.run.train.batch_size, self.run.train.seed)
+            info["rows"] = dataset.num_rows
+        return info
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """An address of this node and a free port on it, for the world's rendezvous."""
+        return rendezvous_address()
+
+    def _check_offload(self) -> None:
+        """What an offloaded stage needs, checked before any process group exists."""
+        from splitlearn import zero
+
+        if self.tied:
+            raise ConfigError(
+                f"stage {self.stage} holds a weight tied to another stage ({', '.join(sorted(self.tied))}), whose "
+                "gradients are summed across stages before the step; DeepSpeed reduces them itself, so this "
+                "stage cannot be offloaded: offload another stage, or untie the embeddings"
+            )
+        zero.check_user_section(self.run.deepspeed, self.offload)
+        zero.check_schedule(self.offload, self.actions, self.stage, self.plan.schedule)
+        zero.ensure_ops(self.device_name, self.device.type == "cuda")
+
+    def init_dist(self, addr: str, port: int) -> None:
+        """Join the pipeline: standalone process groups on one store served by rank 0 (see
+        :mod:`splitlearn.fabric`), then, on an offloaded stage, torch's default group over
+        the stage's replicas and DeepSpeed's engine on it."""
+        timeout = datetime.timedelta(seconds=self.run.runtime.timeout_s)
+        self.groups = build_groups(self.layout, self.stage, self.rank, self.num_micro_batches, addr, port, timeout)
+        if self.offload != "none":
+            from splitlearn import zero
+
+            self.engine = init_deepspeed(
+                self.groups.store,
+                self.segment,
+                self.run,
+                self.stage,
+                self.replica,
+                self.num_replicas,
+                self.num_micro_batches,
+                self.offload,
+                self.device.type == "cuda",
+                timeout,
+            )
+            self.optimizer = zero.inner_optimizer(self.engine)
+        self.optimizer_step = OptimizerStep(
+            self.optimizer,
+            self.engine,
+            self.tied,
+            self.groups,
+            self.replica,
+            self.num_replicas,
+            self.is_last,
+            self.layout.world_size,
+            self.run.train.max_grad_norm,
+        )
+        self.executor = Executor(self)
+
+    # -- one step -------------------------------------------------------------------------
+    def run_step(self, step: int) -> dict[str, Any]:
+        """Execute this stage's actions for ``step``; return its metrics. With
+        ``runtime.measure_memory`` also the step's peak allocation above what was allocated
+        when it began (torch's own accounting; see ``partitioners.profile.peak_allocated_bytes``)."""
+        assert self.segment is not None and self.groups is not None, "prepare() and init_dist() first"
+        if not self.run.runtime.measure_memory:
+            return self.executor.run(step)
+        from partitioners.profile import peak_allocated_bytes
+
+        out: dict[str, Any] = {}
+        peak = peak_allocated_bytes(lambda: out.update(self.executor.run(step)), self.device)
+        out["peak_bytes"] = peak
+        return out
+
+    # -- results and checkpoints (:mod:`splitlearn.stage.checkpoint_io`) -------------------
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """The gradients left by the last step (after the tied-weight sum and clipping). An
+        offloaded stage has none here: DeepSpeed moved them to the host and stepped."""
+        return {
+            name: p.grad.detach().cpu().clone()
+            for name, p in self.checkpoints.named_params().items()
+            if p.grad is not None
+        }
+
+    def save_checkpoint(self, directory: str) -> dict[str, Any]:
+        return self.checkpoints.save(directory)
+
+    def check_checkpoint(self, directory: str, files: list[str]) -> int:
+        """What :meth:`load_checkpoint` checks, changing nothing: the driver asks every stage
+        before any loads, so a checkpoint is taken whole or not at all."""
+        return self.checkpoints.check(directory, files)
+
+    def load_checkpoint(self, directory: str, files: list[str]) -> int:
+        return self.checkpoints.load(directory, files)
+
+    def export(self, directory: str, merge: bool) -> dict[str, Any]:
+        return self.checkpoints.export(directory, merge)
+
+    def close(self) -> None:
+        if self.groups is not None:
+            if dist.is_initialized():  # an offloaded stage's replica group
+                dist.destroy_process_group()
+            self.groups = None
