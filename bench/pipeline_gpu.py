@@ -191,7 +191,7 @@ def run_ours(args, trace: bool = False) -> float:
     costs = measured_stage_costs(plan, metrics, skip_first=False)
     sim = simulate_plan(plan, stage_costs=costs)
     if trace:  # the step of median time, as it ran on the GPUs, above its replay
-        from partitioners.simulator import observed, timeline_figure
+        from partitioners.timeline import observed, timeline_figure
 
         k = sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]
         seen = observed({(m["stage"], m["replica"]): m["trace"] for m in metrics[k]}, [1, 1])

@@ -22,7 +22,10 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -180,6 +183,9 @@ def _storage_ids(t) -> list[int]:
     return [x.untyped_storage()._cdata for x in _inner(t)]
 
 
+_Autocast = Callable[[], contextlib.AbstractContextManager[Any]]  # a fresh autocast context, or a null one
+
+
 def profile_chain(
     layers: Sequence[Any],
     sample: Any,
@@ -197,7 +203,6 @@ def profile_chain(
     modules and the sample live on.
     """
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     register_cpu_attention_flops()
     device = sample.device
@@ -205,95 +210,130 @@ def profile_chain(
     names = list(names) if names is not None else [f"layer_{i}" for i in range(len(layers))]
     out: list[LayerProfile] = []
     x = sample
-    autocast = (
+    autocast: _Autocast = (
         (lambda: torch.autocast(device.type, dtype=autocast_dtype))
         if autocast_dtype is not None
         else contextlib.nullcontext
     )
+
+    def median(fn: Callable[[], Any]) -> float:
+        return _median_ms(fn, warmup, repeats, sync)
+
     for name, layer in zip(names, layers, strict=True):
         params = list(layer.parameters())
-        # storages are told apart by their C++ identity, which works on meta tensors too
-        param_ids = {i for p in params for i in _storage_ids(p)}
         inp = x.detach().requires_grad_(x.is_floating_point())
-
-        # forward: FLOPs and what autograd saves
-        saved: dict[int, int] = {}
-
-        def pack(t, saved=saved, param_ids=param_ids):
-            for x in _inner(t):
-                storage = x.untyped_storage()
-                if storage._cdata not in param_ids:
-                    saved[storage._cdata] = max(saved.get(storage._cdata, 0), storage.nbytes())
-            return t
-
-        with FlopCounterMode(display=False) as fc, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with autocast():
-                y = layer(inp)
-        fwd_flops = fc.get_total_flops()
-        grad_out = None if y.dim() == 0 else torch.randn_like(y)
-        # nothing to differentiate: e.g. a frozen embedding on token ids (no backward runs)
-        has_bwd = y.requires_grad
-        bwd_flops = 0
-        if has_bwd:
-            with FlopCounterMode(display=False) as fc:
-                y.backward(grad_out)
-            bwd_flops = fc.get_total_flops()
-        for p in params:
-            p.grad = None
-
-        prof = LayerProfile(
-            name=name,
-            params=sum(p.numel() for p in params),
-            trainable_params=sum(p.numel() for p in params if p.requires_grad),
-            param_bytes=sum(_nbytes(p) for p in params),
-            fwd_flops=int(fwd_flops),
-            bwd_flops=int(bwd_flops),
-            in_bytes=_nbytes(inp),
-            out_bytes=0 if y.dim() == 0 else _nbytes(y),
-            saved_bytes=sum(saved.values()),
-        )
+        prof, y, grad_out = _count_layer(name, layer, params, inp, autocast)
         if measure_time:
-
-            def fwd(layer=layer, inp=inp):
-                with autocast():
-                    layer(inp)  # with autograd on, as in training; the graph is dropped
-
-            def fwd_bwd(layer=layer, inp=inp, grad_out=grad_out):
-                with autocast():
-                    layer(inp).backward(grad_out)
-
-            prof.fwd_ms = _median_ms(fwd, warmup, repeats, sync)
-            if has_bwd:
-                both = _median_ms(fwd_bwd, warmup, repeats, sync)
-                prof.bwd_ms = max(both - prof.fwd_ms, 0.0)
-                # extra memory of a backward, with the parameter gradients already allocated
-                # (they persist between steps), so only temporaries count
-                with autocast():
-                    y2 = layer(inp)
-                prof.bwd_transient_bytes = peak_allocated_bytes(functools.partial(y2.backward, grad_out), device)
-                del y2
+            _time_layer(prof, layer, inp, grad_out, y.requires_grad, autocast, median, device)
             trainable = [p for p in params if p.requires_grad]
             if trainable:
-                opt = torch.optim.AdamW(trainable, lr=1e-9, foreach=False)
-                grads = [p.grad for p in trainable if p.grad is not None]
-
-                def step(opt=opt, grads=grads):
-                    # what a worker's STEP computes per parameter: its share of the global
-                    # gradient norm (squares summed in float64), the clipping, AdamW
-                    if grads:
-                        torch.stack([g.double().pow(2).sum() for g in grads]).sum()
-                    for g in grads:
-                        g.mul_(1.0)  # the clipping's cost; its factor does not change it
-                    opt.step()
-
-                prof.opt_ms = _median_ms(step, warmup, repeats, sync)
-                opt.zero_grad(set_to_none=True)
-                del opt
+                prof.opt_ms = _time_optimizer_step(trainable, median)
             for p in params:
                 p.grad = None
         out.append(prof)
         x = y.detach()
     return out
+
+
+def _count_layer(
+    name: str, layer: torch.nn.Module, params: list[torch.nn.Parameter], inp: torch.Tensor, autocast: _Autocast
+) -> tuple[LayerProfile, torch.Tensor, torch.Tensor | None]:
+    """One forward and one backward of ``layer`` on ``inp``, counted: parameters, FLOPs, the
+    bytes in and out and those autograd saves for backward. Returns the profile, the layer's
+    output and the gradient its backward was given (None for a scalar loss)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # storages are told apart by their C++ identity, which works on meta tensors too
+    param_ids = {i for p in params for i in _storage_ids(p)}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        for x in _inner(t):
+            storage = x.untyped_storage()
+            if storage._cdata not in param_ids:
+                saved[storage._cdata] = max(saved.get(storage._cdata, 0), storage.nbytes())
+        return t
+
+    with FlopCounterMode(display=False) as fc, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with autocast():
+            y = layer(inp)
+    fwd_flops = fc.get_total_flops()
+    grad_out = None if y.dim() == 0 else torch.randn_like(y)
+    bwd_flops = 0
+    # nothing to differentiate: e.g. a frozen embedding on token ids (no backward runs)
+    if y.requires_grad:
+        with FlopCounterMode(display=False) as fc:
+            y.backward(grad_out)
+        bwd_flops = fc.get_total_flops()
+    for p in params:
+        p.grad = None
+    prof = LayerProfile(
+        name=name,
+        params=sum(p.numel() for p in params),
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        param_bytes=sum(_nbytes(p) for p in params),
+        fwd_flops=int(fwd_flops),
+        bwd_flops=int(bwd_flops),
+        in_bytes=_nbytes(inp),
+        out_bytes=0 if y.dim() == 0 else _nbytes(y),
+        saved_bytes=sum(saved.values()),
+    )
+    return prof, y, grad_out
+
+
+def _time_layer(
+    prof: LayerProfile,
+    layer: torch.nn.Module,
+    inp: torch.Tensor,
+    grad_out: torch.Tensor | None,
+    has_bwd: bool,
+    autocast: _Autocast,
+    median: Callable[[Callable[[], Any]], float],
+    device: torch.device,
+) -> None:
+    """Set ``prof``'s forward and backward times (medians) and the extra memory a backward
+    allocates; the backward runs leave the parameters' gradients in place."""
+
+    def fwd() -> None:
+        with autocast():
+            layer(inp)  # with autograd on, as in training; the graph is dropped
+
+    def fwd_bwd() -> None:
+        with autocast():
+            layer(inp).backward(grad_out)
+
+    prof.fwd_ms = median(fwd)
+    if has_bwd:
+        both = median(fwd_bwd)
+        prof.bwd_ms = max(both - prof.fwd_ms, 0.0)
+        # extra memory of a backward, with the parameter gradients already allocated
+        # (they persist between steps), so only temporaries count
+        with autocast():
+            y2 = layer(inp)
+        prof.bwd_transient_bytes = peak_allocated_bytes(functools.partial(y2.backward, grad_out), device)
+        del y2
+
+
+def _time_optimizer_step(trainable: list[torch.nn.Parameter], median: Callable[[Callable[[], Any]], float]) -> float:
+    """Median milliseconds of what a worker's STEP computes over ``trainable`` (with the
+    gradients they hold): its share of the global gradient norm, the clipping, AdamW."""
+    import torch
+
+    opt = torch.optim.AdamW(trainable, lr=1e-9, foreach=False)
+    grads = [p.grad for p in trainable if p.grad is not None]
+
+    def step() -> None:
+        # the norm's squares are summed in float64, as the worker does
+        if grads:
+            torch.stack([g.double().pow(2).sum() for g in grads]).sum()
+        for g in grads:
+            g.mul_(1.0)  # the clipping's cost; its factor does not change it
+        opt.step()
+
+    ms = median(step)
+    opt.zero_grad(set_to_none=True)
+    return ms
 
 
 def calibrate_tflops(device: str = "cpu", size: int = 1024, repeats: int = 5, dtype: Any = None) -> float:

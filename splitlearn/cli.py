@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             path = write_synth_corpus(args.output, args.docs, args.seed)
             print(f"wrote {path} ({path.stat().st_size} bytes)")
             return 0
-        from splitlearn.cli_cluster import CLUSTER_COMMANDS, run_cluster_command
+        from splitlearn.cli_cluster import CLUSTER_COMMANDS
+        from splitlearn.cluster_commands import run_cluster_command
 
         if args.command in CLUSTER_COMMANDS:
             return run_cluster_command(args)

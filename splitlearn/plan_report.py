@@ -72,7 +72,7 @@ def compare(cfg: LoadedConfig, names: list[str]) -> tuple[dict[str, Plan | str],
 
 def draw_timeline(plan: Plan, path: str | Path, title: str = "") -> None:
     """The simulated step of the plan, as a PNG."""
-    from partitioners.simulator import timeline_png
+    from partitioners.timeline import timeline_png
 
     result = simulate_plan(plan)
     labels = [f"{s.index}: {s.device}" for s in plan.stages]
@@ -128,7 +128,7 @@ def draw_run_timeline(run_dir: str | Path, path: str | Path, step: int | None = 
     replay of the same plan on the compute the run measured (:func:`splitlearn.replay.replay`), on one
     time axis. ``step``: default the traced step of median step time. Returns the step, its
     measured span and the replay's step time, in ms."""
-    from partitioners.simulator import observed, timeline_figure
+    from partitioners.timeline import observed, timeline_figure
 
     run_dir = Path(run_dir)
     if not (run_dir / "plan.yaml").is_file() or not (run_dir / "metrics.jsonl").is_file():

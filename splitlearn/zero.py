@@ -4,13 +4,13 @@ A stage planned with ``offload: optimizer`` is wrapped by ``deepspeed.initialize
 ZeRO stage 2 and ``offload_optimizer: cpu`` (DeepSpeedCPUAdam): the fp32 gradient copy and
 the Adam moments live in host memory and the step runs on the host CPU. DeepSpeed is not
 launched by its launcher: the worker has already joined the pipeline (whose groups are
-standalone, :mod:`splitlearn.fabric`), torch's default group in an offloaded stage's worker
+standalone, :mod:`splitlearn.stage.fabric`), torch's default group in an offloaded stage's worker
 is the stage's replica group, and a model-parallel-unit object (:class:`ReplicaGroups`)
 hands DeepSpeed that group, so its collectives never leave the stage.
 
 ``offload: params`` uses ZeRO stage 3 with ``offload_param: cpu`` too. ZeRO-3 calls
 world-wide collectives (barriers, broadcasts from rank 0), so the pipeline's own groups are
-standalone (:mod:`splitlearn.fabric`) and torch's default group of an offloaded stage's
+standalone (:mod:`splitlearn.stage.fabric`) and torch's default group of an offloaded stage's
 worker is its replica group: DeepSpeed's world. ZeRO-3 also needs one micro-batch in flight
 per replica (:func:`check_schedule`).
 

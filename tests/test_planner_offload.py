@@ -12,7 +12,8 @@ from partitioners import schedule as sch
 from partitioners.costmodel import FinetunePolicy, StageMethod, ring_allreduce_ms, stage_memory, stage_time
 from partitioners.partition import CostTables, check_replicas, evaluate, simulate_plan
 from partitioners.schedule import Action
-from partitioners.simulator import LinkCosts, StageCosts, simulate, timeline_figure, timeline_rows
+from partitioners.simulator import LinkCosts, StageCosts, simulate
+from partitioners.timeline import timeline_figure, timeline_rows
 
 SLOW_HOST = {"host_tflops": 0.001, "host_link_gbps": 0.008}  # 1e6 flops/ms, 1000 bytes/ms
 

@@ -17,10 +17,8 @@ from partitioners.simulator import (
     LinkCosts,
     StageCosts,
     simulate,
-    timeline_figure,
-    timeline_png,
-    timeline_rows,
 )
+from partitioners.timeline import timeline_figure, timeline_png, timeline_rows
 
 
 def run(name, stages, links=None, labels_ms=0.0, m=1):
@@ -452,7 +450,7 @@ def test_observed_trace_reads_like_the_simulation_it_matches():
     stages, sequential, M=1, whose times are exactly what the simulator gives for these
     costs, reads back as the same step: same compute intervals, each transfer from its
     send to its receive's end, same makespan; the clock's origin does not matter."""
-    from partitioners.simulator import observed
+    from partitioners.timeline import observed
 
     sim = run("sequential", [StageCosts(10, 20, 2), StageCosts(5, 15, 3)], [LinkCosts(5, 5)], labels_ms=1.0)
     t = 1.7e12  # wall clock in ms

@@ -2,7 +2,7 @@
 
 One rank per stage replica, in stage order (:class:`RankLayout`). Each worker builds the
 groups it belongs to (:func:`build_groups`), all on one store served by rank 0 (see
-:mod:`splitlearn.fabric`): the world (the global gradient norm), one group per pair of ranks
+:mod:`splitlearn.stage.fabric`): the world (the global gradient norm), one group per pair of ranks
 that exchange micro-batches (so independent links never serialise), the data owner with
 every replica of the loss stage (labels, tied embed/head gradients), and each replicated
 stage's replicas (their gradient sum). An offloaded stage also gets DeepSpeed's engine, on
@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from cluster.topology import Topology
 from partitioners.plan import Plan
-from splitlearn import fabric
+from splitlearn.stage import fabric
 
 
 def rendezvous_address() -> tuple[str, int]:

@@ -62,7 +62,7 @@ class LinkClock:
 
 
 class Transport:
-    """Sends and receives of one worker over its process groups (:class:`splitlearn.fabric.Group`).
+    """Sends and receives of one worker over its process groups (:class:`splitlearn.stage.fabric.Group`).
 
     ``device``: where this worker computes; a message travels on the GPU only over an NCCL
     group from a CUDA worker, through host memory otherwise. ``clock``: link rehearsal, or None.

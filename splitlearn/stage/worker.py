@@ -171,7 +171,7 @@ class StageWorker:
 
     def init_dist(self, addr: str, port: int) -> None:
         """Join the pipeline: standalone process groups on one store served by rank 0 (see
-        :mod:`splitlearn.fabric`), then, on an offloaded stage, torch's default group over
+        :mod:`splitlearn.stage.fabric`), then, on an offloaded stage, torch's default group over
         the stage's replicas and DeepSpeed's engine on it."""
         timeout = datetime.timedelta(seconds=self.run.runtime.timeout_s)
         self.groups = build_groups(self.layout, self.stage, self.rank, self.num_micro_batches, addr, port, timeout)
