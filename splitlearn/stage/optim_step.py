@@ -98,7 +98,9 @@ class OptimizerStep:
         reduce_s = 0.0
         if self.num_replicas > 1:
             t_sync = time.perf_counter()
-            all_reduce_flat(self.groups.replicas, [g for p, g in zip(params, grads, strict=True) if id(p) not in tied_ids])
+            all_reduce_flat(
+                self.groups.replicas, [g for p, g in zip(params, grads, strict=True) if id(p) not in tied_ids]
+            )
             reduce_s = time.perf_counter() - t_sync
         # Count a tied weight once (on the first stage), as the unsplit model does, and a
         # replicated stage's gradients once (on its first replica).
