@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug detail")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_train, _add_validate, _add_plan, _add_profile, _add_timeline, _add_data):
+    for add in (_add_train, _add_validate, _add_plan, _add_profile, _add_timeline, _add_data, _add_shard):
         add(sub, common)
     from splitlearn.cli_cluster import add_cluster_commands
 
@@ -170,6 +170,27 @@ def _add_data(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_shard(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "shard",
+        help="cut a local checkpoint into one directory per stage of a plan",
+        description=(
+            "Write one directory per stage of a plan (stage_0, stage_1, ...) under --out, each holding the "
+            "checkpoint's config and only that stage's tensors (names and dtype as stored), so a device "
+            "receives and stores only its segment. Point model.path at a stage's directory on that stage's "
+            "node; a worker refuses a directory sharded for another stage."
+        ),
+        epilog="example:\n  splitlearn plan run.yaml --out plan.yaml\n"
+        "  splitlearn shard /models/my-llama --plan plan.yaml --out /models/my-llama-stages",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    p.add_argument("model_dir", help="a local checkpoint directory (config.json + safetensors)")
+    p.add_argument("--plan", required=True, help="a plan written by `splitlearn plan` (plan.yaml)")
+    p.add_argument("--out", required=True, help="directory to create, one stage_<i> directory per stage")
+    p.add_argument("--adapter-module", default=None, help="module that registers the model's family, if not built in")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -208,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "profile":
             return _profile(args)
+        if args.command == "shard":
+            return _shard(args)
         if args.command == "plan":
             return _plan(args)
         if args.command == "timeline":
@@ -299,6 +322,47 @@ def _profile(args: argparse.Namespace) -> int:
     print(profile_table(prof, span))
     atomic_write(args.out, prof.to_json())
     print(f"wrote {args.out}")
+    return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    """``splitlearn shard``: the stage directories are written beside ``--out`` and renamed to
+    it at the end, so a failure leaves nothing at ``--out``."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from cluster.tables import render_table
+    from partitioners.plan import Plan
+    from splitlearn.config import ModelConfig
+    from splitlearn.errors import ConfigError
+    from splitlearn.models.build import meta_model
+    from splitlearn.models.hf_checkpoint import write_stage_dirs
+
+    out, plan_path = Path(args.out), Path(args.plan)
+    if out.exists():
+        raise ConfigError(f"--out: {out} already exists; give a new directory")
+    if not plan_path.is_file():
+        raise ConfigError(f"--plan: file not found: {plan_path}")
+    try:
+        plan = Plan.from_yaml(plan_path.read_text())
+    except Exception as e:  # yaml errors, missing or unknown keys
+        raise ConfigError(f"--plan: {plan_path} is not a plan written by `splitlearn plan`: {e}") from e
+    model = meta_model(ModelConfig(path=args.model_dir, adapter_module=args.adapter_module))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        rows = write_stage_dirs(model, Path(args.model_dir), plan.ranges, partial)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    table = [
+        [str(r["stage"]), "+".join(s.devices), f"[{s.start},{s.stop})", str(r["keys"]), f"{r['bytes'] / 1e6:.1f}"]
+        for r, s in zip(rows, plan.stages, strict=True)
+    ]
+    print(render_table(["stage", "devices", "chain", "tensors", "MB"], table, numeric=("tensors", "MB")))
+    print(f"wrote {out}: one directory per stage (stage_<i>); set model.path to it on that stage's node")
     return 0
 
 

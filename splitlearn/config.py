@@ -293,8 +293,8 @@ def _check_model(c: _Checker, cfg: LoadedConfig) -> None:
     m = cfg.run.model
     if bool(m.family) == bool(m.path):
         c.fail("model", "set exactly one of model.family (build from config) or model.path (local checkpoint)")
-    if m.path and not cfg.resolve_path(m.path).is_dir():
-        c.fail("model.path", f"directory not found: {m.path}")
+    if m.path and not cfg.resolve_path(m.path.replace("{stage}", "0")).is_dir():
+        c.fail("model.path", f"directory not found: {m.path.replace('{stage}', '0')}")
     if m.path:
         m.path = str(cfg.resolve_path(m.path))
     c.choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)

@@ -110,7 +110,7 @@ def check_lora_targets(run: Any, model: Any = None) -> None:
     stage may use LoRA."""
     if not any(v.method == "lora" for v in variants(run)):
         return
-    model = model if model is not None else meta_model(run.model, run.train.seed)
+    model = model if model is not None else meta_model(run.model)
     spec = lora_spec(run)
     if not lora_target_names(model, 0, num_blocks(model) + 2, spec):
         raise ConfigError(
@@ -135,7 +135,7 @@ def export_model(run: Any, group: Any, plan: Plan, run_dir: Path) -> dict[str, A
     merge = bool(run.finetune.merge_adapters)
     merged_dir = run_dir / "merged"
     parts = group.export(str(merged_dir), merge)
-    model = meta_model(run.model, run.train.seed)
+    model = meta_model(run.model)
     out: dict[str, Any] = {}
     names = [n for p in parts for n in p["lora_modules"]]
     if names:

@@ -72,7 +72,7 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
 
 def meta_chain_names(cfg: LoadedConfig) -> list[str]:
     """The names of the model's chain of layers, from the model built on the meta device."""
-    return chain_names(num_blocks(meta_model(cfg.run.model, cfg.run.train.seed)))
+    return chain_names(num_blocks(meta_model(cfg.run.model)))
 
 
 def make_plan(cfg: LoadedConfig, partitioner: str | None = None, request: PlanRequest | None = None) -> Plan:

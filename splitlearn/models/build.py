@@ -1,10 +1,11 @@
 """Building a run's causal LM: the one place that constructs a model.
 
-- :func:`build_model`: the whole model with real tensors, random init from a
-  ``transformers`` config (``model.family`` + ``model.config``) or read from a local
-  checkpoint directory (``model.path``, ``local_files_only``), in fp32.
-- :func:`meta_model`: the same model on the meta device: structure and config, no memory,
-  no weights read (for a directory only its ``config.json`` is).
+- :func:`build_segment`: the model with only one segment's tensors real (what a stage worker
+  builds): random init from a ``transformers`` config (``model.family`` + ``model.config``)
+  or only the segment's keys read from a local checkpoint directory (``model.path``).
+- :func:`build_model`: the whole model the same way (the unsplit reference), in fp32.
+- :func:`meta_model`: the model on the meta device: structure and config, no memory, no
+  weights read (for a directory only its ``config.json`` is).
 - :func:`import_adapter_module`: the user's module that registers extra families.
 
 Never touches the network. Cutting a model into segments is :mod:`splitlearn.models.chain`.
@@ -22,6 +23,8 @@ from torch import nn
 from splitlearn.errors import ModelError
 from splitlearn.models.compact import quiet_torchao
 from splitlearn.models.families import adapter_for
+from splitlearn.models.hf_checkpoint import load_segment
+from splitlearn.models.materialize import check_coverage, num_chain, random_segment
 
 
 def import_adapter_module(name: str | None) -> None:
@@ -43,62 +46,77 @@ def _auto_classes() -> tuple[Any, Any]:
     return AutoConfig, AutoModelForCausalLM
 
 
-def build_model(model_cfg: Any, seed: int) -> nn.Module:
-    """Build the full causal LM from a transformers config (random init) or a local directory.
+STAGE_FIELD = "{stage}"  # in model.path: each stage reads its own directory (see `splitlearn shard`)
 
-    Never touches the network: a local directory is read with ``local_files_only``.
-    """
-    AutoConfig, AutoModelForCausalLM = _auto_classes()
 
+def stage_path(path: str, stage: int) -> Path:
+    """``model.path`` for one stage: ``{stage}`` replaced by its index (the driver, which reads
+    only the config, uses stage 0's directory)."""
+    return Path(path.replace(STAGE_FIELD, str(stage)))
+
+
+def hf_config(model_cfg: Any) -> Any:
+    """The transformers config of the run's model: ``model.family`` with ``model.config``'s
+    keys, or a local directory's ``config.json`` with them as overrides. Reads no weights."""
+    AutoConfig, _ = _auto_classes()
     import_adapter_module(model_cfg.adapter_module)
     overrides = dict(model_cfg.config or {})
-    attn = model_cfg.attn_implementation
-    torch.manual_seed(seed)
     try:
         if model_cfg.path:
-            path = Path(model_cfg.path)
+            path = stage_path(model_cfg.path, 0)
             if not (path / "config.json").is_file():
                 raise ModelError(f"model.path: no config.json in '{path}' (expected a local checkpoint directory)")
-            hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
-            adapter_for(hf_cfg.model_type)  # fail early with the list of families
-            model = AutoModelForCausalLM.from_pretrained(
-                path,
-                config=hf_cfg,
-                local_files_only=True,
-                dtype=torch.float32,
-                attn_implementation=attn,
-            )
+            cfg = AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
         else:
-            family = model_cfg.family
-            adapter_for(family)
-            hf_cfg = AutoConfig.for_model(family, **overrides)
-            model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn)
+            adapter_for(model_cfg.family)  # fail early with the list of families
+            cfg = AutoConfig.for_model(model_cfg.family, **overrides)
     except ModelError:
         raise
     except (OSError, ValueError, TypeError, KeyError) as e:
         line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"model: cannot read the model's config: {line}") from e
+    adapter_for(cfg.model_type)
+    return cfg
+
+
+def meta_model(model_cfg: Any) -> nn.Module:
+    """The run's model on the meta device, in fp32: structure and config, no memory, no weights
+    read (from a directory, only its ``config.json``)."""
+    _, AutoModelForCausalLM = _auto_classes()
+    cfg = hf_config(model_cfg)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                cfg, dtype=torch.float32, attn_implementation=model_cfg.attn_implementation
+            )
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"model: cannot build the model: {line}") from e
-    model.float()
     model.config.use_cache = False
     return model
 
 
-def meta_model(model_cfg: Any, seed: int = 0) -> nn.Module:
-    """The model on the meta device: structure and config, no memory. From a config it is
-    :func:`build_model` under the meta device; from a directory only ``config.json`` is read
-    (``from_config``), never the weights."""
-    with torch.device("meta"):
-        return build_model(model_cfg, seed) if not model_cfg.path else _meta_from_dir(model_cfg)
+def build_segment(
+    model_cfg: Any, seed: int, start: int, stop: int, dtype: torch.dtype = torch.float32, stage: int = 0
+) -> nn.Module:
+    """The run's model with only chain layers ``[start, stop)`` real, on the CPU, in ``dtype``;
+    every other tensor stays on the meta device (:class:`~splitlearn.models.chain.Segment`
+    drops those modules). From a local checkpoint (stage ``stage``'s directory when
+    ``model.path`` holds ``{stage}``) only the segment's keys are read; random
+    init gives the values the whole model has for this seed (see
+    :mod:`splitlearn.models.materialize`). Leaves the global RNG seeded with ``seed``."""
+    model = meta_model(model_cfg)
+    check_coverage(model)
+    torch.manual_seed(seed)
+    if model_cfg.path:
+        load_segment(model, stage_path(model_cfg.path, stage), start, stop, dtype)
+    else:
+        if dtype != torch.float32:
+            model.to(dtype)
+        random_segment(model, seed, start, stop)
+    return model
 
 
-def _meta_from_dir(model_cfg: Any) -> nn.Module:
-    """The model of a local checkpoint directory, built from its config alone (to be called
-    under ``torch.device("meta")``)."""
-    AutoConfig, AutoModelForCausalLM = _auto_classes()
-
-    try:
-        hf_cfg = AutoConfig.from_pretrained(model_cfg.path, local_files_only=True, **dict(model_cfg.config or {}))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model.path: cannot read the config in '{model_cfg.path}': {str(e).splitlines()[0]}") from e
-    adapter_for(hf_cfg.model_type)
-    return AutoModelForCausalLM.from_config(hf_cfg)
+def build_model(model_cfg: Any, seed: int) -> nn.Module:
+    """The whole causal LM in fp32: :func:`build_segment` over every chain layer."""
+    return build_segment(model_cfg, seed, 0, num_chain(meta_model(model_cfg)))

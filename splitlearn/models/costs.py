@@ -81,7 +81,7 @@ def meta_profile(
     measured profile (``splitlearn profile``) is exact. ``variants`` (fine-tuning methods
     other than full, with the ``lora`` settings, default :class:`LoraSpec`) are counted too,
     into each layer's ``methods``."""
-    model = meta_model(model_cfg, seed)
+    model = meta_model(model_cfg)
     vocab = hf_config(model).vocab_size
     ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta").clamp_(0, vocab - 1)
     names = chain_names(num_blocks(model))
@@ -91,7 +91,7 @@ def meta_profile(
         for layer, (params, rows) in zip(layers, layer_compact_counts(model), strict=True):
             layer.compact_params, layer.compact_rows = params, rows
         for v in variants:
-            costs = method_costs(meta_model(model_cfg, seed), v, spec, seed, ids, measure_time=False)
+            costs = method_costs(meta_model(model_cfg), v, spec, seed, ids, measure_time=False)
             for layer, cost in zip(layers, costs, strict=True):
                 layer.methods[v.key] = cost
     return layers

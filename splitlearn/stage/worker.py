@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import resource
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,12 +111,22 @@ class StageWorker:
     def prepare(self) -> dict[str, Any]:
         from splitlearn.data import BatchSource, load_dataset
         from splitlearn.method_policy import prepare_segment, stage_method
-        from splitlearn.models.build import build_model
+        from splitlearn.models.build import build_segment
         from splitlearn.models.chain import Segment
+        from splitlearn.models.materialize import meta_tensor_names
 
-        torch.manual_seed(self.run.train.seed)
-        model = build_model(self.run.model, self.run.train.seed)
+        t_load = time.perf_counter()
+        # only this segment's tensors are ever materialised (read from the checkpoint's files, or
+        # random init with the whole model's values for this seed)
+        model = build_segment(self.run.model, self.run.train.seed, self.spec.start, self.spec.stop, stage=self.stage)
         self.segment = Segment(model, self.spec.start, self.spec.stop)
+        left = meta_tensor_names(self.segment)
+        assert not left, f"stage {self.stage}: not materialised: {left[:3]}"
+        load = {
+            "load_s": time.perf_counter() - t_load,
+            "segment_bytes": sum(t.nbytes for t in [*self.segment.parameters(), *self.segment.buffers()]),
+            "load_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
         if self.offload == "none":  # DeepSpeed places an offloaded stage itself
             self.segment.to(self.device)
         # the plan's method for this stage: LoRA adapters, frozen weights (compact), recompute
@@ -137,6 +149,7 @@ class StageWorker:
             "method": stage_method(self.spec).label,
             "replica": self.replica,
             "offload": self.offload,
+            **load,
         }
         if self.is_first:
             dataset, tokenizer = load_dataset(self.run.data, self._resolve)
