@@ -74,6 +74,8 @@ def show_summary(cfg: LoadedConfig, result: RunResult) -> None:
             f"(costs {'measured by plan.profile' if cfg.run.plan.profile else 'counted, FLOPs over device tflops'})",
             flush=True,
         )
+    if s.get("memory"):
+        show_memory(s["memory"])
     if "replayed_step_ms" in s:
         where = "as emulated" if cfg.run.runtime.emulate_links else "as planned"
         print(
@@ -81,3 +83,23 @@ def show_summary(cfg: LoadedConfig, result: RunResult) -> None:
             f"{s['replayed_free_links_step_ms']:.1f} ms on free links",
             flush=True,
         )
+
+
+def show_memory(rows: list[dict[str, Any]]) -> None:
+    """Each stage's memory as planned and as held (resident memory above the runtime's)."""
+    from cluster.tables import render_table
+
+    table = [
+        [
+            str(r["stage"]),
+            r["device"],
+            f"{r['planned_gb']:.3f}",
+            f"{r['measured_gb']:.3f}",
+            f"{r['measured_gb'] / r['planned_gb']:.2f}" if r["planned_gb"] else "-",
+            f"{r['runtime_rss_gb']:.2f}",
+        ]
+        for r in rows
+    ]
+    header = ["stage", "device", "planned GB", "held GB", "held/planned", "runtime GB"]
+    print("memory per stage: held = peak resident memory above the runtime's (interpreter, torch, Ray)", flush=True)
+    print(render_table(header, table, numeric=header[2:]), flush=True)

@@ -16,6 +16,10 @@ class DataError(UserError):
     """The data file is missing or cannot be read as asked."""
 
 
+class MemoryBudgetError(UserError):
+    """A stage held more memory than its device has (``memory_gb``): the run stops, named."""
+
+
 class StageFailed(RuntimeError):
     """A stage worker failed during a step. Not a user error: it carries the traceback."""
 
@@ -27,6 +31,7 @@ class StageFailed(RuntimeError):
 __all__ = [
     "ConfigError",
     "DataError",
+    "MemoryBudgetError",
     "ModelError",
     "PlacementError",
     "PlanError",

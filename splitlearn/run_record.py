@@ -13,10 +13,24 @@ from typing import Any
 from partitioners import Plan
 from splitlearn.config import LoadedConfig
 from splitlearn.errors import ConfigError
-from splitlearn.replay import replay
+from splitlearn.replay import ran_plan, replay
 
 # what metrics.jsonl keeps of each stage's metrics, per step
-STAGE_METRICS = ("stage", "replica", "device", "compute_s", "fwd_s", "bwd_s", "micro_batches", "comm_s", "trace")
+STAGE_METRICS = (
+    "stage",
+    "replica",
+    "device",
+    "compute_s",
+    "fwd_s",
+    "bwd_s",
+    "micro_batches",
+    "comm_s",
+    "rss_peak_bytes",
+    "rss_base_bytes",
+    "cuda_peak_allocated_bytes",
+    "cuda_peak_reserved_bytes",
+    "trace",
+)
 
 
 @dataclass
@@ -122,6 +136,33 @@ def step_record(step: int, stages: list[dict[str, Any]], step_s: float, attempt:
     return rec
 
 
+def memory_by_stage(result: RunResult) -> list[dict[str, Any]]:
+    """Per stage replica of the final plan: the memory its plan predicted against the most it
+    held in any step (resident memory above the runtime's; on a GPU, torch's peaks)."""
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    for metrics in result.stage_metrics:
+        if not ran_plan(result.plan, metrics):
+            continue
+        for m in metrics:
+            if "rss_peak_bytes" not in m:
+                continue
+            row = rows.setdefault(
+                (m["stage"], m["device"]),
+                {
+                    "stage": m["stage"],
+                    "device": m["device"],
+                    "planned_gb": result.plan.stages[m["stage"]].memory_gb,
+                    "runtime_rss_gb": m["rss_base_bytes"] / 1e9,
+                    "measured_gb": 0.0,
+                },
+            )
+            row["measured_gb"] = max(row["measured_gb"], (m["rss_peak_bytes"] - m["rss_base_bytes"]) / 1e9)
+            if "cuda_peak_allocated_bytes" in m:
+                row["cuda_allocated_gb"] = m["cuda_peak_allocated_bytes"] / 1e9
+                row["cuda_reserved_gb"] = m["cuda_peak_reserved_bytes"] / 1e9
+    return sorted(rows.values(), key=lambda r: (r["stage"], r["device"]))
+
+
 def summary(result: RunResult, wall_s: float) -> dict[str, Any]:
     """``summary.json``: the trajectory's medians, the plan's predictions, the failures and,
     when the run measured its stages, the simulator replayed on that compute."""
@@ -146,6 +187,9 @@ def summary(result: RunResult, wall_s: float) -> dict[str, Any]:
     }
     if times:
         out["measured_step_ms"] = statistics.median(times) * 1e3
+    memory = memory_by_stage(result)
+    if memory:
+        out["memory"] = memory
     if out["simulated_step_ms"] and times:
         replayed = replay(result.plan, result.stage_metrics)
         if replayed is not None:

@@ -97,7 +97,7 @@ def meta_model(model_cfg: Any) -> nn.Module:
 
 
 def build_segment(
-    model_cfg: Any, seed: int, start: int, stop: int, dtype: torch.dtype = torch.float32, stage: int = 0
+    model_cfg: Any, seed: int, start: int, stop: int, stage: int = 0, dtype: torch.dtype = torch.float32
 ) -> nn.Module:
     """The run's model with only chain layers ``[start, stop)`` real, on the CPU, in ``dtype``;
     every other tensor stays on the meta device (:class:`~splitlearn.models.chain.Segment`

@@ -202,7 +202,9 @@ def load_segment(model: nn.Module, path: Path, start: int, stop: int, dtype: tor
         if name in persistent:
             by_file[files[to_key[name]]].append(name)
     for file, items in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        # pread: each tensor is read into memory of its own, freed once cast (a memory map would
+        # keep the stored copy resident beside the cast one while the file is open)
+        with safe_open(str(file), framework="pt", device="cpu", backend="pread") as f:
             for name in items:
                 t = f.get_tensor(to_key[name])
                 want = tuple(get_tensor(model, name).shape)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import resource
 import socket
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from partitioners import schedule as S
 from partitioners.plan import Plan
 from splitlearn.errors import ConfigError, DataError
 from splitlearn.optim import make_optimizer
+from splitlearn.rss import PeakRSS
 from splitlearn.stage.checkpoint_io import StageCheckpoint
 from splitlearn.stage.executor import Executor
 from splitlearn.stage.groups import Groups, RankLayout, build_groups, init_deepspeed, rendezvous_address
@@ -118,15 +118,22 @@ class StageWorker:
         t_load = time.perf_counter()
         # only this segment's tensors are ever materialised (read from the checkpoint's files, or
         # random init with the whole model's values for this seed)
-        model = build_segment(self.run.model, self.run.train.seed, self.spec.start, self.spec.stop, stage=self.stage)
-        self.segment = Segment(model, self.spec.start, self.spec.stop)
+        with PeakRSS() as rss:
+            model = build_segment(self.run.model, self.run.train.seed, self.spec.start, self.spec.stop, self.stage)
+            self.segment = Segment(model, self.spec.start, self.spec.stop)
         left = meta_tensor_names(self.segment)
         assert not left, f"stage {self.stage}: not materialised: {left[:3]}"
         load = {
             "load_s": time.perf_counter() - t_load,
             "segment_bytes": sum(t.nbytes for t in [*self.segment.parameters(), *self.segment.buffers()]),
-            "load_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "load_peak_rss_bytes": rss.above_bytes,  # the build's peak above the RSS before it
+            "rss_base_bytes": rss.start_bytes,  # the runtime: interpreter, torch, transformers, Ray
         }
+        self.rss_base = rss.start_bytes
+        if self.device.type == "cuda" and self.offload == "none":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            if self.device_cfg.memory_gb * 1e9 < total:  # torch raises its OOM error past the device's budget
+                torch.cuda.set_per_process_memory_fraction(self.device_cfg.memory_gb * 1e9 / total, self.device)
         if self.offload == "none":  # DeepSpeed places an offloaded stage itself
             self.segment.to(self.device)
         # the plan's method for this stage: LoRA adapters, frozen weights (compact), recompute
@@ -219,18 +226,41 @@ class StageWorker:
 
     # -- one step -------------------------------------------------------------------------
     def run_step(self, step: int) -> dict[str, Any]:
-        """Execute this stage's actions for ``step``; return its metrics. With
-        ``runtime.measure_memory`` also the step's peak allocation above what was allocated
-        when it began (torch's own accounting; see ``partitioners.profile.peak_allocated_bytes``)."""
+        """Execute this stage's actions for ``step``; return its metrics, with the process's peak
+        resident memory during the step (``rss_peak_bytes``) and, on a GPU, the peak allocated
+        and reserved by torch. With ``runtime.measure_memory`` also the step's peak allocation
+        above what was allocated when it began (torch's own accounting; see
+        ``partitioners.profile.peak_allocated_bytes``)."""
         assert self.segment is not None and self.groups is not None, "prepare() and init_dist() first"
-        if not self.run.runtime.measure_memory:
-            return self.executor.run(step)
-        from partitioners.profile import peak_allocated_bytes
-
         out: dict[str, Any] = {}
-        peak = peak_allocated_bytes(lambda: out.update(self.executor.run(step)), self.device)
-        out["peak_bytes"] = peak
+        with PeakRSS() as rss:
+            if self.run.runtime.measure_memory:
+                from partitioners.profile import peak_allocated_bytes
+
+                out["peak_bytes"] = peak_allocated_bytes(lambda: out.update(self.executor.run(step)), self.device)
+            else:
+                out.update(self.executor.run(step))
+        out["rss_peak_bytes"], out["rss_base_bytes"] = rss.peak_bytes, self.rss_base
+        if self.device.type == "cuda":
+            out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            out["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+        else:
+            self._check_budget(step, rss.peak_bytes - self.rss_base)
         return out
+
+    def _check_budget(self, step: int, used: int) -> None:
+        """A CPU stage's memory above the runtime's (the resident set before the segment was
+        built) must fit its device's ``memory_gb``: a named error, not a silent overrun."""
+        budget = self.device_cfg.memory_gb * 1e9
+        if used > budget:
+            from splitlearn.errors import MemoryBudgetError
+
+            raise MemoryBudgetError(
+                f"stage {self.stage} on '{self.device_name}' held {used / 1e9:.3f} GB at step {step} (resident "
+                f"memory above the runtime's {self.rss_base / 1e9:.2f} GB), over the device's memory_gb="
+                f"{self.device_cfg.memory_gb:g} (the plan predicted {self.spec.memory_gb:.3f} GB); give the "
+                "device more memory_gb, or plan again with a method that holds less (lora, recompute)"
+            )
 
     # -- results and checkpoints (:mod:`splitlearn.stage.checkpoint_io`) -------------------
     def gradients(self) -> dict[str, torch.Tensor]:
