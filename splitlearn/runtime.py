@@ -100,6 +100,7 @@ class StageGroup:
     def start(self, prepare_timeout_s: float) -> list[dict[str, Any]]:
         """Build the segments (user errors surface here), then join the process group."""
         infos = self._get([a.prepare.remote() for a in self.actors], "prepare", prepare_timeout_s)
+        self.infos: list[dict[str, Any]] = infos
         addr, port = self._get(self.actors[0].rendezvous_address.remote(), "rendezvous")
         self._get([a.init_dist.remote(addr, port) for a in self.actors], "init_dist")
         return infos

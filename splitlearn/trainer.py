@@ -101,7 +101,9 @@ def _start_group(cfg: LoadedConfig, plan: Plan, attempt: int) -> StageGroup:
         raise
     for info in infos:
         log.info(
-            "stage %(stage)d on %(device)s: %(params)d params, node %(node)s, pid %(pid)d, %(threads)d threads", info
+            "stage %(stage)d on %(device)s: %(params)d params, node %(node)s, pid %(pid)d, %(threads)d threads; "
+            "built in %(load_s).1f s, %(segment_bytes)d bytes, peak %(load_peak_rss_bytes)d bytes above the runtime",
+            info,
         )
     return group
 
@@ -159,4 +161,5 @@ def _finish(cfg: LoadedConfig, group: StageGroup, result: RunResult, t_start: fl
     console.show_summary(cfg, result)
     if exported:
         result.summary["exported"] = exported
+    result.summary["workers"] = group.infos  # each worker's build: params, load time and memory
     atomic_write(result.run_dir / "summary.json", json.dumps(result.summary, indent=2))

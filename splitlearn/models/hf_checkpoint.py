@@ -168,6 +168,37 @@ def _check_stage_dir(path: Path, start: int, stop: int) -> None:
         )
 
 
+_CHUNK_BYTES = 16 << 20  # a tensor cast while read is read in row chunks of about this size
+
+
+def _read(f: Any, file: Path, key: str, name: str, like: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Tensor ``key`` of an open safetensors file, checked against the model's ``like`` and in
+    ``dtype`` (None: as stored). A tensor to cast is read in row chunks into its final storage,
+    so a stored copy of the whole tensor never sits beside the cast one."""
+    sl = f.get_slice(key)
+    shape, want = tuple(sl.get_shape()), tuple(like.shape)
+    if shape != want:
+        raise ModelError(f"{file}: {key} has shape {shape}, the model's {name} has {want}")
+    stored = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+    if dtype is None or stored is None or not stored.is_floating_point or stored == dtype or not shape:
+        t = f.get_tensor(key)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    out = torch.empty(shape, dtype=dtype)
+    row_bytes = max(1, out[0].numel() * stored.itemsize)
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    for i in range(0, shape[0], step):
+        out[i : i + step] = sl[i : min(i + step, shape[0])]
+    return out
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
+
 def load_segment(model: nn.Module, path: Path, start: int, stop: int, dtype: torch.dtype | None) -> None:
     """Read segment ``[start, stop)`` of the meta ``model`` from the checkpoint at ``path``, in
     place: only its keys, in their stored dtype (``dtype=None``) or cast one by one. Its
@@ -202,19 +233,11 @@ def load_segment(model: nn.Module, path: Path, start: int, stop: int, dtype: tor
         if name in persistent:
             by_file[files[to_key[name]]].append(name)
     for file, items in by_file.items():
-        # pread: each tensor is read into memory of its own, freed once cast (a memory map would
-        # keep the stored copy resident beside the cast one while the file is open)
+        # pread: each tensor is read into memory of its own (a memory map would keep the stored
+        # copy resident beside the cast one while the file is open)
         with safe_open(str(file), framework="pt", device="cpu", backend="pread") as f:
             for name in items:
-                t = f.get_tensor(to_key[name])
-                want = tuple(get_tensor(model, name).shape)
-                if tuple(t.shape) != want:
-                    raise ModelError(
-                        f"{file}: {to_key[name]} has shape {tuple(t.shape)}, the model's {name} has {want}"
-                    )
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                set_tensor(model, name, t)
+                set_tensor(model, name, _read(f, file, to_key[name], name, get_tensor(model, name), dtype))
     rest = [k for k in names if k not in persistent]
     materialize(model, rest)
     init_nonpersistent(model, rest)

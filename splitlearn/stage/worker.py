@@ -111,13 +111,14 @@ class StageWorker:
     def prepare(self) -> dict[str, Any]:
         from splitlearn.data import BatchSource, load_dataset
         from splitlearn.method_policy import prepare_segment, stage_method
-        from splitlearn.models.build import build_segment
+        from splitlearn.models.build import build_segment, meta_model
         from splitlearn.models.chain import Segment
         from splitlearn.models.materialize import meta_tensor_names
 
         t_load = time.perf_counter()
         # only this segment's tensors are ever materialised (read from the checkpoint's files, or
         # random init with the whole model's values for this seed)
+        meta_model(self.run.model)  # the modelling code imported first: the runtime, not the segment
         with PeakRSS() as rss:
             model = build_segment(self.run.model, self.run.train.seed, self.spec.start, self.spec.stop, self.stage)
             self.segment = Segment(model, self.spec.start, self.spec.stop)
