@@ -62,16 +62,27 @@ SHAPES = {
 
 
 def save_checkpoint(shape: str, where: Path) -> tuple[Path, float]:
-    """The shape's model, random init (splitlearn's per-module seeded init), in bf16, saved."""
+    """The shape's model with random values, in bf16, saved. The values only need to be a
+    trainable model's, not splitlearn's seeded init (whose per-module CPU generators take
+    minutes at 8B): on a GPU, each matrix is drawn there (std 0.02), norms are ones."""
     import torch
 
     from splitlearn.config import ModelConfig
     from splitlearn.models.build import build_segment, meta_model
-    from splitlearn.models.materialize import num_chain
+    from splitlearn.models.materialize import init_nonpersistent, num_chain
 
     t0 = time.perf_counter()
     cfg = ModelConfig(family="llama", config=SHAPES[shape])
-    model = build_segment(cfg, 0, 0, num_chain(meta_model(cfg)), dtype=torch.bfloat16)
+    if torch.cuda.is_available():
+        model = meta_model(cfg).to(torch.bfloat16)
+        buffers = [n for n, _ in model.named_buffers()]
+        model.to_empty(device="cuda")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02)
+        init_nonpersistent(model, buffers)
+    else:
+        model = build_segment(cfg, 0, 0, num_chain(meta_model(cfg)), dtype=torch.bfloat16)
     path = where / f"llama-{shape}-bf16"
     model.save_pretrained(path, max_shard_size="5GB")
     del model

@@ -86,7 +86,8 @@ def show_summary(cfg: LoadedConfig, result: RunResult) -> None:
 
 
 def show_memory(rows: list[dict[str, Any]]) -> None:
-    """Each stage's memory as planned and as held (resident memory above the runtime's)."""
+    """Each stage's memory as planned and as held on its device (a CPU's resident memory above
+    the runtime's; a GPU's peak allocated by torch)."""
     from cluster.tables import render_table
 
     table = [
@@ -101,5 +102,9 @@ def show_memory(rows: list[dict[str, Any]]) -> None:
         for r in rows
     ]
     header = ["stage", "device", "planned GB", "held GB", "held/planned", "runtime GB"]
-    print("memory per stage: held = peak resident memory above the runtime's (interpreter, torch, Ray)", flush=True)
+    print(
+        "memory per stage: held = on a CPU, peak resident memory above the runtime's (interpreter, torch, Ray); "
+        "on a GPU, torch's peak allocated",
+        flush=True,
+    )
     print(render_table(header, table, numeric=header[2:]), flush=True)

@@ -138,7 +138,9 @@ def step_record(step: int, stages: list[dict[str, Any]], step_s: float, attempt:
 
 def memory_by_stage(result: RunResult) -> list[dict[str, Any]]:
     """Per stage replica of the final plan: the memory its plan predicted against the most it
-    held in any step (resident memory above the runtime's; on a GPU, torch's peaks)."""
+    held on its device in any step (``measured_gb``: on a CPU, resident memory above the
+    runtime's; on a GPU, torch's peak allocated, with the host's resident memory as
+    ``host_gb``)."""
     rows: dict[tuple[int, str], dict[str, Any]] = {}
     for metrics in result.stage_metrics:
         if not ran_plan(result.plan, metrics):
@@ -156,10 +158,14 @@ def memory_by_stage(result: RunResult) -> list[dict[str, Any]]:
                     "measured_gb": 0.0,
                 },
             )
-            row["measured_gb"] = max(row["measured_gb"], (m["rss_peak_bytes"] - m["rss_base_bytes"]) / 1e9)
+            host = (m["rss_peak_bytes"] - m["rss_base_bytes"]) / 1e9
             if "cuda_peak_allocated_bytes" in m:
                 row["cuda_allocated_gb"] = m["cuda_peak_allocated_bytes"] / 1e9
                 row["cuda_reserved_gb"] = m["cuda_peak_reserved_bytes"] / 1e9
+                row["measured_gb"] = row["cuda_allocated_gb"]
+                row["host_gb"] = max(row.get("host_gb", 0.0), host)
+            else:
+                row["measured_gb"] = max(row["measured_gb"], host)
     return sorted(rows.values(), key=lambda r: (r["stage"], r["device"]))
 
 

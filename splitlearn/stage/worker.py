@@ -132,9 +132,10 @@ class StageWorker:
         }
         self.rss_base = rss.start_bytes
         if self.device.type == "cuda" and self.offload == "none":
-            total = torch.cuda.get_device_properties(self.device).total_memory
+            index = torch.cuda.current_device()
+            total = torch.cuda.get_device_properties(index).total_memory
             if self.device_cfg.memory_gb * 1e9 < total:  # torch raises its OOM error past the device's budget
-                torch.cuda.set_per_process_memory_fraction(self.device_cfg.memory_gb * 1e9 / total, self.device)
+                torch.cuda.set_per_process_memory_fraction(self.device_cfg.memory_gb * 1e9 / total, index)
         if self.offload == "none":  # DeepSpeed places an offloaded stage itself
             self.segment.to(self.device)
         # the plan's method for this stage: LoRA adapters, frozen weights (compact), recompute
