@@ -26,30 +26,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-SHAPES = {
-    # Llama-3.2-1B's shape (1.24B parameters), random init: no download
-    "1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    ),
-    # ~120M, for a quick check
-    "small": dict(
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=8,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        vocab_size=32000,
-        max_position_embeddings=1024,
-    ),
-}
+from shapes import LLAMA_SHAPES  # noqa: E402
+
+SHAPES = LLAMA_SHAPES
 
 CHILD = r"""
 import json, sys, time, warnings
