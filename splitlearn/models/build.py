@@ -24,7 +24,7 @@ from splitlearn.errors import ModelError
 from splitlearn.models.compact import quiet_torchao
 from splitlearn.models.families import adapter_for
 from splitlearn.models.hf_checkpoint import load_segment
-from splitlearn.models.materialize import check_coverage, num_chain, random_segment
+from splitlearn.models.materialize import check_coverage, move_real, num_chain, random_segment
 
 
 def import_adapter_module(name: str | None) -> None:
@@ -97,9 +97,15 @@ def meta_model(model_cfg: Any) -> nn.Module:
 
 
 def build_segment(
-    model_cfg: Any, seed: int, start: int, stop: int, stage: int = 0, dtype: torch.dtype = torch.float32
+    model_cfg: Any,
+    seed: int,
+    start: int,
+    stop: int,
+    stage: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
-    """The run's model with only chain layers ``[start, stop)`` real, on the CPU, in ``dtype``;
+    """The run's model with only chain layers ``[start, stop)`` real, on ``device``, in ``dtype``;
     every other tensor stays on the meta device (:class:`~splitlearn.models.chain.Segment`
     drops those modules). From a local checkpoint (stage ``stage``'s directory when
     ``model.path`` holds ``{stage}``) only the segment's keys are read; random
@@ -109,11 +115,12 @@ def build_segment(
     check_coverage(model)
     torch.manual_seed(seed)
     if model_cfg.path:
-        load_segment(model, stage_path(model_cfg.path, stage), start, stop, dtype)
+        load_segment(model, stage_path(model_cfg.path, stage), start, stop, dtype, device)
     else:
         if dtype != torch.float32:
             model.to(dtype)
-        random_segment(model, seed, start, stop)
+        random_segment(model, seed, start, stop)  # on the CPU: its generators fix the values
+        move_real(model, device)
     return model
 
 

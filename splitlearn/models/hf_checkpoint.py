@@ -215,9 +215,17 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def load_segment(model: nn.Module, path: Path, start: int, stop: int, dtype: torch.dtype | None) -> None:
+def load_segment(
+    model: nn.Module,
+    path: Path,
+    start: int,
+    stop: int,
+    dtype: torch.dtype | None,
+    device: str | torch.device = "cpu",
+) -> None:
     """Read segment ``[start, stop)`` of the meta ``model`` from the checkpoint at ``path``, in
-    place: only its keys, in their stored dtype (``dtype=None``) or cast one by one. Its
+    place: only its keys, in their stored dtype (``dtype=None``) or cast one by one, each moved
+    to ``device`` as soon as it is read (a GPU stage never holds its segment in host memory). Its
     non-persistent buffers are computed. A key the segment needs that no file holds, or a
     shape that differs, is a :class:`ModelError` naming the file and key."""
     from safetensors import safe_open
@@ -253,9 +261,10 @@ def load_segment(model: nn.Module, path: Path, start: int, stop: int, dtype: tor
         # copy resident beside the cast one while the file is open)
         with safe_open(str(file), framework="pt", device="cpu", backend="pread") as f:
             for name in items:
-                set_tensor(model, name, _read(f, file, to_key[name], name, get_tensor(model, name), dtype))
+                t = _read(f, file, to_key[name], name, get_tensor(model, name), dtype)
+                set_tensor(model, name, t.to(device))
     rest = [k for k in names if k not in persistent]
-    materialize(model, rest)
+    materialize(model, rest, device)
     init_nonpersistent(model, rest)
     retie(model, pairs)
 

@@ -136,6 +136,19 @@ def materialize(model: nn.Module, names: list[str], device: str | torch.device =
         set_tensor(model, name, memo[id(t)])
 
 
+def move_real(model: nn.Module, device: str | torch.device) -> None:
+    """Move every tensor that has storage to ``device``, one at a time (meta ones stay); a
+    tensor shared under several names stays shared."""
+    memo: dict[int, torch.Tensor] = {}
+    for name, t in list(_tensors(model)):
+        if t.device.type == "meta" or t.device == torch.device(device):
+            continue
+        if id(t) not in memo:
+            moved = t.detach().to(device)
+            memo[id(t)] = nn.Parameter(moved, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else moved
+        set_tensor(model, name, memo[id(t)])
+
+
 def meta_tensor_names(module: nn.Module) -> list[str]:
     return [name for name, t in _tensors(module) if t.device.type == "meta"]
 

@@ -120,7 +120,11 @@ class StageWorker:
         # random init with the whole model's values for this seed)
         meta_model(self.run.model)  # the modelling code imported first: the runtime, not the segment
         with PeakRSS() as rss:
-            model = build_segment(self.run.model, self.run.train.seed, self.spec.start, self.spec.stop, self.stage)
+            # straight to the device, tensor by tensor (DeepSpeed places an offloaded stage itself)
+            where = self.device if self.offload == "none" else torch.device("cpu")
+            model = build_segment(
+                self.run.model, self.run.train.seed, self.spec.start, self.spec.stop, self.stage, device=where
+            )
             self.segment = Segment(model, self.spec.start, self.spec.stop)
         left = meta_tensor_names(self.segment)
         assert not left, f"stage {self.stage}: not materialised: {left[:3]}"
