@@ -42,7 +42,7 @@ def save_checkpoint(shape: str, where: Path) -> tuple[Path, float]:
 
     from splitlearn.config import ModelConfig
     from splitlearn.models.build import build_segment, meta_model
-    from splitlearn.models.materialize import init_nonpersistent, num_chain
+    from splitlearn.models.materialize import init_nonpersistent
 
     t0 = time.perf_counter()
     cfg = ModelConfig(family="llama", config=SHAPES[shape])
@@ -55,7 +55,7 @@ def save_checkpoint(shape: str, where: Path) -> tuple[Path, float]:
                 p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02)
         init_nonpersistent(model, buffers)
     else:
-        model = build_segment(cfg, 0, 0, num_chain(meta_model(cfg)), dtype=torch.bfloat16)
+        model = build_segment(cfg, 0, 0, None, dtype=torch.bfloat16)
     path = where / f"llama-{shape}-bf16"
     model.save_pretrained(path, max_shard_size="5GB")
     del model

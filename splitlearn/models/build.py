@@ -100,18 +100,22 @@ def build_segment(
     model_cfg: Any,
     seed: int,
     start: int,
-    stop: int,
+    stop: int | None,
     stage: int = 0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    meta: nn.Module | None = None,
 ) -> nn.Module:
     """The run's model with only chain layers ``[start, stop)`` real, on ``device``, in ``dtype``;
     every other tensor stays on the meta device (:class:`~splitlearn.models.chain.Segment`
     drops those modules). From a local checkpoint (stage ``stage``'s directory when
     ``model.path`` holds ``{stage}``) only the segment's keys are read; random
     init gives the values the whole model has for this seed (see
-    :mod:`splitlearn.models.materialize`). Leaves the global RNG seeded with ``seed``."""
-    model = meta_model(model_cfg)
+    :mod:`splitlearn.models.materialize`). ``stop=None``: to the end of the chain. ``meta``:
+    the run's model already built on the meta device (:func:`meta_model`), materialised in
+    place. Leaves the global RNG seeded with ``seed``."""
+    model = meta if meta is not None else meta_model(model_cfg)
+    stop = num_chain(model) if stop is None else stop
     check_coverage(model)
     torch.manual_seed(seed)
     if model_cfg.path:
@@ -126,4 +130,4 @@ def build_segment(
 
 def build_model(model_cfg: Any, seed: int) -> nn.Module:
     """The whole causal LM in fp32: :func:`build_segment` over every chain layer."""
-    return build_segment(model_cfg, seed, 0, num_chain(meta_model(model_cfg)))
+    return build_segment(model_cfg, seed, 0, None)

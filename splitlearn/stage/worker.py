@@ -118,12 +118,18 @@ class StageWorker:
         t_load = time.perf_counter()
         # only this segment's tensors are ever materialised (read from the checkpoint's files, or
         # random init with the whole model's values for this seed)
-        meta_model(self.run.model)  # the modelling code imported first: the runtime, not the segment
+        meta = meta_model(self.run.model)  # built (and its modelling code imported) before the memory mark
         with PeakRSS() as rss:
             # straight to the device, tensor by tensor (DeepSpeed places an offloaded stage itself)
             where = self.device if self.offload == "none" else torch.device("cpu")
             model = build_segment(
-                self.run.model, self.run.train.seed, self.spec.start, self.spec.stop, self.stage, device=where
+                self.run.model,
+                self.run.train.seed,
+                self.spec.start,
+                self.spec.stop,
+                self.stage,
+                device=where,
+                meta=meta,
             )
             self.segment = Segment(model, self.spec.start, self.spec.stop)
         left = meta_tensor_names(self.segment)
