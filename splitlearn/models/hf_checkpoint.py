@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,21 +121,40 @@ def _ignorable(model: nn.Module, key: str) -> bool:
     return any(re.search(p, key) for p in patterns)
 
 
-def _stored_equal(files: dict[str, Path], k1: str, k2: str, rows: int = 4096) -> bool:
-    """Whether two stored tensors are equal, compared in chunks of rows."""
-    from safetensors import safe_open
+def _header(file: Path) -> tuple[int, dict[str, Any]]:
+    """A safetensors file's header: where its data starts, and each tensor's entry (parsed once
+    per version of the file)."""
+    st = file.stat()
+    return _parse_header(file, st.st_mtime_ns, st.st_size)
 
-    with (
-        safe_open(str(files[k1]), framework="pt", device="cpu") as f1,
-        safe_open(str(files[k2]), framework="pt", device="cpu") as f2,
-    ):
-        s1, s2 = f1.get_slice(k1), f2.get_slice(k2)
-        if s1.get_shape() != s2.get_shape() or s1.get_dtype() != s2.get_dtype():
-            return False
-        n = s1.get_shape()[0] if s1.get_shape() else 0
-        if n == 0:
-            return torch.equal(f1.get_tensor(k1), f2.get_tensor(k2))
-        return all(torch.equal(s1[i : i + rows], s2[i : i + rows]) for i in range(0, n, rows))
+
+@functools.lru_cache(maxsize=64)
+def _parse_header(file: Path, mtime_ns: int, size: int) -> tuple[int, dict[str, Any]]:
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return 8 + n, json.loads(fh.read(n))
+
+
+def _chunks(file: Path, key: str, row_bytes: int, rows: int) -> Iterator[bytes]:
+    """The stored bytes of tensor ``key``, ``rows`` rows of ``row_bytes`` at a time, read with
+    ``os.pread`` at the offsets the header gives (safetensors' own slicing read the whole
+    tensor at every slice, measured at 1B)."""
+    start, entries = _header(file)
+    begin, end = entries[key]["data_offsets"]
+    step = max(1, rows) * row_bytes
+    with open(file, "rb") as fh:
+        for offset in range(start + begin, start + end, step):
+            yield os.pread(fh.fileno(), min(step, start + end - offset), offset)
+
+
+def _stored_equal(files: dict[str, Path], k1: str, k2: str) -> bool:
+    """Whether two stored tensors hold the same bytes (dtype and shape included), compared a
+    chunk at a time."""
+    e1, e2 = _header(files[k1])[1][k1], _header(files[k2])[1][k2]
+    if (e1["dtype"], e1["shape"]) != (e2["dtype"], e2["shape"]):
+        return False
+    chunk = _CHUNK_BYTES
+    return all(a == b for a, b in zip(_chunks(files[k1], k1, chunk, 1), _chunks(files[k2], k2, chunk, 1), strict=True))
 
 
 def _ties(model: nn.Module, files: dict[str, Path], to_key: dict[str, str], path: Path) -> TiedPairs:
@@ -190,21 +210,16 @@ def _read(f: Any, file: Path, key: str, name: str, like: torch.Tensor, dtype: to
 
 
 def _read_rows_into(file: Path, key: str, stored: torch.dtype, out: torch.Tensor) -> None:
-    """Fill ``out`` with tensor ``key`` of a safetensors file, cast from ``stored``, reading
-    about :data:`_CHUNK_BYTES` of rows at a time with ``os.pread`` from the offsets in the
-    file's header (safetensors' own slicing read the whole tensor, measured at 1B)."""
-    with open(file, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        entry = json.loads(fh.read(n))[key]
-        begin, end = entry["data_offsets"]
-        start = 8 + n + begin
-        row_bytes = max(1, out[0].numel() * stored.itemsize)
-        rows = max(1, _CHUNK_BYTES // row_bytes)
-        assert (end - begin) == row_bytes * out.shape[0], f"{file}: {key}: size does not match its shape"
-        for i in range(0, out.shape[0], rows):
-            k = min(rows, out.shape[0] - i)
-            buf = bytearray(os.pread(fh.fileno(), k * row_bytes, start + i * row_bytes))
-            out[i : i + k] = torch.frombuffer(buf, dtype=stored).view(k, *out.shape[1:])
+    """Fill ``out`` with tensor ``key`` of a safetensors file, cast from ``stored``, about
+    :data:`_CHUNK_BYTES` of rows at a time."""
+    row_bytes = max(1, out[0].numel() * stored.itemsize)
+    rows = max(1, _CHUNK_BYTES // row_bytes)
+    i = 0
+    for raw in _chunks(file, key, row_bytes, rows):
+        k = len(raw) // row_bytes
+        out[i : i + k] = torch.frombuffer(bytearray(raw), dtype=stored).view(k, *out.shape[1:])
+        i += k
+    assert i == out.shape[0], f"{file}: {key}: {i} rows read, {out.shape[0]} expected"
 
 
 _SAFETENSORS_DTYPES = {
