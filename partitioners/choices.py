@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-Precision = Literal["fp32", "bf16"]  # train.dtype: fp32, or bf16 autocast over fp32 master weights
+# train.dtype: fp32; bf16 autocast over fp32 weights; bf16 weights and gradients with fp32 master
+# weights and AdamW moments for what trains (bf16-master); or everything in bf16 (bf16-pure)
+Precision = Literal["fp32", "bf16", "bf16-master", "bf16-pure"]
 Method = Literal["full", "frozen", "lora"]  # how a stage fine-tunes
 FrozenDtype = Literal["fp32", "bf16", "fp16", "int8"]  # storage of frozen weights (int8: weight-only)
 OffloadMode = Literal["none", "optimizer", "params"]  # DeepSpeed ZeRO offload of a stage

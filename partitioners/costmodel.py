@@ -49,6 +49,7 @@ PRECISIONS: dict[str, tuple[int, int, int, int]] = {
     "fp32": (4, 4, 0, 8),
     "bf16": (4, 4, 0, 8),  # autocast: fp32 weights; 16-bit copies show up in saved activations
     "bf16-master": (2, 2, 4, 8),  # 16-bit weights and gradients, fp32 master and moments
+    "bf16-pure": (2, 2, 0, 4),  # 16-bit weights, gradients and moments; no master copy
 }
 GB = 1e9
 

@@ -239,10 +239,10 @@ class CostTables:
         return float(c[b] - c[a])
 
     def allreduce_ms(self, group: tuple[str, ...], a: int, b: int, opt: StageMethod | None = None) -> float:
-        """The replicas' gradient all-reduce before each step (fp32 gradients)."""
+        """The replicas' gradient all-reduce before each step (gradients at the precision's width)."""
         if len(group) < 2:
             return 0.0
-        return ring_allreduce_ms(self.req.topology, group, self.trainable(a, b, opt) * 4)
+        return ring_allreduce_ms(self.req.topology, group, self.trainable(a, b, opt) * PRECISIONS[self.req.precision][1])
 
     def mem_table(self, inflight: int, opt: StageMethod | None = None) -> np.ndarray:
         """``[a, b]`` -> device bytes of a stage of layers ``a..b-1`` with ``inflight``
@@ -666,6 +666,7 @@ def build_plan(
         schedule=req.schedule,
         num_micro_batches=req.num_micro_batches,
         label_privacy=req.label_privacy,
+        precision=req.precision,
         predicted={"step_ms": round(ev.step_ms, 4), "bottleneck": ev.bottleneck, "bubble_fraction": round(bubble, 4)},
     )
 

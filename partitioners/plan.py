@@ -76,6 +76,15 @@ class Stage:
         return label + ("+rc" if self.recompute else "")
 
 
+# what each train.dtype costs, per weight (the cost model's PRECISIONS), for the plan's footer
+PRECISION_NOTES = {
+    "fp32": "per trained weight 4 B + 4 B grad + 8 B moments",
+    "bf16": "fp32 weights, bf16 autocast: per trained weight 4 B + 4 B grad + 8 B moments",
+    "bf16-master": "bf16 weights: per trained weight 2 B + 2 B grad + 4 B fp32 master + 8 B moments; frozen 2 B",
+    "bf16-pure": "bf16 weights: per trained weight 2 B + 2 B grad + 4 B bf16 moments; frozen 2 B",
+}
+
+
 @dataclass
 class Plan:
     stages: list[Stage]
@@ -83,6 +92,7 @@ class Plan:
     schedule: str = "sequential"
     num_micro_batches: int = 1
     label_privacy: bool = False
+    precision: str = "fp32"  # train.dtype the memory figures are for (plans written before it: fp32)
     predicted: dict[str, Any] = field(default_factory=dict)  # step_ms, bottleneck, bubble_fraction, ...
 
     @property
@@ -159,7 +169,10 @@ class Plan:
                 )
             )
         lines = [render_table(head, rows, numeric=("stage", "params", "mem GB", "fwd+bwd ms", "link ms"))]
-        footer = f"partitioner={self.partitioner} schedule={self.schedule} micro_batches={self.num_micro_batches}"
+        footer = (
+            f"partitioner={self.partitioner} schedule={self.schedule} micro_batches={self.num_micro_batches} "
+            f"precision={self.precision} ({PRECISION_NOTES.get(self.precision, '')})"
+        )
         p = self.predicted
         if "step_ms" in p:
             footer += f"\npredicted step {p['step_ms']:.2f} ms, bottleneck {p.get('bottleneck')}, "

@@ -56,7 +56,9 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0  # 0 disables clipping; the norm is global over all stages
     seed: int = 0
-    dtype: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights)
+    # fp32 | bf16 (autocast over fp32 weights) | bf16-master (bf16 weights and gradients; fp32
+    # master weights and AdamW moments for what trains) | bf16-pure (bf16 weights, gradients, moments)
+    dtype: str = "fp32"
 
 
 @dataclass
@@ -402,6 +404,13 @@ def _check_override(c: _Checker, key: str, over: FinetuneOverride) -> None:
         c.fail(f"{key}.frozen_dtype", f"{over.frozen_dtype} stores frozen weights, but method full freezes none")
 
 
+BF16_WEIGHTS = ("bf16-master", "bf16-pure")  # train.dtype values that keep the weights in bf16
+OFFLOAD_BF16_WEIGHTS = (
+    "train.dtype={dtype} keeps the weights in bf16, which a DeepSpeed-offloaded stage does not support "
+    "yet: use train.dtype=fp32 or bf16 (autocast) with offload, or drop finetune offload"
+)
+
+
 def _check_offload(r: RunConfig) -> None:
     """The offload modes the config asks for, against its ``deepspeed:`` section."""
     from splitlearn.zero import check_user_section
@@ -410,3 +419,5 @@ def _check_offload(r: RunConfig) -> None:
     modes = {f.offload, *(o.offload for o in (*f.by_tier.values(), *f.by_stage.values()) if o.offload)}
     for mode in sorted(modes):
         check_user_section(r.deepspeed, mode)
+    if modes - {"none"} and r.train.dtype in BF16_WEIGHTS:
+        raise ConfigError(OFFLOAD_BF16_WEIGHTS.format(dtype=r.train.dtype))

@@ -23,12 +23,72 @@ class NoOptimizer:
         pass
 
 
-def make_optimizer(params, train_cfg: Any) -> torch.optim.Optimizer | NoOptimizer:
+class MasterAdamW:
+    """AdamW whose state is fp32 for 16-bit trainable weights: an fp32 master copy of each
+    such weight and fp32 moments. The 16-bit weight is the master rounded after every step;
+    a gradient is upcast one parameter at a time, so the step's extra memory is one
+    parameter's worth. fp32 parameters (e.g. LoRA adapters kept in fp32) are their own master.
+
+    The math is ``torch.optim.AdamW``'s (decoupled decay, bias correction, ``eps`` added to
+    the corrected root), so an fp32 model steps identically with either optimizer. ``state``
+    is keyed by the model's parameters, as torch's is, with ``master`` beside the moments:
+    checkpoints save and load it by name like any optimizer state."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params = params
+        self.param_groups = [{"params": params, "lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}]
+        self.state: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def _state(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        st = self.state.setdefault(p, {})
+        if "step" not in st:
+            st["step"] = torch.zeros((), dtype=torch.float32)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in st:
+                st[key] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        if p.dtype != torch.float32 and "master" not in st:
+            st["master"] = p.detach().float()
+        return st
+
+    @torch.no_grad()
+    def step(self) -> None:
+        group = self.param_groups[0]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        for p in self.params:
+            if p.grad is None:
+                continue
+            st = self._state(p)
+            master = st.get("master", p)
+            grad = p.grad.float()
+            st["step"] += 1
+            step = float(st["step"])
+            master.mul_(1 - lr * wd)
+            st["exp_avg"].lerp_(grad, 1 - beta1)
+            st["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            del grad
+            denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+            master.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - beta1**step))
+            del denom
+            if master is not p:
+                p.copy_(master)
+
+
+def make_optimizer(params, train_cfg: Any) -> torch.optim.Optimizer | MasterAdamW | NoOptimizer:
     """AdamW over the parameters that require gradients (frozen and LoRA-base weights get
-    no optimizer state); :class:`NoOptimizer` when there are none."""
+    no optimizer state); :class:`NoOptimizer` when there are none. Under ``bf16-master`` the
+    state is fp32 (:class:`MasterAdamW`); otherwise torch's AdamW keeps it in the weights'
+    dtype (``bf16-pure``: bf16 moments)."""
     trainable = [p for p in params if p.requires_grad]
     if not trainable:
         return NoOptimizer()
+    if getattr(train_cfg, "dtype", "fp32") == "bf16-master":
+        return MasterAdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     return torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, foreach=False)
 
 
@@ -39,7 +99,7 @@ def lr_at(step: int, train_cfg: Any) -> float:
     return train_cfg.lr
 
 
-def set_lr(opt: torch.optim.Optimizer | NoOptimizer, lr: float) -> None:
+def set_lr(opt: torch.optim.Optimizer | MasterAdamW | NoOptimizer, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
 

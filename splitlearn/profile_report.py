@@ -13,7 +13,7 @@ from partitioners.profile import ModelProfile, calibrate_tflops, profile_chain
 from splitlearn import method_policy
 from splitlearn.config import LoadedConfig
 from splitlearn.errors import ConfigError
-from splitlearn.models.build import build_model
+from splitlearn.models.build import build_model, weights_dtype
 from splitlearn.models.chain import chain_names, hf_config, layer_views, num_blocks
 from splitlearn.models.costs import layer_compact_counts, method_costs
 
@@ -52,7 +52,8 @@ def profile_model(
     seq = run.data.seq_len
     if threads:
         torch.set_num_threads(threads)
-    model = build_model(run.model, run.train.seed).to(device)
+    wdtype = weights_dtype(run.train.dtype)  # bf16-master/pure: measured with bf16 weights
+    model = build_model(run.model, run.train.seed).to(device=device, dtype=wdtype)
     model.train()
     n = num_blocks(model) + 2
     span = parse_layers(layers, n)
@@ -84,7 +85,7 @@ def profile_model(
             layer.compact_params, layer.compact_rows = counts[i]
         del views, model
         for v in variants:
-            fresh = build_model(run.model, run.train.seed).to(device)
+            fresh = build_model(run.model, run.train.seed).to(device=device, dtype=wdtype)
             costs = method_costs(
                 fresh,
                 v,

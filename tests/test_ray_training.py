@@ -11,6 +11,7 @@ from splitlearn.config import config_from_container
 from splitlearn.data import BatchSource, load_dataset
 from splitlearn.errors import PlacementError
 from splitlearn.models import build_model
+from splitlearn.models.build import weights_dtype
 from splitlearn.optim import make_optimizer, reference_step
 from splitlearn.replay import replay
 from splitlearn.trainer import train
@@ -41,7 +42,7 @@ def run_config(tmp_path, family, devices, steps=3, cuts=None, packing=True, topo
 
 def reference(cfg, steps):
     run = cfg.run
-    model = build_model(run.model, run.train.seed)
+    model = build_model(run.model, run.train.seed).to(weights_dtype(run.train.dtype))
     model.train()
     opt = make_optimizer(model.parameters(), run.train)
     ds, _ = load_dataset(run.data)
@@ -100,6 +101,45 @@ def test_bf16_split_training_runs(ray_cluster, tmp_path):
     cfg = run_config(tmp_path, "llama", ["edge-a", "mid-b"], steps=2, dtype="bf16")
     result = train(cfg, progress="none")
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+@pytest.mark.parametrize("dtype", ["bf16-master", "bf16-pure"])
+def test_bf16_weights_split_equals_single_process(ray_cluster, tmp_path, dtype):
+    """bf16 weights (with fp32 master weights and moments, or all bf16): the split run does the
+    single process's arithmetic, so losses and weights agree to bf16's last bits; only what
+    trains has optimizer state, and under bf16-master its master copy is the fp32 weight the
+    bf16 one rounds."""
+    from safetensors.torch import load_file
+
+    from splitlearn.checkpoint import latest
+
+    steps = 2
+    cfg = run_config(tmp_path, "llama", ["edge-a", "mid-b"], steps=steps, dtype=dtype)
+    result = train(cfg, progress="none")
+    ref_model, ref_losses = reference(cfg, steps)
+    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+    state = checkpoint_state(result.run_dir, steps)
+    ref_state = ref_model.state_dict()
+    assert all(v.dtype == torch.bfloat16 for v in state.values() if v.is_floating_point())
+    for k in state:
+        # bf16 has 8 bits of mantissa: one unit in the last place is 2**-8 of the value
+        torch.testing.assert_close(state[k], ref_state[k], rtol=2**-7, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    init = build_model(cfg.run.model, cfg.run.train.seed).to(torch.bfloat16).state_dict()
+    assert any(not torch.equal(state[k], init[k]) for k in state)
+    ck = latest(result.run_dir)
+    optim = {}
+    for name in ck.files:
+        if name.endswith(".optim.safetensors"):
+            optim.update(load_file(ck.path / name))
+    moments = {k for k in optim if k.endswith("/exp_avg")}
+    assert moments and all(optim[k].dtype == (torch.float32 if dtype == "bf16-master" else torch.bfloat16) for k in moments)
+    masters = {k[len("optim/") : -len("/master")]: v for k, v in optim.items() if k.endswith("/master")}
+    if dtype == "bf16-master":
+        assert set(masters) == {k[len("optim/") : -len("/exp_avg")] for k in moments}
+        for k, m in masters.items():
+            assert m.dtype == torch.float32 and torch.equal(m.to(torch.bfloat16), state[k])
+    else:
+        assert not masters
 
 
 def test_device_missing_from_cluster(ray_cluster, tmp_path):

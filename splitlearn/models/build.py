@@ -128,6 +128,12 @@ def build_segment(
     return model
 
 
+def weights_dtype(precision: str) -> torch.dtype:
+    """The dtype a run keeps its weights in: bf16 under ``bf16-master`` and ``bf16-pure``,
+    fp32 otherwise (``bf16`` autocasts over fp32 weights)."""
+    return torch.bfloat16 if precision in ("bf16-master", "bf16-pure") else torch.float32
+
+
 def build_model(model_cfg: Any, seed: int) -> nn.Module:
     """The whole causal LM in fp32: :func:`build_segment` over every chain layer."""
     return build_segment(model_cfg, seed, 0, None)

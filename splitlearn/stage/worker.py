@@ -38,6 +38,7 @@ from cluster.conf import to_typed
 from cluster.topology import topology_from_container
 from partitioners import schedule as S
 from partitioners.plan import Plan
+from splitlearn.config import BF16_WEIGHTS, OFFLOAD_BF16_WEIGHTS
 from splitlearn.errors import ConfigError, DataError
 from splitlearn.optim import make_optimizer
 from splitlearn.rss import PeakRSS
@@ -111,11 +112,12 @@ class StageWorker:
     def prepare(self) -> dict[str, Any]:
         from splitlearn.data import BatchSource, load_dataset
         from splitlearn.method_policy import prepare_segment, stage_method
-        from splitlearn.models.build import build_segment, meta_model
+        from splitlearn.models.build import build_segment, meta_model, weights_dtype
         from splitlearn.models.chain import Segment
         from splitlearn.models.materialize import meta_tensor_names
 
         t_load = time.perf_counter()
+        self._check_dtype()
         # only this segment's tensors are ever materialised (read from the checkpoint's files, or
         # random init with the whole model's values for this seed)
         meta = meta_model(self.run.model)  # built (and its modelling code imported) before the memory mark
@@ -128,6 +130,7 @@ class StageWorker:
                 self.spec.start,
                 self.spec.stop,
                 self.stage,
+                dtype=weights_dtype(self.run.train.dtype),
                 device=where,
                 meta=meta,
             )
@@ -187,6 +190,18 @@ class StageWorker:
         """An address of this node and a free port on it, for the world's rendezvous."""
         return rendezvous_address()
 
+    def _check_dtype(self) -> None:
+        """The run's precision is one this device computes in (bf16 on a GPU needs compute
+        capability 8.0 or later), checked before anything is built."""
+        if self.run.train.dtype == "fp32" or self.device.type != "cuda":
+            return
+        if not torch.cuda.is_bf16_supported():
+            name = torch.cuda.get_device_name(self.device)
+            raise ConfigError(
+                f"device '{self.device_name}' ({name}) cannot compute in bf16, which train.dtype={self.run.train.dtype} "
+                "needs: use train.dtype=fp32, or plan this stage on another device"
+            )
+
     def _check_offload(self) -> None:
         """What an offloaded stage needs, checked before any process group exists."""
         from splitlearn import zero
@@ -197,6 +212,8 @@ class StageWorker:
                 "gradients are summed across stages before the step; DeepSpeed reduces them itself, so this "
                 "stage cannot be offloaded: offload another stage, or untie the embeddings"
             )
+        if self.run.train.dtype in BF16_WEIGHTS:
+            raise ConfigError(OFFLOAD_BF16_WEIGHTS.format(dtype=self.run.train.dtype))
         zero.check_user_section(self.run.deepspeed, self.offload)
         zero.check_schedule(self.offload, self.actions, self.stage, self.plan.schedule)
         zero.ensure_ops(self.device_name, self.device.type == "cuda")
