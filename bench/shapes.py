@@ -21,6 +21,15 @@ LLAMA_SHAPES = {
         max_position_embeddings=2048,
         tie_word_embeddings=True,
     ),
+    "medium": dict(  # ~400M
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=1024,
+    ),
     "small": dict(  # ~120M, for a quick check
         hidden_size=768,
         intermediate_size=2048,

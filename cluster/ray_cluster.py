@@ -158,8 +158,11 @@ def place_stages(topology: Topology, devices: list[str], timeout_s: float):
     return pg
 
 
-def actor_options(topology: Topology, device: str, pg, bundle_index: int, share: float = 1.0) -> dict[str, Any]:
-    """Ray options for the worker of the stage in bundle ``bundle_index`` on ``device``."""
+def actor_options(
+    topology: Topology, device: str, pg, bundle_index: int, share: float = 1.0, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Ray options for the worker of the stage in bundle ``bundle_index`` on ``device``;
+    ``env``: variables the worker process starts with."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     dev = topology.device(device)
@@ -172,4 +175,6 @@ def actor_options(topology: Topology, device: str, pg, bundle_index: int, share:
     }
     if dev.gpus:
         opts["num_gpus"] = dev.gpus * share
+    if env:
+        opts["runtime_env"] = {"env_vars": dict(env)}
     return opts

@@ -186,6 +186,7 @@ def effective_layer(layer: LayerProfile, method: StageMethod) -> LayerProfile:
         bwd_ms=cost.bwd_ms,
         opt_ms=cost.opt_ms,
         bwd_transient_bytes=cost.bwd_transient_bytes,
+        max_trainable_params=cost.max_trainable_params,
         methods={},
     )
 
@@ -201,6 +202,14 @@ def weight_bytes(layer: LayerProfile, eff: LayerProfile, method: StageMethod, by
     if method.frozen_dtype == "int8":
         out += layer.compact_rows * INT8_ROW_BYTES
     return out
+
+
+def step_temporaries(layers: Sequence[LayerProfile], precision: str) -> float:
+    """Bytes AdamW allocates while it steps one tensor (the stage's largest trainable one):
+    the corrected root of the second moment and its quotient, in the moments' width (the
+    master-weight step upcasts the gradient first, freed before them)."""
+    moment_bytes = PRECISIONS[precision][3] // 2
+    return 2.0 * moment_bytes * max((layer.max_trainable_params for layer in layers), default=0)
 
 
 def micro_batches_in_flight(schedule: str, stage: int, num_stages: int, num_micro_batches: int) -> int:
@@ -223,11 +232,12 @@ class StageMemory:
     optimizer: float = 0.0
     activations: float = 0.0
     buffers: float = 0.0
+    step: float = 0.0  # the optimizer step's temporaries (activations are freed by then)
     host: float = 0.0  # offloaded state in host memory
 
     @property
     def device_total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + self.buffers
+        return self.weights + self.grads + self.optimizer + max(self.activations + self.buffers, self.step)
 
     def as_gb(self) -> dict[str, float]:
         d = {k: v / GB for k, v in asdict(self).items()}
@@ -276,9 +286,13 @@ def stage_memory(
             mem.activations = inflight * (sum(layer.saved_bytes for layer in layers) + out)
         # during a backward: the incoming and outgoing gradient, and the layer's temporaries
         mem.buffers = layers[0].in_bytes + out + max(layer.bwd_transient_bytes for layer in layers)
+        if num_micro_batches > 1:  # a later micro-batch's gradient of a tensor, before it is added in
+            mem.buffers += g * max(layer.max_trainable_params for layer in layers)
+        mem.step = step_temporaries(layers, precision)
     if offload in ("optimizer", "params"):
         mem.host += mem.optimizer + trainable * 4  # fp32 gradient copy for the CPU step
         mem.optimizer = 0.0
+        mem.step = 0.0  # the step runs on the host
     if offload == "params":
         mem.host += mem.weights
         mem.weights = max((layer.params for layer in layers), default=0) * w

@@ -77,6 +77,7 @@ from partitioners.costmodel import (
     ring_allreduce_ms,
     stage_memory,
     stage_options,
+    step_temporaries,
     stage_time,
     weight_bytes,
     with_offload,
@@ -283,9 +284,15 @@ class CostTables:
             else:
                 cum_saved = np.concatenate([[0.0], np.cumsum(saved)])
                 acts = inflight * (cum_saved[b] - cum_saved[a] + out_last)
-            table = (cum_static[b] - cum_static[a]) + acts + in_first + out_last + trans
+            act_phase = acts + in_first + out_last + trans
+            if self.M > 1:  # a later micro-batch's gradient of a tensor, before it is added in
+                act_phase = act_phase + g * running_max(np.array([layer.max_trainable_params for layer in L], float))
             if not keep_weights:  # the largest layer's weights, fetched while it runs
-                table = table + running_max(np.array([layer.params * w for layer in L], float))
+                act_phase = act_phase + running_max(np.array([layer.params * w for layer in L], float))
+            if keep_opt:  # AdamW's temporaries over the largest trainable tensor, after the activations are freed
+                step_tmp = running_max(np.array([step_temporaries([layer], self.req.precision) for layer in L], float))
+                act_phase = np.maximum(act_phase, step_tmp)
+            table = (cum_static[b] - cum_static[a]) + act_phase
             table[b <= a] = np.inf
             self._mem[(inflight, opt)] = table
         return self._mem[(inflight, opt)]

@@ -41,6 +41,7 @@ class MethodCost:
     bwd_ms: float = 0.0
     opt_ms: float = 0.0
     bwd_transient_bytes: int = 0
+    max_trainable_params: int = 0
 
 
 @dataclass
@@ -59,7 +60,10 @@ class LayerProfile:
     fwd_ms: float = 0.0
     bwd_ms: float = 0.0
     opt_ms: float = 0.0  # a STEP over the layer's trainable parameters: norm share, clipping, AdamW
-    bwd_transient_bytes: int = 0  # peak extra allocation while the layer runs backward
+    # peak live bytes while the layer runs forward and backward beyond its parameters, their
+    # gradients, what it saves for backward and its output (e.g. a loss head's softmax)
+    bwd_transient_bytes: int = 0
+    max_trainable_params: int = 0  # entries of its largest trainable tensor (AdamW and accumulation temporaries)
     compact_params: int = 0  # parameters in matmul/embedding weights: what a compact frozen dtype shrinks
     compact_rows: int = 0  # output rows of those weights (int8 keeps one scale per row)
     methods: dict[str, MethodCost] = field(default_factory=dict)  # by method key: frozen, lora, lora+int8, ...
@@ -164,6 +168,61 @@ def peak_allocated_bytes(fn: Callable[[], Any], device: Any) -> int:
     return peak
 
 
+class LiveBytes:
+    """Peak bytes of the tensors created inside ``with LiveBytes(): ...`` and alive at once
+    (forward and backward of one layer: saved activations, temporaries, gradients). Every
+    operator's outputs are followed through torch's dispatch (a ``TorchDispatchMode``), each
+    storage counted once and uncounted when it is freed, so it works on the meta device as on
+    real ones and for any model, with no hooks on modules or parameters. The storages of
+    ``existing`` (parameters, buffers, the input) are not counted, nor their views."""
+
+    def __init__(self, existing: Sequence[Any] = ()) -> None:
+        self.existing = list(existing)
+        self.current = 0
+        self.peak_bytes = 0
+        self._mode: Any = None
+
+    def __enter__(self) -> LiveBytes:
+        import weakref
+
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        tracker = self
+        seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        for t in self.existing:
+            for x in _inner(t):
+                seen[x.untyped_storage()] = 0
+
+        def freed(n: int) -> None:
+            tracker.current -= n
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        for x in _inner(t):
+                            st = x.untyped_storage()
+                            if st not in seen:
+                                n = st.nbytes()
+                                seen[st] = n
+                                tracker.current += n
+                                weakref.finalize(st, freed, n)
+                tracker.peak_bytes = max(tracker.peak_bytes, tracker.current)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        mode, self._mode = self._mode, None
+        mode.__exit__(*exc)
+
+
 def _inner(t) -> list:
     """The plain tensors that hold ``t``'s data: itself, or the inner tensors of a tensor
     subclass (e.g. a quantized weight: int8 data and scales)."""
@@ -255,17 +314,19 @@ def _count_layer(
                 saved[storage._cdata] = max(saved.get(storage._cdata, 0), storage.nbytes())
         return t
 
-    with FlopCounterMode(display=False) as fc, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with autocast():
-            y = layer(inp)
-    fwd_flops = fc.get_total_flops()
-    grad_out = None if y.dim() == 0 else torch.randn_like(y)
-    bwd_flops = 0
-    # nothing to differentiate: e.g. a frozen embedding on token ids (no backward runs)
-    if y.requires_grad:
-        with FlopCounterMode(display=False) as fc:
-            y.backward(grad_out)
-        bwd_flops = fc.get_total_flops()
+    with LiveBytes([*params, *layer.buffers(), inp]) as live:
+        with FlopCounterMode(display=False) as fc, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with autocast():
+                y = layer(inp)
+        fwd_flops = fc.get_total_flops()
+        fwd_peak, live.peak_bytes = live.peak_bytes, live.current
+        grad_out = None if y.dim() == 0 else torch.randn_like(y)
+        bwd_flops = 0
+        # nothing to differentiate: e.g. a frozen embedding on token ids (no backward runs)
+        if y.requires_grad:
+            with FlopCounterMode(display=False) as fc:
+                y.backward(grad_out)
+            bwd_flops = fc.get_total_flops()
     for p in params:
         p.grad = None
     prof = LayerProfile(
@@ -278,7 +339,14 @@ def _count_layer(
         in_bytes=_nbytes(inp),
         out_bytes=0 if y.dim() == 0 else _nbytes(y),
         saved_bytes=sum(saved.values()),
+        max_trainable_params=max((p.numel() for p in params if p.requires_grad), default=0),
     )
+    # beyond what the cost model counts on its own: in the forward, what is saved and the
+    # output; in the backward, also the gradient that comes back and the parameters' gradients
+    grads = sum(_nbytes(p) for p in params if p.requires_grad)
+    fwd_extra = fwd_peak - prof.saved_bytes - prof.out_bytes
+    bwd_extra = live.peak_bytes - prof.saved_bytes - 2 * prof.out_bytes - grads
+    prof.bwd_transient_bytes = max(0, fwd_extra, bwd_extra)
     return prof, y, grad_out
 
 
@@ -311,7 +379,8 @@ def _time_layer(
         # (they persist between steps), so only temporaries count
         with autocast():
             y2 = layer(inp)
-        prof.bwd_transient_bytes = peak_allocated_bytes(functools.partial(y2.backward, grad_out), device)
+        measured = peak_allocated_bytes(functools.partial(y2.backward, grad_out), device)
+        prof.bwd_transient_bytes = max(prof.bwd_transient_bytes, measured)
         del y2
 
 

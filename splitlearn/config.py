@@ -121,6 +121,10 @@ class RuntimeConfig:
     emulate_links: bool = False  # each transfer takes at least its link's latency + bytes / bandwidth
     measure_memory: bool = False  # record each stage's peak memory per step (slower: profiler on CPU)
     trace: bool = False  # record each action's start and end per stage and step (metrics.jsonl "trace")
+    # workers' glibc malloc: allocations from this size up are mapped on their own and returned
+    # to the system when freed, so resident memory follows what is alive and holds to the plan
+    # (0: glibc's adaptive default, which keeps freed memory; see docs/decisions.md)
+    malloc_mmap_threshold_kb: int = 128
 
 
 @dataclass
@@ -387,6 +391,7 @@ def _check_runtime(c: _Checker, r: RunConfig) -> None:
     c.positive("runtime.placement_timeout_s", rt.placement_timeout_s)
     c.at_least("runtime.log_every", rt.log_every, 1)
     c.at_least("runtime.max_restarts", rt.max_restarts, 0)
+    c.at_least("runtime.malloc_mmap_threshold_kb", rt.malloc_mmap_threshold_kb, 0)
     c.at_least("checkpoint.every_steps", r.checkpoint.every_steps, 0)
     c.at_least("checkpoint.keep", r.checkpoint.keep, 1)
     if r.ray.num_cpus is not None:

@@ -104,9 +104,19 @@ def set_lr(opt: torch.optim.Optimizer | MasterAdamW | NoOptimizer, lr: float) ->
         group["lr"] = lr
 
 
+SQUARES_CHUNK = 1 << 20  # entries upcast at once: 8 MB of float64, whatever the tensor's size
+
+
+def _squares(g: torch.Tensor) -> torch.Tensor:
+    flat = g.detach().reshape(-1)
+    return torch.stack([c.double().pow_(2).sum() for c in flat.split(SQUARES_CHUNK)]).sum()
+
+
 def sum_of_squares(grads) -> torch.Tensor:
-    """Sum of squared gradient entries in float64, as a CPU scalar (grads may be on a GPU)."""
-    parts = [g.detach().double().pow(2).sum() for g in grads if g is not None]
+    """Sum of squared gradient entries in float64, as a CPU scalar (grads may be on a GPU).
+    Upcast a chunk at a time: a whole float64 copy of a 0.5 GB embedding gradient would be
+    1 GB of temporaries during the step."""
+    parts = [_squares(g) for g in grads if g is not None and g.numel()]
     if not parts:
         return torch.zeros((), dtype=torch.float64)
     return torch.stack([p.cpu() for p in parts]).sum()

@@ -31,6 +31,16 @@ def _unwrap(e: Exception) -> Exception:
     return e
 
 
+def worker_env(run: dict[str, Any]) -> dict[str, str]:
+    """Environment of a stage worker's process: glibc's malloc told to map allocations of
+    ``runtime.malloc_mmap_threshold_kb`` and up on their own and to trim freed memory, so the
+    resident set (what a CPU stage's budget is checked against) is what is alive."""
+    kb = int(run.get("runtime", {}).get("malloc_mmap_threshold_kb", 0) or 0)
+    if not kb:
+        return {}
+    return {"MALLOC_MMAP_THRESHOLD_": str(kb * 1024), "MALLOC_TRIM_THRESHOLD_": str(kb * 1024)}
+
+
 class StageGroup:
     """The workers of one plan, as Ray actors placed on their devices."""
 
@@ -57,7 +67,7 @@ class StageGroup:
         for s in plan.stages:
             for r, device in enumerate(s.devices):
                 bundle = len(self.actors)
-                opts = actor_options(topology, device, self.pg, bundle, 1.0 / plan.devices.count(device))
+                opts = actor_options(topology, device, self.pg, bundle, 1.0 / plan.devices.count(device), worker_env(run))
                 if name:
                     suffix = f".{r}" if r else ""
                     opts.update(name=f"{name}:stage{s.index}{suffix}", namespace=ACTOR_NAMESPACE)

@@ -62,6 +62,7 @@ def method_costs(
             bwd_ms=p.bwd_ms,
             opt_ms=p.opt_ms,
             bwd_transient_bytes=p.bwd_transient_bytes,
+            max_trainable_params=p.max_trainable_params,
         )
         for p in profs
     ]

@@ -121,6 +121,8 @@ class StageWorker:
         # only this segment's tensors are ever materialised (read from the checkpoint's files, or
         # random init with the whole model's values for this seed)
         meta = meta_model(self.run.model)  # built (and its modelling code imported) before the memory mark
+        if stage_method(self.spec).method == "lora":
+            import peft  # noqa: F401  (the library is runtime, not segment: imported before the mark)
         with PeakRSS() as rss:
             # straight to the device, tensor by tensor (DeepSpeed places an offloaded stage itself)
             where = self.device if self.offload == "none" else torch.device("cpu")
