@@ -77,8 +77,8 @@ from partitioners.costmodel import (
     ring_allreduce_ms,
     stage_memory,
     stage_options,
-    step_temporaries,
     stage_time,
+    step_temporaries,
     weight_bytes,
     with_offload,
 )
@@ -243,7 +243,9 @@ class CostTables:
         """The replicas' gradient all-reduce before each step (gradients at the precision's width)."""
         if len(group) < 2:
             return 0.0
-        return ring_allreduce_ms(self.req.topology, group, self.trainable(a, b, opt) * PRECISIONS[self.req.precision][1])
+        return ring_allreduce_ms(
+            self.req.topology, group, self.trainable(a, b, opt) * PRECISIONS[self.req.precision][1]
+        )
 
     def mem_table(self, inflight: int, opt: StageMethod | None = None) -> np.ndarray:
         """``[a, b]`` -> device bytes of a stage of layers ``a..b-1`` with ``inflight``

@@ -34,10 +34,16 @@ class MasterAdamW:
     is keyed by the model's parameters, as torch's is, with ``master`` beside the moments:
     checkpoints save and load it by name like any optimizer state."""
 
-    def __init__(self, params: list[torch.nn.Parameter], lr: float, weight_decay: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    def __init__(
+        self,
+        params: list[torch.nn.Parameter],
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ):
         self.params = params
-        self.param_groups = [{"params": params, "lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}]
+        self.param_groups: list[dict[str, Any]] = [{"params": params, "lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}]
         self.state: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -10,7 +10,7 @@ from partitioners.profile import ModelProfile
 from splitlearn import method_policy
 from splitlearn.config import LoadedConfig
 from splitlearn.errors import ConfigError
-from splitlearn.models.build import meta_model
+from splitlearn.models.build import meta_model, weights_dtype
 from splitlearn.models.chain import chain_names, num_blocks
 from splitlearn.models.costs import meta_profile
 
@@ -36,7 +36,9 @@ def load_profile(cfg: LoadedConfig) -> ModelProfile:
         method_policy.check_profile(prof, run, path)
         return prof
     variants = method_policy.variants(run)
-    layers = meta_profile(run.model, mb, seq, run.train.seed, variants, method_policy.lora_spec(run))
+    layers = meta_profile(
+        run.model, mb, seq, run.train.seed, variants, method_policy.lora_spec(run), weights_dtype(run.train.dtype)
+    )
     return ModelProfile(
         layers=layers,
         micro_batch=mb,

@@ -67,7 +67,9 @@ class StageGroup:
         for s in plan.stages:
             for r, device in enumerate(s.devices):
                 bundle = len(self.actors)
-                opts = actor_options(topology, device, self.pg, bundle, 1.0 / plan.devices.count(device), worker_env(run))
+                opts = actor_options(
+                    topology, device, self.pg, bundle, 1.0 / plan.devices.count(device), worker_env(run)
+                )
                 if name:
                     suffix = f".{r}" if r else ""
                     opts.update(name=f"{name}:stage{s.index}{suffix}", namespace=ACTOR_NAMESPACE)

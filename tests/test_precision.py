@@ -59,7 +59,9 @@ def test_master_adamw_keeps_an_fp32_master_of_bf16_weights():
     assert st["master"].dtype == torch.float32 and st["exp_avg"].dtype == torch.float32
     assert torch.equal(st["master"].to(torch.bfloat16), bf.detach())
     ref = torch.nn.Parameter(w0.to(torch.bfloat16).float())  # the same start, in fp32
-    steps_with([ref], [[gr[0].to(torch.bfloat16).float()] for gr in grads], torch.optim.AdamW([ref], lr=1e-4, weight_decay=0.0))
+    steps_with(
+        [ref], [[gr[0].to(torch.bfloat16).float()] for gr in grads], torch.optim.AdamW([ref], lr=1e-4, weight_decay=0.0)
+    )
     torch.testing.assert_close(st["master"], ref.detach(), rtol=1e-6, atol=1e-7)
     # the comparison above is not trivial: pure bf16 steps lose most of these small updates
     pure = torch.nn.Parameter(w0.to(torch.bfloat16))

@@ -132,7 +132,9 @@ def test_bf16_weights_split_equals_single_process(ray_cluster, tmp_path, dtype):
         if name.endswith(".optim.safetensors"):
             optim.update(load_file(ck.path / name))
     moments = {k for k in optim if k.endswith("/exp_avg")}
-    assert moments and all(optim[k].dtype == (torch.float32 if dtype == "bf16-master" else torch.bfloat16) for k in moments)
+    assert moments and all(
+        optim[k].dtype == (torch.float32 if dtype == "bf16-master" else torch.bfloat16) for k in moments
+    )
     masters = {k[len("optim/") : -len("/master")]: v for k, v in optim.items() if k.endswith("/master")}
     if dtype == "bf16-master":
         assert set(masters) == {k[len("optim/") : -len("/exp_avg")] for k in moments}
