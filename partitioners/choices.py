@@ -20,6 +20,8 @@ Codec = Literal["none", "fp16", "bf16", "int8"]  # how a link packs activations 
 AllowOption = Literal["lora", "frozen", "recompute", "bf16", "fp16", "int8"]  # what the planner may change
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+# the precisions a DeepSpeed-offloaded stage runs with (weights kept in bf16: not yet)
+OFFLOAD_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 METHODS: tuple[str, ...] = get_args(Method)
 FROZEN_DTYPES: tuple[str, ...] = get_args(FrozenDtype)
 OFFLOAD_MODES: tuple[str, ...] = get_args(OffloadMode)

@@ -67,7 +67,7 @@ import numpy as np
 
 from cluster.errors import UserError
 from cluster.topology import Device, Topology
-from partitioners.choices import ALLOW_OPTIONS
+from partitioners.choices import ALLOW_OPTIONS, OFFLOAD_PRECISIONS
 from partitioners.costmodel import (
     PRECISIONS,
     FinetunePolicy,
@@ -131,11 +131,13 @@ class PlanRequest:
     def options(self, stage: int, device: str) -> list[StageMethod]:
         """The methods stage ``stage`` may use on ``device``: the configured one first, then
         ``allow``'s variants (edge devices), then each with every offload mode (cuda devices)
-        unless the config sets the stage's offload itself: a configured offload is kept."""
+        unless the config sets the stage's offload itself (a configured offload is kept) or the
+        precision keeps bf16 weights, which offload does not run with."""
         dev = self.topology.device(device)
         base = (self.finetune or FinetunePolicy()).for_stage(stage, dev.tier)
         opts = stage_options(base, self.allow) if dev.tier == "edge" else [base]
-        return with_offload(opts) if dev.accelerator == "cuda" and base.offload == "none" else opts
+        offer = dev.accelerator == "cuda" and base.offload == "none" and self.precision in OFFLOAD_PRECISIONS
+        return with_offload(opts) if offer else opts
 
 
 REPLICA_SEP = "+"  # a plan.devices entry "cloud-c+cloud-d": one stage replicated on both

@@ -222,6 +222,11 @@ class LiveBytes:
         mode, self._mode = self._mode, None
         mode.__exit__(*exc)
 
+    def restart_peak(self) -> int:
+        """The peak so far; from now on the peak counts from what is alive now."""
+        peak, self.peak_bytes = self.peak_bytes, self.current
+        return peak
+
 
 def _inner(t) -> list:
     """The plain tensors that hold ``t``'s data: itself, or the inner tensors of a tensor
@@ -319,7 +324,7 @@ def _count_layer(
             with autocast():
                 y = layer(inp)
         fwd_flops = fc.get_total_flops()
-        fwd_peak, live.peak_bytes = live.peak_bytes, live.current
+        fwd_peak = live.restart_peak()
         grad_out = None if y.dim() == 0 else torch.randn_like(y)
         bwd_flops = 0
         # nothing to differentiate: e.g. a frozen embedding on token ids (no backward runs)
@@ -384,6 +389,28 @@ def _time_layer(
         del y2
 
 
+SQUARES_CHUNK = 1 << 20  # entries upcast at once: 8 MB of float64, whatever the tensor's size
+
+
+def _squares(g: Any) -> Any:
+    import torch
+
+    flat = g.detach().reshape(-1)
+    return torch.stack([c.double().pow_(2).sum() for c in flat.split(SQUARES_CHUNK)]).sum()
+
+
+def sum_of_squares(grads: Any) -> Any:
+    """Sum of squared gradient entries in float64, as a CPU scalar (grads may be on a GPU).
+    Upcast a chunk at a time: a whole float64 copy of a 0.5 GB embedding gradient would be
+    1 GB of temporaries during the step."""
+    import torch
+
+    parts = [_squares(g) for g in grads if g is not None and g.numel()]
+    if not parts:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack([p.cpu() for p in parts]).sum()
+
+
 def _time_optimizer_step(trainable: list[torch.nn.Parameter], median: Callable[[Callable[[], Any]], float]) -> float:
     """Median milliseconds of what a worker's STEP computes over ``trainable`` (with the
     gradients they hold): its share of the global gradient norm, the clipping, AdamW."""
@@ -393,9 +420,7 @@ def _time_optimizer_step(trainable: list[torch.nn.Parameter], median: Callable[[
     grads = [p.grad for p in trainable if p.grad is not None]
 
     def step() -> None:
-        # the norm's squares are summed in float64, as the worker does
-        if grads:
-            torch.stack([g.double().pow(2).sum() for g in grads]).sum()
+        sum_of_squares(grads)  # the worker's share of the global norm
         for g in grads:
             g.mul_(1.0)  # the clipping's cost; its factor does not change it
         opt.step()

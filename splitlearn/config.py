@@ -17,7 +17,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cluster.conf import conf_error_line
 from cluster.topology import TIERS, Topology, load_topology, topology_from_container
-from partitioners.choices import ALLOW_OPTIONS, CODECS, FROZEN_DTYPES, METHODS, OFFLOAD_MODES, PRECISIONS
+from partitioners.choices import (
+    ALLOW_OPTIONS,
+    CODECS,
+    FROZEN_DTYPES,
+    METHODS,
+    OFFLOAD_MODES,
+    OFFLOAD_PRECISIONS,
+    PRECISIONS,
+)
 from partitioners.partition import PARTITIONERS
 from partitioners.schedule import SCHEDULES
 from splitlearn.errors import ConfigError, TopologyError
@@ -409,13 +417,6 @@ def _check_override(c: _Checker, key: str, over: FinetuneOverride) -> None:
         c.fail(f"{key}.frozen_dtype", f"{over.frozen_dtype} stores frozen weights, but method full freezes none")
 
 
-BF16_WEIGHTS = ("bf16-master", "bf16-pure")  # train.dtype values that keep the weights in bf16
-OFFLOAD_BF16_WEIGHTS = (
-    "train.dtype={dtype} keeps the weights in bf16, which a DeepSpeed-offloaded stage does not support "
-    "yet: use train.dtype=fp32 or bf16 (autocast) with offload, or drop finetune offload"
-)
-
-
 def _check_offload(r: RunConfig) -> None:
     """The offload modes the config asks for, against its ``deepspeed:`` section."""
     from splitlearn.zero import check_user_section
@@ -424,5 +425,8 @@ def _check_offload(r: RunConfig) -> None:
     modes = {f.offload, *(o.offload for o in (*f.by_tier.values(), *f.by_stage.values()) if o.offload)}
     for mode in sorted(modes):
         check_user_section(r.deepspeed, mode)
-    if modes - {"none"} and r.train.dtype in BF16_WEIGHTS:
-        raise ConfigError(OFFLOAD_BF16_WEIGHTS.format(dtype=r.train.dtype))
+    if modes - {"none"} and r.train.dtype not in OFFLOAD_PRECISIONS:
+        raise ConfigError(
+            f"train.dtype={r.train.dtype} keeps the weights in bf16, which a DeepSpeed-offloaded stage does not "
+            f"run with yet: use train.dtype={' or '.join(OFFLOAD_PRECISIONS)} with offload, or drop finetune offload"
+        )

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from partitioners.profile import sum_of_squares  # the STEP's norm, timed by the profile as it runs
+
 
 class NoOptimizer:
     """The optimizer of a stage with nothing to train (every weight frozen): no state, no step."""
@@ -43,7 +45,9 @@ class MasterAdamW:
         eps: float = 1e-8,
     ):
         self.params = params
-        self.param_groups: list[dict[str, Any]] = [{"params": params, "lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}]
+        self.param_groups: list[dict[str, Any]] = [
+            {"params": params, "lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}
+        ]
         self.state: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -93,7 +97,7 @@ def make_optimizer(params, train_cfg: Any) -> torch.optim.Optimizer | MasterAdam
     trainable = [p for p in params if p.requires_grad]
     if not trainable:
         return NoOptimizer()
-    if getattr(train_cfg, "dtype", "fp32") == "bf16-master":
+    if train_cfg.dtype == "bf16-master":
         return MasterAdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     return torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, foreach=False)
 
@@ -108,24 +112,6 @@ def lr_at(step: int, train_cfg: Any) -> float:
 def set_lr(opt: torch.optim.Optimizer | MasterAdamW | NoOptimizer, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
-
-
-SQUARES_CHUNK = 1 << 20  # entries upcast at once: 8 MB of float64, whatever the tensor's size
-
-
-def _squares(g: torch.Tensor) -> torch.Tensor:
-    flat = g.detach().reshape(-1)
-    return torch.stack([c.double().pow_(2).sum() for c in flat.split(SQUARES_CHUNK)]).sum()
-
-
-def sum_of_squares(grads) -> torch.Tensor:
-    """Sum of squared gradient entries in float64, as a CPU scalar (grads may be on a GPU).
-    Upcast a chunk at a time: a whole float64 copy of a 0.5 GB embedding gradient would be
-    1 GB of temporaries during the step."""
-    parts = [_squares(g) for g in grads if g is not None and g.numel()]
-    if not parts:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.stack([p.cpu() for p in parts]).sum()
 
 
 def clip_coefficient(total_norm: float, max_norm: float) -> float:

@@ -175,7 +175,7 @@ def test_lora_stage_trains_only_adapters_and_frozen_stage_passes_gradients():
     n = num_blocks(build_model(cfg, seed=0)) + 2
     segs = lora_segments(cfg, [0, 2, 4, n], {0: StageMethod("lora"), 1: StageMethod("frozen"), 2: StageMethod()})
     before = [{k: v.clone() for k, v in s.model.state_dict().items()} for s in segs]
-    train = SimpleNamespace(lr=1e-2, weight_decay=0.0)
+    train = SimpleNamespace(lr=1e-2, weight_decay=0.0, dtype="fp32")
     opts = [make_optimizer(s.parameters(), train) for s in segs]
     assert sum(len(g["params"]) for g in opts[1].param_groups) == 0  # frozen: nothing to step
     for _ in range(3):
@@ -522,7 +522,7 @@ def assert_valid_methods(plan, r):
             schedule=r.schedule,
             num_micro_batches=r.num_micro_batches,
             precision=r.precision,
-            method=StageMethod(s.method, s.recompute, s.frozen_dtype),
+            method=StageMethod(s.method, s.recompute, s.frozen_dtype, s.offload),  # offload as planned
         )
         used[s.device] = used.get(s.device, 0.0) + m.device_total
     for dev, need in used.items():

@@ -9,6 +9,7 @@ from conftest import inline_topology
 from cluster.topology import topology_from_container
 from partitioners import LayerProfile, Plan, PlanError, PlanRequest, partition, uniform_cuts
 from partitioners import schedule as S
+from partitioners.choices import OFFLOAD_PRECISIONS, PRECISIONS
 from partitioners.costmodel import StageMethod, stage_memory
 from partitioners.partition import CostTables, check_plan, evaluate, identical
 
@@ -167,7 +168,7 @@ def test_validate_catches_mismatched_transfers_and_order():
 def random_instance(rng: random.Random):
     k = rng.randint(1, 5)
     zones = ["home", "office", "cloud"]
-    gpus = rng.random() < 0.4  # some instances have cuda devices, some small: only offload fits
+    gpus = rng.random() < 0.5  # some instances have cuda devices, some small: only offload fits
     devices = []
     for i in range(k):
         d = {
@@ -227,7 +228,8 @@ def random_instance(rng: random.Random):
         num_micro_batches=rng.choice([1, 2, 4, 8]),
         schedule=rng.choice(["sequential", "gpipe", "1f1b"]),
         label_privacy=rng.random() < 0.25,
-        precision=rng.choice(["fp32", "bf16-master"]),
+        # offload runs with fp32 and bf16 autocast only: instances with GPUs draw among those
+        precision=rng.choice(OFFLOAD_PRECISIONS if gpus else PRECISIONS),
     )
 
 

@@ -90,6 +90,10 @@ def test_offload_options_only_on_cuda_devices():
     assert [o.offload for o in r.options(0, "edge-a")] == ["none"]
     r.finetune = FinetunePolicy(default=StageMethod(offload="params"))
     assert [o.offload for o in r.options(1, "cloud-g")] == ["params"]  # a configured offload is kept
+    # bf16 weights (bf16-master, bf16-pure) are not offered offload: the runtime does not run it
+    for precision, offered in (("bf16", ["none", "optimizer"]), ("bf16-master", ["none"]), ("bf16-pure", ["none"])):
+        r = PlanRequest(layers=chain(), topology=gpu_topology(1.0), precision=precision)
+        assert [o.offload for o in r.options(1, "cloud-g")] == offered
 
 
 def test_offload_memory_and_time_by_hand():

@@ -38,7 +38,6 @@ from cluster.conf import to_typed
 from cluster.topology import topology_from_container
 from partitioners import schedule as S
 from partitioners.plan import Plan
-from splitlearn.config import BF16_WEIGHTS, OFFLOAD_BF16_WEIGHTS
 from splitlearn.errors import ConfigError, DataError
 from splitlearn.optim import make_optimizer
 from splitlearn.rss import PeakRSS
@@ -214,8 +213,6 @@ class StageWorker:
                 "gradients are summed across stages before the step; DeepSpeed reduces them itself, so this "
                 "stage cannot be offloaded: offload another stage, or untie the embeddings"
             )
-        if self.run.train.dtype in BF16_WEIGHTS:
-            raise ConfigError(OFFLOAD_BF16_WEIGHTS.format(dtype=self.run.train.dtype))
         zero.check_user_section(self.run.deepspeed, self.offload)
         zero.check_schedule(self.offload, self.actions, self.stage, self.plan.schedule)
         zero.ensure_ops(self.device_name, self.device.type == "cuda")
