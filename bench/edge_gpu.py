@@ -18,8 +18,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -29,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from common import machine, runtime_section, write_record  # noqa: E402
 from shapes import LLAMA_SHAPES  # noqa: E402
 
 SHAPES = LLAMA_SHAPES
@@ -97,14 +96,7 @@ def run_config(path: Path, args: argparse.Namespace, out_dir: Path) -> dict:
         "train": {"steps": args.steps, "batch_size": args.batch, "micro_batches": 2, "lr": 1e-4, "seed": 0},
         "plan": {"partitioner": "manual", "devices": ["edge", "gpu"], "cuts": [args.edge_blocks + 1]},
         "finetune": {"method": "lora"},
-        "runtime": {
-            "output_dir": str(out_dir),
-            "run_name": "run",
-            "progress": "log",
-            "timeout_s": 1800,
-            "placement_timeout_s": 300,
-            "checkpoint": False,
-        },
+        "runtime": runtime_section(out_dir, "run", "log"),
     }
 
 
@@ -123,8 +115,6 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "edge-gpu-8b.json"))
     args = ap.parse_args()
 
-    import torch
-    import transformers
 
     from splitlearn.config import config_from_container
     from splitlearn.trainer import train
@@ -172,12 +162,7 @@ def main() -> None:
     record = {
         "shape": args.shape,
         "config": SHAPES[args.shape],
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
+        "machine": machine(),
         "args": vars(args),
         "checkpoint_save_s": save_s,
         "train_wall_s": wall,
@@ -185,9 +170,7 @@ def main() -> None:
         "median_step_s": s["median_step_s"],
         "stages": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
-    print(f"wrote {args.out}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

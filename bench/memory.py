@@ -16,8 +16,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from common import machine, runtime_section, write_record  # noqa: E402
 from shapes import LLAMA_SHAPES  # noqa: E402
 
 # (name, shape, method, train.dtype, recompute, schedule)
@@ -84,15 +83,9 @@ def case_config(case: tuple, args: argparse.Namespace, out_dir: Path) -> dict:
         "train": {"steps": args.steps, "batch_size": args.batch, "micro_batches": 2, "lr": 1e-4, "dtype": dtype},
         "plan": {"partitioner": "manual", "devices": ["a", "b"], "cuts": [cut]},
         "finetune": {"method": method, "recompute": recompute},
-        "runtime": {
-            "schedule": schedule,
-            "output_dir": str(out_dir),
-            "run_name": name.replace(" ", "-"),
-            "progress": "none",
-            "timeout_s": 1800,
-            "placement_timeout_s": 300,
-            "checkpoint": False,
-        },
+        "runtime": runtime_section(
+            out_dir, name.replace(" ", "-"), "none", schedule=schedule, malloc_mmap_threshold_kb=args.malloc_kb
+        ),
     }
 
 
@@ -106,12 +99,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument(
+        "--malloc-kb", type=int, default=128, help="runtime.malloc_mmap_threshold_kb (0: glibc's adaptive default)"
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory-cpu.json"))
     args = ap.parse_args()
 
     import ray
-    import torch
-    import transformers
 
     from splitlearn.config import config_from_container
     from splitlearn.trainer import train
@@ -138,13 +132,14 @@ def main() -> None:
                     "params": st.params,
                     "planned_parts_gb": st.memory,
                     "wall_s": wall,
+                    "median_step_s": result.summary["median_step_s"],
                     **m,
                     "ratio": m["measured_gb"] / m["planned_gb"],
                 }
                 rows.append(row)
                 print(
                     f"{case[0]:28s} stage {m['stage']}  {st.params / 1e6:7.1f}M  planned {m['planned_gb']:6.3f} GB  "
-                    f"measured {m['measured_gb']:6.3f} GB  x{row['ratio']:.3f}",
+                    f"measured {m['measured_gb']:6.3f} GB  x{row['ratio']:.3f}  step {row['median_step_s']:.3f} s",
                     flush=True,
                 )
     ray.shutdown()
@@ -154,19 +149,12 @@ def main() -> None:
         f"min {min(ratios):.3f}, max {max(ratios):.3f}; within 10%: {sum(abs(x - 1) <= 0.10 for x in ratios)}/{len(rows)}"
     )
     record = {
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
+        "machine": machine(),
         "args": vars(args),
         "shapes": {c[1]: LLAMA_SHAPES[c[1]] for c in cases},
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
-    print(f"wrote {args.out}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -76,13 +76,15 @@ class Stage:
         return label + ("+rc" if self.recompute else "")
 
 
-# what each train.dtype costs, per weight (the cost model's PRECISIONS), for the plan's footer
-PRECISION_NOTES = {
-    "fp32": "per trained weight 4 B + 4 B grad + 8 B moments",
-    "bf16": "fp32 weights, bf16 autocast: per trained weight 4 B + 4 B grad + 8 B moments",
-    "bf16-master": "bf16 weights: per trained weight 2 B + 2 B grad + 4 B fp32 master + 8 B moments; frozen 2 B",
-    "bf16-pure": "bf16 weights: per trained weight 2 B + 2 B grad + 4 B bf16 moments; frozen 2 B",
-}
+def precision_note(precision: str) -> str:
+    """What ``precision`` costs per weight, from the cost model's table, for the plan's footer."""
+    from partitioners.costmodel import PRECISIONS
+
+    if precision not in PRECISIONS:
+        return ""
+    w, g, master, moments = PRECISIONS[precision]
+    master_part = f" + {master} B fp32 master" if master else ""
+    return f"per trained weight {w} B + {g} B grad{master_part} + {moments} B moments; frozen {w} B"
 
 
 @dataclass
@@ -171,7 +173,7 @@ class Plan:
         lines = [render_table(head, rows, numeric=("stage", "params", "mem GB", "fwd+bwd ms", "link ms"))]
         footer = (
             f"partitioner={self.partitioner} schedule={self.schedule} micro_batches={self.num_micro_batches} "
-            f"precision={self.precision} ({PRECISION_NOTES.get(self.precision, '')})"
+            f"precision={self.precision} ({precision_note(self.precision)})"
         )
         p = self.predicted
         if "step_ms" in p:

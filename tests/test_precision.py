@@ -111,3 +111,20 @@ def test_bf16_weights_with_offload_is_one_line():
         load_config(QUICKSTART, ["train.dtype=bf16-master", "finetune.offload=optimizer"])
     msg = str(e.value)
     assert "train.dtype=bf16-master" in msg and "offload" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("dtype, master", [("fp32", False), ("bf16-master", True), ("bf16-pure", False)])
+def test_plan_names_its_precision_and_charges_it(dtype, master):
+    """The plan carries the precision its memory is for; bf16 weights halve what a frozen-free
+    stage's weights cost and the footer says what each weight costs."""
+    from splitlearn.planning import make_plan
+
+    plans = {}
+    for d in ("fp32", dtype):
+        cfg = load_config(QUICKSTART, [f"train.dtype={d}", "plan.partitioner=uniform"])
+        plans[d] = make_plan(cfg)
+    plan = plans[dtype]
+    assert plan.precision == dtype and f"precision={dtype} (per trained weight" in plan.table()
+    assert ("fp32 master" in plan.table()) == master
+    ratio = plan.stages[1].memory["weights"] / plans["fp32"].stages[1].memory["weights"]
+    assert ratio == pytest.approx(1.0 if dtype == "fp32" else 0.5)
