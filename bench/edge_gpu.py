@@ -115,7 +115,6 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "edge-gpu-8b.json"))
     args = ap.parse_args()
 
-
     from splitlearn.config import config_from_container
     from splitlearn.trainer import train
 

@@ -122,6 +122,59 @@ def register_cpu_attention_flops() -> None:
             fc.register_flop_formula(op, get_raw=True)(formula)  # formula is already shape-wrapped
 
 
+@contextlib.contextmanager
+def fused_attention_on_meta() -> Any:
+    """Within the block, ``scaled_dot_product_attention`` on meta tensors is counted as a
+    fused kernel runs it, as CPU and CUDA do whenever one applies: autograd saves the query,
+    key, value, output and one log-sum-exp per row (grouped key/value heads as they are), not
+    the seq x seq probabilities of torch's math path, which meta otherwise takes. FLOPs are
+    counted on the fused kernel's forward and backward (keys and values repeated per group,
+    as those kernels compute). Other devices go to torch's own function."""
+    import torch
+    import torch.nn.functional as F
+
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    original = F.scaled_dot_product_attention
+
+    class _Fused(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, mask, is_causal, scale):  # type: ignore[no-untyped-def]
+            group = q.shape[-3] // k.shape[-3]
+            kr, vr = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+            out, lse = fwd(q, kr, vr, 0.0, is_causal, attn_mask=mask, scale=scale)
+            ctx.save_for_backward(q, k, v, out, lse, *([] if mask is None else [mask]))  # as the kernel saves
+            ctx.is_causal, ctx.scale, ctx.group = is_causal, scale, group
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):  # type: ignore[no-untyped-def]
+            q, k, v, out, lse, *mask = ctx.saved_tensors
+            kr, vr = k.repeat_interleave(ctx.group, dim=-3), v.repeat_interleave(ctx.group, dim=-3)
+            mask = mask[0] if mask else None
+            gq, gk, gv = bwd(grad, q, kr, vr, out, lse, 0.0, ctx.is_causal, attn_mask=mask, scale=ctx.scale)
+
+            def fold(g: torch.Tensor) -> torch.Tensor:  # gradients of repeated heads summed per group
+                return g.unflatten(-3, (k.shape[-3], ctx.group)).sum(-3)
+
+            return gq, fold(gk), fold(gv), None, None, None
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):  # type: ignore[no-untyped-def]
+        if fwd is None or bwd is None or query.device.type != "meta" or dropout_p:
+            kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
+            return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kw)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:  # the fused kernels take an additive mask
+            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)
+        return _Fused.apply(query, key, value, attn_mask, is_causal, scale)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
 def _median_ms(fn: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], None]) -> float:
     for _ in range(warmup):
         fn()
@@ -286,7 +339,8 @@ def profile_chain(
     for name, layer in zip(names, layers, strict=True):
         params = list(layer.parameters())
         inp = x.detach().requires_grad_(x.is_floating_point())
-        prof, y, grad_out = _count_layer(name, layer, params, inp, autocast)
+        with fused_attention_on_meta() if device.type == "meta" else contextlib.nullcontext():
+            prof, y, grad_out = _count_layer(name, layer, params, inp, autocast)
         if measure_time:
             _time_layer(prof, layer, inp, grad_out, y.requires_grad, autocast, median, device)
             trainable = [p for p in params if p.requires_grad]

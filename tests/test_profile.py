@@ -170,3 +170,21 @@ def test_profile_bad_input(tmp_path, capsys, extra, needle):
     err = capsys.readouterr().err.strip()
     assert code == 2 and needle in err and "\n" not in err, err
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_meta_profile_counts_what_the_cpu_run_saves(family):
+    """The plan's profile (counted on the meta device, no weights) saves what a real CPU
+    forward saves, attention included (a fused kernel's output and log-sum-exp, not the math
+    path's probabilities, where the real run takes a fused kernel), with the same FLOPs."""
+    from splitlearn.models.costs import meta_profile
+
+    meta = meta_profile(cfg_for(family), 2, 32)
+    model = build_model(cfg_for(family), seed=0)
+    model.train()
+    ids = torch.randint(3, 96, (2, 32))
+    real = profile_chain(layer_views(model, None, ids), ids, measure_time=False)
+    for m, r in zip(meta, real, strict=True):
+        assert (m.saved_bytes, m.fwd_flops, m.bwd_flops) == (r.saved_bytes, r.fwd_flops, r.bwd_flops), m.name
+        assert (m.in_bytes, m.out_bytes, m.max_trainable_params) == (r.in_bytes, r.out_bytes, r.max_trainable_params)
+    assert any(m.bwd_transient_bytes > 0 for m in meta)  # the head's logits and softmax, at least
