@@ -9,6 +9,7 @@ every figure.
 
     python bench/memory.py --out bench/results/memory-cpu.json                   # CPU, ~100M-1B shapes
     python bench/memory.py --accelerator cuda --cases gpu --out bench/results/memory-cuda.json
+    python bench/memory.py --replan bench/results/memory-cuda.json    # today's plan vs what was held then
 
 Prints a table and writes JSON.
 """
@@ -16,11 +17,13 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -89,6 +92,36 @@ def case_config(case: tuple, args: argparse.Namespace, out_dir: Path) -> dict:
     }
 
 
+def replan(path: Path) -> None:
+    """Each case of a results file planned again with the current cost model (planning needs no
+    accelerator), against the memory its run held: what a change to the cost model does to
+    figures measured on a machine that is not at hand."""
+    from splitlearn.config import config_from_container
+    from splitlearn.planning import make_plan
+
+    record = json.loads(path.read_text())
+    args = argparse.Namespace(**record["args"])
+    args.malloc_kb = getattr(args, "malloc_kb", 128)
+    cases = {c[0]: c for group in CASES.values() for c in group}
+    ratios, rows = [], []
+    with tempfile.TemporaryDirectory(prefix="sl-replan-") as tmp:
+        planned: dict[str, Any] = {}
+        for row in record["rows"]:
+            if row["case"] not in planned:
+                raw = case_config(cases[row["case"]], args, Path(tmp))
+                planned[row["case"]] = make_plan(config_from_container(raw, [], "bench/memory.py", ROOT))
+            now = planned[row["case"]].stages[row["stage"]].memory_gb
+            ratios.append(row["measured_gb"] / now)
+            rows.append({**row, "planned_then_gb": row["planned_gb"], "planned_gb": now, "ratio": ratios[-1]})
+            print(
+                f"{row['case']:28s} stage {row['stage']}  held {row['measured_gb']:6.3f} GB  planned then "
+                f"{row['planned_gb']:6.3f} (x{row['ratio']:.3f})  now {now:6.3f} (x{ratios[-1]:.3f})"
+            )
+    within = sum(abs(x - 1) <= 0.10 for x in ratios)
+    print(f"\nnow: held/planned {min(ratios):.3f}-{max(ratios):.3f}, within 10%: {within}/{len(ratios)}")
+    write_record(path.with_name(path.stem + "-replan.json"), {"measured_in": str(path), "machine": machine(), "rows": rows})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", choices=sorted(CASES), default="cpu")
@@ -103,7 +136,16 @@ def main() -> None:
         "--malloc-kb", type=int, default=128, help="runtime.malloc_mmap_threshold_kb (0: glibc's adaptive default)"
     )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory-cpu.json"))
+    ap.add_argument(
+        "--replan",
+        default=None,
+        help="a results JSON: plan its cases again with the current cost model (no run) and print the new "
+        "prediction against the memory that run held (writes <results>-replan.json)",
+    )
     args = ap.parse_args()
+    if args.replan:
+        replan(Path(args.replan))
+        return
 
     import ray
 

@@ -123,13 +123,17 @@ def register_cpu_attention_flops() -> None:
 
 
 @contextlib.contextmanager
-def fused_attention_on_meta() -> Any:
+def fused_attention_on_meta(cuda: bool = False) -> Any:
     """Within the block, ``scaled_dot_product_attention`` on meta tensors is counted as a
     fused kernel runs it, as CPU and CUDA do whenever one applies: autograd saves the query,
     key, value, output and one log-sum-exp per row (grouped key/value heads as they are), not
     the seq x seq probabilities of torch's math path, which meta otherwise takes. FLOPs are
     counted on the fused kernel's forward and backward (keys and values repeated per group,
-    as those kernels compute). Other devices go to torch's own function."""
+    as those kernels compute). Other devices go to torch's own function.
+
+    ``cuda``: count as CUDA would run it where it differs from the CPU: fp32 attention with
+    grouped key/value heads takes the math path there (flash needs 16-bit inputs, the
+    memory-efficient kernel takes no grouped heads; measured on an H200 with torch 2.11)."""
     import torch
     import torch.nn.functional as F
 
@@ -161,7 +165,9 @@ def fused_attention_on_meta() -> Any:
             return gq, fold(gk), fold(gv), None, None, None
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):  # type: ignore[no-untyped-def]
-        if fwd is None or bwd is None or query.device.type != "meta" or dropout_p:
+        grouped = key.shape[-3] != query.shape[-3]
+        math_on_cuda = cuda and grouped and query.dtype == torch.float32
+        if fwd is None or bwd is None or query.device.type != "meta" or dropout_p or math_on_cuda:
             kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
             return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kw)
         if attn_mask is not None and attn_mask.dtype == torch.bool:  # the fused kernels take an additive mask
@@ -312,12 +318,14 @@ def profile_chain(
     repeats: int = 5,
     measure_time: bool = True,
     autocast_dtype: Any = None,
+    cuda_kernels: bool = False,
 ) -> list[LayerProfile]:
     """Profile each module of ``layers`` on the output of the one before it.
 
     ``layers[i](x)`` must return one tensor; the last returns a scalar loss. ``sample`` is
     the first layer's input (e.g. token ids). Time is measured on whatever device the
-    modules and the sample live on.
+    modules and the sample live on. On the meta device attention is counted as the fused
+    kernels run it (as CUDA runs it with ``cuda_kernels``: :func:`fused_attention_on_meta`).
     """
     import torch
 
@@ -339,7 +347,7 @@ def profile_chain(
     for name, layer in zip(names, layers, strict=True):
         params = list(layer.parameters())
         inp = x.detach().requires_grad_(x.is_floating_point())
-        with fused_attention_on_meta() if device.type == "meta" else contextlib.nullcontext():
+        with fused_attention_on_meta(cuda_kernels) if device.type == "meta" else contextlib.nullcontext():
             prof, y, grad_out = _count_layer(name, layer, params, inp, autocast)
         if measure_time:
             _time_layer(prof, layer, inp, grad_out, y.requires_grad, autocast, median, device)

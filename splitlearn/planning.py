@@ -36,8 +36,9 @@ def load_profile(cfg: LoadedConfig) -> ModelProfile:
         method_policy.check_profile(prof, run, path)
         return prof
     variants = method_policy.variants(run)
+    gpu = any(d.accelerator == "cuda" for d in cfg.topology.devices)
     layers = meta_profile(
-        run.model, mb, seq, run.train.seed, variants, method_policy.lora_spec(run), weights_dtype(run.train.dtype)
+        run.model, mb, seq, run.train.seed, variants, method_policy.lora_spec(run), weights_dtype(run.train.dtype), gpu
     )
     return ModelProfile(
         layers=layers,

@@ -188,3 +188,18 @@ def test_meta_profile_counts_what_the_cpu_run_saves(family):
         assert (m.saved_bytes, m.fwd_flops, m.bwd_flops) == (r.saved_bytes, r.fwd_flops, r.bwd_flops), m.name
         assert (m.in_bytes, m.out_bytes, m.max_trainable_params) == (r.in_bytes, r.out_bytes, r.max_trainable_params)
     assert any(m.bwd_transient_bytes > 0 for m in meta)  # the head's logits and softmax, at least
+
+
+def test_meta_profile_counts_attention_as_cuda_runs_it():
+    """fp32 attention with grouped key/value heads takes CUDA's math path (its probabilities
+    saved); in bf16, or without grouped heads, CUDA runs a fused kernel as the CPU does."""
+    from splitlearn.models.costs import meta_profile
+
+    def saved(family, dtype, cuda):
+        return sum(layer.saved_bytes for layer in meta_profile(cfg_for(family), 2, 32, dtype=dtype, cuda_kernels=cuda))
+
+    probabilities = 4 * 2 * TINY["llama"]["num_attention_heads"] * 32 * 32  # fp32, per block
+    blocks = TINY["llama"]["num_hidden_layers"]
+    assert saved("llama", torch.float32, True) - saved("llama", torch.float32, False) >= blocks * probabilities
+    assert saved("llama", torch.bfloat16, True) == saved("llama", torch.bfloat16, False)
+    assert saved("gpt2", torch.float32, True) == saved("gpt2", torch.float32, False)  # no grouped heads

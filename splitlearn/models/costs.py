@@ -76,24 +76,29 @@ def meta_profile(
     variants: Sequence[StageMethod] = (),
     lora: LoraSpec | None = None,
     dtype: torch.dtype = torch.float32,
+    cuda_kernels: bool = False,
 ) -> list[LayerProfile]:
     """Counted costs of each chain layer (parameters, FLOPs, cut and saved bytes; no times)
     from the model built on the meta device: no memory, no weights read, seconds even for a
     7B model. Attention kernels differ on meta, so saved bytes there are estimates; a
     measured profile (``splitlearn profile``) is exact. ``variants`` (fine-tuning methods
     other than full, with the ``lora`` settings, default :class:`LoraSpec`) are counted too,
-    into each layer's ``methods``. ``dtype``: the weights' (bf16 weights save bf16 activations)."""
+    into each layer's ``methods``. ``dtype``: the weights' (bf16 weights save bf16 activations).
+    ``cuda_kernels``: count attention as CUDA runs it where that costs more than on a CPU
+    (:func:`partitioners.profile.fused_attention_on_meta`); for a topology with a GPU."""
     model = meta_model(model_cfg).to(dtype)
     vocab = hf_config(model).vocab_size
     ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta").clamp_(0, vocab - 1)
     names = chain_names(num_blocks(model))
-    layers = profile_chain(layer_views(model, None, ids), ids, names, measure_time=False)
+    layers = profile_chain(layer_views(model, None, ids), ids, names, measure_time=False, cuda_kernels=cuda_kernels)
     if variants:
         spec = lora if lora is not None else LoraSpec()  # read by a "lora" variant only
         for layer, (params, rows) in zip(layers, layer_compact_counts(model), strict=True):
             layer.compact_params, layer.compact_rows = params, rows
         for v in variants:
-            costs = method_costs(meta_model(model_cfg).to(dtype), v, spec, seed, ids, measure_time=False)
+            costs = method_costs(
+                meta_model(model_cfg).to(dtype), v, spec, seed, ids, measure_time=False, cuda_kernels=cuda_kernels
+            )
             for layer, cost in zip(layers, costs, strict=True):
                 layer.methods[v.key] = cost
     return layers
