@@ -6,6 +6,7 @@ and the file it came from.
 
 from __future__ import annotations
 
+import math
 from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
@@ -14,6 +15,16 @@ from omegaconf.errors import OmegaConfBaseException
 from cluster.errors import UserError
 
 T = TypeVar("T")
+
+
+def number_problem(value: float, low: float, strict: bool = False) -> str | None:
+    """What is wrong with a number that must be finite and ``>= low`` (``> low`` when
+    ``strict``), or None: NaN and infinities pass a plain comparison the wrong way."""
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if value < low or (strict and value == low):
+        return f"must be {'>' if strict else '>='} {low:g}, got {value}"
+    return None
 
 
 def conf_error_line(e: OmegaConfBaseException, prefix: str, source: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
-from cluster.conf import to_typed
+from cluster.conf import number_problem, to_typed
 from cluster.errors import TopologyError
 
 TIERS = ("edge", "cloud")
@@ -235,20 +235,19 @@ def validate_topology(topo: Topology, source: str = "<inline>") -> None:
             fail(f"{k}.tier", f"'{d.tier}' is not one of {', '.join(TIERS)}")
         if d.accelerator not in ACCELERATORS:
             fail(f"{k}.accelerator", f"'{d.accelerator}' is not one of {', '.join(ACCELERATORS)}")
-        if d.memory_gb <= 0:
-            fail(f"{k}.memory_gb", f"must be > 0, got {d.memory_gb}")
-        if d.host_memory_gb < 0:
-            fail(f"{k}.host_memory_gb", f"must be >= 0, got {d.host_memory_gb}")
-        if d.tflops <= 0:
-            fail(f"{k}.tflops", f"must be > 0, got {d.tflops}")
-        if d.cpu_threads < 1:
-            fail(f"{k}.cpu_threads", f"must be >= 1, got {d.cpu_threads}")
-        if d.gpus < 0:
-            fail(f"{k}.gpus", f"must be >= 0, got {d.gpus}")
-        if d.host_tflops <= 0:
-            fail(f"{k}.host_tflops", f"must be > 0, got {d.host_tflops}")
-        if d.host_link_gbps <= 0:
-            fail(f"{k}.host_link_gbps", f"must be > 0, got {d.host_link_gbps}")
+        # (field, lowest value, whether the lowest itself is excluded)
+        for name, low, strict in (
+            ("memory_gb", 0, True),
+            ("host_memory_gb", 0, False),
+            ("tflops", 0, True),
+            ("cpu_threads", 1, False),
+            ("gpus", 0, False),
+            ("host_tflops", 0, True),
+            ("host_link_gbps", 0, True),
+        ):
+            problem = number_problem(getattr(d, name), low, strict)
+            if problem:
+                fail(f"{k}.{name}", problem)
     if not any(d.owns_data for d in topo.devices):
         fail("devices", "no device has owns_data: true; mark the edge device that holds the data")
     for table in ("zones", "pairs"):
@@ -262,13 +261,16 @@ def validate_topology(topo: Topology, source: str = "<inline>") -> None:
                         f"{k}.{end}",
                         f"unknown {what} '{getattr(e, end)}' (known: {', '.join(sorted(names))})",
                     )
-            if e.bandwidth_mbps <= 0:
-                fail(f"{k}.bandwidth_mbps", f"must be > 0, got {e.bandwidth_mbps}")
-            if e.latency_ms < 0:
-                fail(f"{k}.latency_ms", f"must be >= 0, got {e.latency_ms}")
-            if e.reverse_bandwidth_mbps is not None and e.reverse_bandwidth_mbps <= 0:
-                fail(f"{k}.reverse_bandwidth_mbps", f"must be > 0, got {e.reverse_bandwidth_mbps}")
-    if topo.links.default.bandwidth_mbps <= 0:
-        fail("links.default.bandwidth_mbps", "must be > 0")
-    if topo.links.default.latency_ms < 0:
-        fail("links.default.latency_ms", "must be >= 0")
+            _check_link(fail, k, e.bandwidth_mbps, e.latency_ms, e.reverse_bandwidth_mbps)
+    _check_link(fail, "links.default", topo.links.default.bandwidth_mbps, topo.links.default.latency_ms, None)
+
+
+def _check_link(fail: Any, key: str, bandwidth_mbps: float, latency_ms: float, reverse_mbps: float | None) -> None:
+    for name, value, strict in (
+        ("bandwidth_mbps", bandwidth_mbps, True),
+        ("latency_ms", latency_ms, False),
+        ("reverse_bandwidth_mbps", reverse_mbps, True),
+    ):
+        problem = None if value is None else number_problem(value, 0, strict)
+        if problem:
+            fail(f"{key}.{name}", problem)

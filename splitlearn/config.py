@@ -15,7 +15,7 @@ from typing import Any, NoReturn, cast
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cluster.conf import conf_error_line
+from cluster.conf import conf_error_line, number_problem
 from cluster.topology import TIERS, Topology, load_topology, topology_from_container
 from partitioners.choices import (
     ALLOW_OPTIONS,
@@ -283,12 +283,14 @@ class _Checker:
             self.fail(key, f"'{value}' is not one of {', '.join(allowed)}")
 
     def at_least(self, key: str, value: float, low: float) -> None:
-        if value < low:
-            self.fail(key, f"must be >= {low:g}, got {value}")
+        problem = number_problem(value, low)
+        if problem:
+            self.fail(key, problem)
 
     def positive(self, key: str, value: float) -> None:
-        if value <= 0:
-            self.fail(key, f"must be > 0, got {value}")
+        problem = number_problem(value, 0, strict=True)
+        if problem:
+            self.fail(key, problem)
 
 
 def validate(cfg: LoadedConfig) -> None:
@@ -400,6 +402,9 @@ def _check_runtime(c: _Checker, r: RunConfig) -> None:
     c.at_least("runtime.log_every", rt.log_every, 1)
     c.at_least("runtime.max_restarts", rt.max_restarts, 0)
     c.at_least("runtime.malloc_mmap_threshold_kb", rt.malloc_mmap_threshold_kb, 0)
+    name = rt.run_name
+    if name is not None and (not name or name in (".", "..") or any(sep in name for sep in "/\\")):
+        c.fail("runtime.run_name", f"'{name}' must be a name, not a path: the run directory is <output_dir>/<run_name>")
     c.at_least("checkpoint.every_steps", r.checkpoint.every_steps, 0)
     c.at_least("checkpoint.keep", r.checkpoint.keep, 1)
     if r.ray.num_cpus is not None:

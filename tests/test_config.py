@@ -33,6 +33,12 @@ def test_quickstart_loads_with_overrides():
         (["train.steps=0"], "train.steps: must be >= 1"),
         (["train.micro_batches=3"], "train.micro_batches: 3 does not divide train.batch_size=16"),
         (["train.dtype=fp8"], "train.dtype: 'fp8' is not one of fp32, bf16"),
+        (["train.lr=nan"], "train.lr: must be a finite number, got nan"),
+        (["train.lr=inf"], "train.lr: must be a finite number, got inf"),
+        (["train.weight_decay=-inf"], "train.weight_decay: must be a finite number"),
+        (["runtime.run_name=../../x"], "runtime.run_name: '../../x' must be a name, not a path"),
+        (["runtime.run_name=/tmp/abs"], "runtime.run_name: '/tmp/abs' must be a name"),
+        (["runtime.run_name=.."], "runtime.run_name: '..' must be a name"),
         (["plan.partitioner=magic"], "plan.partitioner"),
         (["plan.devices=[edge-phone,nowhere]"], "plan.devices[1]: device 'nowhere' is not in the topology"),
         (["data.path=nope.txt"], "data.path: file not found"),
@@ -146,6 +152,21 @@ def test_link_lookup_pair_then_zone_then_default():
         ({"devices": []}, "no devices"),
         ({"devices": [{"name": "a", "memory_gb": 1, "tflops": 1}]}, "owns_data"),
         ({"devices": [{"name": "a", "memory_gb": -1, "tflops": 1, "owns_data": True}]}, "devices[0].memory_gb"),
+        (
+            {"devices": [{"name": "a", "memory_gb": float("nan"), "tflops": 1, "owns_data": True}]},
+            "devices[0].memory_gb: must be a finite number, got nan",
+        ),
+        (
+            {"devices": [{"name": "a", "memory_gb": 1, "tflops": float("inf"), "owns_data": True}]},
+            "devices[0].tflops: must be a finite number, got inf",
+        ),
+        (
+            {
+                "devices": [{"name": "a", "memory_gb": 1, "tflops": 1, "owns_data": True}],
+                "links": {"default": {"bandwidth_mbps": float("nan")}},
+            },
+            "links.default.bandwidth_mbps: must be a finite number",
+        ),
         (
             {"devices": [{"name": "a", "memory_gb": 1, "tflops": 1, "tier": "fog", "owns_data": True}]},
             "devices[0].tier",
