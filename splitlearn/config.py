@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -229,6 +230,12 @@ def config_from_container(raw: Any, overrides: list[str], source: str, base_dir:
             raise ConfigError(conf_error_line(e, "", f"override '{item}'")) from e
         except (TypeError, ValueError) as e:  # e.g. an index into a list inside a free-form dict
             raise ConfigError(f"override '{item}': cannot apply it: {e}") from e
+        except yaml.YAMLError as e:  # the value is parsed as YAML: e.g. an unclosed list
+            problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+            raise ConfigError(
+                f"override '{item}': the value is not valid YAML ({problem}); close brackets and quotes, "
+                "or quote the whole value"
+            ) from e
     try:
         run: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:

@@ -16,6 +16,10 @@ class DataError(UserError):
     """The data file is missing or cannot be read as asked."""
 
 
+class OutputError(UserError):
+    """A file the user asked for cannot be written where they asked (a directory, no such directory)."""
+
+
 class MemoryBudgetError(UserError):
     """A stage held more memory than its device has (``memory_gb``): the run stops, named."""
 
@@ -33,6 +37,7 @@ __all__ = [
     "DataError",
     "MemoryBudgetError",
     "ModelError",
+    "OutputError",
     "PlacementError",
     "PlanError",
     "StageFailed",

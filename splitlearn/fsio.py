@@ -26,9 +26,15 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], None]) -
 
     ``data`` is text (UTF-8), bytes, or a function that writes the file at the path it is
     given (for writers that take a path, such as ``safetensors.torch.save_file`` or a
-    matplotlib figure's ``savefig``). The parent directory must exist.
+    matplotlib figure's ``savefig``). The parent directory must exist: a target that is a
+    directory or whose directory is missing is an :class:`OutputError` naming the path.
     """
     path = Path(path)
+    if path.is_dir() or not path.parent.is_dir():
+        from splitlearn.errors import OutputError
+
+        what = "is a directory" if path.is_dir() else f"its directory {path.parent} does not exist"
+        raise OutputError(f"cannot write {path}: {what}; give a file path in an existing directory")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         if callable(data):

@@ -61,6 +61,14 @@ def one_line_error(capsys, code, needle):
         (["validate", "{cfg}", "model.family=bert"], "model family 'bert' is not supported"),
         (["validate", "{cfg}", "data.path=/nowhere/x.txt"], "data.path: file not found"),
         (["train", "{cfg}", "plan.partitioner=manual", "plan.cuts=[1]"], "plan.cuts: 3 stages need 2 cuts"),
+        (["validate", "{cfg}", "plan.cuts=[1,2"], "override 'plan.cuts=[1,2': the value is not valid YAML"),
+        (["validate", "{cfg}", "train.lr=nan"], "train.lr: must be a finite number, got nan"),
+        (["validate", "{cfg}", "train.lr=inf"], "train.lr: must be a finite number, got inf"),
+        (["train", "{cfg}", "runtime.run_name=../../x"], "runtime.run_name: '../../x' must be a name, not a path"),
+        (["validate", "{cfg}", "model.config.num_attention_heads=3"], "model.config: The hidden size (32) is not a"),
+        (["validate", "{cfg}", "model.config.hidden_size=wide"], "model.config.hidden_size: "),
+        (["plan", "{cfg}", "--out", "{tmp}/nodir/plan.yaml"], "nodir does not exist"),
+        (["data", "{tmp}"], "is a directory"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
@@ -70,9 +78,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
         d["memory_gb"] = 1e-4
     (tmp_path / "tiny").mkdir()
     tiny = write_config(tmp_path / "tiny", topology={"inline": tiny_topo})
-    code = main([a.replace("{cfg}", str(cfg)).replace("{tiny}", str(tiny)) for a in args])
+    code = main(
+        [a.replace("{cfg}", str(cfg)).replace("{tiny}", str(tiny)).replace("{tmp}", str(tmp_path)) for a in args]
+    )
     one_line_error(capsys, code, needle)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "tiny" / "runs").exists()
+    assert not list(tmp_path.rglob("*.tmp"))  # nothing half-written
 
 
 def test_malformed_topology_file(tmp_path, capsys):

@@ -14,6 +14,7 @@ Never touches the network. Cutting a model into segments is :mod:`splitlearn.mod
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,33 @@ def hf_config(model_cfg: Any) -> Any:
     except (OSError, ValueError, TypeError, KeyError) as e:
         line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"model: cannot read the model's config: {line}") from e
+    except Exception as e:
+        if not _is_config_validation_error(e):
+            raise
+        raise ModelError(config_validation_line(e)) from e
     adapter_for(cfg.model_type)
     return cfg
+
+
+def _is_config_validation_error(e: Exception) -> bool:
+    """transformers 5 validates configs through huggingface_hub's strict dataclasses."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return False
+    return isinstance(e, StrictDataclassError)
+
+
+def config_validation_line(e: Exception) -> str:
+    """One line from a config validation error: the key (``model.config.<field>`` when the
+    error names a field) and the reason transformers gives, e.g. ``hidden size (128) is not a
+    multiple of the number of attention heads (3)``."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    field = re.search(r"for field '([^']+)'", lines[0]) if lines else None
+    key = f"model.config.{field.group(1)}" if field else "model.config"
+    reason = lines[-1] if lines else type(e).__name__
+    reason = re.sub(r"^\w+Error: ", "", reason)
+    return f"{key}: {reason}"
 
 
 def meta_model(model_cfg: Any) -> nn.Module:
