@@ -7,6 +7,7 @@ line names the key and the file; the CLI prints it and exits with code 2.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,13 +214,33 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedC
     return config_from_container(raw, overrides or [], src, p.parent)
 
 
+def _check_container_kinds(schema: Any, raw: Any, key: str, source: str) -> None:
+    """A list where the schema has a mapping or the other way round, named by its key (the
+    merge itself fails with a bare TypeError that names nothing)."""
+    if OmegaConf.is_config(raw):
+        raw = OmegaConf.to_container(raw)
+    if not isinstance(raw, dict) or not OmegaConf.is_dict(schema) or schema._is_none():
+        return  # not two mappings (an optional section left unset in the schema is None)
+    for k, value in raw.items():
+        if k not in schema:
+            continue  # an unknown key: the merge names it
+        node = schema._get_node(k)
+        where = f"{key}.{k}" if key else str(k)
+        if OmegaConf.is_list(node) and isinstance(value, dict):
+            raise ConfigError(f"{source}: {where}: expected a list, got a mapping")
+        if OmegaConf.is_dict(node) and isinstance(value, list):
+            raise ConfigError(f"{source}: {where}: expected a mapping, got a list")
+        _check_container_kinds(node, value, where, source)
+
+
 def config_from_container(raw: Any, overrides: list[str], source: str, base_dir: Path) -> LoadedConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}': expected key=value, e.g. train.steps=10")
     raw = _stage_keys_as_strings(raw)
+    schema = OmegaConf.structured(RunConfig)
+    _check_container_kinds(schema, raw, "", source)
     try:
-        schema = OmegaConf.structured(RunConfig)
         merged = OmegaConf.merge(schema, raw)
     except OmegaConfBaseException as e:
         raise ConfigError(conf_error_line(e, "", source)) from e
@@ -409,6 +430,11 @@ def _check_runtime(c: _Checker, r: RunConfig) -> None:
     c.at_least("runtime.log_every", rt.log_every, 1)
     c.at_least("runtime.max_restarts", rt.max_restarts, 0)
     c.at_least("runtime.malloc_mmap_threshold_kb", rt.malloc_mmap_threshold_kb, 0)
+    out = Path(rt.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        c.fail("runtime.output_dir", f"{out} is a file; runs go in a directory: give a directory path")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        c.fail("runtime.output_dir", f"{out} is not writable by this user; give a directory you can write to")
     name = rt.run_name
     if name is not None and (not name or name in (".", "..") or any(sep in name for sep in "/\\")):
         c.fail("runtime.run_name", f"'{name}' must be a name, not a path: the run directory is <output_dir>/<run_name>")

@@ -222,3 +222,12 @@ def test_plan_command_bad_compare(tmp_path, capsys):
     )
     one_line_error(capsys, code, "--compare: 'magic' is not one of")
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_a_mapping_where_a_list_belongs_and_an_output_dir_that_is_a_file(tmp_path, capsys):
+    cfg = write_config(tmp_path, plan={"devices": {"edge-a": 1}})
+    one_line_error(capsys, main(["validate", str(cfg)]), "plan.devices: expected a list, got a mapping")
+    (tmp_path / "afile").write_text("")
+    cfg = write_config(tmp_path, runtime={"output_dir": str(tmp_path / "afile")})
+    one_line_error(capsys, main(["train", str(cfg)]), "runtime.output_dir: ")
+    assert (tmp_path / "afile").read_text() == "" and not (tmp_path / "runs").exists()
