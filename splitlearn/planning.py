@@ -10,7 +10,7 @@ from partitioners.profile import ModelProfile
 from splitlearn import method_policy
 from splitlearn.config import LoadedConfig
 from splitlearn.errors import ConfigError
-from splitlearn.models.build import meta_model, weights_dtype
+from splitlearn.models.build import learned_positions, meta_model, weights_dtype
 from splitlearn.models.chain import chain_names, num_blocks
 from splitlearn.models.costs import meta_profile
 
@@ -22,6 +22,12 @@ def load_profile(cfg: LoadedConfig) -> ModelProfile:
     mb = run.train.batch_size // run.train.micro_batches
     seq = run.data.seq_len
     method_policy.check_lora_targets(run)
+    positions = learned_positions(meta_model(run.model))
+    if positions and seq > positions[1]:
+        raise ConfigError(
+            f"data.seq_len: {seq} is beyond the {positions[1]} positions the model learned "
+            f"(model.config.{positions[0]}); lower data.seq_len or raise model.config.{positions[0]}"
+        )
     if run.plan.profile:
         path = cfg.resolve_path(run.plan.profile)
         try:

@@ -231,3 +231,17 @@ def test_a_mapping_where_a_list_belongs_and_an_output_dir_that_is_a_file(tmp_pat
     cfg = write_config(tmp_path, runtime={"output_dir": str(tmp_path / "afile")})
     one_line_error(capsys, main(["train", str(cfg)]), "runtime.output_dir: ")
     assert (tmp_path / "afile").read_text() == "" and not (tmp_path / "runs").exists()
+
+
+def test_seq_len_beyond_learned_positions_is_one_line(tmp_path, capsys):
+    """GPT-2 learns 64 positions here (n_positions): a 65-token row would index past its
+    table inside a worker; the plan refuses it first. Rotary models (llama) run any length."""
+    # token ids inside the vocabulary: transformers warns about GPT-2's 50256 otherwise (that
+    # warning reaching the terminal is issue 20's "quiet terminal", not this check)
+    gpt2 = {"family": "gpt2", "config": {**TINY["gpt2"], "vocab_size": 258, "bos_token_id": 1, "eos_token_id": 2}}
+    cfg = write_config(tmp_path, model=gpt2, data={"seq_len": TINY["gpt2"]["n_positions"] + 1})
+    one_line_error(capsys, main(["train", str(cfg)]), "data.seq_len: 65 is beyond the 64 positions")
+    assert not (tmp_path / "runs").exists()
+    for model, seq in ((gpt2, TINY["gpt2"]["n_positions"]), (None, 4 * TINY["llama"]["max_position_embeddings"])):
+        cfg = write_config(tmp_path, **({"model": model} if model else {}), data={"seq_len": seq})
+        assert main(["validate", str(cfg)]) == 0

@@ -154,6 +154,25 @@ def build_segment(
     return model
 
 
+POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")  # config keys that bound learned positions
+
+
+def learned_positions(model: nn.Module) -> tuple[str, int] | None:
+    """The config key and number of positions a model's learned position embedding holds
+    (GPT-2's ``wpe``, OPT's offset table), or None when positions are computed (rotary,
+    ALiBi) and any length runs: an embedding table other than the tokens' whose size, less
+    its offset, is one of :data:`POSITION_KEYS`."""
+    tokens = model.get_input_embeddings()
+    config = model.config
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module is not tokens:
+            limit = module.num_embeddings - int(getattr(module, "offset", 0) or 0)
+            for key in POSITION_KEYS:
+                if getattr(config, key, None) == limit:
+                    return key, limit
+    return None
+
+
 def weights_dtype(precision: str) -> torch.dtype:
     """The dtype a run keeps its weights in: bf16 under ``bf16-master`` and ``bf16-pure``,
     fp32 otherwise (``bf16`` autocasts over fp32 weights)."""
