@@ -162,7 +162,7 @@ def learned_positions(model: nn.Module) -> tuple[str, int] | None:
     (GPT-2's ``wpe``, OPT's offset table), or None when positions are computed (rotary,
     ALiBi) and any length runs: an embedding table other than the tokens' whose size, less
     its offset, is one of :data:`POSITION_KEYS`."""
-    tokens = model.get_input_embeddings()
+    tokens: Any = model.get_input_embeddings()  # type: ignore[operator]  # a PreTrainedModel method
     config = model.config
     for module in model.modules():
         if isinstance(module, nn.Embedding) and module is not tokens:
