@@ -130,7 +130,7 @@ def run_torch_pipelining(args) -> float:
 
 def run_ours(args, trace: bool = False) -> float:
     from cluster.ray_cluster import connect
-    from partitioners.partition import simulate_plan
+    from partitioners.planner import simulate_plan
     from splitlearn.config import config_from_container
     from splitlearn.planning import make_plan
     from splitlearn.replay import measured_stage_costs

@@ -34,7 +34,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from cluster.topology import load_topology, topology_from_container  # noqa: E402
 from partitioners import PlanError, PlanRequest, partition  # noqa: E402
-from partitioners.partition import CostTables, build_plan, default_device_order  # noqa: E402
+from partitioners.planner import CostTables, build_plan, default_device_order  # noqa: E402
 from partitioners.profile import LayerProfile  # noqa: E402
 
 MODELS = {  # layers: (hidden, intermediate)

@@ -43,7 +43,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 import torch  # noqa: E402
 
 from cluster.ray_cluster import connect  # noqa: E402
-from partitioners.partition import simulate_plan  # noqa: E402
+from partitioners.planner import simulate_plan  # noqa: E402
 from partitioners.profile import calibrate_tflops  # noqa: E402
 from partitioners.simulator import HostCost  # noqa: E402
 from splitlearn.config import config_from_container  # noqa: E402

@@ -1,6 +1,7 @@
 """Pure planning: layer profiles, cost model, partitioners, plan type, schedules. No Ray."""
 
-from partitioners.partition import (
+from partitioners.plan import Plan, Stage
+from partitioners.planner import (
     PARTITIONERS,
     PlanError,
     PlanRequest,
@@ -8,7 +9,6 @@ from partitioners.partition import (
     partition,
     uniform_cuts,
 )
-from partitioners.plan import Plan, Stage
 from partitioners.profile import LayerProfile, ModelProfile, calibrate_tflops, profile_chain
 
 __all__ = [

@@ -3,7 +3,7 @@ and the planner, the cost model and the runtime read the same tuples.
 
 Device tiers and accelerators belong to the machines (:mod:`cluster.topology`); the names of
 the schedules and partitioners are the keys of their registries
-(:data:`partitioners.schedule.SCHEDULES`, :data:`partitioners.partition.PARTITIONERS`).
+(:data:`partitioners.schedule.SCHEDULES`, :data:`partitioners.planner.PARTITIONERS`).
 """
 
 from __future__ import annotations

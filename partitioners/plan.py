@@ -1,7 +1,7 @@
 """The plan: which device runs which contiguous range of the layer chain.
 
 Plain data with a YAML round-trip and a printed table. Made by a pure function of the
-layer costs and the topology (see :mod:`partitioners.partition`); cutting the model is a
+layer costs and the topology (see :mod:`partitioners.planner`); cutting the model is a
 separate step that belongs to the product layer.
 """
 

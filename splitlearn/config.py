@@ -28,7 +28,7 @@ from partitioners.choices import (
     OFFLOAD_PRECISIONS,
     PRECISIONS,
 )
-from partitioners.partition import PARTITIONERS
+from partitioners.planner import PARTITIONERS
 from partitioners.schedule import SCHEDULES
 from splitlearn.errors import ConfigError, TopologyError
 

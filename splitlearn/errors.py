@@ -1,7 +1,7 @@
 """The product's errors. A ``UserError`` is printed as one line with exit code 2."""
 
 from cluster.errors import PlacementError, TopologyError, UserError
-from partitioners.partition import PlanError
+from partitioners.planner import PlanError
 
 
 class ConfigError(UserError):

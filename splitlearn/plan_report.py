@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cluster.tables import render_table
 from partitioners import Plan, PlanError
-from partitioners.partition import simulate_plan
+from partitioners.planner import simulate_plan
 from splitlearn.config import LoadedConfig
 from splitlearn.errors import ConfigError
 from splitlearn.fsio import atomic_write

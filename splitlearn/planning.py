@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from partitioners import Plan, PlanRequest, partition
 from partitioners import schedule as S
-from partitioners.partition import simulate_plan as simulate
+from partitioners.planner import simulate_plan as simulate
 from partitioners.profile import ModelProfile
 from splitlearn import method_policy
 from splitlearn.config import LoadedConfig

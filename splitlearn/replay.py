@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from partitioners import Plan
-from partitioners.partition import simulate_plan
+from partitioners.planner import simulate_plan
 from partitioners.simulator import StageCosts
 
 

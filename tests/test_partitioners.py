@@ -11,7 +11,7 @@ from partitioners import LayerProfile, Plan, PlanError, PlanRequest, partition, 
 from partitioners import schedule as S
 from partitioners.choices import OFFLOAD_PRECISIONS, PRECISIONS
 from partitioners.costmodel import StageMethod, stage_memory
-from partitioners.partition import CostTables, check_plan, evaluate, identical
+from partitioners.planner import CostTables, check_plan, evaluate, identical
 
 TOPO = topology_from_container(inline_topology())
 

@@ -10,7 +10,7 @@ from cluster.topology import topology_from_container
 from partitioners import LayerProfile, Plan, PlanError, PlanRequest, partition
 from partitioners import schedule as sch
 from partitioners.costmodel import FinetunePolicy, StageMethod, ring_allreduce_ms, stage_memory, stage_time
-from partitioners.partition import CostTables, check_replicas, evaluate, simulate_plan
+from partitioners.planner import CostTables, check_replicas, evaluate, simulate_plan
 from partitioners.schedule import Action
 from partitioners.simulator import LinkCosts, StageCosts, simulate
 from partitioners.timeline import timeline_figure, timeline_rows

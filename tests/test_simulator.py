@@ -367,7 +367,7 @@ def uniform_gpipe_plan():
 
 
 def test_simulate_plan_passes_the_costs_outside_the_stages():
-    from partitioners.partition import simulate_plan
+    from partitioners.planner import simulate_plan
 
     plan = uniform_gpipe_plan()
     base = simulate_plan(plan)
@@ -402,7 +402,7 @@ def test_replay_on_measured_compute_and_free_links():
     """``simulate_plan(stage_costs=...)`` replaces the plan's compute; ``free_links`` keeps
     the compute and makes transfers instant; ``measured_stage_costs`` turns the workers'
     per-step metrics into those costs (per micro-batch, median over steps, the first left out)."""
-    from partitioners.partition import simulate_plan
+    from partitioners.planner import simulate_plan
     from splitlearn.replay import measured_stage_costs
 
     plan = uniform_gpipe_plan()

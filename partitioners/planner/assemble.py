@@ -1,0 +1,203 @@
+"""From a search's choice (devices, cuts, methods, replicas) to a :class:`Plan`: the
+stage methods that fit, the checks, the per-stage figures; and the simulator run on a plan."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import numpy as np
+
+from partitioners.costmodel import StageMethod, effective_layer, stage_memory, stage_time
+from partitioners.plan import Plan, Stage
+from partitioners.planner.feasibility import allow_hint, check_plan, closest_options
+from partitioners.planner.objective import evaluate
+from partitioners.planner.request import GB, Groups, PlanError, PlanRequest, groups_of
+from partitioners.planner.tables import CostTables
+
+
+def choose_options(
+    req: PlanRequest, tables: CostTables, seq: list[str], bounds: list[int], groups: Groups | None = None
+) -> list[StageMethod] | None:
+    """The fastest stage methods that fit, for fixed devices and cuts (None: none fit).
+
+    A stage alone on its device takes its fastest option that fits (the configured one on
+    ties): the objective grows with every stage's time, and its memory concerns no one
+    else. Stages sharing a device (the U-shape's two stages on the data owner) try every
+    combination of their options together. A replicated stage (identical devices: the
+    same options fit) takes the option with the best predicted step, the others fixed."""
+    S = len(seq)
+    groups = groups_of(seq, groups)
+    chosen: list[StageMethod | None] = [None] * S
+    by_dev: dict[str, list[int]] = {}
+    for s, dev in enumerate(seq):
+        by_dev.setdefault(dev, []).append(s)
+    shared, replicated = [], []
+    for dev, stages in by_dev.items():
+        if len(stages) > 1:
+            shared.append((dev, stages))
+            continue
+        s = stages[0]
+        a, b = bounds[s], bounds[s + 1]
+        fits = [o for o in tables.options(s, dev) if tables.fits(dev, a, b, s, S, o)]
+        if not fits:
+            return None
+        chosen[s] = min(fits, key=functools.partial(tables.stage_ms, dev, a, b))
+        if len(groups[s]) > 1:
+            replicated.append((s, fits))
+
+    def trial_step(trial: list[StageMethod | None]) -> float:
+        # the groups not chosen yet at their configured option meanwhile
+        full = [o if o is not None else tables.options(i, seq[i])[0] for i, o in enumerate(trial)]
+        return evaluate(tables, seq, bounds, full, groups).step_ms
+
+    for dev, stages in shared:
+        best = None
+        for combo in itertools.product(*[tables.options(s, dev) for s in stages]):
+            need = sum(
+                tables.dev_mem(dev, bounds[s], bounds[s + 1], s, S, o) for s, o in zip(stages, combo, strict=True)
+            )
+            host = sum(tables.host_mem(dev, bounds[s], bounds[s + 1], o) for s, o in zip(stages, combo, strict=True))
+            if need > tables.capacity(dev) or host > tables.host_capacity(dev):
+                continue
+            trial = list(chosen)
+            for s, o in zip(stages, combo, strict=True):
+                trial[s] = o
+            t = trial_step(trial)
+            if best is None or t < best[0] - 1e-12:
+                best = (t, combo)
+        if best is None:
+            return None
+        for s, o in zip(stages, best[1], strict=True):
+            chosen[s] = o
+    for s, fits in replicated:
+        steps = []
+        for o in fits:
+            trial = list(chosen)
+            trial[s] = o
+            steps.append(trial_step(trial))
+        chosen[s] = fits[int(np.argmin(steps))]
+    return [o for o in chosen if o is not None]
+
+
+def build_plan(
+    req: PlanRequest,
+    tables: CostTables,
+    seq: list[str],
+    bounds: list[int],
+    name: str,
+    opts: list[StageMethod] | None = None,
+    groups: Groups | None = None,
+) -> Plan:
+    groups = groups_of(seq, groups)
+    if opts is None:
+        opts = choose_options(req, tables, seq, bounds, groups)
+    why = check_plan(req, tables, seq, bounds, opts or closest_options(tables, seq, bounds), groups)
+    if why:
+        raise PlanError(why + allow_hint(req, seq))
+    assert opts is not None
+    ev = evaluate(tables, seq, bounds, opts, groups)
+    S = len(seq)
+    stages = []
+    for s in range(S):
+        a, b = bounds[s], bounds[s + 1]
+        seg = req.layers[a:b]
+        mem = stage_memory(
+            seg,
+            stage=s,
+            num_stages=S,
+            schedule=req.schedule,
+            num_micro_batches=req.num_micro_batches,
+            precision=req.precision,
+            method=opts[s],
+        )
+        t = stage_time(seg, req.topology.device(seq[s]), req.calibrated_tflops, method=opts[s], precision=req.precision)
+        link = ev.link_ms[s] if s < S - 1 else (0.0, 0.0)
+        stages.append(
+            Stage(
+                index=s,
+                start=a,
+                stop=b,
+                devices=list(groups[s]),
+                layer_names=[layer.name for layer in seg],
+                offload=opts[s].offload,
+                codec=req.codec,
+                params=sum(layer.params for layer in seg),
+                memory_gb=round(mem.device_total / GB, 6),
+                host_memory_gb=round(mem.host / GB, 6),
+                fwd_ms=round(t.fwd_ms, 4),
+                bwd_ms=round(t.bwd_ms, 4),
+                opt_ms=round(t.opt_ms, 4),
+                allreduce_ms=round(ev.allreduce_ms[s], 4),
+                memory={k: round(v, 6) for k, v in mem.as_gb().items()},
+                link_act_ms=round(link[0], 4),
+                link_grad_ms=round(link[1], 4),
+                cut_bytes=int(tables.cut_bytes[b - 1]) if s < S - 1 else 0,
+                method=opts[s].method,
+                recompute=opts[s].recompute,
+                frozen_dtype=opts[s].frozen_dtype,
+                trainable_params=sum(effective_layer(layer, opts[s]).trainable for layer in seg),
+            )
+        )
+    num_devices = len({d for g in groups for d in g})
+    bubble = 1.0 - ev.busy_ms * req.num_micro_batches / (num_devices * ev.step_ms) if ev.step_ms > 0 else 0.0
+    return Plan(
+        stages=stages,
+        partitioner=name,
+        schedule=req.schedule,
+        num_micro_batches=req.num_micro_batches,
+        label_privacy=req.label_privacy,
+        precision=req.precision,
+        predicted={"step_ms": round(ev.step_ms, 4), "bottleneck": ev.bottleneck, "bubble_fraction": round(bubble, 4)},
+    )
+
+
+def simulate_plan(
+    plan: Plan,
+    labels_ms: float = 0.0,
+    *,
+    step_overhead_ms: float = 0.0,
+    send_host=None,
+    recv_host=None,
+    recv_late_host=None,
+    labels_bytes: float = 0.0,
+    stage_costs=None,
+    free_links: bool = False,
+):
+    """Run the simulator on a plan's predicted costs with the schedule the workers run:
+    a replicated stage's replicas as separate timelines (see :func:`schedule.replica_actions`).
+
+    ``stage_costs`` (one :class:`~partitioners.simulator.StageCosts` per stage) replaces the
+    plan's compute, e.g. with what a run's workers measured (a replay); ``free_links`` makes
+    every transfer instant (the step the same compute would take on free links).
+
+    The costs outside the plan's stages are zero unless given (see
+    :func:`partitioners.simulator.simulate`): ``step_overhead_ms`` per step, and the host CPU
+    of each end of a transfer (``send_host`` / ``recv_host`` / ``recv_late_host``,
+    :class:`~partitioners.simulator.HostCost`)
+    of the plan's ``cut_bytes`` per activation and gradient, ``labels_bytes`` per labels transfer."""
+    from partitioners.simulator import LinkCosts, StageCosts, simulate
+
+    sched = plan.actions()
+    stages = stage_costs or [StageCosts(s.fwd_ms, s.bwd_ms, s.opt_ms, s.allreduce_ms) for s in plan.stages]
+    if len(stages) != plan.num_stages:
+        raise ValueError(f"stage_costs has {len(stages)} entries for a plan of {plan.num_stages} stages")
+    links = [
+        LinkCosts(0.0 if free_links else s.link_act_ms, 0.0 if free_links else s.link_grad_ms, s.cut_bytes, s.cut_bytes)
+        for s in plan.stages[:-1]
+    ]
+    if free_links:
+        labels_ms = 0.0
+    replicas = [len(s.devices) for s in plan.stages]
+    return simulate(
+        sched,
+        stages,
+        links,
+        labels_ms=labels_ms,
+        replicas=replicas,
+        step_overhead_ms=step_overhead_ms,
+        send_host=send_host,
+        recv_host=recv_host,
+        recv_late_host=recv_late_host,
+        labels_bytes=labels_bytes,
+    )

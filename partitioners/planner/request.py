@@ -1,0 +1,113 @@
+"""What a plan is asked for: the model's layers, the topology, the schedule and the
+choices a partitioner may make; the names and groups shared by every search."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cluster.errors import UserError
+from cluster.topology import Device, Topology
+from partitioners.choices import ALLOW_OPTIONS, OFFLOAD_PRECISIONS
+from partitioners.costmodel import FinetunePolicy, StageMethod, stage_options, with_offload
+from partitioners.profile import LayerProfile
+
+GB = 1e9
+
+
+class PlanError(UserError):
+    """No valid plan for this model on this topology."""
+
+
+CODEC_BYTES = {"none": 1.0, "fp16": 0.5, "bf16": 0.5, "int8": 0.25}  # of fp32 activation bytes
+
+
+@dataclass
+class PlanRequest:
+    layers: list[LayerProfile]
+    topology: Topology
+    num_micro_batches: int = 1
+    schedule: str = "sequential"
+    devices: list[str] | None = None  # the order (uniform, balanced, manual) or the candidates
+    cuts: list[int] | None = None  # manual only
+    label_privacy: bool = False
+    precision: str = "fp32"
+    calibrated_tflops: float | None = None
+    codec: str = "none"
+    finetune: FinetunePolicy | None = None  # None: every stage full
+    allow: tuple[str, ...] = ()  # options the planner may pick for edge stages
+    replicate: bool = True  # optimal may replicate its bottleneck stage on free identical devices
+
+    @property
+    def n(self) -> int:
+        return len(self.layers)
+
+    @property
+    def pool(self) -> list[str]:
+        """The candidate devices: ``devices`` (groups ``a+b`` taken apart) or the topology's."""
+        return [d for entry in (self.devices or self.topology.device_names) for d in entry.split(REPLICA_SEP)]
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.allow if a not in ALLOW_OPTIONS]
+        if bad:
+            raise PlanError(f"plan.allow: '{bad[0]}' is not one of {', '.join(ALLOW_OPTIONS)}")
+        self.allow = tuple(self.allow)
+
+    def options(self, stage: int, device: str) -> list[StageMethod]:
+        """The methods stage ``stage`` may use on ``device``: the configured one first, then
+        ``allow``'s variants (edge devices), then each with every offload mode (cuda devices)
+        unless the config sets the stage's offload itself (a configured offload is kept) or the
+        precision keeps bf16 weights, which offload does not run with."""
+        dev = self.topology.device(device)
+        base = (self.finetune or FinetunePolicy()).for_stage(stage, dev.tier)
+        opts = stage_options(base, self.allow) if dev.tier == "edge" else [base]
+        offer = dev.accelerator == "cuda" and base.offload == "none" and self.precision in OFFLOAD_PRECISIONS
+        return with_offload(opts) if offer else opts
+
+
+REPLICA_SEP = "+"  # a plan.devices entry "cloud-c+cloud-d": one stage replicated on both
+
+
+IDENTICAL_FIELDS = ("accelerator", "memory_gb", "host_budget_gb", "tflops", "cpu_threads", "tier")
+
+
+def identical(a: Device, b: Device) -> bool:
+    """Whether ``a`` and ``b`` may hold replicas of one stage: the same kind, memory, host
+    memory, speed and threads (their zones and links may differ)."""
+    return all(getattr(a, f) == getattr(b, f) for f in IDENTICAL_FIELDS)
+
+
+def difference(a: Device, b: Device) -> str:
+    f = next(f for f in IDENTICAL_FIELDS if getattr(a, f) != getattr(b, f))
+    return f"{f} {getattr(a, f)} vs {getattr(b, f)}"
+
+
+Groups = list[tuple[str, ...]]  # per stage: its device, or its replicas' devices
+
+
+def groups_of(seq: list[str], groups: Groups | None) -> Groups:
+    return list(groups) if groups else [(d,) for d in seq]
+
+
+def group_name(group: tuple[str, ...]) -> str:
+    return REPLICA_SEP.join(group)
+
+
+def default_device_order(topology: Topology) -> list[str]:
+    """The data owner first, then the other devices as the topology lists them."""
+    owner = topology.data_owner.name
+    return [owner] + [n for n in topology.device_names if n != owner]
+
+
+def closed_sequence(req: PlanRequest, devices: list[str]) -> list[str]:
+    return [*devices, devices[0]] if req.label_privacy else list(devices)
+
+
+def uniform_cuts(num_layers: int, num_stages: int) -> list[int]:
+    """Start index of stages 1..k-1 so that layer counts differ by at most one (earlier
+    stages take the extra layers)."""
+    base, extra = divmod(num_layers, num_stages)
+    cuts, pos = [], 0
+    for s in range(num_stages - 1):
+        pos += base + (1 if s < extra else 0)
+        cuts.append(pos)
+    return cuts

@@ -1,0 +1,220 @@
+"""Cost tables: per device and fine-tuning method, prefix sums and memory tables so that any
+stage (a layer range on a device) and any cut costs O(1)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from partitioners.costmodel import (
+    PRECISIONS,
+    StageMethod,
+    effective_layer,
+    micro_batches_in_flight,
+    ring_allreduce_ms,
+    stage_time,
+    step_temporaries,
+    weight_bytes,
+)
+from partitioners.planner.request import CODEC_BYTES, GB, PlanRequest
+
+
+class CostTables:
+    """Per-device (and per fine-tuning method) prefix sums so that any stage and any cut
+    costs O(1)."""
+
+    def __init__(self, req: PlanRequest):
+        self.req = req
+        L = req.layers
+        topo = req.topology
+        self.M = req.num_micro_batches
+        self.dev = {d.name: d for d in topo.devices}
+        self._cum: dict[tuple[str, StageMethod], tuple[np.ndarray, np.ndarray]] = {}
+        ratio = CODEC_BYTES[req.codec]
+        self.cut_bytes = [layer.out_bytes * ratio for layer in L]  # after layer i
+        self._mem: dict[tuple[int, StageMethod], np.ndarray] = {}
+        self._dev_mem: dict[tuple[bool, int, StageMethod], np.ndarray] = {}
+        self._host: dict[StageMethod, tuple[np.ndarray, np.ndarray]] = {}
+        self._link: dict[tuple, tuple[float, float]] = {}
+        self._opts: dict[tuple[int, str], list[StageMethod]] = {}
+
+    def options(self, s: int, dev: str) -> list[StageMethod]:
+        key = (s, dev)
+        if key not in self._opts:
+            self._opts[key] = self.req.options(s, dev)
+        return self._opts[key]
+
+    def _times(self, dev: str, opt: StageMethod | None) -> tuple[np.ndarray, np.ndarray]:
+        key = (dev, opt or StageMethod())
+        if key not in self._cum:
+            d = self.dev[dev]
+            per = [
+                stage_time([layer], d, self.req.calibrated_tflops, method=key[1], precision=self.req.precision)
+                for layer in self.req.layers
+            ]
+            costs = np.array([t.fwd_ms + t.bwd_ms + t.opt_ms / self.M for t in per])
+            opt_ms = np.array([t.opt_ms for t in per])
+            self._cum[key] = (np.concatenate([[0.0], np.cumsum(costs)]), np.concatenate([[0.0], np.cumsum(opt_ms)]))
+        return self._cum[key]
+
+    def cum(self, dev: str, opt: StageMethod | None = None) -> np.ndarray:
+        """Prefix sums of each layer's per-micro-batch compute on ``dev`` under ``opt``
+        (its optimizer step spread over the step's micro-batches)."""
+        return self._times(dev, opt)[0]
+
+    def stage_ms(self, dev: str, a: int, b: int, opt: StageMethod | None = None) -> float:
+        c = self.cum(dev, opt)
+        return float(c[b] - c[a])
+
+    def opt_ms(self, dev: str, a: int, b: int, opt: StageMethod | None = None) -> float:
+        """The optimizer step of layers ``a..b-1`` on ``dev`` (once per step)."""
+        c = self._times(dev, opt)[1]
+        return float(c[b] - c[a])
+
+    def _host_cums(self, opt: StageMethod) -> tuple[np.ndarray, np.ndarray]:
+        """Prefix sums of (host bytes under ``opt``, trainable parameters under ``opt``)."""
+        if opt not in self._host:
+            w, _, master, moments = PRECISIONS[self.req.precision]
+            host, trainable = [], []
+            for layer in self.req.layers:
+                e = effective_layer(layer, opt)
+                h = 0.0
+                if opt.offload != "none":  # optimizer state and the fp32 gradient copy
+                    h = e.trainable * (master + moments) + e.trainable * 4
+                if opt.offload == "params":
+                    h += weight_bytes(layer, e, opt, w)
+                host.append(h)
+                trainable.append(e.trainable)
+            self._host[opt] = (
+                np.concatenate([[0.0], np.cumsum(host)]),
+                np.concatenate([[0.0], np.cumsum(np.array(trainable, float))]),
+            )
+        return self._host[opt]
+
+    def trainable(self, a: int, b: int, opt: StageMethod | None = None) -> float:
+        c = self._host_cums(opt or StageMethod())[1]
+        return float(c[b] - c[a])
+
+    def allreduce_ms(self, group: tuple[str, ...], a: int, b: int, opt: StageMethod | None = None) -> float:
+        """The replicas' gradient all-reduce before each step (gradients at the precision's width)."""
+        if len(group) < 2:
+            return 0.0
+        return ring_allreduce_ms(
+            self.req.topology, group, self.trainable(a, b, opt) * PRECISIONS[self.req.precision][1]
+        )
+
+    def mem_table(self, inflight: int, opt: StageMethod | None = None) -> np.ndarray:
+        """``[a, b]`` -> device bytes of a stage of layers ``a..b-1`` with ``inflight``
+        micro-batches in flight: :func:`costmodel.stage_memory`, for every range at once."""
+        opt = opt or StageMethod()
+        if (inflight, opt) not in self._mem:
+            base, n = self.req.layers, len(self.req.layers)
+            L = [effective_layer(layer, opt) for layer in base]
+            w, g, master, moments = PRECISIONS[self.req.precision]
+            keep_opt = opt.offload == "none"  # offload moves the optimizer state to the host
+            keep_weights = opt.offload != "params"  # params offload: the weights too
+            static = np.array(
+                [
+                    (weight_bytes(b, e, opt, w) if keep_weights else 0.0)
+                    + e.trainable * (g + (master + moments if keep_opt else 0))
+                    for b, e in zip(base, L, strict=True)
+                ],
+                float,
+            )
+            saved = np.array([layer.saved_bytes for layer in L], float)
+            cum_static = np.concatenate([[0.0], np.cumsum(static)])
+            a = np.arange(n + 1)[:, None]
+            b = np.arange(n + 1)[None, :]
+            out_last = np.array([0.0, *[layer.out_bytes for layer in L]])[b]  # out of layer b-1
+            in_first = np.array([*[layer.in_bytes for layer in L], 0.0])[a]
+
+            def running_max(x: np.ndarray) -> np.ndarray:  # [a, b] -> max of x[a..b-1]
+                out = np.zeros((n + 1, n + 1))
+                for i in range(n):
+                    out[i, i + 1 :] = np.maximum.accumulate(x[i:])
+                return out
+
+            trans = running_max(np.array([layer.bwd_transient_bytes for layer in L], float))
+            if opt.recompute:  # inputs held; one layer's saved activations while it is recomputed
+                held = np.array([layer.in_bytes for layer in L], float)
+                cum_held = np.concatenate([[0.0], np.cumsum(held)])
+                acts = inflight * (cum_held[b] - cum_held[a] + out_last) + running_max(saved)
+            else:
+                cum_saved = np.concatenate([[0.0], np.cumsum(saved)])
+                acts = inflight * (cum_saved[b] - cum_saved[a] + out_last)
+            act_phase = acts + in_first + out_last + trans
+            if self.M > 1:  # a later micro-batch's gradient of a tensor, before it is added in
+                act_phase = act_phase + g * running_max(np.array([layer.max_trainable_params for layer in L], float))
+            if not keep_weights:  # the largest layer's weights, fetched while it runs
+                act_phase = act_phase + running_max(np.array([layer.params * w for layer in L], float))
+            if keep_opt:  # AdamW's temporaries over the largest trainable tensor, after the activations are freed
+                step_tmp = running_max(np.array([step_temporaries([layer], self.req.precision) for layer in L], float))
+                act_phase = np.maximum(act_phase, step_tmp)
+            table = (cum_static[b] - cum_static[a]) + act_phase
+            table[b <= a] = np.inf
+            self._mem[(inflight, opt)] = table
+        return self._mem[(inflight, opt)]
+
+    def inflight(self, s: int, S: int) -> int:
+        return micro_batches_in_flight(self.req.schedule, s, S, self.M)
+
+    def stage_mem(self, a: int, b: int, s: int, S: int, opt: StageMethod | None = None) -> float:
+        """Accelerator bytes of a stage (without what offload moves to the host)."""
+        return float(self.mem_table(self.inflight(s, S), opt)[a, b])
+
+    def dev_table(self, dev: str, inflight: int, opt: StageMethod | None = None) -> np.ndarray:
+        """:meth:`mem_table` as it counts against ``dev``'s ``memory_gb``: on a cpu device
+        the host is the same RAM, so the offloaded bytes count there too."""
+        opt = opt or StageMethod()
+        cpu = self.dev[dev].accelerator == "cpu" and opt.offload != "none"
+        key = (cpu, inflight, opt)
+        if key not in self._dev_mem:
+            table = self.mem_table(inflight, opt)
+            if cpu:
+                h = self._host_cums(opt)[0]
+                table = table + (h[None, :] - h[:, None])
+            self._dev_mem[key] = table
+        return self._dev_mem[key]
+
+    def host_cum(self, dev: str, opt: StageMethod | None = None) -> np.ndarray:
+        """Prefix sums of the host bytes that count against ``dev``'s host budget (none on
+        a cpu device: :meth:`dev_table` counts them)."""
+        opt = opt or StageMethod()
+        if self.dev[dev].accelerator == "cpu" or opt.offload == "none":
+            return np.zeros(self.req.n + 1)
+        return self._host_cums(opt)[0]
+
+    def dev_mem(self, dev: str, a: int, b: int, s: int, S: int, opt: StageMethod | None = None) -> float:
+        return float(self.dev_table(dev, self.inflight(s, S), opt)[a, b])
+
+    def host_mem(self, dev: str, a: int, b: int, opt: StageMethod | None = None) -> float:
+        h = self.host_cum(dev, opt)
+        return float(h[b] - h[a])
+
+    def fits(self, dev: str, a: int, b: int, s: int, S: int, opt: StageMethod) -> bool:
+        """Whether a stage fits ``dev`` alone: device memory and host budget."""
+        return self.dev_mem(dev, a, b, s, S, opt) <= self.capacity(dev) and self.host_mem(
+            dev, a, b, opt
+        ) <= self.host_capacity(dev)
+
+    def link(self, src: str, dst: str, cut: int) -> tuple[float, float]:
+        """(activation ms forward, gradient ms back) for a cut after chain index ``cut - 1``."""
+        key = (src, dst, cut)
+        if key not in self._link:
+            nbytes = self.cut_bytes[cut - 1]
+            topo = self.req.topology
+            self._link[key] = (topo.transfer_ms(src, dst, nbytes), topo.transfer_ms(dst, src, nbytes))
+        return self._link[key]
+
+    def capacity(self, dev: str) -> float:
+        return self.dev[dev].memory_gb * GB
+
+    def host_capacity(self, dev: str) -> float:
+        d = self.dev[dev]
+        return math.inf if d.accelerator == "cpu" else d.host_budget_gb * GB
+
+    def objective(self, total: float, worst: float) -> float:
+        if self.req.schedule == "sequential":
+            return self.M * total
+        return total + (self.M - 1) * worst
