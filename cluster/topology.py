@@ -138,6 +138,15 @@ class Topology:
                 return hit
         return Link(self.links.default.bandwidth_mbps, self.links.default.latency_ms)
 
+    def uplink(self, src: str, dst: str) -> str | None:
+        """The zone uplink a transfer from ``src`` to ``dst`` crosses (``home->cloud``), shared by
+        every transfer between the two zones in that direction; None for a transfer inside a
+        zone or over a link of its own (a device pair entry)."""
+        a, b = self.device(src), self.device(dst)
+        if a.zone == b.zone or any(_match(e, a.name, b.name) is not None for e in self.links.pairs):
+            return None
+        return f"{a.zone}->{b.zone}"
+
     def transfer_ms(self, src: str, dst: str, num_bytes: float) -> float:
         link = self.link(src, dst)
         if math.isinf(link.bandwidth_mbps):

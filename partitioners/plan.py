@@ -96,10 +96,21 @@ class Plan:
     label_privacy: bool = False
     precision: str = "fp32"  # train.dtype the memory figures are for (plans written before it: fp32)
     predicted: dict[str, Any] = field(default_factory=dict)  # step_ms, bottleneck, bubble_fraction, ...
+    # wires that cross one zone uplink ("link 0->1": "home->cloud"), shared by them in the simulator
+    uplinks: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_stages(self) -> int:
         return len(self.stages)
+
+    @property
+    def shared_devices(self) -> list[tuple[int, ...]]:
+        """Groups of stages on one device (the U-shape's first and last on the data owner)."""
+        on: dict[str, list[int]] = {}
+        for s in self.stages:
+            if len(s.devices) == 1:
+                on.setdefault(s.devices[0], []).append(s.index)
+        return [tuple(v) for v in on.values() if len(v) > 1]
 
     @property
     def devices(self) -> list[str]:

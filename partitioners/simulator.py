@@ -22,6 +22,12 @@ and mirrors the runtime's rules:
 - optionally (``step_overhead_ms``, default 0) a fixed cost per step that no stage's list
   holds (the driver's call to the workers and its reply, the step's global collectives) is
   added to the makespan;
+- stages that run on one device (the U-shape's first and last stage on the data owner,
+  ``shared``) share its compute: their compute and host actions never overlap, and the
+  device takes whichever is ready first (first come, first served; the lower stage on ties);
+- wires that cross one zone uplink (``channels``: e.g. ``home -> cloud`` carrying stage 0's
+  activations and the last stage's gradients of a U-shape) share it: one transfer at a time
+  over all of them, in the order they were issued;
 - a stage on R replicas runs as R timelines: replica r runs the stage's list kept to the
   micro-batches ``m % R == r`` (:func:`~partitioners.schedule.replica_actions`), micro-batch
   m travels between the neighbours' replicas of m, each pair of replicas on its own wires,
@@ -32,7 +38,10 @@ start of each action is the latest end among its predecessors: the end of the pr
 action on its stage, and for a receive the arrival of its transfer, which in turn waits for
 the previous transfer on the same wire. The simulation therefore advances each stage as far
 as it can, revisiting blocked stages when a transfer they wait for has been issued; this
-gives the same times as a discrete-event loop without a global event queue. When no stage
+gives the same times as a discrete-event loop without a global event queue. Shared devices
+and channels have several issuers; with either, the simulation instead takes, each time, the
+action (over all timelines) that can start earliest, so every shared resource serves its
+users in time order. When no stage
 can advance and some have actions left, the schedule deadlocks and :class:`DeadlockError`
 names the stuck actions.
 
@@ -162,13 +171,13 @@ class DeadlockError(ScheduleError):
     """No stage can take its next action: each waits for a transfer that is never sent."""
 
 
-def _node(stage: int, replica: int = 0, num_replicas: int = 1) -> str:
+def node_name(stage: int, replica: int = 0, num_replicas: int = 1) -> str:
     """``1`` for stage 1, ``1.0`` for replica 0 of a replicated stage 1."""
     return f"{stage}" if num_replicas == 1 else f"{stage}.{replica}"
 
 
 def stage_resource(stage: int, replica: int = 0, num_replicas: int = 1) -> str:
-    return f"stage {_node(stage, replica, num_replicas)}"
+    return f"stage {node_name(stage, replica, num_replicas)}"
 
 
 def link_resource(src: int | str, dst: int | str) -> str:
@@ -177,6 +186,13 @@ def link_resource(src: int | str, dst: int | str) -> str:
 
 def labels_resource(num_stages: int, dst: str | None = None) -> str:
     return f"labels 0->{dst if dst is not None else num_stages - 1}"
+
+
+@dataclass
+class _Channel:
+    """A zone uplink several wires cross: one transfer at a time over all of them."""
+
+    free_at: float = 0.0
 
 
 @dataclass
@@ -189,6 +205,7 @@ class _Wire:
     send_host_ms: float = 0.0  # the sender's CPU per transfer
     recv_host_ms: float = 0.0  # the receiver's CPU per transfer, waiting for it at its receive
     recv_late_host_ms: float = 0.0  # ... reaching its receive after the transfer arrived
+    channel: _Channel | None = None  # a shared uplink: its free time is the channel's
     free_at: float = 0.0
     busy_ms: float = 0.0
     pending: dict[int, float] = field(default_factory=dict)  # micro-batch -> arrival, not yet received
@@ -209,7 +226,7 @@ def _wires(
     wires: dict[str, _Wire] = {}
     for s, link in enumerate(links):
         for r, q in replica_pairs(replicas[s], replicas[s + 1], m):
-            a, b = _node(s, r, replicas[s]), _node(s + 1, q, replicas[s + 1])
+            a, b = node_name(s, r, replicas[s]), node_name(s + 1, q, replicas[s + 1])
             act = snd(link.act_bytes), rcv(link.act_bytes), late(link.act_bytes)
             grad = snd(link.grad_bytes), rcv(link.grad_bytes), late(link.grad_bytes)
             wires[link_resource(a, b)] = _Wire(link_resource(a, b), (s, r), link.act_ms, *act)
@@ -217,7 +234,7 @@ def _wires(
     n = len(replicas)
     if n > 1:
         for q in range(replicas[-1]):
-            name = labels_resource(n, _node(n - 1, q, replicas[-1]))
+            name = labels_resource(n, node_name(n - 1, q, replicas[-1]))
             wires[name] = _Wire(name, (0, 0), labels_ms, snd(labels_bytes), rcv(labels_bytes), late(labels_bytes))
     return wires
 
@@ -228,10 +245,10 @@ def wires_of(action: Action, stage: int, replica: int, replicas: Sequence[int]) 
     n = len(replicas)
     last = n - 1
     kind, mb = action.kind, action.mb
-    me = _node(stage, replica, replicas[stage])
+    me = node_name(stage, replica, replicas[stage])
 
     def peer(s: int) -> str:
-        return _node(s, mb % replicas[s], replicas[s])
+        return node_name(s, mb % replicas[s], replicas[s])
 
     if kind == SEND_ACT and stage < last:
         return [link_resource(me, peer(stage + 1))]
@@ -242,7 +259,7 @@ def wires_of(action: Action, stage: int, replica: int, replicas: Sequence[int]) 
     if kind == RECV_GRAD and stage < last:
         return [link_resource(peer(stage + 1), me)]
     if kind == SEND_LABELS and stage == 0 < last:
-        return [labels_resource(n, _node(last, q, replicas[last])) for q in range(replicas[last])]
+        return [labels_resource(n, node_name(last, q, replicas[last])) for q in range(replicas[last])]
     if kind == RECV_LABELS and stage == last > 0:
         return [labels_resource(n, me)]
     raise ScheduleError(f"stage {me}: {action} has no wire to use in a {n}-stage pipeline")
@@ -288,7 +305,12 @@ class _Simulation:
     replicated stage's ``STEP`` with its all-reduce, a send, a receive."""
 
     def __init__(
-        self, schedule: Schedule, stages: Sequence[StageCosts], replicas: list[int], wires: dict[str, _Wire]
+        self,
+        schedule: Schedule,
+        stages: Sequence[StageCosts],
+        replicas: list[int],
+        wires: dict[str, _Wire],
+        shared: Sequence[Sequence[int]] = (),
     ) -> None:
         self.stages = stages
         self.replicas = replicas
@@ -296,21 +318,67 @@ class _Simulation:
         self.workers = [(s, r) for s in range(len(schedule)) for r in range(replicas[s])]
         self.index = {w: i for i, w in enumerate(self.workers)}
         self.acts_of = [replica_actions(schedule[s], r, replicas[s]) for s, r in self.workers]
-        self.names = [_node(s, r, replicas[s]) for s, r in self.workers]
+        self.names = [node_name(s, r, replicas[s]) for s, r in self.workers]
         W = len(self.workers)
         self.timeline: list[Interval] = []
         self.pc = [0] * W  # next action of each timeline
         self.clock = [0.0] * W  # when each timeline is free
         self.busy = [0.0] * W
+        # timelines that share a device: index of the device's free time in ``device_free``
+        self.device_of = list(range(W))
+        for group in shared:
+            for s in group[1:]:
+                if replicas[s] != 1 or replicas[group[0]] != 1:
+                    raise ValueError(f"shared stages {list(group)}: a replicated stage cannot share a device")
+                self.device_of[self.index[(s, 0)]] = self.index[(group[0], 0)]
+        self.device_free = [0.0] * W
+        self.ordered = bool(shared) or any(wr.channel is not None for wr in wires.values())
 
     def run(self) -> None:
-        """Advance every timeline as far as it can, again while any of them moved."""
+        """Advance every timeline as far as it can, again while any of them moved (in time
+        order over all timelines when a device or a channel is shared)."""
+        if self.ordered:
+            self._run_in_time_order()
+            return
         progressed = True
         while progressed:
             progressed = False
             for w in range(len(self.workers)):
                 while self.pc[w] < len(self.acts_of[w]) and self._take(w, self.acts_of[w][self.pc[w]]):
                     progressed = True
+
+    def _run_in_time_order(self) -> None:
+        """Each time, take the next action that can start earliest (the lower timeline on
+        ties); blocked timelines wait for their transfer or their replicas."""
+        W = len(self.workers)
+        while True:
+            best, when = -1, 0.0
+            for w in range(W):
+                if self.pc[w] >= len(self.acts_of[w]):
+                    continue
+                t = self._ready_at(w, self.acts_of[w][self.pc[w]])
+                if t is not None and (best < 0 or t < when):
+                    best, when = w, t
+            if best < 0 or not self._take(best, self.acts_of[best][self.pc[best]]):
+                return
+
+    def _ready_at(self, w: int, a: Action) -> float | None:
+        """When timeline ``w`` could start ``a``, or None while it cannot."""
+        s, r = self.workers[w]
+        if a.kind == STEP and self.replicas[s] > 1:
+            siblings = [self.index[(s, q)] for q in range(self.replicas[s])]
+            pc, acts_of = self.pc, self.acts_of
+            if not all(pc[x] < len(acts_of[x]) and acts_of[x][pc[x]].kind == STEP for x in siblings):
+                return None
+            return max(self.clock[x] for x in siblings)
+        if a.kind in RECV_KINDS:
+            (name,) = wires_of(a, s, r, self.replicas)
+            if a.mb not in self._wire(name, w, a).pending:
+                return None
+            return self.clock[w]
+        if a.kind in (F, B, STEP):
+            return max(self.clock[w], self.device_free[self.device_of[w]])
+        return self.clock[w]
 
     def _take(self, w: int, a: Action) -> bool:
         """Run ``a``, the next action of timeline ``w``; False when it has to wait."""
@@ -335,8 +403,9 @@ class _Simulation:
         cost = self.stages[s]
         ms = cost.fwd_ms if a.kind == F else cost.bwd_ms if a.kind == B else cost.step_ms
         res = stage_resource(s, r, self.replicas[s])
-        self.timeline.append(Interval(s, a.kind, a.mb, self.clock[w], self.clock[w] + ms, res, r))
-        self.clock[w] += ms
+        start = max(self.clock[w], self.device_free[self.device_of[w]])
+        self.timeline.append(Interval(s, a.kind, a.mb, start, start + ms, res, r))
+        self.clock[w] = self.device_free[self.device_of[w]] = start + ms
         self.busy[w] += ms
 
     def _replicated_step(self, s: int) -> bool:
@@ -366,8 +435,11 @@ class _Simulation:
             wr = self._wire(name, w, a)
             if a.mb in wr.pending:
                 raise ScheduleError(f"stage {self.names[w]}: {a} sent again before it was received")
-            start = max(self.clock[w], wr.free_at)
+            free = wr.channel.free_at if wr.channel is not None else wr.free_at
+            start = max(self.clock[w], free)
             wr.free_at = start + wr.transfer_ms
+            if wr.channel is not None:
+                wr.channel.free_at = wr.free_at
             wr.busy_ms += wr.transfer_ms
             wr.pending[a.mb] = wr.free_at
             self.timeline.append(Interval(s, TRANSFER_KINDS[a.kind], a.mb, start, wr.free_at, wr.resource, r))
@@ -397,8 +469,9 @@ class _Simulation:
         if ms > 0:
             s, r = self.workers[w]
             res = stage_resource(s, r, self.replicas[s])
-            self.timeline.append(Interval(s, HOST, mb, self.clock[w], self.clock[w] + ms, res, r))
-            self.clock[w] += ms
+            start = max(self.clock[w], self.device_free[self.device_of[w]])
+            self.timeline.append(Interval(s, HOST, mb, start, start + ms, res, r))
+            self.clock[w] = self.device_free[self.device_of[w]] = start + ms
             self.busy[w] += ms
 
     def check_finished(self) -> None:
@@ -414,13 +487,13 @@ class _Simulation:
     def _why_stuck(self, w: int) -> str:
         workers, acts_of, pc, replicas = self.workers, self.acts_of, self.pc, self.replicas
         s, r = workers[w]
-        me = _node(s, r, replicas[s])
+        me = node_name(s, r, replicas[s])
         a = acts_of[w][pc[w]]
         if a.kind == STEP:
             return f"stage {me} blocked at STEP (action {pc[w]}) waiting for the other replicas of stage {s}"
         wire = self.wires[wires_of(a, s, r, replicas)[0]]
         src = workers.index(wire.src)
-        them = _node(wire.src[0], wire.src[1], replicas[wire.src[0]])
+        them = node_name(wire.src[0], wire.src[1], replicas[wire.src[0]])
         if pc[src] < len(acts_of[src]):
             sender = f"stage {them} is itself blocked at {acts_of[src][pc[src]]} (action {pc[src]})"
         else:
@@ -457,6 +530,8 @@ def simulate(
     recv_host: HostCost | None = None,
     recv_late_host: HostCost | None = None,
     labels_bytes: float = 0.0,
+    shared: Sequence[Sequence[int]] = (),
+    channels: dict[str, str] | None = None,
 ) -> SimResult:
     """Replay one step of ``schedule`` (one action list per stage) on the given costs.
 
@@ -480,13 +555,22 @@ def simulate(
     ``recv_host``) replaces ``recv_host`` for a transfer that had arrived before its receiver
     reached the receive. The transfer itself still starts when it is issued.
 
+    ``shared``: groups of stages that run on one device (unreplicated): their compute and
+    host work never overlap. ``channels``: wire name (``link 0->1``) -> the uplink it
+    crosses; wires with the same uplink carry one transfer at a time between them.
+
     Raises :class:`DeadlockError` when the lists wait on each other or on a transfer never
     sent, and :class:`~partitioners.schedule.ScheduleError` for a send or receive with no wire
     to use, a transfer sent twice before it is received, or one never received.
     """
     counts, inferred = _checked_inputs(schedule, stages, links, replicas, num_micro_batches)
     wires = _wires(links, counts, labels_ms, inferred, labels_bytes, send_host, recv_host, recv_late_host)
-    sim = _Simulation(schedule, stages, counts, wires)
+    uplinks: dict[str, _Channel] = {}
+    for name, key in (channels or {}).items():
+        if name not in wires:
+            raise ValueError(f"channels: no wire '{name}' in this pipeline (wires: {', '.join(wires)})")
+        wires[name].channel = uplinks.setdefault(key, _Channel())
+    sim = _Simulation(schedule, stages, counts, wires, shared)
     sim.run()
     sim.check_finished()
     return sim.result(inferred, step_overhead_ms)

@@ -207,7 +207,7 @@ def random_instance(rng: random.Random):
             "links": {"default": {"bandwidth_mbps": rng.choice([10, 100]), "latency_ms": 5}, "zones": zone_links},
         }
     )
-    n = rng.randint(3, 12)
+    n = rng.randint(3, 9)
     layers = []
     for i in range(n):
         layers.append(
@@ -291,6 +291,8 @@ def test_optimal_equals_exhaustive_on_random_instances():
             continue
         got = partition("optimal", r)
         assert got.step_ms == pytest.approx(ref.step_ms, rel=1e-6, abs=1e-9), (got.table(), ref.table())
+        # at this size the search closes every gap between bound and step: proven optimal
+        assert got.predicted["lower_bound_ms"] == pytest.approx(got.step_ms, rel=1e-6)
         assert_valid(got, r)
         assert_valid(ref, r)
         offloaded += any(s.offload != "none" for s in got.stages)
@@ -313,7 +315,7 @@ def test_optimal_equals_exhaustive_on_random_instances():
             assert rep.step_ms < got.step_ms
         checked += 1
     assert infeasible < 150, infeasible  # the memory figures leave most instances feasible
-    assert offloaded >= 15 and replicated >= 1, (offloaded, replicated)
+    assert offloaded >= 15, offloaded  # replicas: tests/test_planner_offload.py
 
 
 def test_balanced_minimises_the_largest_stage():

@@ -11,7 +11,7 @@ import numpy as np
 from partitioners.costmodel import StageMethod, effective_layer, stage_memory, stage_time
 from partitioners.plan import Plan, Stage
 from partitioners.planner.feasibility import allow_hint, check_plan, closest_options
-from partitioners.planner.objective import evaluate
+from partitioners.planner.objective import evaluate, figures
 from partitioners.planner.request import GB, Groups, PlanError, PlanRequest, groups_of
 from partitioners.planner.tables import CostTables
 
@@ -149,6 +149,7 @@ def build_plan(
         label_privacy=req.label_privacy,
         precision=req.precision,
         predicted={"step_ms": round(ev.step_ms, 4), "bottleneck": ev.bottleneck, "bubble_fraction": round(bubble, 4)},
+        uplinks=figures(tables, seq, bounds, opts, groups).channels,
     )
 
 
@@ -195,6 +196,8 @@ def simulate_plan(
         links,
         labels_ms=labels_ms,
         replicas=replicas,
+        shared=plan.shared_devices,
+        channels=plan.uplinks,
         step_overhead_ms=step_overhead_ms,
         send_host=send_host,
         recv_host=recv_host,

@@ -1,7 +1,31 @@
-"""The objective: the predicted step of a plan (devices, cuts, methods, replicas)."""
+"""The objective: what one training step of a plan takes, as the simulator runs it.
+
+The planner's figure for a plan is the simulator's (:mod:`partitioners.simulator`): the
+same action lists the workers execute, one device's stages sharing its compute (the
+U-shape's two stages on the data owner), transfers that cross one zone uplink sharing it,
+replicas as their own timelines. Two schedules have a closed form that equals the
+simulator's makespan when nothing is shared and nothing is replicated (checked in the
+tests), and :func:`evaluate` takes it there instead of running the simulator:
+
+- ``sequential``: a micro-batch's whole round trip ``P`` (every forward, backward and
+  transfer) ``M`` times; stage ``s`` finishes its last backward ``pre_s`` (the backwards
+  and gradient transfers of the stages before it) before the end, so the step is
+  ``M P + max_s (O_s - pre_s)``, with ``O_s`` the stage's optimizer step;
+- ``gpipe``: the forward phase is a flow shop over the stages and activation wires (every
+  micro-batch in order through each): ``sum + (M - 1) max`` of their per-micro-batch
+  times; the backward phase is one over the stages and gradient wires from the last stage
+  back, and stage ``s`` ends its backwards at that flow shop's completion ``C_s`` at its
+  machine; the step is the forward phase plus ``max_s (C_s + O_s)`` (the optimizer steps of
+  different stages overlap).
+
+:func:`lower_bound` is a bound below the simulator's step for every schedule, shared or
+not: what the searches minimise where no closed form is exact (1F1B, shared devices and
+uplinks), so that a plan can carry a proven distance from the best.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -9,7 +33,170 @@ from partitioners.costmodel import StageMethod
 from partitioners.planner.feasibility import base_options
 from partitioners.planner.request import Groups, group_name, groups_of
 from partitioners.planner.tables import CostTables
-from partitioners.schedule import replica_pairs
+from partitioners.schedule import Schedule, replica_pairs
+from partitioners.schedule import build as build_schedule
+from partitioners.simulator import LinkCosts, StageCosts, link_resource, node_name, simulate
+
+
+@dataclass
+class StepFigures:
+    """A plan's costs as the objective reads them: per stage one micro-batch's forward and
+    backward, its optimizer step and all-reduce (once per step) and its replica count; per
+    cut the activation and gradient transfer; which stages share a device and which wires
+    share an uplink."""
+
+    fwd: list[float]
+    bwd: list[float]
+    opt: list[float]
+    allreduce: list[float]
+    replicas: list[int]
+    act: list[float]
+    grad: list[float]
+    shared: list[tuple[int, ...]] = field(default_factory=list)
+    channels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.fwd)
+
+    @property
+    def plain(self) -> bool:
+        """Nothing shared and nothing replicated: where the closed forms are exact."""
+        return not self.shared and not self.channels and all(r == 1 for r in self.replicas)
+
+
+def figures(
+    tables: CostTables, seq: list[str], bounds: list[int], opts: list[StageMethod], groups: Groups
+) -> StepFigures:
+    S, M = len(seq), tables.M
+    fwd, bwd, opt, ar = [], [], [], []
+    for s in range(S):
+        f, b, o = tables.fbo(seq[s], bounds[s], bounds[s + 1], opts[s])
+        fwd.append(f)
+        bwd.append(b)
+        opt.append(o)
+        ar.append(tables.allreduce_ms(groups[s], bounds[s], bounds[s + 1], opts[s]))
+    act, grad = [], []
+    topo = tables.req.topology
+    uplinks: dict[str, list[str]] = {}
+    for s in range(S - 1):
+        src, dst = groups[s], groups[s + 1]
+        pairs = replica_pairs(len(src), len(dst), M)
+        figs = [tables.link(src[r], dst[q], bounds[s + 1]) for r, q in pairs]
+        act.append(max(x[0] for x in figs))
+        grad.append(max(x[1] for x in figs))
+        for r, q in pairs:
+            here, there = node_name(s, r, len(src)), node_name(s + 1, q, len(dst))
+            for wire, key in (
+                (link_resource(here, there), topo.uplink(src[r], dst[q])),
+                (link_resource(there, here), topo.uplink(dst[q], src[r])),
+            ):
+                if key is not None:
+                    uplinks.setdefault(key, []).append(wire)
+    channels = {w: key for key, wires in uplinks.items() if len(wires) > 1 for w in wires}
+    on: dict[str, list[int]] = {}
+    for s, d in enumerate(seq):
+        on.setdefault(d, []).append(s)
+    shared = [tuple(v) for v in on.values() if len(v) > 1]
+    return StepFigures(fwd, bwd, opt, ar, [len(g) for g in groups], act, grad, shared, channels)
+
+
+def _flow_shop(times: list[float], M: int) -> list[float]:
+    """Completion of the last of ``M`` identical jobs at each machine of a flow shop."""
+    out, total, worst = [], 0.0, 0.0
+    for p in times:
+        total += p
+        worst = max(worst, p)
+        out.append(total + (M - 1) * worst)
+    return out
+
+
+def closed_form(schedule: str, fig: StepFigures, M: int) -> float | None:
+    """The simulator's step for ``sequential`` and ``gpipe`` plans with nothing shared or
+    replicated (see the module notes); None elsewhere."""
+    if not fig.plain or schedule not in ("sequential", "gpipe"):
+        return None
+    S = fig.num_stages
+    F, B, Opt, a, g = fig.fwd, fig.bwd, fig.opt, fig.act, fig.grad
+    if schedule == "sequential":
+        P = sum(F) + sum(B) + sum(a) + sum(g)
+        pre, best = 0.0, -math.inf
+        for s in range(S):
+            best = max(best, Opt[s] - pre)
+            pre += B[s] + (g[s] if s < S - 1 else 0.0)
+        return M * P + best
+    forward = []
+    for s in range(S):
+        forward.append(F[s])
+        if s < S - 1:
+            forward.append(a[s])
+    backward, machine = [], []
+    for s in range(S - 1, -1, -1):
+        backward.append(B[s])
+        machine.append(s)
+        if s > 0:
+            backward.append(g[s - 1])
+            machine.append(-1)
+    done = _flow_shop(backward, M)
+    return _flow_shop(forward, M)[-1] + max(c + Opt[s] for c, s in zip(done, machine, strict=True) if s >= 0)
+
+
+def lower_bound(schedule: str, fig: StepFigures, M: int) -> float:
+    """A bound below the simulator's step of this plan, for every schedule, whether devices
+    and uplinks are shared or not (sharing only delays; replicas are not bounded here: a
+    replicated plan returns 0). The terms: a micro-batch's round trip ``P``; each stage's
+    own work ``M (F + B)`` after the first micro-batch reaches it and before the last one's
+    gradient returns to stage 0; each wire's ``M`` transfers within the round trip; under
+    1F1B, stage ``s`` holds at most ``S - s`` micro-batches, so every ``S - s``-th one
+    waits for a whole round trip beyond it; the data owner's two stages (U-shape) one after
+    the other; and stage 0's optimizer step after everything."""
+    if any(r > 1 for r in fig.replicas):
+        return 0.0
+    closed = closed_form(
+        schedule, StepFigures(fig.fwd, fig.bwd, fig.opt, fig.allreduce, fig.replicas, fig.act, fig.grad), M
+    )
+    S = fig.num_stages
+    F, B, Opt, a, g = fig.fwd, fig.bwd, fig.opt, fig.act, fig.grad
+    P = sum(F) + sum(B) + sum(a) + sum(g)
+    best = closed if closed is not None else P + Opt[0]
+    head = ahead = 0.0  # the path before stage s: both ways, and forward only
+    for s in range(S):
+        best = max(best, head + M * (F[s] + B[s]) + Opt[0], ahead + M * (F[s] + B[s]) + Opt[s])
+        if schedule == "1f1b":
+            K = S - s
+            rounds = (M - 1) // K
+            rt = P - head
+            best = max(best, head + (rounds + 1) * rt + (M - 1 - rounds * K) * B[s] + Opt[0])
+        if s < S - 1:
+            best = max(best, P + (M - 1) * max(a[s], g[s]) + Opt[0])
+            head += F[s] + B[s] + a[s] + g[s]
+            ahead += F[s] + a[s]
+    for group in fig.shared:
+        best = max(best, sum(M * (F[s] + B[s]) + Opt[s] for s in group))
+    return best
+
+
+@functools.lru_cache(maxsize=256)
+def _actions(schedule: str, num_stages: int, num_micro_batches: int) -> Schedule:
+    """The schedule's action lists, built and checked once per shape (the simulator only reads them)."""
+    return build_schedule(schedule, num_stages, num_micro_batches)
+
+
+def simulated(schedule: str, fig: StepFigures, M: int) -> float:
+    """The simulator's step on these figures (the schedule the workers run)."""
+    S = fig.num_stages
+    stages = [StageCosts(fig.fwd[s], fig.bwd[s], fig.opt[s], fig.allreduce[s]) for s in range(S)]
+    links = [LinkCosts(fig.act[s], fig.grad[s]) for s in range(S - 1)]
+    sim = simulate(
+        _actions(schedule, S, M), stages, links, replicas=fig.replicas, shared=fig.shared, channels=fig.channels
+    )
+    return sim.step_ms
+
+
+def step_ms(schedule: str, fig: StepFigures, M: int) -> float:
+    """The plan's step: the closed form where it is exact, else the simulator."""
+    exact = closed_form(schedule, fig, M)
+    return exact if exact is not None else simulated(schedule, fig, M)
 
 
 @dataclass
@@ -20,6 +207,7 @@ class Evaluation:
     stage_ms: list[float]  # per stage, per micro-batch (its step's optimizer and all-reduce spread over M)
     link_ms: list[tuple[float, float]]  # per cut: (activation, gradient) per micro-batch
     allreduce_ms: list[float] = field(default_factory=list)  # per stage, once per step (replicas only)
+    lower_ms: float = 0.0  # a bound below step_ms (lower_bound)
 
 
 def evaluate(
@@ -29,60 +217,39 @@ def evaluate(
     opts: list[StageMethod] | None = None,
     groups: Groups | None = None,
 ) -> Evaluation:
-    """The predicted step of a plan: ``total + (M - 1) * worst`` (pipelined schedules), the
-    fill and drain of one micro-batch plus the rest of the bottleneck's work.
-
-    A stage on ``R`` replicas: each replica runs ``M / R`` forwards and backwards, then the
-    all-reduce and the optimizer step, so its bottleneck term is ``(M/R - 1) (f + b) +
-    (M - 1) / M (opt + allreduce)`` (for ``R = 1`` the usual ``(M - 1)`` times the stage's
-    per-micro-batch cost); ``worst`` holds it divided by ``M - 1``, roughly ``1/R`` of the
-    stage's per-micro-batch load. Under 1F1B, ``R`` counts at most ``S`` replicas
-    (:func:`effective_replicas`). A cut between replicated stages spreads over
-    ``lcm(R_s, R_s+1)`` pairs of wires, each carrying ``M / lcm`` transfers at its slowest
-    pair's figures."""
+    """The predicted step of a plan (:func:`step_ms`: the simulator's), and what limits it:
+    the resource with the most work per micro-batch (a device, counting every stage it runs
+    and a replica's share, or one direction of a link)."""
     S, M = len(seq), tables.M
     opts = opts or base_options(tables, seq)
     groups = groups_of(seq, groups)
-    stage_ms, allreduce = [], []
+    schedule = tables.req.schedule
+    fig = figures(tables, seq, bounds, opts, groups)
+    stage_ms: list[float] = []
     load: dict[str, float] = {}
     busy = 0.0
     for s in range(S):
-        a, b, R = bounds[s], bounds[s + 1], len(groups[s])
-        ms = tables.stage_ms(seq[s], a, b, opts[s])
-        if R == 1:
-            per_dev, ar = ms, 0.0
-            busy += ms
-        else:
-            opt = tables.opt_ms(seq[s], a, b, opts[s])
-            ar = tables.allreduce_ms(groups[s], a, b, opts[s])
-            fb = ms - opt / M
-            per_dev = replica_load(fb, opt + ar, effective_replicas(tables.req.schedule, R, S), M)
-            ms = fb + (opt + ar) / M
-            busy += fb + R * (opt + ar) / M
-        stage_ms.append(ms)
-        allreduce.append(ar)
+        R = len(groups[s])
+        fb = fig.fwd[s] + fig.bwd[s]
+        step = fig.opt[s] + fig.allreduce[s]
+        stage_ms.append(fb + step / M)
+        busy += fb + R * step / M
+        per_dev = fb + step / M if R == 1 else replica_load(fb, step, effective_replicas(schedule, R, S), M)
         for dev in groups[s]:
             load[dev] = load.get(dev, 0.0) + per_dev
-    links: list[tuple[float, float]] = []
-    wire_load: list[float] = []
-    for s in range(S - 1):
-        src, dst = groups[s], groups[s + 1]
-        pairs = replica_pairs(len(src), len(dst), M)
-        figs = [tables.link(src[r], dst[q], bounds[s + 1]) for r, q in pairs]
-        act, grad = max(f[0] for f in figs), max(f[1] for f in figs)
-        links.append((act, grad))
-        k = math.lcm(len(src), len(dst))
-        wire_load.append(max(act, grad) if k == 1 else (M // k - 1) * max(act, grad) / (M - 1))
-    total = sum(stage_ms) + sum(a + g for a, g in links)
+    links = list(zip(fig.act, fig.grad, strict=True))
     worst_dev = max(load, key=lambda d: load[d])
     worst: float = load[worst_dev]
     bottleneck = f"device {worst_dev}"
     for s, (act_ms, grad_ms) in enumerate(links):
-        if wire_load[s] > worst:
+        k = math.lcm(len(groups[s]), len(groups[s + 1]))
+        wire = max(act_ms, grad_ms) if k == 1 or M < 2 else (M // k - 1) * max(act_ms, grad_ms) / (M - 1)
+        if wire > worst:
             src_name, dst_name = group_name(groups[s]), group_name(groups[s + 1])
-            worst = wire_load[s]
+            worst = wire
             bottleneck = f"link {src_name}->{dst_name}" if act_ms >= grad_ms else f"link {dst_name}->{src_name}"
-    return Evaluation(tables.objective(total, worst), bottleneck, busy, stage_ms, links, allreduce)
+    step = step_ms(schedule, fig, M)
+    return Evaluation(step, bottleneck, busy, stage_ms, links, fig.allreduce, lower_bound(schedule, fig, M))
 
 
 def effective_replicas(schedule: str, num_replicas: int, num_stages: int) -> int:
@@ -93,15 +260,18 @@ def effective_replicas(schedule: str, num_replicas: int, num_stages: int) -> int
 
 
 def replica_load(fwd_bwd_ms: float, step_ms: float, busy_replicas: int, num_micro_batches: int) -> float:
-    """A replicated stage's bottleneck term per micro-batch (see :func:`evaluate`): ``M / R``
-    forwards and backwards one after another (``R`` replicas busy at once) and one optimizer
-    step with the all-reduce, over ``M - 1``."""
+    """A replicated stage's work per micro-batch on each replica: ``M / R`` forwards and
+    backwards one after another (``R`` replicas busy at once) and one optimizer step with the
+    all-reduce, over ``M - 1`` (the stage's per-micro-batch cost when ``R = 1``)."""
     M, R = num_micro_batches, busy_replicas
+    if M < 2:
+        return fwd_bwd_ms + step_ms
     return ((M / R - 1) * fwd_bwd_ms + (M - 1) / M * step_ms) / (M - 1)
 
 
 def stage_load(tables: CostTables, group: tuple[str, ...], a: int, b: int, opt: StageMethod, S: int) -> float:
-    """Per micro-batch, what a stage keeps each of its devices busy (see :func:`evaluate`)."""
+    """Per micro-batch, what a stage keeps each of its devices busy (``balanced`` minimises
+    the largest)."""
     ms = tables.stage_ms(group[0], a, b, opt)
     if len(group) == 1:
         return ms

@@ -4,148 +4,21 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from partitioners.costmodel import StageMethod
 from partitioners.plan import Plan
 from partitioners.planner.assemble import build_plan
+from partitioners.planner.cuts import CutChoice, best_cuts
 from partitioners.planner.exhaustive import device_sequences
 from partitioners.planner.feasibility import infeasible_reason
+from partitioners.planner.objective import evaluate
 from partitioners.planner.replicas import add_replicas
 from partitioners.planner.request import PlanError, PlanRequest, closed_sequence
 from partitioners.planner.tables import CostTables
 
 EXACT_MAX_DEVICES = 7
-
-
-# A label of the cut search: (worst resource so far, total so far, the owner's first-stage
-# ms, device bytes and host bytes (U-shape only), back-pointer (stage, start, previous
-# label)). Plain tuples: millions are made for large topologies.
-_W, _T, _FMS, _FMEM, _FHOST, _PREV = range(6)
-
-
-def _pareto_cuts(
-    req: PlanRequest, tables: CostTables, seq: list[str], bound: float
-) -> tuple[float, list[int], list[StageMethod]] | None:
-    """The best cuts (and stage methods) for a fixed device sequence: a dynamic programme
-    over (stage, cut) keeping every label (worst resource so far, total so far) that no
-    other label beats in both — exact for the objective total + (M-1) * worst. Labels whose
-    lower bound is not below ``bound`` are dropped.
-
-    A stage with several method options takes, for each of its layer ranges, the fastest
-    one that fits: its memory concerns only its own device. The U-shape's first stage is
-    the exception (its memory counts against the owner's last stage): it keeps one label per
-    option, and the last stage checks each label's memory."""
-    S, n, M = len(seq), req.n, req.num_micro_batches
-    ushape = req.label_privacy and S > 1
-    sequential = req.schedule == "sequential"
-
-    def lower(lab: tuple) -> float:
-        return M * lab[_T] if sequential else lab[_T] + (M - 1) * lab[_W]
-
-    frontier: dict[int, list[tuple]] = {0: [(0.0, 0.0, 0.0, 0.0, 0.0, None)]}
-    for s in range(S):
-        nxt: dict[int, list[tuple]] = {}
-        dev = seq[s]
-        cap, hcap = tables.capacity(dev), tables.host_capacity(dev)
-        last = s == S - 1
-        opts = tables.options(s, dev)
-        cums = [tables.cum(dev, o) for o in opts]
-        memtabs = [tables.dev_table(dev, tables.inflight(s, S), o) for o in opts]
-        hostcums = [tables.host_cum(dev, o) for o in opts]
-        hi = n if last else n - (S - s - 1)
-        for a, labels in frontier.items():
-            lo = n if last else a + 1
-            if lo > hi:
-                continue
-            bs = np.arange(lo, hi + 1)
-            cs = np.stack([cum[bs] - cum[a] for cum in cums])  # (options, ends)
-            mems = np.stack([memtab[a, bs] for memtab in memtabs])
-            hosts = np.stack([hc[bs] - hc[a] for hc in hostcums])
-            la, lg = tables.link(seq[s - 1], dev, a) if s > 0 else (0.0, 0.0)
-            first = ushape and s == 0
-            for lab in labels:
-                w0, t0, fms, fmem, fhost = lab[_W], lab[_T], lab[_FMS], lab[_FMEM], lab[_FHOST]
-                if first:  # one candidate per option: their memory matters to the last stage
-                    variants = [
-                        (np.full(len(bs), k), cs[k], mems[k], hosts[k], (mems[k] <= cap) & (hosts[k] <= hcap))
-                        for k in range(len(opts))
-                    ]
-                else:
-                    if ushape and last:
-                        fits = (fmem + mems <= cap) & (fhost + hosts <= hcap)
-                    else:
-                        fits = (mems <= cap) & (hosts <= hcap)
-                    masked = np.where(fits, cs, np.inf)
-                    k_best = np.argmin(masked, axis=0)  # the first (configured) option on ties
-                    cols = np.arange(len(bs))
-                    variants = [(k_best, cs[k_best, cols], mems[k_best, cols], hosts[k_best, cols], fits[k_best, cols])]
-                for ks, c, mem, host, ok in variants:
-                    if ushape and last:
-                        worst = np.maximum(max(w0, la, lg), fms + c)
-                    elif first:
-                        worst = np.full(len(bs), max(w0, la, lg))  # the owner's load is known at the end
-                    else:
-                        worst = np.maximum(max(w0, la, lg), c)
-                    total = t0 + c + la + lg
-                    low = M * total if sequential else total + (M - 1) * worst
-                    keep = np.nonzero(ok & (low < bound))[0]
-                    if not len(keep):
-                        continue
-                    for wk, tk, ck, mk, hk, b, k in zip(
-                        worst[keep].tolist(),
-                        total[keep].tolist(),
-                        c[keep].tolist(),
-                        mem[keep].tolist(),
-                        host[keep].tolist(),
-                        bs[keep].tolist(),
-                        ks[keep].tolist(),
-                        strict=True,
-                    ):
-                        prev = (s, a, lab, k)
-                        lab_new = (wk, tk, ck, mk, hk, prev) if first else (wk, tk, fms, fmem, fhost, prev)
-                        nxt.setdefault(b, []).append(lab_new)
-        for b, labs in nxt.items():
-            nxt[b] = _prune(labs, ushape and s < S - 1)
-        frontier = nxt
-        if not frontier:
-            return None
-    labels = frontier.get(n, [])
-    if not labels:
-        return None
-    best = min(labels, key=lower)
-    cuts, chosen, lab = [], [], best
-    while lab[_PREV] is not None:
-        s, a, lab, k = lab[_PREV]
-        cuts.append(a)
-        chosen.append(tables.options(s, seq[s])[k])
-    bounds = sorted(set([*cuts, n]))
-    return lower(best), bounds, chosen[::-1]
-
-
-def _prune(labels: list[tuple], keep_first: bool) -> list[tuple]:
-    """Drop labels another label beats in every kept dimension."""
-    if keep_first:  # U-shape before its last stage: the owner's first stage still matters
-        labels.sort(key=lambda x: (x[_W], x[_T], x[_FMS], x[_FMEM], x[_FHOST]))
-        out: list[tuple] = []
-        for lab in labels:
-            if not any(
-                o[_W] <= lab[_W]
-                and o[_T] <= lab[_T]
-                and o[_FMS] <= lab[_FMS]
-                and o[_FMEM] <= lab[_FMEM]
-                and o[_FHOST] <= lab[_FHOST]
-                for o in out
-            ):
-                out.append(lab)
-        return out
-    labels.sort(key=lambda x: (x[_W], x[_T]))
-    out, best_total = [], math.inf
-    for lab in labels:  # sorted by worst: keep those with a strictly smaller total
-        if lab[_T] < best_total:
-            out.append(lab)
-            best_total = lab[_T]
-    return out
+VERIFY_PER_SEQUENCE = 4  # per device sequence, the plans with the smallest bounds the simulator checks first
+VERIFY_BUDGET = 2000  # then at most this many more plans, across sequences, in the order of their bounds
+MAX_LABELS = 200_000  # listing every plan below the best step: give up past this many partial plans
 
 
 def ranked_devices(req: PlanRequest) -> list[str]:
@@ -159,31 +32,96 @@ def ranked_devices(req: PlanRequest) -> list[str]:
     return [owner, *rest]
 
 
+def candidate_sequences(req: PlanRequest) -> tuple[list[list[str]], bool]:
+    """The device sequences ``optimal`` searches, and whether they are all of them (up to
+    ``EXACT_MAX_DEVICES`` devices); beyond, prefixes of two rankings."""
+    if len(req.pool) <= EXACT_MAX_DEVICES:
+        return device_sequences(req), True
+    ranked = ranked_devices(req)
+    by_speed = [ranked[0], *sorted(ranked[1:], key=lambda d: (-req.topology.device(d).tflops, d))]
+    longer = [k for k in (16, 24, 32, 48, 64, 96, 128) if k <= len(ranked)]
+    lengths = sorted({*range(1, min(len(ranked), 12) + 1), *longer})
+    seen: set[tuple[str, ...]] = set()
+    candidates = []
+    for order in (ranked, by_speed):
+        for k in lengths:
+            seq = closed_sequence(req, order[:k])
+            if len(seq) <= req.n and tuple(seq) not in seen:
+                seen.add(tuple(seq))
+                candidates.append(seq)
+    return candidates, False
+
+
+class _Search:
+    """The best plan found so far by the simulator's step, and what is left unchecked."""
+
+    def __init__(self, req: PlanRequest, tables: CostTables):
+        self.req, self.tables = req, tables
+        self.best: tuple[float, list[str], list[int], list[StageMethod]] | None = None
+        self.budget = VERIFY_BUDGET
+        self.open_low = math.inf  # the smallest bound of the plans left unchecked
+
+    @property
+    def step(self) -> float:
+        return self.best[0] if self.best else math.inf
+
+    def check(self, seq: list[str], choice: CutChoice) -> None:
+        ev = evaluate(self.tables, seq, choice.bounds, choice.opts)
+        if ev.step_ms < self.step - 1e-12:
+            self.best = (ev.step_ms, seq, choice.bounds, choice.opts)
+
+    def every_plan_below(self, seq: list[str], lowest: float) -> None:
+        """Check the plans of ``seq`` whose bound is below the best step, smallest bound
+        first, while the budget lasts (what is left keeps its bound in ``open_low``)."""
+        if self.budget <= 0:
+            self.open_low = min(self.open_low, lowest)
+            return
+        top = self.budget
+        choices = best_cuts(self.req, self.tables, seq, self.step, top=top, prune=False, max_labels=MAX_LABELS)
+        if choices is None:  # too many plans below the bound to list
+            self.open_low = min(self.open_low, lowest)
+            return
+        for choice in choices:
+            if choice.lower_ms >= self.step:
+                return
+            if self.budget <= 0:
+                self.open_low = min(self.open_low, choice.lower_ms)
+                return
+            self.budget -= 1
+            self.check(seq, choice)
+        if len(choices) == top:  # the list stopped at ``top``: plans past it are unchecked
+            self.open_low = min(self.open_low, choices[-1].lower_ms)
+
+
 def optimal(req: PlanRequest) -> Plan:
+    """The plan with the smallest simulated step over every device sequence, cut and stage
+    method (every sequence up to ``EXACT_MAX_DEVICES`` devices).
+
+    Each sequence's cut search (:func:`~partitioners.planner.cuts.best_cuts`) ranks plans by
+    a bound below their step, exact for sequential and GPipe plans with nothing shared; the
+    simulator checks the best-ranked plans, then every plan whose bound is still below the
+    best step (within ``VERIFY_BUDGET`` simulations). When every sequence was searched, the
+    plan carries ``lower_bound_ms``: no plan without replicas steps faster (equal to its
+    step: proven optimal)."""
     tables = CostTables(req)
-    pool = req.pool
-    if len(pool) <= EXACT_MAX_DEVICES:
-        candidates = device_sequences(req)
-    else:
-        ranked = ranked_devices(req)
-        by_speed = [ranked[0], *sorted(ranked[1:], key=lambda d: (-req.topology.device(d).tflops, d))]
-        longer = [k for k in (16, 24, 32, 48, 64, 96, 128) if k <= len(ranked)]
-        lengths = sorted({*range(1, min(len(ranked), 12) + 1), *longer})
-        seen: set[tuple[str, ...]] = set()
-        candidates = []
-        for order in (ranked, by_speed):
-            for k in lengths:
-                seq = closed_sequence(req, order[:k])
-                if len(seq) <= req.n and tuple(seq) not in seen:
-                    seen.add(tuple(seq))
-                    candidates.append(seq)
-    best: tuple[float, list[str], list[int], list[StageMethod]] | None = None
+    candidates, complete = candidate_sequences(req)
+    search = _Search(req, tables)
+    lowest: dict[tuple[str, ...], float] = {}  # per sequence, the smallest bound of its plans
     for seq in sorted(candidates, key=len):
-        got = _pareto_cuts(req, tables, seq, best[0] if best else math.inf)
-        if got is not None and (best is None or got[0] < best[0] - 1e-12):
-            best = (got[0], seq, got[1], got[2])
-    if best is None:
+        for choice in best_cuts(req, tables, seq, search.step, top=VERIFY_PER_SEQUENCE) or []:
+            lowest.setdefault(tuple(seq), choice.lower_ms)
+            if choice.lower_ms >= search.step:
+                break
+            search.check(seq, choice)
+    # where a bound is below the best step, plans the bound ranks lower may step faster
+    for seq in sorted((s for s in candidates if tuple(s) in lowest), key=lambda s: lowest[tuple(s)]):
+        if lowest[tuple(seq)] < search.step:
+            search.every_plan_below(seq, lowest[tuple(seq)])
+    if search.best is None:
         raise PlanError(infeasible_reason(req, tables, candidates))
-    _, seq, bounds, opts = best
+    step, seq, bounds, opts = search.best
     groups = add_replicas(req, tables, seq, bounds, opts) if req.replicate else None
-    return build_plan(req, tables, seq, bounds, "optimal", opts, groups)
+    plan = build_plan(req, tables, seq, bounds, "optimal", opts, groups)
+    if complete and all(len(s.devices) == 1 for s in plan.stages):  # replicas: the bound is for plans without
+        plan.predicted["lower_bound_ms"] = round(min(search.open_low, step), 4)
+    return plan

@@ -30,7 +30,7 @@ class CostTables:
         topo = req.topology
         self.M = req.num_micro_batches
         self.dev = {d.name: d for d in topo.devices}
-        self._cum: dict[tuple[str, StageMethod], tuple[np.ndarray, np.ndarray]] = {}
+        self._cum: dict[tuple[str, StageMethod], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
         ratio = CODEC_BYTES[req.codec]
         self.cut_bytes = [layer.out_bytes * ratio for layer in L]  # after layer i
         self._mem: dict[tuple[int, StageMethod], np.ndarray] = {}
@@ -45,7 +45,9 @@ class CostTables:
             self._opts[key] = self.req.options(s, dev)
         return self._opts[key]
 
-    def _times(self, dev: str, opt: StageMethod | None) -> tuple[np.ndarray, np.ndarray]:
+    def _times(self, dev: str, opt: StageMethod | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Prefix sums over the layers on ``dev`` under ``opt``: per micro-batch compute (the
+        step spread over the micro-batches), forward, backward, and the optimizer step."""
         key = (dev, opt or StageMethod())
         if key not in self._cum:
             d = self.dev[dev]
@@ -53,9 +55,16 @@ class CostTables:
                 stage_time([layer], d, self.req.calibrated_tflops, method=key[1], precision=self.req.precision)
                 for layer in self.req.layers
             ]
-            costs = np.array([t.fwd_ms + t.bwd_ms + t.opt_ms / self.M for t in per])
-            opt_ms = np.array([t.opt_ms for t in per])
-            self._cum[key] = (np.concatenate([[0.0], np.cumsum(costs)]), np.concatenate([[0.0], np.cumsum(opt_ms)]))
+
+            def prefix(values: list[float]) -> np.ndarray:
+                return np.concatenate([[0.0], np.cumsum(np.array(values, float))])
+
+            self._cum[key] = (
+                prefix([t.fwd_ms + t.bwd_ms + t.opt_ms / self.M for t in per]),
+                prefix([t.fwd_ms for t in per]),
+                prefix([t.bwd_ms for t in per]),
+                prefix([t.opt_ms for t in per]),
+            )
         return self._cum[key]
 
     def cum(self, dev: str, opt: StageMethod | None = None) -> np.ndarray:
@@ -63,13 +72,23 @@ class CostTables:
         (its optimizer step spread over the step's micro-batches)."""
         return self._times(dev, opt)[0]
 
+    def parts(self, dev: str, opt: StageMethod | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Prefix sums of each layer's forward, backward (one micro-batch) and optimizer step."""
+        t = self._times(dev, opt)
+        return t[1], t[2], t[3]
+
+    def fbo(self, dev: str, a: int, b: int, opt: StageMethod | None = None) -> tuple[float, float, float]:
+        """Forward and backward of one micro-batch and the optimizer step of layers ``a..b-1``."""
+        f, bw, o = self.parts(dev, opt)
+        return float(f[b] - f[a]), float(bw[b] - bw[a]), float(o[b] - o[a])
+
     def stage_ms(self, dev: str, a: int, b: int, opt: StageMethod | None = None) -> float:
         c = self.cum(dev, opt)
         return float(c[b] - c[a])
 
     def opt_ms(self, dev: str, a: int, b: int, opt: StageMethod | None = None) -> float:
         """The optimizer step of layers ``a..b-1`` on ``dev`` (once per step)."""
-        c = self._times(dev, opt)[1]
+        c = self._times(dev, opt)[3]
         return float(c[b] - c[a])
 
     def _host_cums(self, opt: StageMethod) -> tuple[np.ndarray, np.ndarray]:
@@ -213,8 +232,3 @@ class CostTables:
     def host_capacity(self, dev: str) -> float:
         d = self.dev[dev]
         return math.inf if d.accelerator == "cpu" else d.host_budget_gb * GB
-
-    def objective(self, total: float, worst: float) -> float:
-        if self.req.schedule == "sequential":
-            return self.M * total
-        return total + (self.M - 1) * worst
