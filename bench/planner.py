@@ -1,20 +1,32 @@
-"""Planner benchmark: how fast are the plans, and how long does planning take.
+"""Planner benchmark: how good are ``optimal``'s plans against honest baselines, and how long
+does planning take.
 
-A suite of heterogeneous topologies (the example files in configs/topologies/ and generated
-ones of 2-64 devices: mixed edge/cloud, slow uplinks) times Llama-like models of 12-128
-layers (counted on the meta device: no weights). For each case it plans with ``uniform``,
-``balanced``, ``optimal`` and DeepSpeed's own ``partition_balanced`` (the real function from
-deepspeed.runtime.utils, over the same device order as uniform and balanced, weighting each
-layer by its FLOPs), and compares each plan's predicted step time with a lower bound: the
-larger of (all the work spread over every device at its full speed) and (the cheapest link
-the data owner must use when the model does not fit on it). Prints a table; writes JSON.
+Topology families: the example files (home lab, hospital, phones, 8+4) and generated
+topologies of 4-64 devices (mixed edge/cloud sites, slow uplinks: "random"). Models:
+Llama-like chains of 14-130 layers counted on the meta device (no weights). Every plan's
+step is the simulator's (the planner's objective). Baselines, each given the best it can
+do without the planner's search:
+
+- ``balanced``: the cuts that minimise the largest stage, over the best of three natural
+  device orders (as listed with the data owner first; the owner then the others by link
+  from the owner and speed; the owner then the others by speed) and every device count;
+- ``deepspeed``: DeepSpeed's own ``partition_balanced`` (deepspeed.runtime.utils, layers
+  weighted by FLOPs) over the same orders and counts;
+- ``greedy``: the owner, then the fastest devices one at a time while the step drops
+  (balanced cuts);
+- ``brute``: every plan (``exhaustive``), where it runs in seconds (<= 4 devices).
+
+Prints per-family geomean and worst ratios (baseline step / optimal step; above 1: optimal
+is faster), the cases where optimal gains nothing, and planning times; writes JSON.
 
     python bench/planner.py            # writes bench/results/planner.json
+    python bench/planner.py --quick    # fewer cases
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -24,6 +36,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,16 +46,15 @@ from splitlearn.config import ModelConfig  # noqa: E402
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from cluster.topology import load_topology, topology_from_container  # noqa: E402
-from partitioners import PlanError, PlanRequest, partition  # noqa: E402
-from partitioners.planner import CostTables, build_plan, default_device_order  # noqa: E402
+from partitioners import Plan, PlanError, PlanRequest, partition  # noqa: E402
+from partitioners.planner import CostTables, build_plan  # noqa: E402
 from partitioners.profile import LayerProfile  # noqa: E402
 
 MODELS = {  # layers: (hidden, intermediate)
     12: (768, 3072),
-    24: (1024, 4096),
-    32: (2048, 5632),
-    64: (2048, 5632),
-    128: (1024, 4096),
+    30: (2048, 5632),
+    126: (1024, 4096),
+    254: (1024, 4096),
 }
 
 
@@ -133,100 +145,198 @@ def generated_topology(rng: random.Random, num_devices: int):
     )
 
 
-def deepspeed_plan(req: PlanRequest):
-    """DeepSpeed's partition_balanced over the same device order, weighting layers by FLOPs."""
-    from deepspeed.runtime.utils import partition_balanced
-
-    devices = list(req.devices or default_device_order(req.topology))[: req.n]
-    weights = [max(1, layer.fwd_flops + layer.bwd_flops) for layer in req.layers]
-    bounds = partition_balanced(weights, len(devices))
-    tables = CostTables(req)
-    return build_plan(req, tables, devices, list(bounds), "deepspeed")
-
-
-def lower_bound(req: PlanRequest) -> float:
-    """No plan can beat this: every device busy at full speed the whole step, or the owner's
-    cheapest mandatory link when the model does not fit on the owner alone."""
+def orders(req: PlanRequest) -> dict[str, list[str]]:
+    """Natural device orders, the data owner first."""
     topo = req.topology
-    M = req.num_micro_batches
-    flops = sum(layer.fwd_flops + layer.bwd_flops for layer in req.layers)
-    work_ms = M * flops / (sum(d.tflops for d in topo.devices) * 1e9)
-    tables = CostTables(req)
     owner = topo.data_owner.name
-    link_ms = 0.0
-    if tables.stage_mem(0, req.n, 0, 1) > tables.capacity(owner):
-        fits = [i for i in range(1, req.n) if tables.stage_mem(0, i, 0, 2) <= tables.capacity(owner)]
-        others = [d.name for d in topo.devices if d.name != owner]
-        # each direction of a link is a resource carrying one transfer per micro-batch
-        link_ms = M * min((max(tables.link(owner, d, i)) for i in fits for d in others), default=math.inf)
-    return max(work_ms, link_ms)
+    rest = [d for d in topo.device_names if d != owner]
+    by_link = sorted(rest, key=lambda d: (-topo.link(owner, d).bandwidth_mbps, -topo.device(d).tflops, d))
+    by_speed = sorted(rest, key=lambda d: (-topo.device(d).tflops, d))
+    return {"given": [owner, *rest], "link": [owner, *by_link], "speed": [owner, *by_speed]}
 
 
-def run_case(topo, layers, M, schedule):
+COUNTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
+
+
+def _plan_on(req: PlanRequest, devices: list[str], how: str) -> Plan | None:
+    r = dataclasses.replace(req, devices=devices)
+    try:
+        if how == "deepspeed":
+            from deepspeed.runtime.utils import partition_balanced
+
+            weights = [max(1, layer.fwd_flops + layer.bwd_flops) for layer in r.layers]
+            bounds = list(partition_balanced(weights, len(devices)))
+            return build_plan(r, CostTables(r), devices, bounds, "deepspeed")
+        return partition("balanced", r)
+    except PlanError:
+        return None
+
+
+def best_over_orders(req: PlanRequest, how: str) -> Plan | None:
+    """The best plan of ``how`` over the natural orders and device counts."""
+    best = None
+    for order in orders(req).values():
+        for k in COUNTS:
+            if k > len(order) or k > req.n:
+                break
+            plan = _plan_on(req, order[:k], how)
+            if plan and (best is None or plan.step_ms < best.step_ms):
+                best = plan
+    return best
+
+
+def greedy(req: PlanRequest) -> Plan | None:
+    """The owner, then the fastest devices one at a time while the step drops."""
+    order = orders(req)["speed"]
+    best = None
+    for k in range(1, min(len(order), req.n) + 1):
+        plan = _plan_on(req, order[:k], "balanced")
+        if plan is None:
+            if best is None:
+                continue  # the owner alone may not fit: keep adding
+            break
+        if best is not None and plan.step_ms >= best.step_ms:
+            break
+        best = plan
+    return best
+
+
+def run_case(family: str, topo, layers, M: int, schedule: str, brute: bool) -> dict[str, Any]:
     req = PlanRequest(layers=layers, topology=topo, num_micro_batches=M, schedule=schedule, precision="bf16-master")
-    row = {"topology": topo.name, "devices": len(topo.devices), "layers": len(layers), "M": M, "schedule": schedule}
-    for name in ("uniform", "balanced", "optimal", "deepspeed"):
-        t0 = time.perf_counter()
+    row: dict[str, Any] = {
+        "family": family,
+        "topology": topo.name,
+        "devices": len(topo.devices),
+        "layers": len(layers),
+        "M": M,
+        "schedule": schedule,
+    }
+    t0 = time.perf_counter()
+    try:
+        plan = partition("optimal", req)
+    except PlanError as e:
+        row["optimal"] = None
+        row["error"] = str(e)
+        return row
+    row["optimal_plan_s"] = time.perf_counter() - t0
+    row["optimal"] = plan.step_ms
+    row["optimal_stages"] = plan.num_stages
+    row["lower_bound"] = plan.predicted.get("lower_bound_ms")
+    for name, fn in (
+        ("balanced", lambda: best_over_orders(req, "balanced")),
+        ("deepspeed", lambda: best_over_orders(req, "deepspeed")),
+        ("greedy", lambda: greedy(req)),
+        ("brute", (lambda: partition("exhaustive", req)) if brute else None),
+    ):
+        if fn is None:
+            continue
         try:
-            plan = deepspeed_plan(req) if name == "deepspeed" else partition(name, req)
-            row[name] = plan.step_ms
-            row[f"{name}_stages"] = plan.num_stages
+            other = fn()
         except PlanError:
-            row[name] = None
-        row[f"{name}_plan_s"] = time.perf_counter() - t0
-    row["lower_bound"] = lower_bound(req)
+            other = None
+        row[name] = other.step_ms if other else None
     return row
+
+
+def geomean(xs: list[float]) -> float | None:
+    return math.exp(statistics.fmean(math.log(x) for x in xs)) if xs else None
+
+
+def timing(rng: random.Random, reps: int) -> list[dict[str, Any]]:
+    """``optimal``'s planning time (median of ``reps``) on large generated topologies."""
+    out = []
+    for blocks, devices in ((126, 64), (254, 128)):
+        layers = model_layers(blocks)
+        topo = generated_topology(rng, devices)
+        req = PlanRequest(layers=layers, topology=topo, num_micro_batches=8, schedule="1f1b", precision="bf16-master")
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            plan = partition("optimal", req)
+            times.append(time.perf_counter() - t0)
+        out.append(
+            {
+                "layers": len(layers),
+                "devices": devices,
+                "median_s": statistics.median(times),
+                "runs_s": times,
+                "step_ms": plan.step_ms,
+                "lower_bound_ms": plan.predicted.get("lower_bound_ms"),
+            }
+        )
+        print(
+            f"plan time {len(layers)} layers x {devices} devices: median {statistics.median(times):.3f} s", flush=True
+        )
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reps", type=int, default=3, help="planning-time repetitions per large case")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner.json"))
     args = ap.parse_args()
     rng = random.Random(args.seed)
-    topologies = [load_topology(p) for p in sorted((ROOT / "configs" / "topologies").glob("*.yaml"))]
-    topologies = [t for t in topologies if t.name != "laptop"]
-    sizes = [2, 4, 8, 16, 32, 64] if not args.quick else [4, 16, 64]
-    topologies += [generated_topology(rng, k) for k in sizes]
-    blocks = list(MODELS) if not args.quick else [12, 128]
-    cache = {b: model_layers(b) for b in blocks}
+    named = {"home-lab": "home lab", "hospital": "hospital", "phones": "phones", "edge8-cloud4": "8+4"}
+    cases = [
+        (named[p.stem], load_topology(p))
+        for p in sorted((ROOT / "configs" / "topologies").glob("*.yaml"))
+        if p.stem in named
+    ]
+    sizes = (4, 8, 16, 32, 64) if not args.quick else (4, 16)
+    cases += [("random", generated_topology(rng, k)) for k in sizes]
+    blocks = (12, 30, 126) if not args.quick else (12, 30)
+    profiles = {b: model_layers(b) for b in blocks}
     rows = []
-    hdr = (
-        f"{'topology':14} {'dev':>3} {'layers':>6} {'sched':5} {'uniform':>9} {'balanced':>9} {'deepspeed':>9} "
-        f"{'optimal':>9} {'lower':>9} {'opt x':>6} {'plan s':>7}"
+    print(
+        f"{'family':9} {'topology':13} {'dev':>3} {'lay':>4} {'sched':5} {'optimal':>9} {'bound':>6} {'balanced':>9} {'deepspeed':>9} {'greedy':>9} {'brute':>9} {'plan s':>7}"
     )
-    print(hdr)
-    for topo in topologies:
+    for family, topo in cases:
         for b in blocks:
-            for M, sched in ((8, "1f1b"),):
-                r = run_case(topo, cache[b], M, sched)
+            for schedule in ("1f1b", "gpipe"):
+                brute = len(topo.devices) <= 4 and b <= 12
+                r = run_case(family, topo, profiles[b], 8, schedule, brute)
                 rows.append(r)
-                best_simple = min((r[k] for k in ("uniform", "balanced") if r[k]), default=None)
-                r["speedup"] = best_simple / r["optimal"] if best_simple and r["optimal"] else None
 
-                def f(v):
-                    return f"{v:9.1f}" if v else f"{'infeas.':>9}"
+                def f(v: float | None) -> str:
+                    return f"{v:9.1f}" if v else f"{'-':>9}"
 
+                gap = f"{r['optimal'] / r['lower_bound'] - 1:6.1%}" if r.get("lower_bound") else f"{'-':>6}"
                 print(
-                    f"{topo.name:14} {r['devices']:>3} {r['layers']:>6} {sched:5} {f(r['uniform'])} "
-                    f"{f(r['balanced'])} {f(r['deepspeed'])} {f(r['optimal'])} {r['lower_bound']:9.1f} "
-                    f"{(r['speedup'] or 0):6.2f} {r['optimal_plan_s']:7.3f}",
+                    f"{family:9} {topo.name:13} {r['devices']:>3} {r['layers']:>4} {schedule:5} {f(r['optimal'])} {gap} "
+                    f"{f(r.get('balanced'))} {f(r.get('deepspeed'))} {f(r.get('greedy'))} {f(r.get('brute'))} "
+                    f"{r.get('optimal_plan_s', 0):7.3f}",
                     flush=True,
                 )
-    speedups = [r["speedup"] for r in rows if r["speedup"]]
-    geo = math.exp(statistics.fmean(math.log(s) for s in speedups)) if speedups else None
-    big = [r["optimal_plan_s"] for r in rows if r["devices"] == 64 and r["layers"] >= 130]
-    summary = {
-        "geomean_speedup_vs_best_of_uniform_balanced": geo,
-        "cases_with_a_feasible_simple_plan": len(speedups),
-        "cases": len(rows),
-        "max_plan_s_64_devices_128_layers": max(big) if big else None,
-    }
-    print(json.dumps(summary, indent=2))
+    summary: dict[str, Any] = {}
+    print(f"\n{'family':9} {'baseline':9} {'cases':>5} {'geomean':>8} {'worst':>7} {'best':>7} {'no gain':>7}")
+    for family in dict.fromkeys(r["family"] for r in rows):
+        for base in ("balanced", "deepspeed", "greedy", "brute"):
+            ratios = [
+                r[base] / r["optimal"] for r in rows if r["family"] == family and r.get(base) and r.get("optimal")
+            ]
+            if not ratios:
+                continue
+            entry = {
+                "cases": len(ratios),
+                "geomean": geomean(ratios),
+                "worst": min(ratios),
+                "best": max(ratios),
+                "no_gain": sum(x < 1.01 for x in ratios),
+            }
+            summary.setdefault(family, {})[base] = entry
+            print(
+                f"{family:9} {base:9} {entry['cases']:>5} {entry['geomean']:8.3f} {entry['worst']:7.3f} "
+                f"{entry['best']:7.3f} {entry['no_gain']:>7}"
+            )
+    print("(ratio = baseline step / optimal step; 'no gain': cases within 1% of optimal or better)")
+    times = timing(rng, args.reps) if not args.quick else []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"host": platform.node(), "summary": summary, "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps({"machine": platform.node(), "summary": summary, "timing": times, "rows": rows}, indent=2)
+    )
     print(f"wrote {out}")
     return 0
 

@@ -145,6 +145,16 @@ class Plan:
     def step_ms(self) -> float:
         return float(self.predicted.get("step_ms", 0.0))
 
+    def optimality(self) -> str:
+        """What the search proved of this plan: optimal, or how far from the best plan at
+        most (``predicted.lower_bound_ms``); empty when it proved nothing."""
+        bound = self.predicted.get("lower_bound_ms")
+        if bound is None or self.step_ms <= 0:
+            return ""
+        if self.step_ms <= bound * (1 + 1e-6) + 1e-4:
+            return "proven optimal: no plan without replicas has a shorter step"
+        return f"within {self.step_ms / bound - 1:.1%} of the best plan (no plan steps under {bound:.2f} ms)"
+
     def table(self) -> str:
         """The stages as a table (rich boxes on a terminal, plain text in logs: see
         :mod:`cluster.tables`), then the plan's settings and prediction."""
@@ -190,8 +200,12 @@ class Plan:
         if "step_ms" in p:
             footer += f"\npredicted step {p['step_ms']:.2f} ms, bottleneck {p.get('bottleneck')}, "
             footer += f"bubble {100 * p.get('bubble_fraction', 0):.0f}%"
-            if "simulated_step_ms" in p:
-                footer += f", simulated {p['simulated_step_ms']:.2f} ms"
+            sim = p.get("simulated_step_ms")
+            if sim is not None and abs(sim - p["step_ms"]) > 1e-3 * max(sim, 1e-9):  # an older plan
+                footer += f", simulated {sim:.2f} ms"
+            note = self.optimality()
+            if note:
+                footer += "\n" + note
         if self.label_privacy:
             footer += "\nlabel_privacy: the head runs on the data owner (U-shaped split)"
         if any(s.num_replicas > 1 for s in self.stages):

@@ -265,19 +265,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from partitioners import PARTITIONERS
+    from partitioners.planner.explain import unused_devices
     from splitlearn.config import load_config
     from splitlearn.errors import ConfigError
     from splitlearn.fsio import atomic_write
     from splitlearn.plan_report import compare, draw_memory, draw_timeline
-    from splitlearn.planning import make_plan
+    from splitlearn.planning import make_plan, plan_request
 
     cfg = load_config(args.config, args.overrides)
     names = [n.strip() for n in args.compare.split(",") if n.strip()] if args.compare else []
     for n in names:
         if n not in PARTITIONERS:
             raise ConfigError(f"--compare: '{n}' is not one of {', '.join(PARTITIONERS)}")
-    plan = make_plan(cfg)
+    req = plan_request(cfg)
+    plan = make_plan(cfg, request=req)
     print(plan.table())
+    for dev, why in unused_devices(req, plan).items():
+        print(f"unused {dev}: {why}")
     if names:
         _, table = compare(cfg, names)
         print()

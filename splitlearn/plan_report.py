@@ -29,6 +29,8 @@ def compare(cfg: LoadedConfig, names: list[str]) -> tuple[dict[str, Plan | str],
             plans[name] = str(e)
     ok = {n: p for n, p in plans.items() if isinstance(p, Plan)}
     best = min((p.step_ms for p in ok.values()), default=0.0)
+    # a bound below every plan's step, from an exact search among them (optimal's)
+    bound = max((p.predicted["lower_bound_ms"] for p in ok.values() if "lower_bound_ms" in p.predicted), default=None)
     tokens = cfg.run.train.batch_size * cfg.run.data.seq_len
     head = (
         "partitioner",
@@ -39,11 +41,12 @@ def compare(cfg: LoadedConfig, names: list[str]) -> tuple[dict[str, Plan | str],
         "bottleneck",
         "peak mem GB (device)",
         "slowest link: MB/step",
+        "vs bound",
     )
     rows: list[tuple[str, ...]] = []
     for name, p in plans.items():
         if not isinstance(p, Plan):
-            rows.append((name, "-", "-", "-", "-", f"infeasible: {p}", "", ""))
+            rows.append((name, "-", "-", "-", "-", f"infeasible: {p}", "", "", ""))
             continue
         mem: dict[str, float] = {}
         for s in p.stages:
@@ -65,9 +68,19 @@ def compare(cfg: LoadedConfig, names: list[str]) -> tuple[dict[str, Plan | str],
                 str(p.predicted.get("bottleneck")),
                 f"{mem[peak_dev]:.3f} ({peak_dev})",
                 link,
+                _versus(p.step_ms, bound),
             )
         )
     return plans, render_table(head, rows, numeric=("stages", "step ms", "tokens/s", "x best"))
+
+
+def _versus(step_ms: float, bound: float | None) -> str:
+    """A plan's step against a proven bound: "optimal" (at the bound) or how far above it."""
+    if bound is None or bound <= 0:
+        return "-"
+    if step_ms <= bound * (1 + 1e-6) + 1e-4:
+        return "optimal"
+    return f"+{step_ms / bound - 1:.1%}"
 
 
 def draw_timeline(plan: Plan, path: str | Path, title: str = "") -> None:
@@ -111,8 +124,13 @@ def draw_memory(plan: Plan, cfg: LoadedConfig, path: str | Path) -> None:
             ha="center",
             fontsize=8,
         )
-    ax.axhline(100, color="black", linewidth=1, linestyle="--", label="capacity")
-    ax.set_ylim(0, max(110, max(bottom) * 1.15))
+    top = max(bottom, default=0.0)
+    if top >= 40:
+        ax.axhline(100, color="black", linewidth=1, linestyle="--", label="capacity")
+        ax.set_ylim(0, max(110, top * 1.15))
+    else:  # a few percent: scale to the bars, the capacity line (100%) is off the chart
+        ax.set_ylim(0, max(top * 1.3, 1e-3))
+        ax.text(0.99, 0.97, "capacity (100%) above the chart", transform=ax.transAxes, ha="right", va="top", fontsize=8)
     ax.set_ylabel("% of the device's memory_gb")
     ax.set_title(f"predicted memory per device: {plan.partitioner}, {plan.schedule}, M={plan.num_micro_batches}")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -11,7 +11,7 @@ from partitioners import LayerProfile, Plan, PlanError, PlanRequest, partition, 
 from partitioners import schedule as S
 from partitioners.choices import OFFLOAD_PRECISIONS, PRECISIONS
 from partitioners.costmodel import StageMethod, stage_memory
-from partitioners.planner import CostTables, check_plan, evaluate, identical
+from partitioners.planner import CostTables, check_plan, evaluate, identical, simulate_plan
 
 TOPO = topology_from_container(inline_topology())
 
@@ -329,3 +329,78 @@ def test_balanced_minimises_the_largest_stage():
         b = [0, *cuts, r.n]
         other = max(tables.stage_ms(d, b[i], b[i + 1]) for i, d in enumerate(plan.devices))
         assert worst <= other + 1e-12
+
+
+# -- the objective: closed forms, bounds and the simulator -----------------------------------
+
+
+def test_closed_forms_equal_the_simulator_and_bounds_stay_below_it():
+    """On random plans of random instances: where a closed form exists (sequential and GPipe,
+    nothing shared or replicated) it equals the simulator's step; every schedule's lower
+    bound (what the cut search ranks by) is at or below it."""
+    from partitioners.planner.exhaustive import device_sequences
+    from partitioners.planner.objective import closed_form, figures, lower_bound, simulated
+
+    rng = random.Random(99)
+    seen = {"closed": 0, "shared": 0, "1f1b": 0}
+    for _ in range(150):
+        r = random_instance(rng)
+        t = CostTables(r)
+        seqs = device_sequences(r)
+        for _ in range(3):
+            seq = rng.choice(seqs)
+            bounds = [0, *sorted(rng.sample(range(1, r.n), len(seq) - 1)), r.n]
+            opts = [rng.choice(t.options(s, d)) for s, d in enumerate(seq)]
+            fig = figures(t, seq, bounds, opts, [(d,) for d in seq])
+            M = r.num_micro_batches
+            sim = simulated(r.schedule, fig, M)
+            exact = closed_form(r.schedule, fig, M)
+            if exact is not None:
+                assert exact == pytest.approx(sim, rel=1e-9, abs=1e-9)
+                seen["closed"] += 1
+            assert lower_bound(r.schedule, fig, M) <= sim * (1 + 1e-9) + 1e-9
+            seen["shared"] += bool(fig.shared or fig.channels)
+            seen["1f1b"] += r.schedule == "1f1b"
+    assert min(seen.values()) >= 50, seen
+
+
+def test_every_plan_predicts_the_simulators_step():
+    """What a plan predicts is what the simulator runs on the plan's own figures (the
+    workers' schedule, shared devices and uplinks): within rounding, for every partitioner."""
+    rng = random.Random(7)
+    checked = 0
+    while checked < 60:
+        r = random_instance(rng)
+        for name in ("uniform", "balanced", "optimal"):
+            try:
+                plan = partition(name, r)
+            except PlanError:
+                continue
+            sim = simulate_plan(plan).step_ms
+            assert plan.step_ms == pytest.approx(sim, rel=1e-3, abs=1e-3), (name, plan.table())
+            checked += 1
+
+
+def test_unused_devices_say_why():
+    from partitioners.planner.explain import unused_devices
+
+    topo = topology_from_container(
+        inline_topology(["edge-a", "mid-b", "cloud-c", "cloud-d"])
+        | {
+            "links": {
+                "default": {"bandwidth_mbps": 1000, "latency_ms": 0.1},
+                "pairs": [{"a": "edge-a", "b": "cloud-d", "bandwidth_mbps": 0.001, "latency_ms": 500}]
+                + [{"a": x, "b": "cloud-d", "bandwidth_mbps": 0.001, "latency_ms": 500} for x in ("mid-b", "cloud-c")],
+            }
+        }
+    )
+    topo.device("mid-b").memory_gb = 1e-6  # not even one layer fits
+    r = req(topo=topo, num_micro_batches=2, schedule="gpipe")
+    plan = partition("optimal", r)
+    notes = unused_devices(r, plan)
+    assert "mid-b" not in plan.devices and notes["mid-b"].startswith("too little memory")
+    assert "cloud-d" not in plan.devices and notes["cloud-d"].startswith("link too slow")
+    assert all(d in plan.devices or d in notes for d in r.pool)
+    fixed = partition("uniform", req(topo=topo, devices=["edge-a", "cloud-c"]))
+    notes = unused_devices(req(topo=topo, devices=["edge-a", "cloud-c"]), fixed)
+    assert notes["cloud-d"] == "not listed in plan.devices"

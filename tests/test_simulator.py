@@ -485,3 +485,52 @@ def test_observed_trace_reads_like_the_simulation_it_matches():
         observed(broken, [1, 1])
     with pytest.raises(ValueError, match="runtime.trace=true"):
         observed({}, [1, 1])
+
+
+# -- one device running two stages (U-shape), one uplink crossed by two wires ----------------
+
+
+def test_two_stages_on_one_device_take_turns():
+    # U-shape on 3 stages, GPipe, 2 micro-batches, a middle stage that takes no time, no link
+    # cost. Free (two devices): stage 0 F0 [0,1] F1 [1,2]; stage 2 F0 [1,2] F1 [2,3] B0 [3,4]
+    # B1 [4,5]; stage 0 B0 [4,5] B1 [5,6]: 6 ms. Stages 0 and 2 on one device: at 1 both
+    # stage 0's F1 and stage 2's F0 are ready (the lower stage first): F1 [1,2], then stage 2
+    # F0 [2,3] F1 [3,4] B0 [4,5]; at 5 stage 0's B0 and stage 2's B1 (stage 0 first): B0 [5,6],
+    # stage 2 B1 [6,7], stage 0 B1 [7,8]: 8 ms, the device's whole work.
+    stages = [StageCosts(1.0, 1.0), StageCosts(0.0, 0.0), StageCosts(1.0, 1.0)]
+    links = [LinkCosts(0.0, 0.0)] * 2
+    free = simulate(sch.build("gpipe", 3, 2), stages, links)
+    shared = simulate(sch.build("gpipe", 3, 2), stages, links, shared=[(0, 2)])
+    assert free.step_ms == pytest.approx(6.0)
+    assert shared.step_ms == pytest.approx(8.0)
+    owner = sorted(
+        (iv.start_ms, iv.end_ms)
+        for iv in shared.timeline
+        if iv.resource in ("stage 0", "stage 2") and iv.kind != "STEP"
+    )
+    assert all(a[1] <= b[0] + 1e-12 for a, b in zip(owner, owner[1:], strict=False))  # never overlap
+    assert spans(shared, "stage 0") == [
+        ("F", 0, 0.0, 1.0),
+        ("F", 1, 1.0, 2.0),
+        ("B", 0, 5.0, 6.0),
+        ("B", 1, 7.0, 8.0),
+        ("STEP", -1, 8.0, 8.0),
+    ]
+    with pytest.raises(ValueError, match="cannot share a device"):
+        simulate(sch.build("gpipe", 3, 2), stages, links, replicas=[1, 2, 1], shared=[(1, 2)])
+
+
+def test_wires_on_one_uplink_carry_one_transfer_at_a_time():
+    # stage 0 -> 1 activations and stage 2 -> 1 gradients both leave one zone: with the
+    # uplink shared, the transfers of the two wires never overlap
+    stages = [StageCosts(1.0, 1.0)] * 3
+    links = [LinkCosts(5.0, 5.0), LinkCosts(5.0, 5.0)]
+    channels = {"link 0->1": "home->cloud", "link 2->1": "home->cloud"}
+    own = simulate(sch.build("1f1b", 3, 4), stages, links)
+    up = simulate(sch.build("1f1b", 3, 4), stages, links, channels=channels)
+    busy = sorted((iv.start_ms, iv.end_ms) for iv in up.timeline if iv.resource in channels)
+    assert len(busy) == 8
+    assert all(a[1] <= b[0] + 1e-12 for a, b in zip(busy, busy[1:], strict=False))
+    assert up.step_ms > own.step_ms
+    with pytest.raises(ValueError, match="no wire 'link 5->6'"):
+        simulate(sch.build("1f1b", 3, 4), stages, links, channels={"link 5->6": "x"})
