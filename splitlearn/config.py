@@ -82,6 +82,8 @@ class PlanConfig:
     # what the planner may change on edge-tier stages where it makes the plan fit or faster:
     # lora, frozen (method), recompute, bf16 | fp16 | int8 (frozen weights' storage)
     allow: list[str] = field(default_factory=list)
+    # optimal's search time: past it the plan carries a proven bound instead of optimality
+    search_seconds: float = 10.0
 
 
 @dataclass
@@ -390,6 +392,7 @@ def _check_plan(c: _Checker, cfg: LoadedConfig) -> None:
     if p.partitioner == "manual" and len(p.cuts) != stages - 1:
         c.fail("plan.cuts", f"{stages} stages need {stages - 1} cuts, got {len(p.cuts)}")
     c.choice("plan.codec", p.codec, CODECS)
+    c.positive("plan.search_seconds", p.search_seconds)
     if p.profile and not cfg.resolve_path(p.profile).is_file():
         c.fail("plan.profile", f"file not found: {p.profile}")
     for i, opt in enumerate(p.allow):

@@ -76,6 +76,7 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
         codec=run.plan.codec,
         finetune=method_policy.policy(run),
         allow=tuple(run.plan.allow),
+        search_seconds=run.plan.search_seconds,
     )
 
 

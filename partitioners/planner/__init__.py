@@ -6,10 +6,8 @@ All partitioners share one cost model and one objective, so their plans compare 
   optimizer step spread over the step's micro-batches;
 - a cut between two devices costs, per micro-batch, one activation transfer forward and
   one gradient transfer back (latency + bytes / bandwidth, each direction its own link);
-- the predicted step time of a pipelined schedule (GPipe, 1F1B) is the fill and drain of
-  one micro-batch through every stage and link, plus ``M - 1`` times the slowest resource
-  (a device, counting every stage it runs, or one direction of a link);
-  the sequential schedule runs the M micro-batches one after another.
+- the predicted step time is what the simulator makes of the schedule's action lists on
+  these costs (:mod:`partitioners.planner.objective`).
 
 Constraints, checked for every plan of every partitioner:
 
@@ -49,11 +47,13 @@ reference for plans without replicas.
 Partitioners: ``uniform`` (equal layer counts, devices in the order given), ``balanced``
 (the cuts that minimise the largest stage cost, devices in the order given; ties broken by
 the sum), ``manual`` (cuts and devices from the config), ``exhaustive`` (every device
-sequence and every cut: the reference for tests), and ``optimal`` (the best plan over
-device choice, order and cuts: exact — every device sequence, a Pareto dynamic programme
-over cuts — when the topology has at most ``EXACT_MAX_DEVICES`` devices; otherwise a
-dynamic programme over prefixes of devices ranked by link and speed, exact in the cuts for
-each).
+sequence and every cut: the reference for tests), and ``optimal`` (the best plan over device
+choice, order, cuts and methods: a branch and bound over sequences of device classes around a
+Pareto dynamic programme over cuts, the simulator checking every plan whose bound is below the
+best step; within ``plan.search_seconds`` it proves the plan optimal, past it the plan carries
+the bound it reached: :mod:`partitioners.planner.optimal`).
+
+The predicted step of every plan is the simulator's (:mod:`partitioners.planner.objective`).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ carries the owner's first-stage work, memory and host memory, for the last stage
 
 from __future__ import annotations
 
-import math
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,21 +52,127 @@ def value(schedule: str, M: int, d0, d1, d2):
     return np.maximum(d1, d0 + (M - 1) * d2)
 
 
-def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la: float, lg: float):
+def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la: float, lg: float) -> tuple:
     """The numbers after one more stage (arrays over its possible ends)."""
-    d0, d1, d2 = lab[_D0], lab[_D1], lab[_D2]
+    d0, d1, d2 = lab  # each an array over the labels, (labels, 1): the results are (labels, ends)
     if schedule == "sequential":
         n0 = d0 + M * (F + la) + (M - 1) * (B + lg)
         n1 = B + (Op if s == 0 else np.maximum(d1 + lg, Op))
-        return n0, n1, np.zeros_like(F)
+        return n0, n1, 0.0 * n0
     if schedule == "gpipe":
         if s == 0:
-            return F + B + Op, F, B
+            return F + B + Op + 0.0 * d0, F + 0.0 * d0, B + 0.0 * d0
         return d0 + F + B + la + lg, np.maximum(np.maximum(d1, F), la), np.maximum(np.maximum(d2, B), lg)
     if s == 0:
-        return F + B + Op, M * (F + B) + Op, np.zeros_like(F)
+        return F + B + Op + 0.0 * d0, M * (F + B) + Op + 0.0 * d0, 0.0 * (F + d0)
     base = d0 + la + lg
-    return base + F + B, np.maximum(d1, base + M * (F + B)), np.full_like(F, max(d2, la, lg))
+    return base + F + B, np.maximum(d1, base + M * (F + B)), np.maximum(d2, max(la, lg)) + 0.0 * F
+
+
+class CutSearch:
+    """The cut search one stage at a time: a frontier maps each cut position (the layers
+    placed so far) to its labels. :func:`best_cuts` runs it over a whole device sequence;
+    the device search (:mod:`partitioners.planner.devices`) extends one frontier per prefix
+    of devices, so that sequences sharing a prefix share its work.
+
+    ``num_stages`` is the sequence's length when the memory of a stage depends on it (1F1B:
+    a stage holds ``S - s`` micro-batches), else None (any length)."""
+
+    def __init__(self, req: PlanRequest, tables: CostTables, num_stages: int | None):
+        self.req, self.tables = req, tables
+        self.S = num_stages
+        self.n, self.M = req.n, req.num_micro_batches
+        self.schedule = req.schedule
+        self.ushape = req.label_privacy
+
+    def start(self) -> dict[int, list[tuple]]:
+        return {0: [(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None)]}
+
+    def stage(
+        self,
+        frontier: dict[int, list[tuple]],
+        s: int,
+        dev: str,
+        prev: str | None,
+        last: bool,
+        bound: float,
+        prune: bool = True,
+        stages_left: int = 0,
+    ) -> dict[int, list[tuple]]:
+        """The frontier after stage ``s`` on ``dev`` (``prev`` runs stage ``s - 1``): every
+        layer range and option that fits, below ``bound``; the last stage ends the chain.
+        ``stages_left``: stages still to come after this one (each needs a layer)."""
+        tables, n, M, schedule = self.tables, self.n, self.M, self.schedule
+        ushape = self.ushape and (s > 0 or not last)
+        nxt: dict[int, list[tuple]] = {}
+        cap, hcap = tables.capacity(dev), tables.host_capacity(dev)
+        opts = tables.options(s, dev)
+        parts = [tables.parts(dev, o) for o in opts]
+        inflight = tables.inflight(s, self.S) if self.S is not None else tables.inflight(s, s + 1 + stages_left)
+        memtabs = [tables.dev_table(dev, inflight, o) for o in opts]
+        hostcums = [tables.host_cum(dev, o) for o in opts]
+        hi = n if last else n - stages_left
+        for a, labels in frontier.items():
+            lo = n if last else a + 1
+            if lo > hi:
+                continue
+            bs = np.arange(lo, hi + 1)
+            la, lg = tables.link(prev, dev, a) if prev is not None else (0.0, 0.0)
+            cols = np.array([[lab[_D0], lab[_D1], lab[_D2], lab[_OWN], lab[_FMEM], lab[_FHOST]] for lab in labels])
+            d = (cols[:, 0:1], cols[:, 1:2], cols[:, 2:3])
+            first = ushape and s == 0
+            for k in range(len(opts)):
+                f, bw, o = parts[k]
+                F, B, Op = f[bs] - f[a], bw[bs] - bw[a], o[bs] - o[a]
+                mem = memtabs[k][a, bs]
+                host = hostcums[k][bs] - hostcums[k][a]
+                if ushape and last:
+                    ok = (cols[:, 4:5] + mem <= cap) & (cols[:, 5:6] + host <= hcap)
+                else:
+                    ok = np.broadcast_to((mem <= cap) & (host <= hcap), (len(labels), len(bs)))
+                n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg), np.empty(ok.shape))[:3]
+                low = value(schedule, M, n0, n1, n2)
+                own = M * (F + B) + Op
+                if ushape and last:
+                    low = np.maximum(low, cols[:, 3:4] + own)
+                rows, ends = np.nonzero(ok & (low < bound))
+                if not len(rows):
+                    continue
+                v0, v1, v2 = n0[rows, ends].tolist(), n1[rows, ends].tolist(), n2[rows, ends].tolist()
+                for i, j, x0, x1, x2 in zip(rows.tolist(), ends.tolist(), v0, v1, v2, strict=True):
+                    lab = labels[i]
+                    back = (s, a, lab, k)
+                    if first:
+                        new = (x0, x1, x2, float(own[j]), float(mem[j]), float(host[j]), back)
+                    else:
+                        new = (x0, x1, x2, lab[_OWN], lab[_FMEM], lab[_FHOST], back)
+                    nxt.setdefault(int(bs[j]), []).append(new)
+        # the last stage's labels are final: ranked by their whole bound (with the owner's term)
+        dims = 6 if ushape else 3
+        return {b: _prune(labs, dims) for b, labs in nxt.items()} if prune and not last else nxt
+
+    def finals(self, frontier: dict[int, list[tuple]], seq: list[str]) -> list[tuple[float, tuple]]:
+        """The complete labels of ``seq``, smallest bound first."""
+        S, n, M = len(seq), self.n, self.M
+        out = []
+        for lab in frontier.get(n, []):
+            low = float(value(self.schedule, M, lab[_D0], lab[_D1], lab[_D2]))
+            if self.ushape and S > 1:
+                # the owner's two stages one after the other: the last one's work from its range
+                _, a, _, k = lab[_PREV]
+                f_last, b_last, o_last = self.tables.fbo(seq[-1], a, n, self.tables.options(S - 1, seq[-1])[k])
+                low = max(low, lab[_OWN] + M * (f_last + b_last) + o_last)
+            out.append((low, lab))
+        out.sort(key=lambda x: x[0])
+        return out
+
+    def choice(self, low: float, lab: tuple, seq: list[str]) -> CutChoice:
+        cuts, chosen = [], []
+        while lab[_PREV] is not None:
+            s, a, lab, k = lab[_PREV]
+            cuts.append(a)
+            chosen.append(self.tables.options(s, seq[s])[k])
+        return CutChoice(low, sorted({*cuts, self.n}), chosen[::-1])
 
 
 def best_cuts(
@@ -84,98 +190,41 @@ def best_cuts(
     below ``bound``, not only those no other beats: every plan of the sequence whose bound
     is below ``bound`` (the bound ranks plans; the step may rank them otherwise); None when
     a stage has more than ``max_labels`` (0: no limit)."""
-    S, n, M = len(seq), req.n, req.num_micro_batches
-    schedule = req.schedule
-    ushape = req.label_privacy and S > 1
-    frontier: dict[int, list[tuple]] = {0: [(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None)]}
+    S = len(seq)
+    search = CutSearch(req, tables, S)
+    frontier = search.start()
     for s in range(S):
-        nxt: dict[int, list[tuple]] = {}
-        dev = seq[s]
-        cap, hcap = tables.capacity(dev), tables.host_capacity(dev)
         last = s == S - 1
-        opts = tables.options(s, dev)
-        parts = [tables.parts(dev, o) for o in opts]
-        memtabs = [tables.dev_table(dev, tables.inflight(s, S), o) for o in opts]
-        hostcums = [tables.host_cum(dev, o) for o in opts]
-        hi = n if last else n - (S - s - 1)
-        for a, labels in frontier.items():
-            lo = n if last else a + 1
-            if lo > hi:
-                continue
-            bs = np.arange(lo, hi + 1)
-            la, lg = tables.link(seq[s - 1], dev, a) if s > 0 else (0.0, 0.0)
-            for k in range(len(opts)):
-                f, bw, o = parts[k]
-                F, B, Op = f[bs] - f[a], bw[bs] - bw[a], o[bs] - o[a]
-                mem = memtabs[k][a, bs]
-                host = hostcums[k][bs] - hostcums[k][a]
-                for lab in labels:
-                    if ushape and last:
-                        ok = (lab[_FMEM] + mem <= cap) & (lab[_FHOST] + host <= hcap)
-                    else:
-                        ok = (mem <= cap) & (host <= hcap)
-                    n0, n1, n2 = _extend(schedule, M, s, lab, F, B, Op, la, lg)
-                    low = value(schedule, M, n0, n1, n2)
-                    own = M * (F + B) + Op
-                    if ushape and last:
-                        low = np.maximum(low, lab[_OWN] + own)
-                    keep = np.nonzero(ok & (low < bound))[0]
-                    if not len(keep):
-                        continue
-                    first = ushape and s == 0
-                    for i in keep.tolist():
-                        prev = (s, a, lab, k)
-                        if first:
-                            new = (
-                                float(n0[i]),
-                                float(n1[i]),
-                                float(n2[i]),
-                                float(own[i]),
-                                float(mem[i]),
-                                float(host[i]),
-                                prev,
-                            )
-                        else:
-                            new = (float(n0[i]), float(n1[i]), float(n2[i]), lab[_OWN], lab[_FMEM], lab[_FHOST], prev)
-                        nxt.setdefault(int(bs[i]), []).append(new)
-        # the last stage's labels are final: ranked by their whole bound (with the owner's term)
-        dims = 6 if ushape else 3
-        frontier = {b: _prune(labs, dims) for b, labs in nxt.items()} if prune and not last else nxt
+        frontier = search.stage(
+            frontier, s, seq[s], seq[s - 1] if s else None, last, bound, prune, stages_left=S - s - 1
+        )
         if max_labels and sum(len(v) for v in frontier.values()) > max_labels:
             return None
         if not frontier:
             return []
-    out = []
-    for lab in frontier.get(n, []):
-        low = float(value(schedule, M, lab[_D0], lab[_D1], lab[_D2]))
-        if ushape:
-            # the owner's two stages one after the other: the last one's work from its range
-            _, a, _, k = lab[_PREV]
-            f_last, b_last, o_last = tables.fbo(seq[-1], a, n, tables.options(S - 1, seq[-1])[k])
-            low = max(low, lab[_OWN] + M * (f_last + b_last) + o_last)
-        out.append((low, lab))
-    out.sort(key=lambda x: x[0])
-    choices = []
-    for low, lab in out[:top]:
-        cuts, chosen = [], []
-        while lab[_PREV] is not None:
-            s, a, lab, k = lab[_PREV]
-            cuts.append(a)
-            chosen.append(tables.options(s, seq[s])[k])
-        choices.append(CutChoice(low, sorted({*cuts, n}), chosen[::-1]))
-    return choices
+    return [search.choice(low, lab, seq) for low, lab in search.finals(frontier, seq)[:top]]
 
 
 def _prune(labels: list[tuple], dims: int) -> list[tuple]:
     """Drop the labels another beats (or equals) in each of the first ``dims`` numbers."""
     labels.sort(key=lambda x: x[:dims])
     out: list[tuple] = []
-    if dims == 2 or all(lab[_D2] == 0.0 for lab in labels) and dims == 3:
-        best = math.inf  # sorted by D0: keep those with a strictly smaller D1
+    if dims == 3:
+        # sorted by the first number: a label is beaten iff a kept one is at or below it in
+        # the other two; the kept ones' lower-left staircase in those two answers that
+        stair_x: list[float] = []  # ascending second number
+        stair_y: list[float] = []  # descending third number
         for lab in labels:
-            if lab[_D1] < best:
-                out.append(lab)
-                best = lab[_D1]
+            x, y = lab[_D1], lab[_D2]
+            i = bisect.bisect_right(stair_x, x)
+            if i and stair_y[i - 1] <= y:
+                continue
+            out.append(lab)
+            j = i
+            while j < len(stair_x) and stair_y[j] >= y:
+                j += 1
+            stair_x[i:j] = [x]
+            stair_y[i:j] = [y]
         return out
     for lab in labels:
         if not any(all(o[i] <= lab[i] for i in range(dims)) for o in out):

@@ -3,60 +3,51 @@
 from __future__ import annotations
 
 import math
+import time
 
 from partitioners.costmodel import StageMethod
 from partitioners.plan import Plan
 from partitioners.planner.assemble import build_plan
 from partitioners.planner.cuts import CutChoice, best_cuts
-from partitioners.planner.exhaustive import device_sequences
+from partitioners.planner.devices import DeviceSearch
 from partitioners.planner.feasibility import infeasible_reason
 from partitioners.planner.objective import evaluate
 from partitioners.planner.replicas import add_replicas
 from partitioners.planner.request import PlanError, PlanRequest, closed_sequence
 from partitioners.planner.tables import CostTables
 
-EXACT_MAX_DEVICES = 7
 VERIFY_PER_SEQUENCE = 4  # per device sequence, the plans with the smallest bounds the simulator checks first
 VERIFY_BUDGET = 2000  # then at most this many more plans, across sequences, in the order of their bounds
+MAX_NODES = 20_000  # device prefixes the branch and bound expands before it stops with a bound
 MAX_LABELS = 200_000  # listing every plan below the best step: give up past this many partial plans
 
 
-def ranked_devices(req: PlanRequest) -> list[str]:
-    """The data owner, then the others ranked for the large-topology search: devices whose
-    link from the owner is faster first, then faster devices, then more memory."""
+def seed_sequences(req: PlanRequest) -> list[list[str]]:
+    """Device sequences that often hold a good plan: each data owner, then prefixes of the
+    other devices ranked by link from it and speed, or by speed alone."""
     topo = req.topology
-    pool = req.pool
-    owner = next(d for d in pool if topo.device(d).owns_data)
-    rest = [d for d in pool if d != owner]
-    rest.sort(key=lambda d: (-topo.link(owner, d).bandwidth_mbps, -topo.device(d).tflops, -topo.device(d).memory_gb, d))
-    return [owner, *rest]
-
-
-def candidate_sequences(req: PlanRequest) -> tuple[list[list[str]], bool]:
-    """The device sequences ``optimal`` searches, and whether they are all of them (up to
-    ``EXACT_MAX_DEVICES`` devices); beyond, prefixes of two rankings."""
-    if len(req.pool) <= EXACT_MAX_DEVICES:
-        return device_sequences(req), True
-    ranked = ranked_devices(req)
-    by_speed = [ranked[0], *sorted(ranked[1:], key=lambda d: (-req.topology.device(d).tflops, d))]
-    longer = [k for k in (16, 24, 32, 48, 64, 96, 128) if k <= len(ranked)]
-    lengths = sorted({*range(1, min(len(ranked), 12) + 1), *longer})
+    out: list[list[str]] = []
     seen: set[tuple[str, ...]] = set()
-    candidates = []
-    for order in (ranked, by_speed):
-        for k in lengths:
-            seq = closed_sequence(req, order[:k])
-            if len(seq) <= req.n and tuple(seq) not in seen:
-                seen.add(tuple(seq))
-                candidates.append(seq)
-    return candidates, False
+    for owner in [d for d in req.pool if topo.device(d).owns_data]:
+        rest = [d for d in req.pool if d != owner]
+        by_link = sorted(rest, key=lambda d: (-topo.link(owner, d).bandwidth_mbps, -topo.device(d).tflops, d))
+        by_speed = sorted(rest, key=lambda d: (-topo.device(d).tflops, d))
+        lengths = sorted({*range(0, min(len(rest), 8) + 1), *(k for k in (12, 16, 24, 32, 48, 64) if k <= len(rest))})
+        for order in (by_link, by_speed):
+            for k in lengths:
+                seq = closed_sequence(req, [owner, *order[:k]])
+                if len(seq) <= req.n and tuple(seq) not in seen:
+                    seen.add(tuple(seq))
+                    out.append(seq)
+    return out
 
 
 class _Search:
     """The best plan found so far by the simulator's step, and what is left unchecked."""
 
-    def __init__(self, req: PlanRequest, tables: CostTables):
+    def __init__(self, req: PlanRequest, tables: CostTables, deadline: float = math.inf):
         self.req, self.tables = req, tables
+        self.deadline = deadline
         self.best: tuple[float, list[str], list[int], list[StageMethod]] | None = None
         self.budget = VERIFY_BUDGET
         self.open_low = math.inf  # the smallest bound of the plans left unchecked
@@ -73,7 +64,7 @@ class _Search:
     def every_plan_below(self, seq: list[str], lowest: float) -> None:
         """Check the plans of ``seq`` whose bound is below the best step, smallest bound
         first, while the budget lasts (what is left keeps its bound in ``open_low``)."""
-        if self.budget <= 0:
+        if self.budget <= 0 or time.monotonic() > self.deadline:
             self.open_low = min(self.open_low, lowest)
             return
         top = self.budget
@@ -84,7 +75,7 @@ class _Search:
         for choice in choices:
             if choice.lower_ms >= self.step:
                 return
-            if self.budget <= 0:
+            if self.budget <= 0 or time.monotonic() > self.deadline:
                 self.open_low = min(self.open_low, choice.lower_ms)
                 return
             self.budget -= 1
@@ -95,33 +86,37 @@ class _Search:
 
 def optimal(req: PlanRequest) -> Plan:
     """The plan with the smallest simulated step over every device sequence, cut and stage
-    method (every sequence up to ``EXACT_MAX_DEVICES`` devices).
+    method.
 
-    Each sequence's cut search (:func:`~partitioners.planner.cuts.best_cuts`) ranks plans by
-    a bound below their step, exact for sequential and GPipe plans with nothing shared; the
-    simulator checks the best-ranked plans, then every plan whose bound is still below the
-    best step (within ``VERIFY_BUDGET`` simulations). When every sequence was searched, the
-    plan carries ``lower_bound_ms``: no plan without replicas steps faster (equal to its
-    step: proven optimal)."""
+    The device search (:mod:`partitioners.planner.devices`, branch and bound over sequences
+    of device classes) hands each complete sequence's best-ranked plans to the simulator;
+    the cut search ranks plans by a bound below their step, exact for sequential and GPipe
+    plans with nothing shared. Then every plan whose bound is still below the best step is
+    simulated too, in the order of their bounds (within ``VERIFY_BUDGET`` simulations), all
+    within ``search_seconds``. The plan carries ``lower_bound_ms``: no plan without replicas steps faster (equal to its
+    step: proven optimal; below it when a budget stopped the search)."""
     tables = CostTables(req)
-    candidates, complete = candidate_sequences(req)
-    search = _Search(req, tables)
-    lowest: dict[tuple[str, ...], float] = {}  # per sequence, the smallest bound of its plans
-    for seq in sorted(candidates, key=len):
+    deadline = time.monotonic() + req.search_seconds
+    search = _Search(req, tables, deadline)
+    # a good plan first, from prefixes of two device rankings: the bound then prunes more
+    for seq in seed_sequences(req):
         for choice in best_cuts(req, tables, seq, search.step, top=VERIFY_PER_SEQUENCE) or []:
-            lowest.setdefault(tuple(seq), choice.lower_ms)
             if choice.lower_ms >= search.step:
                 break
             search.check(seq, choice)
+    devices = DeviceSearch(
+        req, tables, search.check, lambda: search.step, top=VERIFY_PER_SEQUENCE, max_nodes=MAX_NODES, deadline=deadline
+    )
+    devices.run()
     # where a bound is below the best step, plans the bound ranks lower may step faster
-    for seq in sorted((s for s in candidates if tuple(s) in lowest), key=lambda s: lowest[tuple(s)]):
-        if lowest[tuple(seq)] < search.step:
-            search.every_plan_below(seq, lowest[tuple(seq)])
+    for found in sorted(devices.sequences, key=lambda q: q.lower_ms):
+        if found.lower_ms < search.step:
+            search.every_plan_below(found.devices, found.lower_ms)
     if search.best is None:
-        raise PlanError(infeasible_reason(req, tables, candidates))
+        raise PlanError(infeasible_reason(req, tables, seed_sequences(req)))
     step, seq, bounds, opts = search.best
     groups = add_replicas(req, tables, seq, bounds, opts) if req.replicate else None
     plan = build_plan(req, tables, seq, bounds, "optimal", opts, groups)
-    if complete and all(len(s.devices) == 1 for s in plan.stages):  # replicas: the bound is for plans without
-        plan.predicted["lower_bound_ms"] = round(min(search.open_low, step), 4)
+    if all(len(s.devices) == 1 for s in plan.stages):  # replicas: the bound is for plans without
+        plan.predicted["lower_bound_ms"] = round(min(search.open_low, devices.open_low, step), 4)
     return plan

@@ -36,6 +36,7 @@ class PlanRequest:
     finetune: FinetunePolicy | None = None  # None: every stage full
     allow: tuple[str, ...] = ()  # options the planner may pick for edge stages
     replicate: bool = True  # optimal may replicate its bottleneck stage on free identical devices
+    search_seconds: float = 10.0  # optimal's time budget (then it stops with a proven bound)
 
     @property
     def n(self) -> int:

@@ -1,0 +1,175 @@
+"""The device search of ``optimal``: which devices run stages, in which order.
+
+Branch and bound over device sequences. A node is a prefix of devices (a data owner first)
+with the cut search's frontier after it (:class:`~partitioners.planner.cuts.CutSearch`):
+its labels' bounds only grow as stages are added, and the layers still to place take at
+least their fastest time on any device, so a node whose smallest such bound is not below
+the best step found is cut off with everything under it. Devices that cannot be told apart
+(the same kind, memory, speed and zone, and no link of their own) are interchangeable: a
+node tries one of each class. Children are tried in the order of their bounds, so a good
+plan is found early and prunes the rest.
+
+Each complete sequence hands its best-ranked plans to the simulator (``check``). When the
+node budget runs out, the nodes left unexpanded keep their bounds: no plan under them
+steps faster than the smallest (``open_low``); so do they past the deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from partitioners.planner.cuts import CutChoice, CutSearch, value
+from partitioners.planner.request import IDENTICAL_FIELDS, PlanRequest
+from partitioners.planner.tables import CostTables
+
+
+def device_class(req: PlanRequest, name: str) -> tuple:
+    """What a device is to the planner: its figures, zone and data ownership; a device with
+    links of its own (a pair entry) is a class alone."""
+    topo = req.topology
+    d = topo.device(name)
+    own_links = any(name in (e.a, e.b) for e in topo.links.pairs)
+    return (*(getattr(d, f) for f in IDENTICAL_FIELDS), d.zone, d.owns_data, name if own_links else "")
+
+
+@dataclass
+class FoundSequence:
+    """A complete device sequence and the smallest bound of its plans."""
+
+    devices: list[str]
+    lower_ms: float
+
+
+class DeviceSearch:
+    def __init__(
+        self,
+        req: PlanRequest,
+        tables: CostTables,
+        check: Callable[[list[str], CutChoice], None],
+        step: Callable[[], float],
+        top: int,
+        max_nodes: int,
+        deadline: float = float("inf"),
+    ):
+        self.req, self.tables = req, tables
+        self.check, self.step, self.top = check, step, top
+        self.nodes_left = max_nodes
+        self.deadline = deadline  # time.monotonic() past which no node is expanded
+        self.open_low = float("inf")
+        self.sequences: list[FoundSequence] = []
+        pool = req.pool
+        self.classes: dict[tuple, list[str]] = {}
+        for d in pool:
+            self.classes.setdefault(device_class(req, d), []).append(d)
+        self.rest = self._rest_table()
+
+    def _rest_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per cut position, the least forward and backward time the layers after it take:
+        each layer at its fastest on any device of the pool, under any of its options."""
+        req, tables = self.req, self.tables
+        stages = {0, 1, *(k for k in ((req.finetune.by_stage if req.finetune else {}) or {}) if k < req.n)}
+        f_min = np.full(req.n, np.inf)
+        b_min = np.full(req.n, np.inf)
+        for d in req.pool:
+            for s in stages:
+                for o in tables.options(s, d):
+                    f, b, _ = tables.parts(d, o)
+                    f_min = np.minimum(f_min, np.diff(f))
+                    b_min = np.minimum(b_min, np.diff(b))
+        tail_f = np.concatenate([np.cumsum(f_min[::-1])[::-1], [0.0]])
+        tail_b = np.concatenate([np.cumsum(b_min[::-1])[::-1], [0.0]])
+        return tail_f, tail_b
+
+    def node_low(self, frontier: dict[int, list[tuple]]) -> float:
+        """A bound below every plan that extends this frontier."""
+        M, schedule = self.req.num_micro_batches, self.req.schedule
+        tail_f, tail_b = self.rest
+        best = float("inf")
+        for a, labels in frontier.items():
+            f, b = float(tail_f[a]), float(tail_b[a])
+            for lab in labels:
+                d0, d1, d2 = lab[0], lab[1], lab[2]
+                if schedule == "sequential":
+                    d0 += M * f + (M - 1) * b
+                else:
+                    d0 += f + b
+                best = min(best, float(value(schedule, M, d0, d1, d2)))
+        return best
+
+    def run(self) -> None:
+        req = self.req
+        owners = [d for d in req.pool if req.topology.device(d).owns_data]
+        extra = 1 if req.label_privacy else 0
+        longest = min(req.n, len(req.pool) + extra)
+        # under 1F1B a stage's memory depends on how many stages follow: one search per length
+        lengths: list[int | None] = list(range(1 + extra, longest + 1)) if req.schedule == "1f1b" else [None]
+        for S in lengths:
+            for owner in owners:
+                search = CutSearch(req, self.tables, S)
+                start = search.start()
+                if not req.label_privacy and S in (None, 1):
+                    self._close(search, [], start, owner, 0)
+                if S == 1 or req.n < 2:
+                    continue
+                left = S - 1 if S is not None else 1
+                mid = search.stage(start, 0, owner, None, False, self.step(), stages_left=left)
+                if mid:
+                    self._node(search, [owner], mid, S)
+
+    def _children(self, used: list[str]) -> list[str]:
+        """One unused device of each class."""
+        out = []
+        for members in self.classes.values():
+            free = [d for d in members if d not in used]
+            if free:
+                out.append(free[0])
+        return out
+
+    def _close(self, search: CutSearch, prefix: list[str], frontier: dict[int, list[tuple]], dev: str, s: int) -> None:
+        """``dev`` runs the last stage after ``prefix``: a complete sequence."""
+        seq = [*prefix, dev]
+        last = search.stage(frontier, s, dev, prefix[-1] if prefix else None, True, self.step())
+        finals = search.finals(last, seq)
+        if not finals:
+            return
+        self.sequences.append(FoundSequence(seq, finals[0][0]))
+        for low, lab in finals[: self.top]:
+            if low >= self.step():
+                break
+            self.check(seq, search.choice(low, lab, seq))
+
+    def _node(self, search: CutSearch, prefix: list[str], mid: dict[int, list[tuple]], S: int | None) -> None:
+        """``mid``: the frontier with every device of ``prefix`` placed (none of them the
+        last stage). Close the sequence with one more device (the owner, for a U), then grow
+        it by one device of each class, the most promising first."""
+        req = self.req
+        s = len(prefix)  # the next stage's index
+        low = self.node_low(mid)
+        if low >= self.step():
+            return
+        if self.nodes_left <= 0 or time.monotonic() > self.deadline:
+            self.open_low = min(self.open_low, low)
+            return
+        self.nodes_left -= 1
+        kids = self._children(prefix)
+        if S is None or S == s + 1:
+            for d in [prefix[0]] if req.label_privacy else kids:
+                self._close(search, prefix, mid, d, s)
+        if S is not None and s + 1 >= S:
+            return
+        left = S - s - 1 if S is not None else 1
+        if s + 1 + left > req.n:
+            return
+        grown = []
+        for d in kids:
+            nxt = search.stage(mid, s, d, prefix[-1], False, self.step(), stages_left=left)
+            if nxt:
+                grown.append((self.node_low(nxt), d, nxt))
+        grown.sort(key=lambda x: x[0])
+        for child_low, d, nxt in grown:
+            if child_low < self.step():
+                self._node(search, [*prefix, d], nxt, S)
