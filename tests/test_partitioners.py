@@ -404,3 +404,149 @@ def test_unused_devices_say_why():
     fixed = partition("uniform", req(topo=topo, devices=["edge-a", "cloud-c"]))
     notes = unused_devices(req(topo=topo, devices=["edge-a", "cloud-c"]), fixed)
     assert notes["cloud-d"] == "not listed in plan.devices"
+
+
+# -- optimal at 8-12 devices against a brute force written here ------------------------------
+
+
+def many_device_instance(rng: random.Random) -> PlanRequest:
+    """8-12 devices of a few kinds in two or three zones, several data owners, asymmetric
+    zone links and a device pair link, tight memory, GPUs with offload, 3-4 layers."""
+    kinds = [
+        {"tier": "edge", "memory_gb": rng.choice([0.0008, 0.002, 0.05]), "tflops": rng.choice([0.5, 2])},
+        {"tier": "edge", "memory_gb": rng.choice([0.001, 0.004]), "tflops": rng.choice([1, 8])},
+        {"tier": "cloud", "memory_gb": 0.05, "tflops": rng.choice([8, 30])},
+        {
+            "tier": "cloud",
+            "accelerator": "cuda",
+            "memory_gb": rng.choice([0.0004, 0.001]),
+            "host_memory_gb": rng.choice([0.0, 0.002]),
+            "tflops": 30,
+            "host_tflops": rng.choice([0.01, 0.1]),
+            "host_link_gbps": rng.choice([16, 200]),
+        },
+    ]
+    zones = ["home", "office", "cloud"][: rng.choice([2, 3])]
+    k = rng.randint(8, 12)
+    devices = []
+    for i in range(k):
+        kind = kinds[0] if i == 0 else rng.choice(kinds)
+        devices.append(
+            kind
+            | {
+                "name": f"d{i}",
+                "zone": "home" if i == 0 else rng.choice(zones),
+                "owns_data": i == 0 or (kind["tier"] == "edge" and rng.random() < 0.3),
+            }
+        )
+    zone_links = [
+        {
+            "a": a,
+            "b": b,
+            "bandwidth_mbps": rng.choice([5, 50, 1000]),
+            "latency_ms": rng.choice([0.1, 5, 30]),
+            "reverse_bandwidth_mbps": rng.choice([None, 20, 500]),
+        }
+        for a, b in itertools.combinations_with_replacement(sorted({d["zone"] for d in devices}), 2)
+    ]
+    pairs = [{"a": "d0", "b": f"d{rng.randrange(1, k)}", "bandwidth_mbps": 10_000, "latency_ms": 0.05}]
+    topo = topology_from_container(
+        {
+            "devices": devices,
+            "links": {"default": {"bandwidth_mbps": 10, "latency_ms": 5}, "zones": zone_links, "pairs": pairs},
+        }
+    )
+    n = rng.randint(3, 4)
+    layers = [
+        LayerProfile(
+            f"l{i}",
+            params=rng.randint(1_000, 20_000),
+            fwd_flops=rng.randint(10**8, 10**10),
+            bwd_flops=rng.randint(2 * 10**8, 2 * 10**10),
+            in_bytes=rng.choice([10**4, 10**5, 10**6]),
+            out_bytes=rng.choice([10**3, 10**4, 10**5, 10**6]),
+            saved_bytes=rng.randint(10**4, 10**5),
+        )
+        for i in range(n)
+    ]
+    return PlanRequest(
+        layers=layers,
+        topology=topo,
+        num_micro_batches=rng.choice([1, 2, 4]),
+        schedule=rng.choice(["sequential", "gpipe", "1f1b"]),
+        label_privacy=rng.random() < 0.25,
+        precision="fp32",
+        replicate=False,
+    )
+
+
+def brute_force(r: PlanRequest) -> float | None:
+    """The smallest simulated step over every plan: every data owner first, every ordered
+    choice of other devices (one of each set of devices that cannot be told apart: the same
+    figures and zone, no link of their own), every cut, every combination of stage methods."""
+    topo = r.topology
+    paired = {x for e in topo.links.pairs for x in (e.a, e.b)}
+
+    def kind(name):
+        d = topo.device(name)
+        return (
+            d.tier,
+            d.accelerator,
+            d.memory_gb,
+            d.host_memory_gb,
+            d.tflops,
+            d.host_tflops,
+            d.host_link_gbps,
+            d.zone,
+            d.owns_data,
+            name if name in paired else "",
+        )
+
+    tables = CostTables(r)
+    best = None
+    owners = [d.name for d in topo.devices if d.owns_data]
+    extra = 1 if r.label_privacy else 0
+
+    def sequences(prefix):
+        yield prefix
+        if len(prefix) + extra >= r.n:
+            return
+        seen = set()
+        for d in topo.device_names:
+            if d in prefix or kind(d) in seen:
+                continue
+            seen.add(kind(d))
+            yield from sequences([*prefix, d])
+
+    for owner in owners:
+        for core in sequences([owner]):
+            seq = [*core, owner] if r.label_privacy else core
+            S = len(seq)
+            for cuts in itertools.combinations(range(1, r.n), S - 1):
+                bounds = [0, *cuts, r.n]
+                for combo in itertools.product(*[tables.options(s, d) for s, d in enumerate(seq)]):
+                    if check_plan(r, tables, seq, bounds, list(combo)) is not None:
+                        continue
+                    t = evaluate(tables, seq, bounds, list(combo)).step_ms
+                    best = t if best is None or t < best else best
+    return best
+
+
+def test_optimal_equals_a_brute_force_at_8_to_12_devices():
+    rng = random.Random(2026)
+    checked = feasible = ushape = owners = 0
+    while checked < 300:
+        r = many_device_instance(rng)
+        ref = brute_force(r)
+        if ref is None:
+            with pytest.raises(PlanError):
+                partition("optimal", r)
+        else:
+            got = partition("optimal", r)  # never "infeasible" when a plan exists
+            assert got.step_ms == pytest.approx(ref, rel=1e-6, abs=1e-4), got.table()  # rounded to 0.1 us
+            assert got.predicted["lower_bound_ms"] == pytest.approx(got.step_ms, rel=1e-6, abs=1e-4)
+            feasible += 1
+            ushape += r.label_privacy
+            owners += sum(d.owns_data for d in r.topology.devices) > 1
+        checked += 1
+    assert feasible >= 200 and ushape >= 30 and owners >= 100, (feasible, ushape, owners)
