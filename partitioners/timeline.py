@@ -24,6 +24,7 @@ from partitioners.schedule import (
     F,
     peak_in_flight,
 )
+from partitioners.simulation import wires_of
 from partitioners.simulator import (
     ALLREDUCE,
     HOST,
@@ -32,7 +33,6 @@ from partitioners.simulator import (
     Interval,
     SimResult,
     stage_resource,
-    wires_of,
 )
 
 if TYPE_CHECKING:
