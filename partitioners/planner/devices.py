@@ -84,10 +84,13 @@ class DeviceSearch:
         tail_b = np.concatenate([np.cumsum(b_min[::-1])[::-1], [0.0]])
         return tail_f, tail_b
 
-    def node_low(self, frontier: dict[int, list[tuple]]) -> float:
-        """A bound below every plan that extends this frontier."""
+    def node_low(self, frontier: dict[int, list[tuple]], free: int) -> float:
+        """A bound below every plan that extends this frontier with at most ``free`` more
+        stages: the layers left take at least their fastest time, and the busiest of those
+        stages at least an equal share of it."""
         M, schedule = self.req.num_micro_batches, self.req.schedule
         tail_f, tail_b = self.rest
+        k = max(free, 1)
         best = float("inf")
         for a, labels in frontier.items():
             f, b = float(tail_f[a]), float(tail_b[a])
@@ -95,7 +98,11 @@ class DeviceSearch:
                 d0, d1, d2 = lab[0], lab[1], lab[2]
                 if schedule == "sequential":
                     d0 += M * f + (M - 1) * b
+                elif schedule == "gpipe":
+                    d0 += f + b
+                    d1, d2 = max(d1, f / k), max(d2, b / k)
                 else:
+                    d1 = max(d1, d0 + M * (f + b) / k)
                     d0 += f + b
                 best = min(best, float(value(schedule, M, d0, d1, d2)))
         return best
@@ -148,7 +155,9 @@ class DeviceSearch:
         it by one device of each class, the most promising first."""
         req = self.req
         s = len(prefix)  # the next stage's index
-        low = self.node_low(mid)
+        # stages still to come: all of them when the length is fixed, else at most every device left
+        free = S - len(prefix) if S is not None else len(req.pool) - len(prefix) + (1 if req.label_privacy else 0)
+        low = self.node_low(mid, free)
         if low >= self.step():
             return
         if self.nodes_left <= 0 or time.monotonic() > self.deadline:
@@ -168,7 +177,7 @@ class DeviceSearch:
         for d in kids:
             nxt = search.stage(mid, s, d, prefix[-1], False, self.step(), stages_left=left)
             if nxt:
-                grown.append((self.node_low(nxt), d, nxt))
+                grown.append((self.node_low(nxt, free - 1), d, nxt))
         grown.sort(key=lambda x: x[0])
         for child_low, d, nxt in grown:
             if child_low < self.step():
