@@ -268,7 +268,7 @@ def _plan(args: argparse.Namespace) -> int:
     from partitioners.planner.explain import unused_devices
     from splitlearn.config import load_config
     from splitlearn.errors import ConfigError
-    from splitlearn.fsio import atomic_write
+    from splitlearn.fsio import atomic_write, check_writable
     from splitlearn.plan_report import compare, draw_memory, draw_timeline
     from splitlearn.planning import make_plan, plan_request
 
@@ -277,6 +277,9 @@ def _plan(args: argparse.Namespace) -> int:
     for n in names:
         if n not in PARTITIONERS:
             raise ConfigError(f"--compare: '{n}' is not one of {', '.join(PARTITIONERS)}")
+    for target in (args.out, args.timeline, args.memory):  # fail before planning, not after printing
+        if target:
+            check_writable(target)
     req = plan_request(cfg)
     plan = make_plan(cfg, request=req)
     print(plan.table())

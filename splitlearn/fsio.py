@@ -21,6 +21,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def check_writable(path: str | Path) -> Path:
+    """``path`` as a file to write: an :class:`OutputError` naming it when it is a directory
+    or its directory is missing (checked before long work, so that it fails first)."""
+    path = Path(path)
+    if path.is_dir() or not path.parent.is_dir():
+        from splitlearn.errors import OutputError
+
+        what = "is a directory" if path.is_dir() else f"its directory {path.parent} does not exist"
+        raise OutputError(f"cannot write {path}: {what}; give a file path in an existing directory")
+    return path
+
+
 def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], None]) -> Path:
     """Write ``data`` to ``path`` atomically and durably; return ``path``.
 
@@ -29,12 +41,7 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], None]) -
     matplotlib figure's ``savefig``). The parent directory must exist: a target that is a
     directory or whose directory is missing is an :class:`OutputError` naming the path.
     """
-    path = Path(path)
-    if path.is_dir() or not path.parent.is_dir():
-        from splitlearn.errors import OutputError
-
-        what = "is a directory" if path.is_dir() else f"its directory {path.parent} does not exist"
-        raise OutputError(f"cannot write {path}: {what}; give a file path in an existing directory")
+    path = check_writable(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         if callable(data):

@@ -86,6 +86,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
     assert not list(tmp_path.rglob("*.tmp"))  # nothing half-written
 
 
+def test_plan_checks_its_outputs_before_planning(tmp_path, capsys):
+    """A bad --timeline or --memory path is one line before any plan is printed or written."""
+    cfg = write_config(tmp_path)
+    for flag in ("--timeline", "--memory"):
+        code = main(["plan", str(cfg), "--out", str(tmp_path / "p.yaml"), flag, str(tmp_path / "nodir" / "x.png")])
+        assert capsys.readouterr().out == ""  # no plan table before the error
+        assert code == 2
+    assert not (tmp_path / "p.yaml").exists()
+
+
 def test_malformed_topology_file(tmp_path, capsys):
     (tmp_path / "topo.yaml").write_text("devices:\n  - name: a\n    memory_gb: lots\n")
     cfg = write_config(tmp_path, topology={"file": "topo.yaml", "inline": None})

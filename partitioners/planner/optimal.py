@@ -100,6 +100,8 @@ def optimal(req: PlanRequest) -> Plan:
     search = _Search(req, tables, deadline)
     # a good plan first, from prefixes of two device rankings: the bound then prunes more
     for seq in seed_sequences(req):
+        if time.monotonic() > deadline and search.best is not None:
+            break
         for choice in best_cuts(req, tables, seq, search.step, top=VERIFY_PER_SEQUENCE) or []:
             if choice.lower_ms >= search.step:
                 break
