@@ -279,7 +279,7 @@ def assert_valid(plan: Plan, r: PlanRequest):
 def test_optimal_equals_exhaustive_on_random_instances():
     rng = random.Random(1234)
     checked = infeasible = offloaded = replicated = 0
-    while checked < 300:
+    while checked < 150:  # 300 more, at 8-12 devices, in test_optimal_equals_a_brute_force_at_8_to_12_devices
         r = random_instance(rng)
         r.replicate = False  # exhaustive is the reference for plans without replicas
         try:
@@ -314,8 +314,8 @@ def test_optimal_equals_exhaustive_on_random_instances():
             replicated += 1
             assert rep.step_ms < got.step_ms
         checked += 1
-    assert infeasible < 150, infeasible  # the memory figures leave most instances feasible
-    assert offloaded >= 15, offloaded  # replicas: tests/test_planner_offload.py
+    assert infeasible < 75, infeasible  # the memory figures leave most instances feasible
+    assert offloaded >= 8, offloaded  # replicas: tests/test_planner_offload.py
 
 
 def test_balanced_minimises_the_largest_stage():

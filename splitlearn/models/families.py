@@ -14,6 +14,9 @@ call in a module and name it in ``model.adapter_module`` so every worker imports
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -78,9 +81,25 @@ class FamilyAdapter:
             config=model.config,
             inputs_embeds=hidden,
             attention_mask=attention_mask,
-            past_key_values=None,
             position_ids=position_ids,
+            **no_cache(fn),
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_keyword(fn: Callable[..., Any]) -> str:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def no_cache(fn: Callable[..., Any]) -> dict[str, None]:
+    """The keyword that tells a transformers call to use no KV cache: ``cache`` in the
+    transformers releases that renamed it, ``past_key_values`` before (passing the old name
+    to a new release prints a deprecation warning on every call)."""
+    return {_cache_keyword(fn): None}
 
 
 class LlamaLikeAdapter(FamilyAdapter):
@@ -125,8 +144,8 @@ class LlamaLikeAdapter(FamilyAdapter):
             attention_mask=self._mask_for(model, index, ctx),
             position_ids=ctx.position_ids,
             position_embeddings=ctx.position_embeddings,
-            past_key_values=None,
             use_cache=False,
+            **no_cache(type(layer).forward),
         )
 
     def head(self, model, hidden):
@@ -182,12 +201,13 @@ class OPTAdapter(FamilyAdapter):
     def block(self, model, index, hidden, ctx):
         if model.training and model.config.layerdrop > 0:
             raise ModelError("OPT layerdrop > 0 is not supported in split training; set it to 0")
-        return model.model.decoder.layers[index](
+        layer = model.model.decoder.layers[index]
+        return layer(
             hidden,
             attention_mask=ctx.masks["*"],
             position_ids=ctx.position_ids,
-            past_key_values=None,
             use_cache=False,
+            **no_cache(type(layer).forward),
         )
 
     def head(self, model, hidden):
