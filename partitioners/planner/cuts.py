@@ -52,7 +52,7 @@ def value(schedule: str, M: int, d0, d1, d2):
     return np.maximum(d1, d0 + (M - 1) * d2)
 
 
-def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la: float, lg: float) -> tuple:
+def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la, lg) -> tuple:
     """The numbers after one more stage (arrays over its possible ends)."""
     d0, d1, d2 = lab  # each an array over the labels, (labels, 1): the results are (labels, ends)
     if schedule == "sequential":
@@ -66,7 +66,7 @@ def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la: float, lg: 
     if s == 0:
         return F + B + Op + 0.0 * d0, M * (F + B) + Op + 0.0 * d0, 0.0 * (F + d0)
     base = d0 + la + lg
-    return base + F + B, np.maximum(d1, base + M * (F + B)), np.maximum(d2, max(la, lg)) + 0.0 * F
+    return base + F + B, np.maximum(d1, base + M * (F + B)), np.maximum(np.maximum(d2, la), lg) + 0.0 * F
 
 
 class CutSearch:
@@ -112,41 +112,55 @@ class CutSearch:
         memtabs = [tables.dev_table(dev, inflight, o) for o in opts]
         hostcums = [tables.host_cum(dev, o) for o in opts]
         hi = n if last else n - stages_left
-        for a, labels in frontier.items():
-            lo = n if last else a + 1
-            if lo > hi:
+        # every (position, label) of the frontier is a row; every end of this stage a column
+        starts = [a for a in frontier if (n if last else a + 1) <= hi]
+        if not starts:
+            return nxt
+        row_labels = [lab for a in starts for lab in frontier[a]]
+        A = np.array([a for a in starts for _ in frontier[a]])[:, None]
+        cols = np.array([[lab[_D0], lab[_D1], lab[_D2], lab[_OWN], lab[_FMEM], lab[_FHOST]] for lab in row_labels])
+        d = (cols[:, 0:1], cols[:, 1:2], cols[:, 2:3])
+        if prev is not None:
+            links = {a: tables.link(prev, dev, a) for a in starts}
+            la = np.array([links[a][0] for a in A[:, 0].tolist()])[:, None]
+            lg = np.array([links[a][1] for a in A[:, 0].tolist()])[:, None]
+        else:
+            la = lg = np.zeros((len(row_labels), 1))
+        bs = np.arange(n if last else min(starts) + 1, hi + 1)
+        valid = bs[None, :] > A if not last else np.ones((len(row_labels), len(bs)), bool)
+        first = ushape and s == 0
+        for k in range(len(opts)):
+            f, bw, o = parts[k]
+            F, B, Op = f[bs][None, :] - f[A], bw[bs][None, :] - bw[A], o[bs][None, :] - o[A]
+            mem = memtabs[k][A, bs[None, :]]
+            host = hostcums[k][bs][None, :] - hostcums[k][A]
+            if ushape and last:
+                ok = valid & (cols[:, 4:5] + mem <= cap) & (cols[:, 5:6] + host <= hcap)
+            else:
+                ok = valid & (mem <= cap) & (host <= hcap)
+            n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg), ok)[:3]
+            low = value(schedule, M, n0, n1, n2)
+            own = M * (F + B) + Op
+            if ushape and last:
+                low = np.maximum(low, cols[:, 3:4] + own)
+            rows, ends = np.nonzero(ok & (low < bound))
+            if not len(rows):
                 continue
-            bs = np.arange(lo, hi + 1)
-            la, lg = tables.link(prev, dev, a) if prev is not None else (0.0, 0.0)
-            cols = np.array([[lab[_D0], lab[_D1], lab[_D2], lab[_OWN], lab[_FMEM], lab[_FHOST]] for lab in labels])
-            d = (cols[:, 0:1], cols[:, 1:2], cols[:, 2:3])
-            first = ushape and s == 0
-            for k in range(len(opts)):
-                f, bw, o = parts[k]
-                F, B, Op = f[bs] - f[a], bw[bs] - bw[a], o[bs] - o[a]
-                mem = memtabs[k][a, bs]
-                host = hostcums[k][bs] - hostcums[k][a]
-                if ushape and last:
-                    ok = (cols[:, 4:5] + mem <= cap) & (cols[:, 5:6] + host <= hcap)
+            v0, v1, v2 = n0[rows, ends].tolist(), n1[rows, ends].tolist(), n2[rows, ends].tolist()
+            at = A[rows, 0].tolist()
+            bl = bs[ends].tolist()
+            if first:
+                extra = list(
+                    zip(own[rows, ends].tolist(), mem[rows, ends].tolist(), host[rows, ends].tolist(), strict=True)
+                )
+            for x, (i, a, b, x0, x1, x2) in enumerate(zip(rows.tolist(), at, bl, v0, v1, v2, strict=True)):
+                lab = row_labels[i]
+                back = (s, a, lab, k)
+                if first:
+                    new = (x0, x1, x2, *extra[x], back)
                 else:
-                    ok = np.broadcast_to((mem <= cap) & (host <= hcap), (len(labels), len(bs)))
-                n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg), np.empty(ok.shape))[:3]
-                low = value(schedule, M, n0, n1, n2)
-                own = M * (F + B) + Op
-                if ushape and last:
-                    low = np.maximum(low, cols[:, 3:4] + own)
-                rows, ends = np.nonzero(ok & (low < bound))
-                if not len(rows):
-                    continue
-                v0, v1, v2 = n0[rows, ends].tolist(), n1[rows, ends].tolist(), n2[rows, ends].tolist()
-                for i, j, x0, x1, x2 in zip(rows.tolist(), ends.tolist(), v0, v1, v2, strict=True):
-                    lab = labels[i]
-                    back = (s, a, lab, k)
-                    if first:
-                        new = (x0, x1, x2, float(own[j]), float(mem[j]), float(host[j]), back)
-                    else:
-                        new = (x0, x1, x2, lab[_OWN], lab[_FMEM], lab[_FHOST], back)
-                    nxt.setdefault(int(bs[j]), []).append(new)
+                    new = (x0, x1, x2, lab[_OWN], lab[_FMEM], lab[_FHOST], back)
+                nxt.setdefault(b, []).append(new)
         # the last stage's labels are final: ranked by their whole bound (with the owner's term)
         dims = 6 if ushape else 3
         return {b: _prune(labs, dims) for b, labs in nxt.items()} if prune and not last else nxt
