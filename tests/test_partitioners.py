@@ -165,6 +165,22 @@ def test_validate_catches_mismatched_transfers_and_order():
 # -- optimal against exhaustive on random heterogeneous instances -------------------------
 
 
+def random_layers(rng: random.Random, n: int, transients: bool = False) -> list[LayerProfile]:
+    return [
+        LayerProfile(
+            f"l{i}",
+            params=rng.randint(1_000, 20_000),
+            fwd_flops=rng.randint(10**8, 10**10),
+            bwd_flops=rng.randint(2 * 10**8, 2 * 10**10),
+            in_bytes=rng.choice([10**4, 10**5, 10**6]),
+            out_bytes=rng.choice([10**3, 10**4, 10**5, 10**6]),
+            saved_bytes=rng.randint(10**4, 10**5),
+            bwd_transient_bytes=rng.randint(0, 10**4) if transients else 0,
+        )
+        for i in range(n)
+    ]
+
+
 def random_instance(rng: random.Random):
     k = rng.randint(1, 5)
     zones = ["home", "office", "cloud"]
@@ -207,21 +223,7 @@ def random_instance(rng: random.Random):
             "links": {"default": {"bandwidth_mbps": rng.choice([10, 100]), "latency_ms": 5}, "zones": zone_links},
         }
     )
-    n = rng.randint(3, 9)
-    layers = []
-    for i in range(n):
-        layers.append(
-            LayerProfile(
-                f"l{i}",
-                params=rng.randint(1_000, 20_000),
-                fwd_flops=rng.randint(10**8, 10**10),
-                bwd_flops=rng.randint(2 * 10**8, 2 * 10**10),
-                in_bytes=rng.choice([10**4, 10**5, 10**6]),
-                out_bytes=rng.choice([10**3, 10**4, 10**5, 10**6]),
-                saved_bytes=rng.randint(10**4, 10**5),
-                bwd_transient_bytes=rng.randint(0, 10**4),
-            )
-        )
+    layers = random_layers(rng, rng.randint(3, 9), transients=True)
     return PlanRequest(
         layers=layers,
         topology=topo,
@@ -456,19 +458,7 @@ def many_device_instance(rng: random.Random) -> PlanRequest:
             "links": {"default": {"bandwidth_mbps": 10, "latency_ms": 5}, "zones": zone_links, "pairs": pairs},
         }
     )
-    n = rng.randint(3, 4)
-    layers = [
-        LayerProfile(
-            f"l{i}",
-            params=rng.randint(1_000, 20_000),
-            fwd_flops=rng.randint(10**8, 10**10),
-            bwd_flops=rng.randint(2 * 10**8, 2 * 10**10),
-            in_bytes=rng.choice([10**4, 10**5, 10**6]),
-            out_bytes=rng.choice([10**3, 10**4, 10**5, 10**6]),
-            saved_bytes=rng.randint(10**4, 10**5),
-        )
-        for i in range(n)
-    ]
+    layers = random_layers(rng, rng.randint(3, 4))
     return PlanRequest(
         layers=layers,
         topology=topo,

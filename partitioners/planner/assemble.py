@@ -8,7 +8,7 @@ import itertools
 
 import numpy as np
 
-from partitioners.costmodel import StageMethod, effective_layer, stage_memory, stage_time
+from partitioners.costmodel import StageMethod, effective_layer, stage_time
 from partitioners.plan import Plan, Stage
 from partitioners.planner.feasibility import allow_hint, check_plan, closest_options
 from partitioners.planner.objective import evaluate, figures
@@ -102,15 +102,7 @@ def build_plan(
     for s in range(S):
         a, b = bounds[s], bounds[s + 1]
         seg = req.layers[a:b]
-        mem = stage_memory(
-            seg,
-            stage=s,
-            num_stages=S,
-            schedule=req.schedule,
-            num_micro_batches=req.num_micro_batches,
-            precision=req.precision,
-            method=opts[s],
-        )
+        mem = req.stage_memory(seg, s, S, opts[s])
         t = stage_time(seg, req.topology.device(seq[s]), req.calibrated_tflops, method=opts[s], precision=req.precision)
         link = ev.link_ms[s] if s < S - 1 else (0.0, 0.0)
         stages.append(

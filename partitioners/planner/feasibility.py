@@ -151,18 +151,7 @@ def infeasible_reason(req: PlanRequest, tables: CostTables, seqs: list[list[str]
             )
 
     def least(layers: list[LayerProfile], s: int, S: int) -> float:
-        return min(
-            stage_memory(
-                layers,
-                stage=s,
-                num_stages=S,
-                schedule=req.schedule,
-                num_micro_batches=req.num_micro_batches,
-                precision=req.precision,
-                method=o,
-            ).device_total
-            for o in req.options(s, owner.name)
-        )
+        return min(req.stage_memory(layers, s, S, o).device_total for o in req.options(s, owner.name))
 
     S = max(len(pool), 1)
     first = least(req.layers[:1], 0, S)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from cluster.errors import UserError
 from cluster.topology import Device, Topology
 from partitioners.choices import ALLOW_OPTIONS, OFFLOAD_PRECISIONS
-from partitioners.costmodel import FinetunePolicy, StageMethod, stage_options, with_offload
+from partitioners.costmodel import FinetunePolicy, StageMemory, StageMethod, stage_memory, stage_options, with_offload
 from partitioners.profile import LayerProfile
 
 GB = 1e9
@@ -52,6 +52,19 @@ class PlanRequest:
         if bad:
             raise PlanError(f"plan.allow: '{bad[0]}' is not one of {', '.join(ALLOW_OPTIONS)}")
         self.allow = tuple(self.allow)
+
+    def stage_memory(self, layers: list[LayerProfile], stage: int, num_stages: int, method: StageMethod) -> StageMemory:
+        """:func:`~partitioners.costmodel.stage_memory` of layers as stage ``stage`` of
+        ``num_stages`` under this request's schedule, micro-batches and precision."""
+        return stage_memory(
+            layers,
+            stage=stage,
+            num_stages=num_stages,
+            schedule=self.schedule,
+            num_micro_batches=self.num_micro_batches,
+            precision=self.precision,
+            method=method,
+        )
 
     def options(self, stage: int, device: str) -> list[StageMethod]:
         """The methods stage ``stage`` may use on ``device``: the configured one first, then
