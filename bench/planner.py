@@ -48,6 +48,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from cluster.topology import load_topology, topology_from_container  # noqa: E402
 from partitioners import Plan, PlanError, PlanRequest, partition  # noqa: E402
 from partitioners.planner import CostTables, build_plan  # noqa: E402
+from partitioners.planner.optimal import natural_orders  # noqa: E402
 from partitioners.profile import LayerProfile  # noqa: E402
 
 MODELS = {  # layers: (hidden, intermediate)
@@ -146,13 +147,8 @@ def generated_topology(rng: random.Random, num_devices: int):
 
 
 def orders(req: PlanRequest) -> dict[str, list[str]]:
-    """Natural device orders, the data owner first."""
-    topo = req.topology
-    owner = topo.data_owner.name
-    rest = [d for d in topo.device_names if d != owner]
-    by_link = sorted(rest, key=lambda d: (-topo.link(owner, d).bandwidth_mbps, -topo.device(d).tflops, d))
-    by_speed = sorted(rest, key=lambda d: (-topo.device(d).tflops, d))
-    return {"given": [owner, *rest], "link": [owner, *by_link], "speed": [owner, *by_speed]}
+    """The natural device orders optimal also seeds from, the data owner first."""
+    return natural_orders(req, req.topology.data_owner.name)
 
 
 COUNTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)

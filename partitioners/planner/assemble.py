@@ -11,7 +11,7 @@ import numpy as np
 from partitioners.costmodel import StageMethod, effective_layer, stage_time
 from partitioners.plan import Plan, Stage
 from partitioners.planner.feasibility import allow_hint, check_plan, closest_options
-from partitioners.planner.objective import evaluate, figures
+from partitioners.planner.objective import evaluate
 from partitioners.planner.request import GB, Groups, PlanError, PlanRequest, groups_of
 from partitioners.planner.tables import CostTables
 
@@ -141,7 +141,7 @@ def build_plan(
         label_privacy=req.label_privacy,
         precision=req.precision,
         predicted={"step_ms": round(ev.step_ms, 4), "bottleneck": ev.bottleneck, "bubble_fraction": round(bubble, 4)},
-        uplinks=figures(tables, seq, bounds, opts, groups).channels,
+        uplinks=ev.uplinks,
     )
 
 

@@ -53,6 +53,6 @@ def unused_devices(req: PlanRequest, plan: Plan) -> dict[str, str]:
                 f"plan's {per_mb:.1f} ms per micro-batch"
             )
             continue
-        proven = "lower_bound_ms" in plan.predicted
+        proven = plan.partitioner == "exhaustive" or plan.optimality().startswith("proven")
         notes[d] = "not needed: no plan using it is faster" + ("" if proven else " (of those the search tried)")
     return notes

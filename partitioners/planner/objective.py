@@ -25,6 +25,7 @@ uplinks), so that a plan can carry a proven distance from the best.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -149,12 +150,14 @@ def lower_bound(schedule: str, fig: StepFigures, M: int) -> float:
     gradient returns to stage 0; each wire's ``M`` transfers within the round trip; under
     1F1B, stage ``s`` holds at most ``S - s`` micro-batches, so every ``S - s``-th one
     waits for a whole round trip beyond it; the data owner's two stages (U-shape) one after
-    the other; and stage 0's optimizer step after everything."""
+    the other; and stage 0's optimizer step after everything.
+
+    The cut search (:mod:`partitioners.planner.cuts`) ranks by an incremental form of these
+    terms without the 1F1B round trip; this whole form is the reference the tests hold the
+    simulator above, and the term to add to the search's labels next (see docs/decisions.md)."""
     if any(r > 1 for r in fig.replicas):
         return 0.0
-    closed = closed_form(
-        schedule, StepFigures(fig.fwd, fig.bwd, fig.opt, fig.allreduce, fig.replicas, fig.act, fig.grad), M
-    )
+    closed = closed_form(schedule, dataclasses.replace(fig, shared=[], channels={}), M)  # unshared: below
     S = fig.num_stages
     F, B, Opt, a, g = fig.fwd, fig.bwd, fig.opt, fig.act, fig.grad
     P = sum(F) + sum(B) + sum(a) + sum(g)
@@ -207,7 +210,7 @@ class Evaluation:
     stage_ms: list[float]  # per stage, per micro-batch (its step's optimizer and all-reduce spread over M)
     link_ms: list[tuple[float, float]]  # per cut: (activation, gradient) per micro-batch
     allreduce_ms: list[float] = field(default_factory=list)  # per stage, once per step (replicas only)
-    lower_ms: float = 0.0  # a bound below step_ms (lower_bound)
+    uplinks: dict[str, str] = field(default_factory=dict)  # wires that share a zone uplink (Plan.uplinks)
 
 
 def evaluate(
@@ -249,7 +252,7 @@ def evaluate(
             worst = wire
             bottleneck = f"link {src_name}->{dst_name}" if act_ms >= grad_ms else f"link {dst_name}->{src_name}"
     step = step_ms(schedule, fig, M)
-    return Evaluation(step, bottleneck, busy, stage_ms, links, fig.allreduce, lower_bound(schedule, fig, M))
+    return Evaluation(step, bottleneck, busy, stage_ms, links, fig.allreduce, fig.channels)
 
 
 def effective_replicas(schedule: str, num_replicas: int, num_stages: int) -> int:

@@ -22,20 +22,30 @@ MAX_NODES = 20_000  # device prefixes the branch and bound expands before it sto
 MAX_LABELS = 200_000  # listing every plan below the best step: give up past this many partial plans
 
 
+def natural_orders(req: PlanRequest, owner: str) -> dict[str, list[str]]:
+    """Orders of the pool a person would try, ``owner`` first: the others as listed, by the
+    link from the owner (then speed), and by speed."""
+    topo = req.topology
+    rest = [d for d in req.pool if d != owner]
+    return {
+        "given": [owner, *rest],
+        "link": [owner, *sorted(rest, key=lambda d: (-topo.link(owner, d).bandwidth_mbps, -topo.device(d).tflops, d))],
+        "speed": [owner, *sorted(rest, key=lambda d: (-topo.device(d).tflops, d))],
+    }
+
+
 def seed_sequences(req: PlanRequest) -> list[list[str]]:
     """Device sequences that often hold a good plan: each data owner, then prefixes of the
     other devices ranked by link from it and speed, or by speed alone."""
-    topo = req.topology
     out: list[list[str]] = []
     seen: set[tuple[str, ...]] = set()
-    for owner in [d for d in req.pool if topo.device(d).owns_data]:
-        rest = [d for d in req.pool if d != owner]
-        by_link = sorted(rest, key=lambda d: (-topo.link(owner, d).bandwidth_mbps, -topo.device(d).tflops, d))
-        by_speed = sorted(rest, key=lambda d: (-topo.device(d).tflops, d))
-        lengths = sorted({*range(0, min(len(rest), 8) + 1), *(k for k in (12, 16, 24, 32, 48, 64) if k <= len(rest))})
-        for order in (by_link, by_speed):
+    for owner in [d for d in req.pool if req.topology.device(d).owns_data]:
+        orders = natural_orders(req, owner)
+        rest = len(req.pool) - 1
+        lengths = sorted({*range(0, min(rest, 8) + 1), *(k for k in (12, 16, 24, 32, 48, 64) if k <= rest)})
+        for order in (orders["link"], orders["speed"]):
             for k in lengths:
-                seq = closed_sequence(req, [owner, *order[:k]])
+                seq = closed_sequence(req, order[: k + 1])
                 if len(seq) <= req.n and tuple(seq) not in seen:
                     seen.add(tuple(seq))
                     out.append(seq)
