@@ -223,6 +223,14 @@ def micro_batches_in_flight(schedule: str, stage: int, num_stages: int, num_micr
     raise ValueError(f"unknown schedule '{schedule}' (known: {', '.join(SCHEDULES)})")
 
 
+# Resident memory a CPU worker keeps from its first step on beyond what it allocates for
+# the stage: oneDNN's primitive caches and the allocator's arenas. Measured in-process on a
+# 50M-parameter Llama segment (bf16, LoRA): 29.5 MB left after a forward and backward with
+# everything freed, 10.8 MB with oneDNN off; across bench/memory.py's CPU stages the median
+# of held minus counted was 25 MB (docs/decisions.md, "CPU runtime bytes").
+CPU_RUNTIME_BYTES = 25e6
+
+
 @dataclass
 class StageMemory:
     """Bytes of a stage, on its device and on its host."""
@@ -234,10 +242,13 @@ class StageMemory:
     buffers: float = 0.0
     step: float = 0.0  # the optimizer step's temporaries (activations are freed by then)
     host: float = 0.0  # offloaded state in host memory
+    runtime: float = 0.0  # what the worker's kernel libraries keep once it has run (CPU_RUNTIME_BYTES)
 
     @property
     def device_total(self) -> float:
-        return self.weights + self.grads + self.optimizer + max(self.activations + self.buffers, self.step)
+        return (
+            self.weights + self.grads + self.optimizer + max(self.activations + self.buffers, self.step) + self.runtime
+        )
 
     def as_gb(self) -> dict[str, float]:
         d = {k: v / GB for k, v in asdict(self).items()}
@@ -256,7 +267,10 @@ def stage_memory(
     offload: str = "none",
     recompute: bool = False,
     method: StageMethod | None = None,
+    runtime_bytes: float = 0.0,
 ) -> StageMemory:
+    """Bytes a stage holds at its peak; ``runtime_bytes``: what its worker's libraries keep
+    besides (:data:`CPU_RUNTIME_BYTES` on a CPU)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}' (known: {', '.join(PRECISIONS)})")
     if offload not in OFFLOAD_MODES:
@@ -272,6 +286,7 @@ def stage_memory(
         weights=sum(weight_bytes(b, e, method, w) for b, e in zip(base, layers, strict=True)),
         grads=trainable * g,
         optimizer=trainable * (master + moments),
+        runtime=runtime_bytes,
     )
     inflight = micro_batches_in_flight(schedule, stage, num_stages, num_micro_batches)
     if layers:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from partitioners import Plan, PlanRequest, partition
 from partitioners import schedule as S
+from partitioners.costmodel import CPU_RUNTIME_BYTES
 from partitioners.planner import simulate_plan as simulate
-from partitioners.profile import ModelProfile
+from partitioners.profile import LayerProfile, ModelProfile
 from splitlearn import method_policy
 from splitlearn.config import LoadedConfig
 from splitlearn.errors import ConfigError
@@ -43,17 +44,40 @@ def load_profile(cfg: LoadedConfig) -> ModelProfile:
         return prof
     variants = method_policy.variants(run)
     gpu = any(d.accelerator == "cuda" for d in cfg.topology.devices)
-    layers = meta_profile(
-        run.model, mb, seq, run.train.seed, variants, method_policy.lora_spec(run), weights_dtype(run.train.dtype), gpu
-    )
     return ModelProfile(
-        layers=layers,
+        layers=meta_layers(cfg, gpu),
         micro_batch=mb,
         seq_len=seq,
         dtype=run.train.dtype,
         device="meta",
         lora=method_policy.lora_record(run) if variants else None,
     )
+
+
+def meta_layers(cfg: LoadedConfig, cuda_kernels: bool) -> list[LayerProfile]:
+    """The chain's costs counted on the meta device, attention as CUDA runs it or as a CPU does."""
+    run = cfg.run
+    return meta_profile(
+        run.model,
+        run.train.batch_size // run.train.micro_batches,
+        run.data.seq_len,
+        run.train.seed,
+        method_policy.variants(run),
+        method_policy.lora_spec(run),
+        weights_dtype(run.train.dtype),
+        cuda_kernels,
+    )
+
+
+def cpu_layers(cfg: LoadedConfig, profile: ModelProfile) -> list[LayerProfile] | None:
+    """A meta profile's layers as the topology's CPU devices run them, where that differs
+    (the profile counts attention as CUDA runs it when the topology has a GPU: fp32 with
+    grouped key/value heads takes the math path there, and saves the probabilities)."""
+    kinds = {d.accelerator for d in cfg.topology.devices}
+    if profile.device != "meta" or not {"cpu", "cuda"} <= kinds:
+        return None
+    layers = meta_layers(cfg, cuda_kernels=False)
+    return None if layers == profile.layers else layers
 
 
 def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> PlanRequest:
@@ -77,6 +101,8 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
         finetune=method_policy.policy(run),
         allow=tuple(run.plan.allow),
         search_seconds=run.plan.search_seconds,
+        cpu_layers=cpu_layers(cfg, profile),
+        cpu_runtime_bytes=CPU_RUNTIME_BYTES,
     )
 
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, inline_topology
 from families import TINY
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -203,3 +203,34 @@ def test_meta_profile_counts_attention_as_cuda_runs_it():
     assert saved("llama", torch.float32, True) - saved("llama", torch.float32, False) >= blocks * probabilities
     assert saved("llama", torch.bfloat16, True) == saved("llama", torch.bfloat16, False)
     assert saved("gpt2", torch.float32, True) == saved("gpt2", torch.float32, False)  # no grouped heads
+
+
+def test_a_cpu_stage_is_planned_as_a_cpu_runs_it(tmp_path):
+    """In a topology with a CPU and a GPU, the CPU stage's memory counts attention as the
+    CPU runs it (not CUDA's fp32 math path) and the CPU runtime's bytes; the GPU stage
+    counts CUDA's path and no runtime bytes."""
+    from test_cli import write_config
+
+    from partitioners import partition
+    from partitioners.costmodel import CPU_RUNTIME_BYTES
+    from splitlearn.config import load_config
+    from splitlearn.models.costs import meta_profile
+    from splitlearn.planning import plan_request
+
+    topo = inline_topology(["edge-a", "cloud-c"])
+    topo["devices"][1].update(accelerator="cuda", gpus=1.0)
+    path = write_config(tmp_path, topology={"inline": topo}, plan={"devices": ["edge-a", "cloud-c"]})
+    cfg = load_config(path, ["plan.partitioner=manual", "plan.cuts=[2]"])
+    req = plan_request(cfg)
+    assert req.cpu_layers is not None and req.cpu_runtime_bytes == CPU_RUNTIME_BYTES
+    model = cfg.run.model
+    cpu, cuda = meta_profile(model, 2, 16), meta_profile(model, 2, 16, cuda_kernels=True)
+    assert [x.saved_bytes for x in req.cpu_layers] == [x.saved_bytes for x in cpu]
+    assert [x.saved_bytes for x in req.layers] == [x.saved_bytes for x in cuda]
+    assert sum(x.saved_bytes for x in cuda[:2]) > sum(x.saved_bytes for x in cpu[:2])  # block_0 differs
+    plan = partition("manual", req)
+    common = {"schedule": req.schedule, "num_micro_batches": 2, "num_stages": 2}
+    edge = stage_memory(cpu[:2], stage=0, runtime_bytes=CPU_RUNTIME_BYTES, **common).device_total
+    gpu = stage_memory(cuda[2:], stage=1, **common).device_total
+    assert plan.stages[0].memory_gb == pytest.approx(edge / 1e9, abs=1e-6)
+    assert plan.stages[1].memory_gb == pytest.approx(gpu / 1e9, abs=1e-6)

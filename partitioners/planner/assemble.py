@@ -102,8 +102,14 @@ def build_plan(
     for s in range(S):
         a, b = bounds[s], bounds[s + 1]
         seg = req.layers[a:b]
-        mem = req.stage_memory(seg, s, S, opts[s])
-        t = stage_time(seg, req.topology.device(seq[s]), req.calibrated_tflops, method=opts[s], precision=req.precision)
+        mem = req.stage_memory(a, b, s, S, opts[s], seq[s])
+        t = stage_time(
+            req.layers_on(seq[s])[a:b],
+            req.topology.device(seq[s]),
+            req.calibrated_tflops,
+            method=opts[s],
+            precision=req.precision,
+        )
         link = ev.link_ms[s] if s < S - 1 else (0.0, 0.0)
         stages.append(
             Stage(

@@ -18,7 +18,6 @@ from partitioners.planner.request import (
     uniform_cuts,
 )
 from partitioners.planner.tables import CostTables
-from partitioners.profile import LayerProfile
 
 
 def base_options(tables: CostTables, seq: list[str]) -> list[StageMethod]:
@@ -150,13 +149,13 @@ def infeasible_reason(req: PlanRequest, tables: CostTables, seqs: list[list[str]
                 f"together have {total_cap / GB:.2f} GB ({(total_need - total_cap) / GB:.2f} GB short){hint}"
             )
 
-    def least(layers: list[LayerProfile], s: int, S: int) -> float:
-        return min(req.stage_memory(layers, s, S, o).device_total for o in req.options(s, owner.name))
+    def least(a: int, s: int, S: int) -> float:
+        return min(req.stage_memory(a, a + 1, s, S, o, owner.name).device_total for o in req.options(s, owner.name))
 
     S = max(len(pool), 1)
-    first = least(req.layers[:1], 0, S)
+    first = least(0, 0, S)
     if req.label_privacy:
-        first += least(req.layers[-1:], S, S + 1)
+        first += least(req.n - 1, S, S + 1)
     if first > owner.memory_gb * GB:
         what = "the embedding and the head (label_privacy)" if req.label_privacy else "the embedding"
         return (

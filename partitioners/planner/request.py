@@ -8,7 +8,14 @@ from dataclasses import dataclass
 from cluster.errors import UserError
 from cluster.topology import Device, Topology
 from partitioners.choices import ALLOW_OPTIONS, OFFLOAD_PRECISIONS
-from partitioners.costmodel import FinetunePolicy, StageMemory, StageMethod, stage_memory, stage_options, with_offload
+from partitioners.costmodel import (
+    FinetunePolicy,
+    StageMemory,
+    StageMethod,
+    stage_memory,
+    stage_options,
+    with_offload,
+)
 from partitioners.profile import LayerProfile
 
 GB = 1e9
@@ -37,6 +44,12 @@ class PlanRequest:
     allow: tuple[str, ...] = ()  # options the planner may pick for edge stages
     replicate: bool = True  # optimal may replicate its bottleneck stage on free identical devices
     search_seconds: float = 10.0  # optimal's time budget (then it stops with a proven bound)
+    # the layers as a CPU runs them, where that differs from ``layers`` (which then count
+    # attention as CUDA runs it: a topology with both kinds of device)
+    cpu_layers: list[LayerProfile] | None = None
+    # counted on every CPU stage besides its tensors: what the workers' libraries keep
+    # (splitlearn's runtime: costmodel.CPU_RUNTIME_BYTES)
+    cpu_runtime_bytes: float = 0.0
 
     @property
     def n(self) -> int:
@@ -53,11 +66,24 @@ class PlanRequest:
             raise PlanError(f"plan.allow: '{bad[0]}' is not one of {', '.join(ALLOW_OPTIONS)}")
         self.allow = tuple(self.allow)
 
-    def stage_memory(self, layers: list[LayerProfile], stage: int, num_stages: int, method: StageMethod) -> StageMemory:
-        """:func:`~partitioners.costmodel.stage_memory` of layers as stage ``stage`` of
-        ``num_stages`` under this request's schedule, micro-batches and precision."""
+    def layers_on(self, device: str) -> list[LayerProfile]:
+        """The layers' costs as ``device`` runs them."""
+        if self.cpu_layers is not None and self.topology.device(device).accelerator == "cpu":
+            return self.cpu_layers
+        return self.layers
+
+    def runtime_bytes(self, device: str) -> float:
+        """What a worker on ``device`` keeps besides its stage's tensors."""
+        return self.cpu_runtime_bytes if self.topology.device(device).accelerator == "cpu" else 0.0
+
+    def stage_memory(
+        self, a: int, b: int, stage: int, num_stages: int, method: StageMethod, device: str
+    ) -> StageMemory:
+        """:func:`~partitioners.costmodel.stage_memory` of layers ``a..b-1`` as stage ``stage``
+        of ``num_stages`` on ``device`` under this request's schedule, micro-batches and precision."""
         return stage_memory(
-            layers,
+            self.layers_on(device)[a:b],
+            runtime_bytes=self.runtime_bytes(device),
             stage=stage,
             num_stages=num_stages,
             schedule=self.schedule,

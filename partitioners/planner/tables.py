@@ -33,7 +33,7 @@ class CostTables:
         self._cum: dict[tuple[str, StageMethod], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
         ratio = CODEC_BYTES[req.codec]
         self.cut_bytes = [layer.out_bytes * ratio for layer in L]  # after layer i
-        self._mem: dict[tuple[int, StageMethod], np.ndarray] = {}
+        self._mem: dict[tuple[bool, int, StageMethod], np.ndarray] = {}
         self._dev_mem: dict[tuple[bool, int, StageMethod], np.ndarray] = {}
         self._host: dict[StageMethod, tuple[np.ndarray, np.ndarray]] = {}
         self._link: dict[tuple, tuple[float, float]] = {}
@@ -53,7 +53,7 @@ class CostTables:
             d = self.dev[dev]
             per = [
                 stage_time([layer], d, self.req.calibrated_tflops, method=key[1], precision=self.req.precision)
-                for layer in self.req.layers
+                for layer in self.req.layers_on(dev)
             ]
 
             def prefix(values: list[float]) -> np.ndarray:
@@ -123,12 +123,15 @@ class CostTables:
             self.req.topology, group, self.trainable(a, b, opt) * PRECISIONS[self.req.precision][1]
         )
 
-    def mem_table(self, inflight: int, opt: StageMethod | None = None) -> np.ndarray:
+    def mem_table(self, inflight: int, opt: StageMethod | None = None, cpu: bool = False) -> np.ndarray:
         """``[a, b]`` -> device bytes of a stage of layers ``a..b-1`` with ``inflight``
-        micro-batches in flight: :func:`costmodel.stage_memory`, for every range at once."""
+        micro-batches in flight: :func:`costmodel.stage_memory`, for every range at once
+        (``cpu``: the layers as a CPU runs them, and the request's ``cpu_runtime_bytes``)."""
         opt = opt or StageMethod()
-        if (inflight, opt) not in self._mem:
-            base, n = self.req.layers, len(self.req.layers)
+        key = (cpu, inflight, opt)
+        if key not in self._mem:
+            base = (self.req.cpu_layers if cpu else None) or self.req.layers
+            n = len(base)
             L = [effective_layer(layer, opt) for layer in base]
             w, g, master, moments = PRECISIONS[self.req.precision]
             keep_opt = opt.offload == "none"  # offload moves the optimizer state to the host
@@ -170,10 +173,10 @@ class CostTables:
             if keep_opt:  # AdamW's temporaries over the largest trainable tensor, after the activations are freed
                 step_tmp = running_max(np.array([step_temporaries([layer], self.req.precision) for layer in L], float))
                 act_phase = np.maximum(act_phase, step_tmp)
-            table = (cum_static[b] - cum_static[a]) + act_phase
+            table = (cum_static[b] - cum_static[a]) + act_phase + (self.req.cpu_runtime_bytes if cpu else 0.0)
             table[b <= a] = np.inf
-            self._mem[(inflight, opt)] = table
-        return self._mem[(inflight, opt)]
+            self._mem[key] = table
+        return self._mem[key]
 
     def inflight(self, s: int, S: int) -> int:
         return micro_batches_in_flight(self.req.schedule, s, S, self.M)
@@ -186,11 +189,11 @@ class CostTables:
         """:meth:`mem_table` as it counts against ``dev``'s ``memory_gb``: on a cpu device
         the host is the same RAM, so the offloaded bytes count there too."""
         opt = opt or StageMethod()
-        cpu = self.dev[dev].accelerator == "cpu" and opt.offload != "none"
+        cpu = self.dev[dev].accelerator == "cpu"
         key = (cpu, inflight, opt)
         if key not in self._dev_mem:
-            table = self.mem_table(inflight, opt)
-            if cpu:
+            table = self.mem_table(inflight, opt, cpu)
+            if cpu and opt.offload != "none":
                 h = self._host_cums(opt)[0]
                 table = table + (h[None, :] - h[:, None])
             self._dev_mem[key] = table
