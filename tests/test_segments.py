@@ -391,6 +391,20 @@ def test_wrong_shape_is_named(family, ckpt, tmp_path):
     assert_same(Segment(build_segment(dir_cfg(tmp_path), 0, a, b), a, b), Segment(reference(family, src), a, b))
 
 
+def test_a_dtype_training_cannot_start_from_is_named(ckpt, tmp_path):
+    """A quantized (integer) tensor where the model has a float weight stops with the file
+    and key, instead of being copied in as numbers."""
+    d, _ = ckpt("llama", "single")
+    state = load_file(str(d / "model.safetensors"))
+    bad = first_block_key("llama", state, 0)
+    state[bad] = torch.zeros(state[bad].shape, dtype=torch.int8)
+    file = copy_config(d, tmp_path) / "model.safetensors"
+    save_file(state, str(file), metadata={"format": "pt"})
+    with pytest.raises(ModelError) as e:
+        build_segment(dir_cfg(tmp_path), 0, 0, 3)
+    assert str(file) in str(e.value) and bad in str(e.value) and "I8" in str(e.value)
+
+
 def test_directory_without_safetensors(ckpt, tmp_path):
     d, _ = ckpt("llama", "single")
     copy_config(d, tmp_path)

@@ -201,6 +201,12 @@ def _read(f: Any, file: Path, key: str, name: str, like: torch.Tensor, dtype: to
     if shape != want:
         raise ModelError(f"{file}: {key} has shape {shape}, the model's {name} has {want}")
     stored = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+    if like.is_floating_point() and stored is None:
+        raise ModelError(
+            f"{file}: {key} is stored as {sl.get_dtype()}, which the model's {name} cannot be trained from "
+            f"(it takes {', '.join(_SAFETENSORS_DTYPES)}); a quantized checkpoint must be dequantized first "
+            "(save it with transformers in bf16 or fp32)"
+        )
     if dtype is None or stored is None or not stored.is_floating_point or stored == dtype or not shape:
         t = f.get_tensor(key)
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
