@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitlearn.errors import ModelError
-from splitlearn.models.families import FamilyAdapter, adapter_for, get_path, set_path
+from splitlearn.models.families import FamilyAdapter, adapter_of, get_path, set_path
 
 IGNORE_INDEX = -100
 
@@ -36,7 +36,7 @@ def hf_config(model: nn.Module) -> Any:
 
 
 def num_blocks(model: nn.Module) -> int:
-    return adapter_for(hf_config(model).model_type).num_blocks(model)
+    return adapter_of(model).num_blocks(model)
 
 
 def chain_names(num_blocks: int) -> list[str]:
@@ -56,7 +56,7 @@ def _param_ids(model: nn.Module, paths: tuple[str, ...]) -> dict[int, str]:
 
 def tied_parameter_names(model: nn.Module) -> list[tuple[str, str]]:
     """(embed name, head name) of each parameter the embed and head layers share."""
-    adapter = adapter_for(hf_config(model).model_type)
+    adapter = adapter_of(model)
     emb = _param_ids(model, adapter.embed_paths)
     head = _param_ids(model, adapter.head_paths)
     return [(emb[i], head[i]) for i in emb if i in head]
@@ -88,7 +88,7 @@ class Segment(nn.Module):
     def __init__(self, model: nn.Module, start: int, stop: int, recompute: bool = False):
         super().__init__()
         self.recompute = recompute
-        self.adapter: FamilyAdapter = adapter_for(hf_config(model).model_type)
+        self.adapter: FamilyAdapter = adapter_of(model)
         n = self.adapter.num_blocks(model)
         if not (0 <= start < stop <= n + 2):
             raise ModelError(f"segment [{start}, {stop}) is outside the chain of {n + 2} layers")
@@ -106,7 +106,8 @@ class Segment(nn.Module):
                 blocks[i] = nn.Identity()
         if not self.has_embed:
             for path in self.adapter.embed_paths:
-                set_path(model, path, None)
+                mod = get_path(model, path)
+                set_path(model, path, None if mod is None else self.adapter.stub(mod))
         if not self.has_head:
             for path in self.adapter.head_paths:
                 set_path(model, path, None)
@@ -136,10 +137,10 @@ class Segment(nn.Module):
     ) -> torch.Tensor:
         """Input ids (first segment) or hidden state in; hidden state or loss out."""
         model, ad = self.model, self.adapter
-        batch, seq = x.shape[0], x.shape[1]
-        probe = torch.empty(batch, seq, 1, dtype=compute_dtype(model), device=x.device)
-        ctx = ad.context(model, probe, attention_mask)
-        h = ad.embed(model, x, ctx) if self.has_embed else x
+        ctx, h = None, x
+        if self.has_embed or self.block_ids:  # the head alone needs no context
+            last = self.block_ids[-1] if self.block_ids else 0
+            ctx, h = ad.prepare(model, x, attention_mask, self.has_embed, compute_dtype(model), last)
         for i in self.block_ids:
             h = self._run(self._block, h, i, ctx)
         if not self.has_head:
@@ -198,7 +199,7 @@ class LayerView(nn.Module):
 
     def __init__(self, model: nn.Module, index: int, attention_mask=None, labels=None):
         super().__init__()
-        adapter = adapter_for(hf_config(model).model_type)
+        adapter = adapter_of(model)
         n = adapter.num_blocks(model)
         self.index, self.n = index, n
         if index == 0:

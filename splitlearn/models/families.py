@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -66,6 +67,26 @@ class FamilyAdapter:
 
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def prepare(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        embed: bool,
+        dtype: torch.dtype,
+        last: int | None = None,
+    ) -> tuple[Context, torch.Tensor]:
+        """The context of one forward and the hidden state entering the first block: the
+        embedding of ``x`` when ``embed`` (``x`` the token ids), else ``x``. ``dtype``: the
+        dtype the model computes in; ``last``: the last block the forward will run."""
+        probe = torch.empty(x.shape[0], x.shape[1], 1, dtype=dtype, device=x.device)
+        ctx = self.context(model, probe, attention_mask)
+        return ctx, (self.embed(model, x, ctx) if embed else x)
+
+    def stub(self, module: nn.Module) -> nn.Module | None:
+        """What replaces an embed-layer module in a segment without the embed layer."""
+        return None
 
     # -- helpers shared by adapters -------------------------------------------------------
     @staticmethod
@@ -264,14 +285,53 @@ def supported_families() -> list[str]:
 
 
 def adapter_for(model_type: str) -> FamilyAdapter:
+    """The adapter registered for ``model_type`` (a hand-written one); see :func:`adapter_of`
+    for any model."""
     try:
         return _REGISTRY[model_type]
     except KeyError:
         raise ModelError(
-            f"model family '{model_type}' is not supported; supported: "
+            f"model family '{model_type}' has no registered adapter; registered: "
             f"{', '.join(supported_families())} (add one with "
             "splitlearn.models.register_family, see the README)"
         ) from None
+
+
+def check_family(model_type: str, config: Any = None) -> None:
+    """Fail unless ``model_type`` can be split: a registered family, or a decoder-only
+    ``*ForCausalLM`` of transformers (run by the generic adapter). With ``config``, also
+    refuse an encoder used without ``is_decoder``."""
+    if model_type in _REGISTRY:
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    encoder = config is not None and (
+        getattr(config, "is_decoder", True) is False or getattr(config, "is_encoder_decoder", False)
+    )
+    if cls is None or not cls.endswith("ForCausalLM") or encoder:
+        raise ModelError(
+            f"model family '{model_type}' is not a decoder-only causal LM of transformers; supported: any "
+            f"family with a *ForCausalLM class, and {', '.join(supported_families())} (add one with "
+            "splitlearn.models.register_family, see the README)"
+        )
+
+
+_ADAPTERS: weakref.WeakKeyDictionary[nn.Module, FamilyAdapter] = weakref.WeakKeyDictionary()
+
+
+def adapter_of(model: nn.Module) -> FamilyAdapter:
+    """The adapter of a causal LM: the one registered for its family, else the generic one,
+    which runs the family's own forward (:mod:`splitlearn.models.generic`), found once per
+    model object."""
+    model_type = model.config.model_type
+    if model_type in _REGISTRY:
+        return _REGISTRY[model_type]
+    if model not in _ADAPTERS:
+        from splitlearn.models.generic import generic_adapter
+
+        _ADAPTERS[model] = generic_adapter(model)
+    return _ADAPTERS[model]
 
 
 def get_path(obj: Any, path: str) -> Any:
