@@ -13,6 +13,7 @@ what the profiler measures.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 
 from splitlearn.errors import ModelError
 from splitlearn.models.families import FamilyAdapter, adapter_of, get_path, set_path
+from splitlearn.models.router import aux_loss, collecting, empty_carry, layer_sums, pack, router_aux, unpack
 
 IGNORE_INDEX = -100
 
@@ -112,6 +114,7 @@ class Segment(nn.Module):
             for path in self.adapter.head_paths:
                 set_path(model, path, None)
         self.model = model
+        self.router_aux = router_aux(model)
 
     @property
     def layer_names(self) -> list[str]:
@@ -135,19 +138,32 @@ class Segment(nn.Module):
         labels: torch.Tensor | None = None,
         num_items: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """Input ids (first segment) or hidden state in; hidden state or loss out."""
-        model, ad = self.model, self.adapter
+        """Input ids (first segment) or hidden state in; hidden state or loss out. With a
+        router auxiliary loss (:mod:`splitlearn.models.router`) the hidden state between
+        segments carries its sums in a few extra channels, and the loss includes it."""
+        model, ad, aux = self.model, self.adapter, self.router_aux
+        carry = None
+        if aux is not None:
+            x, carry = (x, empty_carry(aux, x.shape[0], x.device)) if self.has_embed else unpack(aux, x)
         ctx, h = None, x
         if self.has_embed or self.block_ids:  # the head alone needs no context
             last = self.block_ids[-1] if self.block_ids else 0
             ctx, h = ad.prepare(model, x, attention_mask, self.has_embed, compute_dtype(model), last)
-        for i in self.block_ids:
-            h = self._run(self._block, h, i, ctx)
+        blocks = ad.blocks(model)
+        with collecting(aux, [blocks[i] for i in self.block_ids]) if aux is not None else nullcontext([]) as logits:
+            for i in self.block_ids:
+                h = self._run(self._block, h, i, ctx)
+        if aux is not None and logits:
+            carry = carry + layer_sums(aux, logits, x.shape[0], x.shape[1], attention_mask)
         if not self.has_head:
-            return h
+            return h if aux is None else pack(aux, h, carry)
         if labels is None:
             raise ValueError("the last segment needs labels to compute the loss")
-        return self._run(self._head, h, labels, num_items)
+        loss = self._run(self._head, h, labels, num_items)
+        if aux is None:
+            return loss
+        share = 1.0 if num_items is None else count_items(labels) / num_items  # this micro-batch's share of the step
+        return loss + aux.coef * share * aux_loss(aux, carry)
 
     def _run(self, fn, *args):
         if self.recompute and torch.is_grad_enabled():
@@ -219,7 +235,7 @@ class LayerView(nn.Module):
         if key not in self._ctx:  # built once per shape: a segment builds it once per micro-batch
             dtype = compute_dtype(model)
             with torch.no_grad():
-                if x.device.type == "meta":
+                if x.device.type == "meta" and not ad.meta_native:
                     ctx = _meta_context(model, ad, x, dtype, self.attention_mask)
                 else:
                     probe = torch.empty(x.shape[0], x.shape[1], 1, dtype=dtype, device=x.device)

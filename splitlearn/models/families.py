@@ -45,6 +45,7 @@ class FamilyAdapter:
     embed_paths: ClassVar[tuple[str, ...]]  # modules run by the embed layer
     head_paths: ClassVar[tuple[str, ...]]  # modules run by the head layer
     shared_paths: ClassVar[tuple[str, ...]] = ()  # parameter-free helpers every segment keeps
+    meta_native: ClassVar[bool] = False  # builds its context on the meta device itself (else: on CPU, moved)
     # default LoRA targets (module-name suffixes, as peft matches them): the attention projections
     lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj")
 

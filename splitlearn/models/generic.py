@@ -319,6 +319,8 @@ def layout_of(model: nn.Module) -> Layout:
 class GenericAdapter(FamilyAdapter):
     """Any decoder-only causal LM, by running its own forward (see the module's doc)."""
 
+    meta_native = True
+
     def __init__(self, layout: Layout, lora_targets: tuple[str, ...]):
         self.layout = layout
         self.blocks_path = layout.blocks_path  # type: ignore[misc]  # instance values of the base's ClassVars
