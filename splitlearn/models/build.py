@@ -123,7 +123,7 @@ def meta_model(model_cfg: Any) -> nn.Module:
     return model
 
 
-def _from_config(auto: Any, cfg: Any, attn_implementation: str) -> nn.Module:
+def _from_config(auto: Any, cfg: Any, attn_implementation: str) -> Any:
     """The model from its config; a family without SDPA attention (Gemma-2, BLOOM) gets
     eager attention when SDPA, the default, was asked for."""
     try:

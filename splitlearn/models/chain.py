@@ -13,7 +13,6 @@ what the profiler measures.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -22,7 +21,16 @@ from torch import nn
 
 from splitlearn.errors import ModelError
 from splitlearn.models.families import FamilyAdapter, adapter_of, get_path, set_path
-from splitlearn.models.router import aux_loss, collecting, empty_carry, layer_sums, pack, router_aux, unpack
+from splitlearn.models.router import (
+    RouterAux,
+    aux_loss,
+    collecting,
+    empty_carry,
+    layer_sums,
+    pack,
+    router_aux,
+    unpack,
+)
 
 IGNORE_INDEX = -100
 
@@ -149,21 +157,32 @@ class Segment(nn.Module):
         if self.has_embed or self.block_ids:  # the head alone needs no context
             last = self.block_ids[-1] if self.block_ids else 0
             ctx, h = ad.prepare(model, x, attention_mask, self.has_embed, compute_dtype(model), last)
-        blocks = ad.blocks(model)
-        with collecting(aux, [blocks[i] for i in self.block_ids]) if aux is not None else nullcontext([]) as logits:
+        if aux is None or carry is None:
             for i in self.block_ids:
                 h = self._run(self._block, h, i, ctx)
-        if aux is not None and logits:
-            carry = carry + layer_sums(aux, logits, x.shape[0], x.shape[1], attention_mask)
+        else:
+            h, carry = self._blocks_with_router(aux, h, ctx, carry, attention_mask)
         if not self.has_head:
-            return h if aux is None else pack(aux, h, carry)
+            return h if aux is None or carry is None else pack(aux, h, carry)
         if labels is None:
             raise ValueError("the last segment needs labels to compute the loss")
         loss = self._run(self._head, h, labels, num_items)
-        if aux is None:
+        if aux is None or carry is None:
             return loss
         share = 1.0 if num_items is None else count_items(labels) / num_items  # this micro-batch's share of the step
         return loss + aux.coef * share * aux_loss(aux, carry)
+
+    def _blocks_with_router(
+        self, aux: RouterAux, h: torch.Tensor, ctx: Any, carry: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks, with their routers' sums added to the carry."""
+        blocks = self.adapter.blocks(self.model)
+        with collecting(aux, [blocks[i] for i in self.block_ids]) as logits:
+            for i in self.block_ids:
+                h = self._run(self._block, h, i, ctx)
+        if logits:
+            carry = carry + layer_sums(aux, logits, h.shape[0], h.shape[1], attention_mask)
+        return h, carry
 
     def _run(self, fn, *args):
         if self.recompute and torch.is_grad_enabled():

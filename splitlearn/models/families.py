@@ -325,7 +325,7 @@ def adapter_of(model: nn.Module) -> FamilyAdapter:
     """The adapter of a causal LM: the one registered for its family, else the generic one,
     which runs the family's own forward (:mod:`splitlearn.models.generic`), found once per
     model object."""
-    model_type = model.config.model_type
+    model_type = getattr(model, "config").model_type  # noqa: B009  (typed Any: configs differ by family)
     if model_type in _REGISTRY:
         return _REGISTRY[model_type]
     if model not in _ADAPTERS:

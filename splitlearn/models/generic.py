@@ -34,13 +34,18 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from splitlearn.errors import ModelError
 from splitlearn.models.families import Context, FamilyAdapter, get_path
+
+
+def _config(model: nn.Module) -> Any:
+    """``model.config`` (typed ``Any``: which fields it has depends on the family)."""
+    return model.config
 
 
 class _StopForward(Exception):
@@ -148,12 +153,12 @@ class Layout:
 def _blocks_path(model: nn.Module) -> str:
     """The path of the model's decoder layers: the ``ModuleList`` of ``num_hidden_layers``
     modules nearest the root (the longest one when the config does not say)."""
-    want = getattr(model.config, "num_hidden_layers", None)
+    want = getattr(_config(model), "num_hidden_layers", None)
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     exact = [(name, m) for name, m in lists if len(m) == want]
     pool = exact or lists
     if not pool:
-        raise ModelError(f"model family '{model.config.model_type}': no list of decoder layers found")
+        raise ModelError(f"model family '{_config(model).model_type}': no list of decoder layers found")
     return min(pool, key=lambda nm: (nm[0].count("."), -len(nm[1])))[0]
 
 
@@ -205,6 +210,23 @@ def _no_cache_objects(calls: Calls) -> None:
 
 
 @contextmanager
+def evaluating(model: nn.Module, active: bool) -> Iterator[list[bool]]:
+    """The model in eval mode for the duration when ``active`` (and it was training): a
+    segment running the family's forward for its context only must draw no random numbers
+    (the embedding dropout of zero embeddings), so that its dropout masks are those of the
+    unsplit model. Yields a one-item list: set it False to restore training mode early."""
+    was = model.training
+    switch = [active and was]
+    if switch[0]:
+        model.train(False)
+    try:
+        yield switch
+    finally:
+        if switch[0]:
+            model.train(was)
+
+
+@contextmanager
 def recording(model: nn.Module, blocks_path: str, calls: Calls, stop_at: int | None) -> Iterator[None]:
     """Every decoder layer replaced by a :class:`_Recorder` for the duration."""
     blocks = get_path(model, blocks_path)
@@ -228,32 +250,39 @@ def discover(model: nn.Module) -> Layout:
     for tuple_out in (False, True):  # what the family's layers return: try a tensor, then a tuple
         order: list[str] = []
         marks: dict[int, int] = {}  # layer index -> calls to other modules before it
-        calls = Calls(tuple_out=tuple_out, on_layer=lambda i, o=order, m=marks: m.setdefault(i, len(o)))
+        calls = Calls(tuple_out=tuple_out, on_layer=_marking(order, marks))
         hooks = [m.register_forward_pre_hook(_noting(order, name)) for name, m in candidates.items()]
         ids = torch.zeros(1, 4, dtype=torch.long, device="meta")
         try:
             with recording(meta, blocks_path, calls, None):
                 meta(input_ids=ids, **_forward_kwargs(meta, meta=True))
             break
-        except Exception as e:
-            errors.append(e)
+        except Exception as err:
+            errors.append(err)
         finally:
             for h in hooks:
                 h.remove()
     else:
-        e = errors[0]
-        line = str(e).splitlines()[0] if str(e) else ""
+        first = errors[0]
+        line = str(first).splitlines()[0] if str(first) else ""
         raise ModelError(
-            f"model family '{meta.config.model_type}': its forward cannot be run layer by layer "
-            f"({type(e).__name__}: {line}); register a FamilyAdapter for it (see the README)"
-        ) from e
+            f"model family '{_config(meta).model_type}': its forward cannot be run layer by layer "
+            f"({type(first).__name__}: {line}); register a FamilyAdapter for it (see the README)"
+        ) from first
     n = len(get_path(meta, blocks_path))
     if len(marks) != n:
         raise ModelError(
-            f"model family '{meta.config.model_type}': its forward called {len(marks)} of its {n} decoder "
+            f"model family '{_config(meta).model_type}': its forward called {len(marks)} of its {n} decoder "
             "layers; register a FamilyAdapter for it (see the README)"
         )
     return _classify(model, meta, candidates, order, marks[0], marks[n - 1], blocks_path, tuple_out)
+
+
+def _marking(order: list[str], marks: dict[int, int]) -> Callable[[int], None]:
+    def mark(index: int) -> None:
+        marks.setdefault(index, len(order))
+
+    return mark
 
 
 def _noting(order: list[str], name: str) -> Callable[..., None]:
@@ -281,7 +310,7 @@ def _classify(
     inside = [n for n in dict.fromkeys(between) if owns[n]]
     if inside:
         raise ModelError(
-            f"model family '{meta.config.model_type}': its forward calls {inside[0]} between its decoder "
+            f"model family '{_config(meta).model_type}': its forward calls {inside[0]} between its decoder "
             "layers; register a FamilyAdapter for it (see the README)"
         )
     embed = [n for n in dict.fromkeys(before) if owns[n]]
@@ -293,7 +322,7 @@ def _classify(
     head += params
     shared += buffers
     if not after:
-        raise ModelError(f"model family '{meta.config.model_type}': its forward calls nothing after its layers")
+        raise ModelError(f"model family '{_config(meta).model_type}': its forward calls nothing after its layers")
     emb = model.get_input_embeddings()  # type: ignore[operator]  # a PreTrainedModel method
     return Layout(
         blocks_path=blocks_path,
@@ -352,10 +381,10 @@ class GenericAdapter(FamilyAdapter):
             zero = torch.zeros((), dtype=dtype, device=x.device)
             inputs = {"inputs_embeds": zero.expand(x.shape[0], x.shape[1], self.layout.embed_dim)}
         stop = self.num_blocks(model) - 1 if last is None else last
-        base = model.base_model  # type: ignore[union-attr]  # PreTrainedModel.base_model
+        base = cast(Any, model).base_model  # PreTrainedModel.base_model
         on_meta = x.device.type == "meta"
         try:
-            with recording(model, self.blocks_path, calls, stop):
+            with evaluating(model, not embed), recording(model, self.blocks_path, calls, stop):
                 base(attention_mask=attention_mask, **inputs, **_forward_kwargs(base, on_meta))
         except _StopForward:
             pass
@@ -383,11 +412,15 @@ class GenericAdapter(FamilyAdapter):
         the first module it calls after them gets ``hidden`` as its input."""
         target = get_path(model, self.layout.after_blocks)
         calls = Calls(tuple_out=self.layout.tuple_out)
+        mode: list[bool] = []
 
         def swap(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if not calls.done:
                 return None
             calls.done = False  # once
+            if mode and mode[0]:  # training again from here: the head's own dropout, if any
+                model.train(True)
+                mode[0] = False
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
@@ -396,8 +429,10 @@ class GenericAdapter(FamilyAdapter):
         embeds = zero.expand(hidden.shape[0], hidden.shape[1], self.layout.embed_dim)
         handle = target.register_forward_pre_hook(swap, with_kwargs=True)
         try:
-            with recording(model, self.blocks_path, calls, None):
+            with evaluating(model, True) as switch, recording(model, self.blocks_path, calls, None):
+                mode.append(switch[0])
                 out = model(inputs_embeds=embeds, **_forward_kwargs(model, hidden.device.type == "meta"))
+                switch[0] = mode[0]
         finally:
             handle.remove()
         return out.logits
@@ -410,7 +445,7 @@ def lora_targets_for(model: nn.Module, layout: Layout) -> tuple[str, ...]:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as targets
     except ImportError:  # pragma: no cover - peft is a dependency
         targets = {}
-    known = targets.get(model.config.model_type)
+    known = targets.get(_config(model).model_type)
     if known:
         return tuple(known)
     block = get_path(model, layout.blocks_path)[0]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from splitlearn.errors import ModelError
-from splitlearn.models.chain import hf_config, tied_parameter_names
+from splitlearn.models.chain import tied_parameter_names
 from splitlearn.models.families import adapter_of, get_path
 
 TiedPairs = list[tuple[str, str]]  # (embed-side name, head-side name) of each tied parameter

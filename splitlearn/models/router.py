@@ -132,7 +132,11 @@ def layer_sums(
             _, chosen = torch.topk(probs, k, dim=-1)
             counts = torch.zeros(batch * seq, e, device=out.device).scatter_add_(1, chosen, flat.expand(-1, k))
         sums = torch.cat(
-            [counts.reshape(batch, seq, e).sum(1), (probs.float() * flat).reshape(batch, seq, e).sum(1), m.sum(1, True)],
+            [
+                counts.reshape(batch, seq, e).sum(1),
+                (probs.float() * flat).reshape(batch, seq, e).sum(1),
+                m.sum(1, True),
+            ],
             dim=-1,
         )
         out = out + sums
