@@ -299,21 +299,20 @@ def adapter_for(model_type: str) -> FamilyAdapter:
 
 
 def check_family(model_type: str, config: Any = None) -> None:
-    """Fail unless ``model_type`` can be split: a registered family, or a decoder-only
-    ``*ForCausalLM`` of transformers (run by the generic adapter). With ``config``, also
-    refuse an encoder used without ``is_decoder``."""
+    """Fail unless ``model_type`` can be split: a registered family, or a family with a
+    causal-LM class in transformers (run by the generic adapter). With ``config``, also
+    refuse an encoder (BERT's ``is_decoder=False``) and an encoder-decoder."""
     if model_type in _REGISTRY:
         return
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    encoder = config is not None and (
-        getattr(config, "is_decoder", True) is False or getattr(config, "is_encoder_decoder", False)
-    )
-    if cls is None or not cls.endswith("ForCausalLM") or encoder:
+    # an encoder's LM head (BERT's BertLMHeadModel) is causal only with is_decoder=True
+    encoder = cls is not None and not cls.endswith("ForCausalLM") and getattr(config, "is_decoder", None) is False
+    if cls is None or encoder or getattr(config, "is_encoder_decoder", False):
         raise ModelError(
             f"model family '{model_type}' is not a decoder-only causal LM of transformers; supported: any "
-            f"family with a *ForCausalLM class, and {', '.join(supported_families())} (add one with "
+            f"family with a causal-LM class, such as {', '.join(supported_families())} (add one with "
             "splitlearn.models.register_family, see the README)"
         )
 
