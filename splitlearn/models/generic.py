@@ -211,19 +211,25 @@ def _no_cache_objects(calls: Calls) -> None:
 
 @contextmanager
 def evaluating(model: nn.Module, active: bool) -> Iterator[list[bool]]:
-    """The model in eval mode for the duration when ``active`` (and it was training): a
-    segment running the family's forward for its context only must draw no random numbers
-    (the embedding dropout of zero embeddings), so that its dropout masks are those of the
-    unsplit model. Yields a one-item list: set it False to restore training mode early."""
-    was = model.training
-    switch = [active and was]
-    if switch[0]:
-        model.train(False)
+    """Every module of the model in eval mode for the duration when ``active`` (each gets its
+    own mode back): a segment running the family's forward for its context only must draw no
+    random numbers (the embedding dropout of zero embeddings), so that its dropout masks are
+    those of the unsplit model. Yields a one-item list: set it False once the modes were
+    restored early (:meth:`GenericAdapter.head` does, where the head's own code starts)."""
+    modes = [(m, m.training) for m in model.modules()] if active else []
+    switch = [bool(modes)]
+    for m, _ in modes:
+        m.training = False
     try:
         yield switch
     finally:
         if switch[0]:
-            model.train(was)
+            restore(modes)
+
+
+def restore(modes: list[tuple[nn.Module, bool]]) -> None:
+    for m, was in modes:
+        m.training = was
 
 
 @contextmanager
@@ -412,15 +418,15 @@ class GenericAdapter(FamilyAdapter):
         the first module it calls after them gets ``hidden`` as its input."""
         target = get_path(model, self.layout.after_blocks)
         calls = Calls(tuple_out=self.layout.tuple_out)
-        mode: list[bool] = []
+        modes = [(m, m.training) for m in model.modules()]  # restored where the head's own code starts
+        restored = [False]
 
         def swap(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if not calls.done:
                 return None
             calls.done = False  # once
-            if mode and mode[0]:  # training again from here: the head's own dropout, if any
-                model.train(True)
-                mode[0] = False
+            restore(modes)  # the head's own dropout, if any, as in the unsplit model
+            restored[0] = True
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
@@ -430,9 +436,8 @@ class GenericAdapter(FamilyAdapter):
         handle = target.register_forward_pre_hook(swap, with_kwargs=True)
         try:
             with evaluating(model, True) as switch, recording(model, self.blocks_path, calls, None):
-                mode.append(switch[0])
                 out = model(inputs_embeds=embeds, **_forward_kwargs(model, hidden.device.type == "meta"))
-                switch[0] = mode[0]
+                switch[0] = not restored[0]
         finally:
             handle.remove()
         return out.logits
