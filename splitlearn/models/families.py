@@ -311,8 +311,8 @@ def check_family(model_type: str, config: Any = None) -> None:
     encoder = cls is not None and not cls.endswith("ForCausalLM") and getattr(config, "is_decoder", None) is False
     if cls is None or encoder or getattr(config, "is_encoder_decoder", False):
         raise ModelError(
-            f"model family '{model_type}' is not a decoder-only causal LM of transformers; supported: any "
-            f"family with a causal-LM class, such as {', '.join(supported_families())} (add one with "
+            f"model family '{model_type}' is not supported: not a decoder-only causal LM of transformers; any "
+            f"family with a causal-LM class splits, such as {', '.join(supported_families())} (add one with "
             "splitlearn.models.register_family, see the README)"
         )
 
