@@ -34,7 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug detail")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_train, _add_validate, _add_plan, _add_profile, _add_timeline, _add_data, _add_shard):
+    for add in (
+        _add_train,
+        _add_validate,
+        _add_check_model,
+        _add_plan,
+        _add_profile,
+        _add_timeline,
+        _add_data,
+        _add_shard,
+    ):
         add(sub, common)
     from splitlearn.cli_cluster import add_cluster_commands
 
@@ -84,6 +93,23 @@ def _add_validate(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     _add_config_args(p)
     p.add_argument("--no-plan", action="store_true", help="skip building the plan (no model construction)")
+
+
+def _add_check_model(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "check-model",
+        help="check that the split model computes what the model computes",
+        description=(
+            "Build a scaled-down copy of the configured model family (or of the local checkpoint's config) "
+            "with random weights, cut it at several cut lists, and compare the loss and every gradient with "
+            "the unsplit model's, with and without padding, in fp32. Prints a verdict per cut list; exit code 2 "
+            "when one differs. `validate` and `train` run a quick version of it before planning."
+        ),
+        epilog="example:\n  splitlearn check-model configs/quickstart.yaml model.family=gemma2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    _add_config_args(p)
 
 
 def _add_plan(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -225,8 +251,13 @@ def main(argv: list[str] | None = None) -> int:
             print(cfg.to_yaml().rstrip())
             print(f"# topology '{cfg.topology.name}': {', '.join(cfg.topology.device_names)}")
             if not args.no_plan:
+                from splitlearn.models.check import require_exact
+
+                require_exact(cfg.run.model)
                 print(make_plan(cfg).table())
             return 0
+        if args.command == "check-model":
+            return _check_model(args)
         if args.command == "profile":
             return _profile(args)
         if args.command == "shard":
@@ -261,6 +292,25 @@ def main(argv: list[str] | None = None) -> int:
         print("splitlearn: interrupted", file=sys.stderr)
         return 130
     return 1
+
+
+def _check_model(args: argparse.Namespace) -> int:
+    from splitlearn.config import load_config
+    from splitlearn.errors import ModelError
+    from splitlearn.models.build import hf_config
+    from splitlearn.models.check import TOLERANCE, check_model, wrong_split_line
+
+    cfg = load_config(args.config, args.overrides)
+    family = hf_config(cfg.run.model).model_type
+    adapter, checks = check_model(cfg.run.model)
+    print(f"family {family}, adapter {adapter}: a tiny copy, split vs unsplit, fp32, tolerance {TOLERANCE:g}")
+    for c in checks:
+        print(f"  {c.line()}")
+    bad = next((c for c in checks if not c.exact), None)
+    if bad is not None:
+        raise ModelError(wrong_split_line(family, adapter, bad))
+    print(f"exact: every cut list, packed and padded ({len(checks)} checks)")
+    return 0
 
 
 def _plan(args: argparse.Namespace) -> int:

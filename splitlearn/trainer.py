@@ -22,6 +22,7 @@ from splitlearn.errors import StageFailed
 from splitlearn.failure import Decision, Recovery, decide_on_failure
 from splitlearn.fsio import atomic_write
 from splitlearn.models.build import import_adapter_module
+from splitlearn.models.check import require_exact
 from splitlearn.planning import make_plan
 from splitlearn.run_record import RunResult, find_resume_dir, new_run_dir, step_record, summary
 from splitlearn.runtime import StageGroup
@@ -33,6 +34,7 @@ def train(cfg: LoadedConfig, progress: str | None = None, resume: str | bool | N
     """Plan, place, train and record; survive lost workers and devices as configured."""
     run = cfg.run
     import_adapter_module(run.model.adapter_module)
+    require_exact(run.model)  # a tiny copy split vs unsplit: a wrong family adapter stops here
     plan = make_plan(cfg)
     console.show_plan(plan)
     run_dir = find_resume_dir(cfg, resume) if resume else None

@@ -14,6 +14,7 @@ Never touches the network. Cutting a model into segments is :mod:`splitlearn.mod
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from torch import nn
 
 from splitlearn.errors import ModelError
 from splitlearn.models.compact import quiet_torchao
-from splitlearn.models.families import adapter_for
+from splitlearn.models.families import check_family
 from splitlearn.models.hf_checkpoint import load_segment
 from splitlearn.models.materialize import check_coverage, move_real, num_chain, random_segment
 
@@ -47,6 +48,8 @@ def _auto_classes() -> tuple[Any, Any]:
     return AutoConfig, AutoModelForCausalLM
 
 
+log = logging.getLogger(__name__)
+
 STAGE_FIELD = "{stage}"  # in model.path: each stage reads its own directory (see `splitlearn shard`)
 
 
@@ -69,7 +72,7 @@ def hf_config(model_cfg: Any) -> Any:
                 raise ModelError(f"model.path: no config.json in '{path}' (expected a local checkpoint directory)")
             cfg = AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
         else:
-            adapter_for(model_cfg.family)  # fail early with the list of families
+            check_family(model_cfg.family)  # fail early with the list of families
             cfg = AutoConfig.for_model(model_cfg.family, **overrides)
     except ModelError:
         raise
@@ -80,7 +83,7 @@ def hf_config(model_cfg: Any) -> Any:
         if not _is_config_validation_error(e):
             raise
         raise ModelError(config_validation_line(e)) from e
-    adapter_for(cfg.model_type)
+    check_family(cfg.model_type, cfg)
     return cfg
 
 
@@ -112,14 +115,24 @@ def meta_model(model_cfg: Any) -> nn.Module:
     cfg = hf_config(model_cfg)
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(
-                cfg, dtype=torch.float32, attn_implementation=model_cfg.attn_implementation
-            )
+            model = _from_config(AutoModelForCausalLM, cfg, model_cfg.attn_implementation)
     except (OSError, ValueError, TypeError, KeyError) as e:
         line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"model: cannot build the model: {line}") from e
     model.config.use_cache = False
     return model
+
+
+def _from_config(auto: Any, cfg: Any, attn_implementation: str) -> Any:
+    """The model from its config; a family without SDPA attention (Gemma-2, BLOOM) gets
+    eager attention when SDPA, the default, was asked for."""
+    try:
+        return auto.from_config(cfg, dtype=torch.float32, attn_implementation=attn_implementation)
+    except ValueError as e:
+        if attn_implementation != "sdpa" or "does not support an attention implementation" not in str(e):
+            raise
+        log.info("model: %s has no SDPA attention; using eager attention", cfg.model_type)
+        return auto.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
 
 
 def build_segment(

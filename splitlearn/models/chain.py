@@ -20,7 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitlearn.errors import ModelError
-from splitlearn.models.families import FamilyAdapter, adapter_for, get_path, set_path
+from splitlearn.models.families import FamilyAdapter, adapter_of, get_path, set_path
+from splitlearn.models.router import (
+    RouterAux,
+    aux_loss,
+    collecting,
+    empty_carry,
+    layer_sums,
+    pack,
+    router_aux,
+    unpack,
+)
 
 IGNORE_INDEX = -100
 
@@ -36,7 +46,7 @@ def hf_config(model: nn.Module) -> Any:
 
 
 def num_blocks(model: nn.Module) -> int:
-    return adapter_for(hf_config(model).model_type).num_blocks(model)
+    return adapter_of(model).num_blocks(model)
 
 
 def chain_names(num_blocks: int) -> list[str]:
@@ -56,7 +66,7 @@ def _param_ids(model: nn.Module, paths: tuple[str, ...]) -> dict[int, str]:
 
 def tied_parameter_names(model: nn.Module) -> list[tuple[str, str]]:
     """(embed name, head name) of each parameter the embed and head layers share."""
-    adapter = adapter_for(hf_config(model).model_type)
+    adapter = adapter_of(model)
     emb = _param_ids(model, adapter.embed_paths)
     head = _param_ids(model, adapter.head_paths)
     return [(emb[i], head[i]) for i in emb if i in head]
@@ -88,7 +98,7 @@ class Segment(nn.Module):
     def __init__(self, model: nn.Module, start: int, stop: int, recompute: bool = False):
         super().__init__()
         self.recompute = recompute
-        self.adapter: FamilyAdapter = adapter_for(hf_config(model).model_type)
+        self.adapter: FamilyAdapter = adapter_of(model)
         n = self.adapter.num_blocks(model)
         if not (0 <= start < stop <= n + 2):
             raise ModelError(f"segment [{start}, {stop}) is outside the chain of {n + 2} layers")
@@ -106,11 +116,13 @@ class Segment(nn.Module):
                 blocks[i] = nn.Identity()
         if not self.has_embed:
             for path in self.adapter.embed_paths:
-                set_path(model, path, None)
+                mod = get_path(model, path)
+                set_path(model, path, None if mod is None else self.adapter.stub(mod))
         if not self.has_head:
             for path in self.adapter.head_paths:
                 set_path(model, path, None)
         self.model = model
+        self.router_aux = router_aux(model)
 
     @property
     def layer_names(self) -> list[str]:
@@ -134,19 +146,43 @@ class Segment(nn.Module):
         labels: torch.Tensor | None = None,
         num_items: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """Input ids (first segment) or hidden state in; hidden state or loss out."""
-        model, ad = self.model, self.adapter
-        batch, seq = x.shape[0], x.shape[1]
-        probe = torch.empty(batch, seq, 1, dtype=compute_dtype(model), device=x.device)
-        ctx = ad.context(model, probe, attention_mask)
-        h = ad.embed(model, x, ctx) if self.has_embed else x
-        for i in self.block_ids:
-            h = self._run(self._block, h, i, ctx)
+        """Input ids (first segment) or hidden state in; hidden state or loss out. With a
+        router auxiliary loss (:mod:`splitlearn.models.router`) the hidden state between
+        segments carries its sums in a few extra channels, and the loss includes it."""
+        model, ad, aux = self.model, self.adapter, self.router_aux
+        carry = None
+        if aux is not None:
+            x, carry = (x, empty_carry(aux, x.shape[0], x.device)) if self.has_embed else unpack(aux, x)
+        ctx, h = None, x
+        if self.has_embed or self.block_ids:  # the head alone needs no context
+            last = self.block_ids[-1] if self.block_ids else 0
+            ctx, h = ad.prepare(model, x, attention_mask, self.has_embed, compute_dtype(model), last)
+        if aux is None or carry is None:
+            for i in self.block_ids:
+                h = self._run(self._block, h, i, ctx)
+        else:
+            h, carry = self._blocks_with_router(aux, h, ctx, carry, attention_mask)
         if not self.has_head:
-            return h
+            return h if aux is None or carry is None else pack(aux, h, carry)
         if labels is None:
             raise ValueError("the last segment needs labels to compute the loss")
-        return self._run(self._head, h, labels, num_items)
+        loss = self._run(self._head, h, labels, num_items)
+        if aux is None or carry is None:
+            return loss
+        share = 1.0 if num_items is None else count_items(labels) / num_items  # this micro-batch's share of the step
+        return loss + aux.coef * share * aux_loss(aux, carry)
+
+    def _blocks_with_router(
+        self, aux: RouterAux, h: torch.Tensor, ctx: Any, carry: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks, with their routers' sums added to the carry."""
+        blocks = self.adapter.blocks(self.model)
+        with collecting(aux, [blocks[i] for i in self.block_ids]) as logits:
+            for i in self.block_ids:
+                h = self._run(self._block, h, i, ctx)
+        if logits:
+            carry = carry + layer_sums(aux, logits, h.shape[0], h.shape[1], attention_mask)
+        return h, carry
 
     def _run(self, fn, *args):
         if self.recompute and torch.is_grad_enabled():
@@ -198,7 +234,7 @@ class LayerView(nn.Module):
 
     def __init__(self, model: nn.Module, index: int, attention_mask=None, labels=None):
         super().__init__()
-        adapter = adapter_for(hf_config(model).model_type)
+        adapter = adapter_of(model)
         n = adapter.num_blocks(model)
         self.index, self.n = index, n
         if index == 0:
@@ -218,7 +254,7 @@ class LayerView(nn.Module):
         if key not in self._ctx:  # built once per shape: a segment builds it once per micro-batch
             dtype = compute_dtype(model)
             with torch.no_grad():
-                if x.device.type == "meta":
+                if x.device.type == "meta" and not ad.meta_native:
                     ctx = _meta_context(model, ad, x, dtype, self.attention_mask)
                 else:
                     probe = torch.empty(x.shape[0], x.shape[1], 1, dtype=dtype, device=x.device)

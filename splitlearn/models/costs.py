@@ -23,6 +23,44 @@ from splitlearn.models.compact import compact_counts
 from splitlearn.models.methods import LoraSpec, apply_methods
 
 
+def _active_experts_forward(
+    self: Any, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """A mixture of experts on the meta device, where which expert a token goes to is
+    unknown: every token through ``top_k`` experts (one expert's weights stand for each), so
+    the FLOPs and saved activations are those of the parameters active per token, as the
+    real routing computes them."""
+    import torch.nn.functional as F
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight.transpose(-2, -1) if self.is_transposed else weight, bias)
+
+    up_w = self.gate_up_proj if self.has_gate else self.up_proj
+    up_b = getattr(self, "gate_up_proj_bias" if self.has_gate else "up_proj_bias", None) if self.has_bias else None
+    down_b = self.down_proj_bias if self.has_bias else None
+    out = torch.zeros_like(hidden_states)
+    for k in range(top_k_index.shape[-1]):
+        h = linear(hidden_states, up_w[k % up_w.shape[0]], None if up_b is None else up_b[0])
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        h = linear(h, self.down_proj[k % self.down_proj.shape[0]], None if down_b is None else down_b[0])
+        out = out + h * top_k_weights[:, k, None].to(h.dtype)
+    return out
+
+
+def count_active_experts(model: nn.Module) -> nn.Module:
+    """A meta model whose mixture-of-experts layers run :func:`_active_experts_forward`
+    (transformers' expert kernels need token counts, which meta tensors do not have): the
+    planner costs experts by their parameters active per token, top-k of the experts. Every
+    experts module transformers builds with ``use_experts_implementation`` qualifies; any other
+    data-dependent experts module cannot be counted on meta (measure it: ``splitlearn profile``)."""
+    import types
+
+    for module in model.modules():
+        if hasattr(module, "has_gate") and hasattr(module, "down_proj") and hasattr(module, "_apply_gate"):
+            module.forward = types.MethodType(_active_experts_forward, module)  # type: ignore[method-assign]
+    return model
+
+
 def layer_compact_counts(model: nn.Module) -> list[tuple[int, int]]:
     """(compactable weight entries, their output rows) of each chain layer of a whole model."""
     return [compact_counts(view.owned) for view in layer_views(model)]
@@ -86,7 +124,7 @@ def meta_profile(
     into each layer's ``methods``. ``dtype``: the weights' (bf16 weights save bf16 activations).
     ``cuda_kernels``: count attention as CUDA runs it where that costs more than on a CPU
     (:func:`partitioners.profile.fused_attention_on_meta`); for a topology with a GPU."""
-    model = meta_model(model_cfg).to(dtype)
+    model = count_active_experts(meta_model(model_cfg).to(dtype))
     vocab = hf_config(model).vocab_size
     ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta").clamp_(0, vocab - 1)
     names = chain_names(num_blocks(model))
@@ -97,7 +135,13 @@ def meta_profile(
             layer.compact_params, layer.compact_rows = params, rows
         for v in variants:
             costs = method_costs(
-                meta_model(model_cfg).to(dtype), v, spec, seed, ids, measure_time=False, cuda_kernels=cuda_kernels
+                count_active_experts(meta_model(model_cfg).to(dtype)),
+                v,
+                spec,
+                seed,
+                ids,
+                measure_time=False,
+                cuda_kernels=cuda_kernels,
             )
             for layer, cost in zip(layers, costs, strict=True):
                 layer.methods[v.key] = cost

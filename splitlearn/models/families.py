@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -44,6 +45,7 @@ class FamilyAdapter:
     embed_paths: ClassVar[tuple[str, ...]]  # modules run by the embed layer
     head_paths: ClassVar[tuple[str, ...]]  # modules run by the head layer
     shared_paths: ClassVar[tuple[str, ...]] = ()  # parameter-free helpers every segment keeps
+    meta_native: ClassVar[bool] = False  # builds its context on the meta device itself (else: on CPU, moved)
     # default LoRA targets (module-name suffixes, as peft matches them): the attention projections
     lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -66,6 +68,26 @@ class FamilyAdapter:
 
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def prepare(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        embed: bool,
+        dtype: torch.dtype,
+        last: int | None = None,
+    ) -> tuple[Context, torch.Tensor]:
+        """The context of one forward and the hidden state entering the first block: the
+        embedding of ``x`` when ``embed`` (``x`` the token ids), else ``x``. ``dtype``: the
+        dtype the model computes in; ``last``: the last block the forward will run."""
+        probe = torch.empty(x.shape[0], x.shape[1], 1, dtype=dtype, device=x.device)
+        ctx = self.context(model, probe, attention_mask)
+        return ctx, (self.embed(model, x, ctx) if embed else x)
+
+    def stub(self, module: nn.Module) -> nn.Module | None:
+        """What replaces an embed-layer module in a segment without the embed layer."""
+        return None
 
     # -- helpers shared by adapters -------------------------------------------------------
     @staticmethod
@@ -264,14 +286,52 @@ def supported_families() -> list[str]:
 
 
 def adapter_for(model_type: str) -> FamilyAdapter:
+    """The adapter registered for ``model_type`` (a hand-written one); see :func:`adapter_of`
+    for any model."""
     try:
         return _REGISTRY[model_type]
     except KeyError:
         raise ModelError(
-            f"model family '{model_type}' is not supported; supported: "
+            f"model family '{model_type}' has no registered adapter; registered: "
             f"{', '.join(supported_families())} (add one with "
             "splitlearn.models.register_family, see the README)"
         ) from None
+
+
+def check_family(model_type: str, config: Any = None) -> None:
+    """Fail unless ``model_type`` can be split: a registered family, or a family with a
+    causal-LM class in transformers (run by the generic adapter). With ``config``, also
+    refuse an encoder (BERT's ``is_decoder=False``) and an encoder-decoder."""
+    if model_type in _REGISTRY:
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    # an encoder's LM head (BERT's BertLMHeadModel) is causal only with is_decoder=True
+    encoder = cls is not None and not cls.endswith("ForCausalLM") and getattr(config, "is_decoder", None) is False
+    if cls is None or encoder or getattr(config, "is_encoder_decoder", False):
+        raise ModelError(
+            f"model family '{model_type}' is not supported: not a decoder-only causal LM of transformers; any "
+            f"family with a causal-LM class splits, such as {', '.join(supported_families())} (add one with "
+            "splitlearn.models.register_family, see the README)"
+        )
+
+
+_ADAPTERS: weakref.WeakKeyDictionary[nn.Module, FamilyAdapter] = weakref.WeakKeyDictionary()
+
+
+def adapter_of(model: nn.Module) -> FamilyAdapter:
+    """The adapter of a causal LM: the one registered for its family, else the generic one,
+    which runs the family's own forward (:mod:`splitlearn.models.generic`), found once per
+    model object."""
+    model_type = getattr(model, "config").model_type  # noqa: B009  (typed Any: configs differ by family)
+    if model_type in _REGISTRY:
+        return _REGISTRY[model_type]
+    if model not in _ADAPTERS:
+        from splitlearn.models.generic import generic_adapter
+
+        _ADAPTERS[model] = generic_adapter(model)
+    return _ADAPTERS[model]
 
 
 def get_path(obj: Any, path: str) -> Any:

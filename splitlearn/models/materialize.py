@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from splitlearn.errors import ModelError
-from splitlearn.models.chain import hf_config, tied_parameter_names
-from splitlearn.models.families import adapter_for, get_path
+from splitlearn.models.chain import tied_parameter_names
+from splitlearn.models.families import adapter_of, get_path
 
 TiedPairs = list[tuple[str, str]]  # (embed-side name, head-side name) of each tied parameter
 
@@ -32,7 +32,7 @@ TiedPairs = list[tuple[str, str]]  # (embed-side name, head-side name) of each t
 def chain_module_paths(model: nn.Module, start: int, stop: int) -> list[str]:
     """Dotted paths of the modules chain layers ``[start, stop)`` own, plus the family's shared
     parameter-free helpers every segment keeps."""
-    ad = adapter_for(hf_config(model).model_type)
+    ad = adapter_of(model)
     n = ad.num_blocks(model)
     if not (0 <= start < stop <= n + 2):
         raise ModelError(f"segment [{start}, {stop}) is outside the chain of {n + 2} layers")
@@ -66,7 +66,7 @@ def segment_tensor_names(model: nn.Module, start: int, stop: int, pairs: TiedPai
 
 
 def num_chain(model: nn.Module) -> int:
-    return adapter_for(hf_config(model).model_type).num_blocks(model) + 2
+    return adapter_of(model).num_blocks(model) + 2
 
 
 def check_coverage(model: nn.Module) -> None:

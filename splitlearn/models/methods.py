@@ -35,7 +35,7 @@ from torch import nn
 from partitioners.costmodel import StageMethod
 from splitlearn.models.chain import compute_dtype, hf_config, record_compute_dtype
 from splitlearn.models.compact import FrozenEmbedding, FrozenLinear, _conv1d_type, compact_frozen, is_compactable
-from splitlearn.models.families import adapter_for, get_path
+from splitlearn.models.families import adapter_of, get_path
 
 if TYPE_CHECKING:
     from peft.tuners.lora import LoraLayer
@@ -59,12 +59,12 @@ class LoraSpec:
         return cls(int(cfg.r), float(cfg.alpha), float(cfg.dropout), tuple(targets) if targets else None)
 
     def targets(self, model: nn.Module) -> tuple[str, ...]:
-        return self.target_modules or adapter_for(hf_config(model).model_type).lora_targets
+        return self.target_modules or adapter_of(model).lora_targets
 
 
 def chain_module_names(model: nn.Module, start: int, stop: int) -> list[str]:
     """Paths of the modules that chain layers ``[start, stop)`` run (absent ones skipped)."""
-    ad = adapter_for(hf_config(model).model_type)
+    ad = adapter_of(model)
     n = ad.num_blocks(model)
     names: list[str] = []
     if start == 0:
