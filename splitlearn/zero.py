@@ -148,6 +148,9 @@ def ds_config(
             "params": {"lr": train.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": train.weight_decay},
         },
         "steps_per_print": 2**31 - 1,
+        # DeepSpeed turns an outer torch.autocast off inside its engine: the run's bf16 autocast
+        # must be its own, or the stage computes in fp32
+        "torch_autocast": {"enabled": train.dtype == "bf16", "dtype": "bfloat16"},
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": False,
     }

@@ -326,3 +326,42 @@ def test_offload_on_a_device_with_too_little_host_memory_is_one_line(tmp_path):
         make_plan(config_from_container(raw, [], "test", tmp_path))
     msg = str(e.value)
     assert "device 'cloud-c'" in msg and "host memory" in msg and "host_memory_gb=" in msg and "\n" not in msg
+
+
+BF16_PROBE = r"""
+import os, sys, torch, deepspeed
+from splitlearn.zero import ds_config
+import types
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+train = types.SimpleNamespace(dtype=sys.argv[1], lr=1e-3, weight_decay=0.0)
+cfg = ds_config(train, offload="optimizer", rows_per_micro_batch=2, micro_batches_per_replica=1, replicas=1,
+                trainable_params=64, on_cuda=False)
+module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+seen = []
+module[1].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+engine, *_ = deepspeed.initialize(model=module, model_parameters=list(module.parameters()), config=cfg,
+                                  dist_init_required=False)
+out = engine(torch.randn(2, 8))  # as the worker calls it: no autocast of its own around the engine
+engine.backward(out.float().sum())
+engine.step()
+print("DTYPES", seen[0], next(module.parameters()).dtype)
+"""
+
+
+@pytest.mark.deepspeed
+def test_an_offloaded_bf16_stage_computes_in_bf16(tmp_path):
+    """DeepSpeed switches an outer autocast off inside its engine (on CUDA); the stage's
+    DeepSpeed config carries the run's bf16 autocast, so the offloaded stage's matmuls run in
+    bf16 (its weights stay fp32) with the engine called as the worker calls it, and an fp32
+    run stays fp32."""
+    script = tmp_path / "probe.py"
+    script.write_text(BF16_PROBE)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    found = {}
+    for dtype, port in (("bf16", "29731"), ("fp32", "29732")):
+        r = subprocess.run([sys.executable, str(script), dtype, port], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        found[dtype] = r.stdout.split("DTYPES", 1)[1].split()
+    assert found["bf16"] == ["torch.bfloat16", "torch.float32"]
+    assert found["fp32"] == ["torch.float32", "torch.float32"]

@@ -72,7 +72,9 @@ class Executor:
         }
 
     def _autocast(self) -> AbstractContextManager[Any]:
-        if self.w.run.train.dtype == "bf16":
+        # a DeepSpeed engine autocasts by its own config (zero.ds_config), and would switch an
+        # outer autocast off on CUDA
+        if self.w.run.train.dtype == "bf16" and self.w.engine is None:
             return torch.autocast(self.w.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
