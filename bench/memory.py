@@ -119,7 +119,9 @@ def replan(path: Path) -> None:
             )
     within = sum(abs(x - 1) <= 0.10 for x in ratios)
     print(f"\nnow: held/planned {min(ratios):.3f}-{max(ratios):.3f}, within 10%: {within}/{len(ratios)}")
-    write_record(path.with_name(path.stem + "-replan.json"), {"measured_in": str(path), "machine": machine(), "rows": rows})
+    write_record(
+        path.with_name(path.stem + "-replan.json"), {"measured_in": str(path), "machine": machine(), "rows": rows}
+    )
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ MODEL = {
 }
 
 
-def trial(blocks: int, offload: str, cap_gib: float, steps: int, seq: int, batch: int) -> dict:
+def trial(blocks: int, offload: str, cap_gib: float, steps: int, seq: int, batch: int, dtype: str = "fp32") -> dict:
     """One process: build the stage, cap the GPU, train ``steps`` steps."""
     import torch
 
@@ -76,7 +76,7 @@ def trial(blocks: int, offload: str, cap_gib: float, steps: int, seq: int, batch
                 ]
             }
         },
-        "train": {"steps": steps, "batch_size": batch, "micro_batches": 1, "lr": 1e-4, "seed": 0},
+        "train": {"steps": steps, "batch_size": batch, "micro_batches": 1, "lr": 1e-4, "seed": 0, "dtype": dtype},
         "runtime": {"timeout_s": 600},
     }
     cfg = config_from_container(raw, [], "bench", ROOT)
@@ -127,6 +127,8 @@ def run_trial(args, blocks: int, offload: str) -> dict:
         str(args.seq),
         "--batch",
         str(args.batch),
+        "--dtype",
+        args.dtype,
     ]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.trial_timeout)
@@ -173,20 +175,23 @@ def main() -> None:
     ap.add_argument("--plain-grid", default="1,2,3,4,5,6,8")
     ap.add_argument("--offload-grid", default="8,12,16,20,24,28,32")
     ap.add_argument("--params-grid", default="", help="blocks for offload: params (ZeRO-3); empty: skip")
+    ap.add_argument("--dtype", default="fp32", help="train.dtype (bf16: autocast, fp32 weights)")
     ap.add_argument("--trial-timeout", type=float, default=300)
     ap.add_argument("--trial", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "offload-gpu.json"))
     args = ap.parse_args()
     if args.trial:
         blocks, offload = args.trial.split(":")
-        res = trial(int(blocks), offload, args.cap_gib, args.steps, args.seq, args.batch)
+        res = trial(int(blocks), offload, args.cap_gib, args.steps, args.seq, args.batch, args.dtype)
         print("RESULT " + json.dumps(res), flush=True)
         return
 
     import torch
 
     print(
-        f"GPU {torch.cuda.get_device_name(0)}, capped at {args.cap_gib} GiB; batch {args.batch}x{args.seq}", flush=True
+        f"GPU {torch.cuda.get_device_name(0)}, capped at {args.cap_gib} GiB; batch {args.batch}x{args.seq}, "
+        f"train.dtype={args.dtype}",
+        flush=True,
     )
 
     def grid(text: str) -> list[int]:

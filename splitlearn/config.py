@@ -35,6 +35,7 @@ from splitlearn.errors import ConfigError, TopologyError
 DATA_FORMATS = ("auto", "text", "jsonl")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 PROGRESS_MODES = ("auto", "bar", "log", "none")  # runtime.progress and --progress
+COMPILE_MODES = ("auto", "blocks", "none")  # runtime.compile
 
 
 @dataclass
@@ -137,6 +138,9 @@ class RuntimeConfig:
     # to the system when freed, so resident memory follows what is alive and holds to the plan
     # (0: glibc's adaptive default, which keeps freed memory; see docs/decisions.md)
     malloc_mmap_threshold_kb: int = 128
+    # torch.compile each stage's blocks: auto = on CUDA stages (a CPU stage's first steps would
+    # spend minutes compiling), blocks = on every stage, none = eager
+    compile: str = "auto"
 
 
 @dataclass
@@ -428,6 +432,7 @@ def _check_runtime(c: _Checker, r: RunConfig) -> None:
     rt = r.runtime
     c.choice("runtime.schedule", rt.schedule, SCHEDULES)
     c.choice("runtime.progress", rt.progress, PROGRESS_MODES)
+    c.choice("runtime.compile", rt.compile, COMPILE_MODES)
     c.positive("runtime.timeout_s", rt.timeout_s)
     c.positive("runtime.placement_timeout_s", rt.placement_timeout_s)
     c.at_least("runtime.log_every", rt.log_every, 1)

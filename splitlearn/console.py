@@ -55,7 +55,8 @@ def show_summary(cfg: LoadedConfig, result: RunResult) -> None:
     if s["median_step_s"] is not None:
         print(
             f"done: {s['steps']} steps, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, "
-            f"median step {s['median_step_s']:.3f} s, {s['median_tokens_per_s']:.0f} tokens/s",
+            f"median step {s['median_step_s']:.3f} s, {s['median_tokens_per_s']:.0f} tokens/s"
+            + (f", MFU {s['mfu']:.1%} of the devices' tflops" if s.get("mfu") else ""),
             flush=True,
         )
     else:

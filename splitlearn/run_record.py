@@ -193,6 +193,9 @@ def summary(result: RunResult, wall_s: float) -> dict[str, Any]:
     }
     if times:
         out["measured_step_ms"] = statistics.median(times) * 1e3
+        flops, peak = result.plan.predicted.get("flops_per_step"), result.plan.predicted.get("peak_tflops")
+        if flops and peak:  # model FLOPs per second over the devices' peak (topology tflops)
+            out["mfu"] = flops / (statistics.median(times) * peak * 1e12)
     memory = memory_by_stage(result)
     if memory:
         out["memory"] = memory

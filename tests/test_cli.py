@@ -173,6 +173,12 @@ def test_train_end_to_end_from_the_command_line(tmp_path):
     assert summary["steps"] == 4 and len(summary["stages"]) == 3
     assert summary["measured_step_ms"] > 0 and summary["simulated_step_ms"] > 0
     assert "step time: measured" in r.stdout
+    # MFU: the plan's model FLOPs per step over the median step and the devices' peak
+    plan = yaml.safe_load((run_dir / "plan.yaml").read_text())
+    pred = plan["predicted"]
+    assert pred["peak_tflops"] == pytest.approx(3 * 0.08) and pred["flops_per_step"] > 0  # laptop.yaml
+    mfu = pred["flops_per_step"] / (summary["measured_step_ms"] / 1e3 * pred["peak_tflops"] * 1e12)
+    assert summary["mfu"] == pytest.approx(mfu) and f"MFU {mfu:.1%}" in r.stdout
     # links emulated: the replay on the run's own compute counts them, the free-links one not
     assert "replayed with the compute this run measured" in r.stdout
     assert summary["replayed_step_ms"] > summary["replayed_free_links_step_ms"] > 0

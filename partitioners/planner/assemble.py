@@ -138,6 +138,14 @@ def build_plan(
             )
         )
     num_devices = len({d for g in groups for d in g})
+    # model FLOPs of a step (each stage's method; a recompute's extra forward not counted) and
+    # the devices' peak, for the run's MFU
+    flops = sum(
+        effective_layer(layer, opts[s]).fwd_flops + effective_layer(layer, opts[s]).bwd_flops
+        for s in range(S)
+        for layer in req.layers[bounds[s] : bounds[s + 1]]
+    )
+    peak = sum(req.topology.device(d).tflops for g in groups for d in g)
     bubble = 1.0 - ev.busy_ms * req.num_micro_batches / (num_devices * ev.step_ms) if ev.step_ms > 0 else 0.0
     return Plan(
         stages=stages,
@@ -146,7 +154,13 @@ def build_plan(
         num_micro_batches=req.num_micro_batches,
         label_privacy=req.label_privacy,
         precision=req.precision,
-        predicted={"step_ms": round(ev.step_ms, 4), "bottleneck": ev.bottleneck, "bubble_fraction": round(bubble, 4)},
+        predicted={
+            "step_ms": round(ev.step_ms, 4),
+            "bottleneck": ev.bottleneck,
+            "bubble_fraction": round(bubble, 4),
+            "flops_per_step": float(flops * req.num_micro_batches),
+            "peak_tflops": float(peak),
+        },
         uplinks=ev.uplinks,
     )
 

@@ -124,6 +124,20 @@ class Segment(nn.Module):
         self.model = model
         self.router_aux = router_aux(model)
 
+    def compile_blocks(self) -> int:
+        """Compile each of this segment's blocks in place (``torch.compile``, inductor): the
+        blocks hold the FLOPs, and each compiles to the same graph. A block that Dynamo
+        cannot trace runs eagerly (``suppress_errors``). Returns how many were compiled."""
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
+        # one graph per block; every block of a segment has the same code
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        blocks = self.adapter.blocks(self.model)
+        for i in self.block_ids:
+            blocks[i].compile()
+        return len(self.block_ids)
+
     @property
     def layer_names(self) -> list[str]:
         return chain_names(self.num_chain - 2)[self.start : self.stop]

@@ -157,6 +157,9 @@ class StageWorker:
         self.segment.train()
         tied = self.segment.tied_parameters() if self.num_stages > 1 else {}
         self.tied = {k: p for k, p in tied.items() if p.requires_grad}  # both ends agree: see tied_trainable
+        mode = self.run.runtime.compile
+        if mode == "blocks" or (mode == "auto" and self.device.type == "cuda"):
+            self.segment.compile_blocks()
         if self.offload == "none":
             self.optimizer = make_optimizer(self.segment.parameters(), self.run.train)  # trainable ones only
         else:
