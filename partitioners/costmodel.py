@@ -371,7 +371,10 @@ def stage_time(
         flops_per_ms = device.tflops * 1e9
         fwd = sum(layer.fwd_flops for layer in layers) / flops_per_ms
         bwd = sum(layer.bwd_flops for layer in layers) / flops_per_ms
-        opt = 0.0
+        # AdamW is memory-bound, not a matmul: on a CPU device at its host rate (an embedding's
+        # step there can outlast its forward and backward), on an accelerator at its peak
+        adam_rate = device.host_tflops if device.accelerator == "cpu" else device.tflops
+        opt = ADAM_FLOPS_PER_PARAM * sum(layer.trainable for layer in layers) / (adam_rate * 1e9)
     if recompute:
         bwd += fwd
     if offload != "none":

@@ -106,9 +106,9 @@ def test_offload_memory_and_time_by_hand():
         }
     )
     dev = topo.device("g")
-    # 2 layers of 1e9 + 2e9 flops at 1e9 flops/ms; no measured optimizer time
+    # 2 layers of 1e9 + 2e9 flops at 1e9 flops/ms; AdamW's 12 flops per trainable parameter at the device's peak
     base = stage_time(layers, dev)
-    assert (base.fwd_ms, base.bwd_ms, base.opt_ms) == (pytest.approx(2.0), pytest.approx(4.0), 0.0)
+    assert (base.fwd_ms, base.bwd_ms, base.opt_ms) == (pytest.approx(2.0), pytest.approx(4.0), pytest.approx(12 * 2000 / 1e9))
     # optimizer: 8000 B of fp32 gradients down (8 ms), 12 * 2000 flops of AdamW (0.024 ms), 8000 B of weights up (8 ms)
     off = stage_time(layers, dev, method=StageMethod(offload="optimizer"))
     assert (off.fwd_ms, off.bwd_ms, off.opt_ms) == (pytest.approx(2.0), pytest.approx(4.0), pytest.approx(16.024))
@@ -120,6 +120,7 @@ def test_offload_memory_and_time_by_hand():
         {"devices": [{"name": "c", "memory_gb": 1, "tflops": 1.0, "owns_data": True, **SLOW_HOST}]}
     ).device("c")
     assert stage_time(layers, cpu, method=StageMethod(offload="optimizer")).opt_ms == pytest.approx(0.024)
+    assert stage_time(layers, cpu).opt_ms == pytest.approx(0.024)  # and so does its own AdamW, counted from FLOPs
 
     # memory (fp32, sequential): weights 8000, grads 8000, AdamW 16000, activations 200 + 10, buffers 10 + 10 + 5
     full = stage_memory(layers)
@@ -132,7 +133,7 @@ def test_offload_memory_and_time_by_hand():
     # the planner's tables agree with the cost model
     req = PlanRequest(layers=layers, topology=topo, num_micro_batches=4, schedule="gpipe")
     t = CostTables(req)
-    for mode, per_mb, opt_ms in (("none", 6.0, 0.0), ("optimizer", 6.0, 16.024), ("params", 22.0, 8.024)):
+    for mode, per_mb, opt_ms in (("none", 6.0, 2.4e-5), ("optimizer", 6.0, 16.024), ("params", 22.0, 8.024)):
         o = StageMethod(offload=mode)
         mem = stage_memory(layers, schedule="gpipe", num_micro_batches=4, method=o)
         assert t.stage_mem(0, 2, 0, 1, o) == pytest.approx(mem.device_total)
@@ -360,14 +361,15 @@ def test_manual_replicas_cost_and_table():
     assert "cloud-c+cloud-d" in plan.table() and "a+b: replicas" in plan.table()
     again = Plan.from_yaml(plan.to_yaml())
     assert again == plan and again.stages[1].devices == ["cloud-c", "cloud-d"]
-    # evaluate: a replica runs M/R = 2 of the 300 ms micro-batches, then all-reduce and step (no optimizer time)
+    # evaluate: a replica runs M/R = 2 of the 300 ms micro-batches, then all-reduce and step
+    # (AdamW over the block's 5e6 parameters on these cpu devices: 12 flops each at host_tflops 0.004 = 15 ms)
     t = CostTables(req)
     ev = evaluate(t, ["edge-a", "cloud-c"], [0, 1, 2], None, [("edge-a",), ("cloud-c", "cloud-d")])
     assert ev.step_ms == pytest.approx(plan.step_ms, abs=1e-3)
     # the step is the simulator's: the fill and drain of one micro-batch plus the other 300 ms
     # micro-batch of the bottleneck replica and the all-reduce (within 0.1 ms: the owner's waits)
     assert ev.step_ms == pytest.approx(simulate_plan(plan).step_ms, rel=1e-9)
-    total = 0.15 + 300 + 1.7 / 4 + 2 * 1.8  # embed fwd+bwd, block, all-reduce over M, both links
+    total = 0.15 + 300 + 1.7 / 4 + 2 * 1.8 + 15  # embed fwd+bwd, block, all-reduce over M, both links, AdamW
     assert ev.step_ms == pytest.approx(total + (300 + 3 / 4 * 1.7), abs=0.2)
     wide = PlanRequest(
         layers=heavy_chain(),
@@ -389,18 +391,19 @@ def test_optimal_replicates_the_bottleneck_and_the_simulator_agrees(schedule):
     assert base.predicted["bottleneck"] == "device cloud-c"  # 300 ms per micro-batch on the block
     req.replicate = True
     plan = partition("optimal", req)
-    assert base.step_ms == pytest.approx(6 * 300 + 0.15 + 2 * 1.8, rel=0.01)  # 6 x 300 ms on cloud-c
+    adamw = 15.0  # the block's 5e6 parameters, 12 flops each at the cpu devices' host_tflops 0.004
+    assert base.step_ms == pytest.approx(6 * 300 + 0.15 + 2 * 1.8 + adamw, rel=0.01)  # 6 x 300 ms on cloud-c
     ar = plan.stages[1].allreduce_ms
     if schedule == "gpipe":
         # 6 micro-batches: 2 or 3 replicas; 3 is faster: each replica runs 2 of the 300 ms micro-batches
         # after the fill, then the all-reduce (2 (R-1) steps of 0.05 ms + 2e7 / 3 B at 100 Gbit/s)
         assert plan.stages[1].devices == ["cloud-c", "cloud-d", "cloud-e"], plan.table()
         assert ar == pytest.approx(4 * (0.05 + 2e7 / 3 * 8 / 1e11 * 1e3), abs=1e-4)
-        assert plan.step_ms == pytest.approx(2 * 300 + 0.15 + 2 * 1.8 + ar, rel=0.01)
+        assert plan.step_ms == pytest.approx(2 * 300 + 0.15 + 2 * 1.8 + ar + adamw, rel=0.01)
     else:
         # 1F1B on 2 stages keeps at most 2 micro-batches in flight: a third replica would idle
         assert plan.stages[1].devices == ["cloud-c", "cloud-d"], plan.table()
-        assert plan.step_ms == pytest.approx(3 * 300 + 0.15 + 2 * 1.8 + ar, rel=0.01)
+        assert plan.step_ms == pytest.approx(3 * 300 + 0.15 + 2 * 1.8 + ar + adamw, rel=0.01)
     # the simulator runs the replicas as timelines with the m % R routing; the plan's step is its
     sim = simulate_plan(plan)
     assert sim.workers == [(0, 0)] + [(1, r) for r in range(len(plan.stages[1].devices))]
