@@ -11,7 +11,7 @@ import torch
 
 from splitlearn.chat_example import build_model, build_tokenizer, synth_chats
 from splitlearn.cli import main
-from splitlearn.data import ByteTokenizer, load_dataset, load_run_data, tokenize_samples
+from splitlearn.data import load_dataset, load_run_data
 from splitlearn.data_formats import Keys, read_samples
 from splitlearn.errors import DataError
 from splitlearn.models.chain import IGNORE_INDEX, causal_lm_loss
@@ -86,7 +86,11 @@ def test_each_format_reads_the_same_rows(tmp_path, tok_dir):
         same.append(load_dataset(data_cfg(tmp_path / "chat.parquet", tok_dir))[0])
         same.append(load_dataset(data_cfg(tmp_path / "chat_disk", tok_dir, format="hf_disk"))[0])
     for got in same:
-        for a, b in ((got.input_ids, want.input_ids), (got.labels, want.labels), (got.attention_mask, want.attention_mask)):
+        for a, b in (
+            (got.input_ids, want.input_ids),
+            (got.labels, want.labels),
+            (got.attention_mask, want.attention_mask),
+        ):
             assert torch.equal(a, b)
     docs = ["first doc", "second, longer doc", "third"]
     (tmp_path / "d.txt").write_text("\n\n".join(docs))
@@ -198,4 +202,3 @@ def test_generate_runs_on_a_local_model(tmp_path, tok_dir):
     text = generate(tmp_path, "what is one plus two ?", max_new_tokens=4)
     assert isinstance(text, str)
     assert generate(tmp_path, "one", max_new_tokens=3, temperature=0.8, chat=False) is not None
-
