@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         add(sub, common)
     from splitlearn.cli_cluster import add_cluster_commands
+    from splitlearn.cli_model import add_model_commands
 
+    add_model_commands(sub, common)
     add_cluster_commands(sub, common)
     return parser
 
@@ -187,11 +189,16 @@ def _add_timeline(sub: Any, common: argparse.ArgumentParser) -> None:
 def _add_data(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "data",
-        help="write the quickstart corpus",
-        description="Write the small synthetic corpus the quickstart trains on (deterministic for a seed).",
+        help="write the quickstart corpus, or the chat example",
+        description=(
+            "Write the small synthetic corpus the quickstart trains on (deterministic for a seed); with --chat, "
+            "a folder with a chat JSONL (train.jsonl, eval.jsonl), a tokenizer folder with a chat template and a "
+            "small random Llama checkpoint (model/), for configs/chat.yaml."
+        ),
         parents=[common],
     )
-    p.add_argument("output", nargs="?", default="data/quickstart.txt", help="file to write")
+    p.add_argument("output", nargs="?", default=None, help="file to write (default data/quickstart.txt; data/chat)")
+    p.add_argument("--chat", action="store_true", help="write the chat example folder instead")
     p.add_argument("--docs", type=int, default=600, help="number of documents (default 600)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -271,14 +278,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step}: {measured:.1f} ms measured (first action to last), {replayed:.1f} ms replayed")
             print(f"wrote {args.out}")
             return 0
+        if args.command == "data" and args.chat:
+            from splitlearn.chat_example import write_chat_example
+
+            paths = write_chat_example(args.output or "data/chat", seed=args.seed)
+            print("wrote " + ", ".join(str(p) for p in paths.values()))
+            return 0
         if args.command == "data":
             from splitlearn.data import write_synth_corpus
 
-            path = write_synth_corpus(args.output, args.docs, args.seed)
+            path = write_synth_corpus(args.output or "data/quickstart.txt", args.docs, args.seed)
             print(f"wrote {path} ({path.stat().st_size} bytes)")
             return 0
         from splitlearn.cli_cluster import CLUSTER_COMMANDS
+        from splitlearn.cli_model import MODEL_COMMANDS, run_model_command
         from splitlearn.cluster_commands import run_cluster_command
+
+        if args.command in MODEL_COMMANDS:
+            if args.command == "export":
+                logging.getLogger("splitlearn").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+            return run_model_command(args)
 
         if args.command in CLUSTER_COMMANDS:
             return run_cluster_command(args)

@@ -30,9 +30,12 @@ from partitioners.choices import (
 )
 from partitioners.planner import PARTITIONERS
 from partitioners.schedule import SCHEDULES
+from splitlearn.data_formats import DATA_FORMATS
 from splitlearn.errors import ConfigError, TopologyError
 
-DATA_FORMATS = ("auto", "text", "jsonl")
+LOSS_ON = ("response", "all")  # data.loss_on
+LR_SCHEDULES = ("constant", "linear", "cosine")  # train.lr_schedule
+LOGGERS = ("auto", "tensorboard", "none")  # runtime.logger
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 PROGRESS_MODES = ("auto", "bar", "log", "none")  # runtime.progress and --progress
 COMPILE_MODES = ("auto", "blocks", "none")  # runtime.compile
@@ -49,12 +52,21 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "data/quickstart.txt"  # .txt (one document per blank-line block) or .jsonl
-    format: str = "auto"  # auto | text | jsonl
-    text_key: str = "text"  # the field of a JSONL record that holds the text
-    tokenizer: str = "byte"  # "byte" (built in) or a local tokenizer.json
+    path: str = "data/quickstart.txt"  # a file (.txt, .jsonl, .parquet) or a datasets save_to_disk folder
+    # auto | text | jsonl | chat | prompt_response | parquet | hf_disk (auto: by suffix, kind by first row's fields)
+    format: str = "auto"
+    text_key: str = "text"  # the field of a row that holds the text (text rows)
+    messages_key: str = "messages"  # chat rows: a list of {role, content}
+    prompt_key: str = "prompt"  # prompt/response rows
+    response_key: str = "response"
+    loss_on: str = "response"  # chat and prompt/response rows: response (assistant turns) | all tokens
+    tokenizer: str = "byte"  # "byte" (built in), a local tokenizer.json, or a local tokenizer folder (chat template)
     seq_len: int = 64
-    packing: bool = True  # concatenate documents and cut blocks; false: one padded row each
+    # text rows: concatenate documents and cut blocks (null: true); false: one padded row each.
+    # chat and prompt/response rows are never packed (one padded row each)
+    packing: bool | None = None
+    eval_path: str | None = None  # held-out rows of the same kind, for the eval loss
+    eval_fraction: float = 0.0  # or hold out this fraction of data.path's samples (seeded by train.seed)
 
 
 @dataclass
@@ -65,6 +77,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after warm-up: constant | linear (to 0) | cosine (to 0)
+    eval_every: int = 0  # eval loss every N steps (0: at the end only) when data has an eval set
     max_grad_norm: float = 1.0  # 0 disables clipping; the norm is global over all stages
     seed: int = 0
     # fp32 | bf16 (autocast over fp32 weights) | bf16-master (bf16 weights and gradients; fp32
@@ -129,6 +143,8 @@ class RuntimeConfig:
     log_every: int = 10  # plain log line every N steps when not on a terminal
     progress: str = "auto"  # auto | bar | log | none
     checkpoint: bool = True  # save the final segments under <run>/checkpoint
+    # curves beside metrics.jsonl: tensorboard (event files under <run>/tb) | none | auto (tensorboard if installed)
+    logger: str = "auto"
     max_restarts: int = 2  # after a lost worker or a failed step: place again, resume from the last checkpoint
     replan_on_failure: bool = False  # a device gone for good: plan again on the devices that remain
     emulate_links: bool = False  # each transfer takes at least its link's latency + bytes / bandwidth
@@ -353,11 +369,20 @@ def _check_model(c: _Checker, cfg: LoadedConfig) -> None:
 def _check_data(c: _Checker, cfg: LoadedConfig) -> None:
     d = cfg.run.data
     c.choice("data.format", d.format, DATA_FORMATS)
+    c.choice("data.loss_on", d.loss_on, LOSS_ON)
     c.at_least("data.seq_len", d.seq_len, 2)
-    if cfg.run.ray.address is None and not cfg.resolve_path(d.path).is_file():
-        c.fail("data.path", f"file not found: {d.path}")
-    if d.tokenizer != "byte" and not cfg.resolve_path(d.tokenizer).is_file():
-        c.fail("data.tokenizer", f"'{d.tokenizer}' is neither 'byte' nor an existing tokenizer.json")
+    for key in ("path", "eval_path"):
+        p = getattr(d, key)
+        if cfg.run.ray.address is None and p is not None and not cfg.resolve_path(p).exists():
+            c.fail(f"data.{key}", f"file not found: {p}")
+    if d.tokenizer != "byte" and not cfg.resolve_path(d.tokenizer).exists():
+        c.fail(
+            "data.tokenizer", f"'{d.tokenizer}' is neither 'byte' nor an existing tokenizer.json or tokenizer folder"
+        )
+    if not 0 <= d.eval_fraction < 1:
+        c.fail("data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
+    if d.eval_path and d.eval_fraction:
+        c.fail("data.eval_fraction", "give either data.eval_path or data.eval_fraction, not both")
 
 
 def _check_train(c: _Checker, t: TrainConfig) -> None:
@@ -369,6 +394,8 @@ def _check_train(c: _Checker, t: TrainConfig) -> None:
     for key in ("weight_decay", "warmup_steps", "max_grad_norm"):
         c.at_least(f"train.{key}", getattr(t, key), 0)
     c.choice("train.dtype", t.dtype, PRECISIONS)
+    c.choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    c.at_least("train.eval_every", t.eval_every, 0)
 
 
 def _plan_stages(p: PlanConfig) -> int:
@@ -433,6 +460,13 @@ def _check_runtime(c: _Checker, r: RunConfig) -> None:
     c.choice("runtime.schedule", rt.schedule, SCHEDULES)
     c.choice("runtime.progress", rt.progress, PROGRESS_MODES)
     c.choice("runtime.compile", rt.compile, COMPILE_MODES)
+    c.choice("runtime.logger", rt.logger, LOGGERS)
+    if rt.logger == "tensorboard":
+        from splitlearn.curves import tensorboard_missing
+
+        missing = tensorboard_missing()
+        if missing:
+            c.fail("runtime.logger", missing)
     c.positive("runtime.timeout_s", rt.timeout_s)
     c.positive("runtime.placement_timeout_s", rt.placement_timeout_s)
     c.at_least("runtime.log_every", rt.log_every, 1)

@@ -61,6 +61,12 @@ def show_summary(cfg: LoadedConfig, result: RunResult) -> None:
         )
     else:
         print(f"done: {s['steps']} steps (nothing left to run)", flush=True)
+    if "eval_loss" in s:
+        print(
+            f"eval: loss {s['eval_loss']:.4f}, perplexity {s['eval_perplexity']:.2f} "
+            f"(best {s['best_eval_loss']:.4f} over {len(s['evals'])} evals)",
+            flush=True,
+        )
     if result.restarts:
         print(
             f"survived {result.restarts} failure(s) ({result.replans} re-plan(s)): {result.steps_redone} step(s) "

@@ -1,8 +1,11 @@
-"""Local training data: text or JSONL files, tokenized offline, served as deterministic batches.
+"""Local training data, tokenized offline, served as deterministic batches.
 
-Nothing is downloaded. The tokenizer is either the built-in byte-level one (256 byte ids
-plus end-of-text and padding) or a local ``tokenizer.json`` read with the ``tokenizers``
-library. Batches are a pure function of (seed, step), so any worker can regenerate the
+Files are read by :mod:`splitlearn.data_formats` (text, JSONL, chat, prompt/response,
+parquet, ``save_to_disk`` folders). Nothing is downloaded. The tokenizer is the built-in
+byte-level one (256 byte ids plus end-of-text and padding), a local ``tokenizer.json`` read
+with the ``tokenizers`` library, or a local tokenizer folder read with ``transformers`` (its
+chat template renders chat rows). Chat and prompt/response rows carry loss only on the
+response's tokens unless ``data.loss_on=all``. Batches are a pure function of (seed, step), so any worker can regenerate the
 batch of any step and a resumed run sees the same data as an uninterrupted one.
 
 Only the stage on the data-owning device reads these files.
@@ -10,7 +13,6 @@ Only the stage on the data-owning device reads these files.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from splitlearn.data_formats import JSONL_SUFFIXES, Keys, Sample, read_samples
 from splitlearn.errors import DataError
 from splitlearn.fsio import atomic_write
 from splitlearn.models.chain import IGNORE_INDEX
@@ -65,57 +68,119 @@ class FileTokenizer:
         return self.tok.decode(ids)
 
 
-def make_tokenizer(spec: str, resolve=lambda p: Path(p)) -> ByteTokenizer | FileTokenizer:
+class HFTokenizer:
+    """A local tokenizer directory (``tokenizer.json``, ``tokenizer_config.json``, and for
+    chat data its ``chat_template``), loaded with ``transformers.AutoTokenizer``."""
+
+    def __init__(self, path: Path):
+        from transformers import AutoTokenizer
+
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"data.tokenizer: cannot load a tokenizer from the folder '{path}': {first}") from e
+        self.path = path
+        self.vocab_size = len(self.tok)
+        eos = self.tok.eos_token_id
+        if eos is None:
+            raise DataError(f"data.tokenizer: '{path}' has no eos_token; set one in its tokenizer_config.json")
+        self.eos_id = int(eos)
+        self.pad_id = int(self.tok.pad_token_id) if self.tok.pad_token_id is not None else self.eos_id
+        self.chat_template = getattr(self.tok, "chat_template", None)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tok.decode(ids))
+
+    def _render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        if not messages:
+            return ""
+        return str(self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt))
+
+    def encode_chat(
+        self, messages: tuple[tuple[str, str], ...], loss_on: str, where: str
+    ) -> tuple[list[int], list[int]]:
+        """Token ids of the conversation rendered by the chat template, and its labels: the
+        tokens of each assistant turn (through its end-of-turn marker) with ``loss_on=response``,
+        every token with ``all``. An assistant turn's characters are those the template adds
+        between the conversation so far with its generation prompt and the conversation
+        through that turn."""
+        msgs = [{"role": r, "content": c} for r, c in messages]
+        text = self._render(msgs)
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        if loss_on == "all":
+            return ids, list(ids)
+        spans = []
+        for i, (role, _) in enumerate(messages):
+            if role != "assistant":
+                continue
+            before, through = self._render(msgs[:i], generation_prompt=True), self._render(msgs[: i + 1])
+            if not (through.startswith(before) and text.startswith(through)):
+                raise DataError(
+                    f"{where}: the chat template of data.tokenizer does not render a conversation prefix by prefix, "
+                    "so the assistant's tokens cannot be told apart; set data.loss_on=all"
+                )
+            spans.append((len(before), len(through)))
+        labels = [
+            t if any(a <= start < b for a, b in spans) else IGNORE_INDEX
+            for t, (start, _) in zip(ids, enc["offset_mapping"], strict=True)
+        ]
+        return ids, labels
+
+
+AnyTokenizer = ByteTokenizer | FileTokenizer | HFTokenizer
+
+
+def make_tokenizer(spec: str, resolve=lambda p: Path(p)) -> AnyTokenizer:
+    """``byte``, a ``tokenizer.json`` file, or a tokenizer directory."""
     if spec == "byte":
         return ByteTokenizer()
-    path = resolve(spec)
-    if not Path(path).is_file():
+    path = Path(resolve(spec))
+    if path.is_dir():
+        return HFTokenizer(path)
+    if not path.is_file():
         raise DataError(f"data.tokenizer: file not found: {spec}")
-    return FileTokenizer(Path(path))
+    return FileTokenizer(path)
 
 
 def read_documents(path: Path, fmt: str = "auto", text_key: str = "text") -> list[str]:
-    """Documents of a .txt file (blocks separated by blank lines) or a .jsonl file."""
-    if not path.is_file():
-        raise DataError(f"data.path: file not found: {path}")
-    if fmt == "auto":
-        fmt = "jsonl" if path.suffix in (".jsonl", ".json", ".ndjson") else "text"
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"data.path: {path} is not UTF-8 text (byte {e.start})") from e
-    if fmt == "text":
-        docs = [block.strip() for block in content.split("\n\n")]
-    else:
-        docs = []
-        for lineno, line in enumerate(content.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one object per line") from e
-            if not isinstance(rec, dict) or not isinstance(rec.get(text_key), str):
-                raise DataError(
-                    f"{path}:{lineno}: expected an object with a string field '{text_key}' (set data.text_key)"
-                )
-            docs.append(rec[text_key])
-    docs = [d for d in docs if d]
-    if not docs:
-        raise DataError(f"data.path: {path} holds no text")
-    return docs
+    """Documents of a file of ``text`` rows (blocks of a .txt file, a field of .jsonl rows, ...)."""
+    samples = read_samples(path, "jsonl" if fmt == "auto" and path.suffix in JSONL_SUFFIXES else fmt, Keys(text_key))
+    return [s.text for s in samples]
 
 
 @dataclass
 class TokenDataset:
-    """Rows of ``seq_len`` token ids, with a padding mask when rows are not packed."""
+    """Rows of ``seq_len`` token ids, with a padding mask when rows are not packed, and
+    labels when not every real token carries loss (prompt and padding: ``IGNORE_INDEX``)."""
 
     input_ids: torch.Tensor  # (rows, seq_len) int64
     attention_mask: torch.Tensor | None  # (rows, seq_len) int64, None when packed
+    labels: torch.Tensor | None = None  # (rows, seq_len) int64; None: the ids where the mask is 1
 
     @property
     def num_rows(self) -> int:
         return self.input_ids.shape[0]
+
+    def rows(self, start: int, stop: int) -> dict[str, Any]:
+        """Rows ``start:stop`` as a batch (input ids, mask, labels)."""
+        return _as_batch(self, torch.arange(start, min(stop, self.num_rows)))
+
+
+def _as_batch(ds: TokenDataset, idx: torch.Tensor) -> dict[str, Any]:
+    ids = ds.input_ids[idx]
+    mask = None if ds.attention_mask is None else ds.attention_mask[idx]
+    if ds.labels is not None:
+        labels = ds.labels[idx]
+    else:
+        labels = ids.clone()
+        if mask is not None:
+            labels[mask == 0] = IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def tokenize(docs: list[str], tokenizer, seq_len: int, packing: bool, source: str = "data") -> TokenDataset:
@@ -140,6 +205,45 @@ def tokenize(docs: list[str], tokenizer, seq_len: int, packing: bool, source: st
     return TokenDataset(ids, mask)
 
 
+def encode_sample(sample: Sample, tokenizer: AnyTokenizer, loss_on: str, where: str) -> tuple[list[int], list[int]]:
+    """Token ids of a chat or prompt/response sample and its labels (``IGNORE_INDEX`` on
+    tokens without loss: the prompt and the user's turns, unless ``loss_on`` is ``all``)."""
+    if sample.kind == "chat":
+        if not isinstance(tokenizer, HFTokenizer) or not tokenizer.chat_template:
+            raise DataError(
+                f"data.tokenizer: '{getattr(tokenizer, 'path', 'byte')}' has no chat template, which chat rows "
+                f"({where}) need; point data.tokenizer at a tokenizer folder whose tokenizer_config.json has one"
+            )
+        return tokenizer.encode_chat(sample.messages, loss_on, where)
+    prompt = tokenizer.encode(sample.prompt)
+    response = tokenizer.encode(sample.response) + [tokenizer.eos_id]
+    ids = prompt + response
+    return ids, (list(ids) if loss_on == "all" else [IGNORE_INDEX] * len(prompt) + response)
+
+
+def tokenize_samples(samples: list[Sample], tokenizer: AnyTokenizer, data_cfg: Any, source: str) -> TokenDataset:
+    """Rows of ``samples``: text packed or padded as ``data.packing`` says; chat and
+    prompt/response samples one per padded row (truncated to ``data.seq_len``), so that no
+    sample attends to another."""
+    seq_len = data_cfg.seq_len
+    if samples[0].kind == "text":
+        packing = True if data_cfg.packing is None else bool(data_cfg.packing)
+        return tokenize([s.text for s in samples], tokenizer, seq_len, packing, source)
+    if data_cfg.packing:
+        raise DataError(
+            f"data.packing: {source} holds {samples[0].kind} rows, which are never packed (a packed row would let "
+            "one sample attend to another); set data.packing=false or leave it unset"
+        )
+    ids = torch.full((len(samples), seq_len), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), seq_len), dtype=torch.long)
+    labels = torch.full((len(samples), seq_len), IGNORE_INDEX, dtype=torch.long)
+    for i, s in enumerate(samples):
+        toks, labs = encode_sample(s, tokenizer, getattr(data_cfg, "loss_on", "response"), f"{source} (sample {i})")
+        n = min(len(toks), seq_len)
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(toks[:n]), torch.tensor(labs[:n]), 1
+    return TokenDataset(ids, mask, labels)
+
+
 class BatchSource:
     """Batch ``step`` of a run: rows drawn without replacement within each epoch, an epoch
     being a seeded permutation of all rows. A pure function of (seed, step)."""
@@ -162,21 +266,57 @@ class BatchSource:
         return out
 
     def batch(self, step: int) -> dict[str, Any]:
-        idx = torch.tensor(self.rows(step))
-        ids = self.ds.input_ids[idx]
-        mask = None if self.ds.attention_mask is None else self.ds.attention_mask[idx]
-        labels = ids.clone()
-        if mask is not None:
-            labels[mask == 0] = IGNORE_INDEX
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return _as_batch(self.ds, torch.tensor(self.rows(step)))
+
+
+@dataclass
+class RunData:
+    """What the data owner reads: the training rows, the eval rows (if any), the tokenizer."""
+
+    train: TokenDataset
+    eval: TokenDataset | None
+    tokenizer: AnyTokenizer
+    kind: str
+
+
+def split_eval(samples: list[Sample], fraction: float, seed: int, source: str) -> tuple[list[Sample], list[Sample]]:
+    """A seeded ``fraction`` of the samples held out for eval, the rest for training."""
+    n_eval = max(1, round(len(samples) * fraction))
+    if n_eval >= len(samples):
+        raise DataError(
+            f"data.eval_fraction={fraction} of {source}'s {len(samples)} samples leaves none to train on; lower it"
+        )
+    perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(perm[:n_eval])
+    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
+
+
+def load_run_data(data_cfg: Any, resolve=lambda p: Path(p), seed: int = 0) -> RunData:
+    """Read and tokenize a ``DataConfig``'s training file and its eval file or fraction."""
+    tokenizer = make_tokenizer(data_cfg.tokenizer, resolve)
+    keys = Keys.from_config(data_cfg)
+    path = Path(resolve(data_cfg.path))
+    samples = read_samples(path, data_cfg.format, keys)
+    kind = samples[0].kind
+    eval_samples: list[Sample] = []
+    eval_source = str(path)
+    if data_cfg.eval_path:
+        eval_path = Path(resolve(data_cfg.eval_path))
+        eval_samples = read_samples(eval_path, data_cfg.format, keys, want_kind=kind, key="data.eval_path")
+        eval_source = str(eval_path)
+    elif data_cfg.eval_fraction > 0:
+        samples, eval_samples = split_eval(samples, data_cfg.eval_fraction, seed, str(path))
+    train = tokenize_samples(samples, tokenizer, data_cfg, str(path))
+    evals = tokenize_samples(eval_samples, tokenizer, data_cfg, eval_source) if eval_samples else None
+    return RunData(train, evals, tokenizer, kind)
 
 
 def load_dataset(data_cfg: Any, resolve=lambda p: Path(p)) -> tuple[TokenDataset, Any]:
-    """Read, tokenize and return the dataset and its tokenizer for a ``DataConfig``."""
+    """The training rows and the tokenizer of a ``DataConfig`` (no eval split)."""
     tokenizer = make_tokenizer(data_cfg.tokenizer, resolve)
     path = Path(resolve(data_cfg.path))
-    docs = read_documents(path, data_cfg.format, data_cfg.text_key)
-    return tokenize(docs, tokenizer, data_cfg.seq_len, data_cfg.packing, str(path)), tokenizer
+    samples = read_samples(path, data_cfg.format, Keys.from_config(data_cfg))
+    return tokenize_samples(samples, tokenizer, data_cfg, str(path)), tokenizer
 
 
 # -- the quickstart corpus ---------------------------------------------------------------

@@ -105,10 +105,21 @@ def make_optimizer(params, train_cfg: Any) -> torch.optim.Optimizer | MasterAdam
 
 
 def lr_at(step: int, train_cfg: Any) -> float:
-    """Linear warm-up over ``warmup_steps``, then constant."""
-    if train_cfg.warmup_steps and step < train_cfg.warmup_steps:
-        return train_cfg.lr * (step + 1) / train_cfg.warmup_steps
-    return train_cfg.lr
+    """Linear warm-up over ``warmup_steps``, then ``lr_schedule``: constant, or linear or
+    cosine decay to 0 at ``steps`` (the shapes of transformers' ``get_linear_schedule_with_warmup``
+    and ``get_cosine_schedule_with_warmup``; written here as one pure function of the step so
+    that every stage and the single-process reference compute the same rate without a
+    scheduler object to checkpoint)."""
+    warm = train_cfg.warmup_steps
+    if warm and step < warm:
+        return train_cfg.lr * (step + 1) / warm
+    schedule = getattr(train_cfg, "lr_schedule", "constant")
+    if schedule == "constant":
+        return train_cfg.lr
+    progress = min(1.0, (step - warm) / max(1, train_cfg.steps - warm))
+    if schedule == "linear":
+        return train_cfg.lr * (1.0 - progress)
+    return train_cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def set_lr(opt: torch.optim.Optimizer | MasterAdamW | NoOptimizer, lr: float) -> None:

@@ -55,12 +55,16 @@ class RunResult:
     events_path: Path | None = None
 
     stage_metrics: list[list[dict[str, Any]]] = field(default_factory=list)  # per step, each worker's
+    evals: list[dict[str, Any]] = field(default_factory=list)  # {"step", "eval_loss", ...} per eval
 
     def record(self, rec: dict[str, Any]) -> None:
         self.losses.append(rec["loss"])
         self.step_times.append(rec["step_s"])
         self.tokens_per_s.append(rec["tokens_per_s"])
         self.stage_metrics.append(rec.get("stages", []))
+        if "eval_loss" in rec:
+            keys = ("eval_loss", "eval_perplexity", "eval_tokens")
+            self.evals.append({"step": rec["step"] + 1, **{k: rec[k] for k in keys}})
 
     def truncate(self, step: int) -> None:
         """Forget steps at and after ``step`` (they will run again); on a resumed run, read
@@ -72,10 +76,12 @@ class RunResult:
                     r = json.loads(line)
                     by_step[r["step"]] = r
             self.losses, self.step_times, self.tokens_per_s, self.stage_metrics = [], [], [], []
+            self.evals = []
             for i in range(step):
                 if i in by_step:
                     self.record(by_step[i])
         del self.losses[step:], self.step_times[step:], self.tokens_per_s[step:], self.stage_metrics[step:]
+        self.evals = [e for e in self.evals if e["step"] <= step]
 
     def event(self, kind: str, reason: str, step: int) -> None:
         ev = {"time": datetime.now().isoformat(timespec="seconds"), "kind": kind, "step": step, "reason": reason}
@@ -196,6 +202,11 @@ def summary(result: RunResult, wall_s: float) -> dict[str, Any]:
         flops, peak = result.plan.predicted.get("flops_per_step"), result.plan.predicted.get("peak_tflops")
         if flops and peak:  # model FLOPs per second over the devices' peak (topology tflops)
             out["mfu"] = flops / (statistics.median(times) * peak * 1e12)
+    if result.evals:
+        last = result.evals[-1]
+        out["eval_loss"], out["eval_perplexity"] = last["eval_loss"], last["eval_perplexity"]
+        out["best_eval_loss"] = min(e["eval_loss"] for e in result.evals)
+        out["evals"] = result.evals
     memory = memory_by_stage(result)
     if memory:
         out["memory"] = memory

@@ -142,6 +142,17 @@ class StageGroup:
         """Each stage's LoRA adapters, and its merged shard written under ``directory``."""
         return self._first_replicas(self._get([a.export.remote(directory, merge) for a in self.actors], "export"))
 
+    def evaluate(self, num_chunks: int) -> dict[str, Any]:
+        """Forward-only eval through every stage; the loss stage's summed loss and tokens."""
+        timeout = self.timeout_s * 1.5 + 10 + num_chunks
+        results = self._get([a.run_eval.remote(num_chunks) for a in self.actors], "eval", timeout)
+        return next(r for r in results if r["loss_sum"] is not None)
+
+    def model_states(self) -> list[dict[str, Any]]:
+        """Each stage's tensors of the fine-tuned model (LoRA merged), pulled through Ray from
+        whichever node holds the stage."""
+        return self._first_replicas(self._get([a.model_state.remote() for a in self.actors], "model_state"))
+
     def _first_replicas(self, results: list[Any]) -> list[Any]:
         """One result per stage: its first replica's (the replicas hold the same tensors)."""
         return [res for res, (_, r) in zip(results, self.ranks, strict=True) if r == 0]

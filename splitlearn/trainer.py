@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -18,11 +19,13 @@ from cluster.ray_cluster import check_devices, connect
 from partitioners import Plan
 from splitlearn import console, method_policy, run_checkpoints
 from splitlearn.config import LoadedConfig
+from splitlearn.curves import make_logger, step_scalars
 from splitlearn.errors import StageFailed
 from splitlearn.failure import Decision, Recovery, decide_on_failure
 from splitlearn.fsio import atomic_write
 from splitlearn.models.build import import_adapter_module
 from splitlearn.models.check import require_exact
+from splitlearn.optim import lr_at
 from splitlearn.planning import make_plan
 from splitlearn.run_record import RunResult, find_resume_dir, new_run_dir, step_record, summary
 from splitlearn.runtime import StageGroup
@@ -75,6 +78,9 @@ def _open_run(cfg: LoadedConfig, plan: Plan, run_dir: Path | None) -> RunResult:
     if run_dir is None:
         run_dir = new_run_dir(cfg)
         atomic_write(run_dir / "config.yaml", cfg.to_yaml())
+        # what `splitlearn export` places the workers with again: topology inline, paths' base
+        record = {"run": cfg.resolved_dict(), "base_dir": str(cfg.base_dir.resolve())}
+        atomic_write(run_dir / "run.json", json.dumps(record, indent=2))
     console.show_run_dir(run_dir)
     atomic_write(run_dir / "plan.yaml", plan.to_yaml())
     return RunResult(run_dir=run_dir, plan=plan, events_path=run_dir / "events.jsonl")
@@ -131,6 +137,7 @@ def _train_loop(cfg: LoadedConfig, group: StageGroup, result: RunResult, progres
     every = run.checkpoint.every_steps
     bar = console.Progress(run.train.steps, progress, run.runtime.log_every, initial=start)
     result.since_checkpoint_s = 0.0
+    curves = make_logger(run.runtime.logger, result.run_dir)
     with open(result.run_dir / "metrics.jsonl", "a", encoding="utf-8") as metrics:
         try:
             for step in range(start, run.train.steps):
@@ -140,6 +147,9 @@ def _train_loop(cfg: LoadedConfig, group: StageGroup, result: RunResult, progres
                 dt = time.perf_counter() - t0
                 result.since_checkpoint_s += dt
                 rec = step_record(step, stages, dt, attempt=result.restarts)
+                if _eval_due(cfg, group, step + 1):
+                    rec.update(_evaluate(cfg, group))
+                curves.log(step + 1, step_scalars(rec, lr_at(step, run.train)))
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
                 result.record(rec)
@@ -149,6 +159,26 @@ def _train_loop(cfg: LoadedConfig, group: StageGroup, result: RunResult, progres
                     run_checkpoints.save(cfg, group, result, done)
         finally:
             bar.close()
+            curves.close()
+
+
+def _eval_rows(group: StageGroup) -> int:
+    return int(group.infos[0].get("eval_rows", 0))
+
+
+def _eval_due(cfg: LoadedConfig, group: StageGroup, done: int) -> bool:
+    """An eval after step ``done`` (1-based): every ``train.eval_every`` steps and after the last."""
+    every = cfg.run.train.eval_every
+    return _eval_rows(group) > 0 and (done == cfg.run.train.steps or bool(every and done % every == 0))
+
+
+def _evaluate(cfg: LoadedConfig, group: StageGroup) -> dict[str, float]:
+    """Forward-only eval of every eval row through the pipeline: the mean loss per label token."""
+    rows = cfg.run.train.batch_size // cfg.run.train.micro_batches
+    res = group.evaluate(math.ceil(_eval_rows(group) / rows))
+    loss = res["loss_sum"] / res["tokens"] if res["tokens"] else float("nan")
+    log.info("eval loss %.4f (perplexity %.2f) over %d tokens", loss, math.exp(min(loss, 50.0)), res["tokens"])
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": res["tokens"]}
 
 
 def _finish(cfg: LoadedConfig, group: StageGroup, result: RunResult, t_start: float) -> None:

@@ -37,7 +37,11 @@ def test_text_and_jsonl_documents(tmp_path):
     "name,content,needle",
     [
         ("bad.jsonl", '{"text": "ok"}\n{"text": \n', "bad.jsonl:2: not valid JSON"),
-        ("nokey.jsonl", '{"body": "x"}\n', "nokey.jsonl:1: expected an object with a string field 'text'"),
+        (
+            "nokey.jsonl",
+            '{"body": "x"}\n',
+            "nokey.jsonl:1: expected a string field 'text' (missing); set data.text_key",
+        ),
         ("empty.txt", "\n\n", "holds no text"),
     ],
 )

@@ -98,6 +98,7 @@ class StageWorker:
         self.segment: Any = None
         self.engine: Any = None  # DeepSpeed's, for an offloaded stage
         self.batches: Any = None
+        self.eval_data: Any = None  # the data owner's eval rows (a TokenDataset), if any
         self.groups: Groups | None = None
 
     # -- set-up ---------------------------------------------------------------------------
@@ -109,7 +110,7 @@ class StageWorker:
         return beside if beside.exists() or not path.exists() else path
 
     def prepare(self) -> dict[str, Any]:
-        from splitlearn.data import BatchSource, load_dataset
+        from splitlearn.data import BatchSource, load_run_data
         from splitlearn.method_policy import prepare_segment, stage_method
         from splitlearn.models.build import build_segment, meta_model, weights_dtype
         from splitlearn.models.chain import Segment
@@ -178,16 +179,18 @@ class StageWorker:
             **load,
         }
         if self.is_first:
-            dataset, tokenizer = load_dataset(self.run.data, self._resolve)
+            data = load_run_data(self.run.data, self._resolve, self.run.train.seed)
             model_config: Any = model.config
             vocab = model_config.vocab_size
-            if tokenizer.vocab_size > vocab:
+            if data.tokenizer.vocab_size > vocab:
                 raise DataError(
                     f"model.config.vocab_size={vocab} is smaller than the tokenizer's "
-                    f"{tokenizer.vocab_size} tokens; raise model.config.vocab_size"
+                    f"{data.tokenizer.vocab_size} tokens; raise model.config.vocab_size"
                 )
-            self.batches = BatchSource(dataset, self.run.train.batch_size, self.run.train.seed)
-            info["rows"] = dataset.num_rows
+            self.batches = BatchSource(data.train, self.run.train.batch_size, self.run.train.seed)
+            self.eval_data = data.eval
+            info["rows"] = data.train.num_rows
+            info["eval_rows"] = 0 if data.eval is None else data.eval.num_rows
         return info
 
     def rendezvous_address(self) -> tuple[str, int]:
@@ -278,6 +281,20 @@ class StageWorker:
         else:
             self._check_budget(step, rss.peak_bytes - self.rss_base)
         return out
+
+    def run_eval(self, num_chunks: int) -> dict[str, Any]:
+        """Forward-only eval of ``num_chunks`` micro-batches of eval rows (:mod:`splitlearn.stage.evaluate`)."""
+        from splitlearn.stage.evaluate import evaluate
+
+        assert self.groups is not None, "init_dist() first"
+        return evaluate(self, num_chunks)
+
+    def model_state(self) -> dict[str, Any]:
+        """This stage's tensors of the fine-tuned model under the model's own names (LoRA
+        merged in), and the names of its LoRA-adapted modules: what an export gathers."""
+        from splitlearn.models.methods import merged_state_dict
+
+        return {"stage": self.stage, "state": merged_state_dict(self.segment.model), "lora_modules": list(self.adapted)}
 
     def _check_budget(self, step: int, used: int) -> None:
         """A CPU stage's memory above the runtime's (the resident set before the segment was
