@@ -451,26 +451,22 @@ def _time_layer(
         del y2
 
 
-SQUARES_CHUNK = 1 << 20  # entries upcast at once: 8 MB of float64, whatever the tensor's size
-
-
-def _squares(g: Any) -> Any:
-    import torch
-
-    flat = g.detach().reshape(-1)
-    return torch.stack([c.double().pow_(2).sum() for c in flat.split(SQUARES_CHUNK)]).sum()
-
-
 def sum_of_squares(grads: Any) -> Any:
-    """Sum of squared gradient entries in float64, as a CPU scalar (grads may be on a GPU).
-    Upcast a chunk at a time: a whole float64 copy of a 0.5 GB embedding gradient would be
-    1 GB of temporaries during the step."""
+    """Sum of squared gradient entries, as a float64 CPU scalar (grads may be on a GPU): each
+    tensor's norm in fp32 (``torch._foreach_norm``: one fused reduction per device, no
+    temporaries the size of a gradient), squared and summed in float64, with one copy to the
+    host per device, not one per tensor."""
     import torch
 
-    parts = [_squares(g) for g in grads if g is not None and g.numel()]
-    if not parts:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.stack([p.cpu() for p in parts]).sum()
+    by_device: dict[Any, list[Any]] = {}
+    for g in grads:
+        if g is not None and g.numel():
+            by_device.setdefault(g.device, []).append(g.detach())
+    total = torch.zeros((), dtype=torch.float64)
+    for tensors in by_device.values():
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        total += torch.stack(norms).double().pow(2).sum().cpu()
+    return total
 
 
 def _time_optimizer_step(trainable: list[torch.nn.Parameter], median: Callable[[Callable[[], Any]], float]) -> float:

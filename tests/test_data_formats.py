@@ -70,21 +70,18 @@ def test_chat_labels_are_the_assistant_turns(tmp_path, tok_dir):
 
 
 def test_each_format_reads_the_same_rows(tmp_path, tok_dir):
-    """The same chat rows as chat JSONL (named and auto-detected), and where `datasets` is
-    installed as parquet and a save_to_disk folder; the same documents as text and JSONL."""
+    """The same chat rows as chat JSONL (named and auto-detected), parquet and a `datasets`
+    save_to_disk folder; the same documents as text and JSONL."""
     chat = write_jsonl(tmp_path / "chat.jsonl", CHATS)
     want = load_dataset(data_cfg(chat, tok_dir, format="chat"))[0]
     same = [load_dataset(data_cfg(chat, tok_dir))[0]]
-    try:
-        import datasets
-    except ImportError:
-        datasets = None
-    if datasets is not None:
-        ds = datasets.Dataset.from_list(CHATS)
-        ds.to_parquet(str(tmp_path / "chat.parquet"))
-        ds.save_to_disk(str(tmp_path / "chat_disk"))
-        same.append(load_dataset(data_cfg(tmp_path / "chat.parquet", tok_dir))[0])
-        same.append(load_dataset(data_cfg(tmp_path / "chat_disk", tok_dir, format="hf_disk"))[0])
+    import datasets
+
+    ds = datasets.Dataset.from_list(CHATS)
+    ds.to_parquet(str(tmp_path / "chat.parquet"))
+    ds.save_to_disk(str(tmp_path / "chat_disk"))
+    same.append(load_dataset(data_cfg(tmp_path / "chat.parquet", tok_dir))[0])
+    same.append(load_dataset(data_cfg(tmp_path / "chat_disk", tok_dir))[0])  # a folder: auto is hf_disk
     for got in same:
         for a, b in (
             (got.input_ids, want.input_ids),
@@ -100,8 +97,6 @@ def test_each_format_reads_the_same_rows(tmp_path, tok_dir):
     assert torch.equal(a.input_ids, b.input_ids) and a.labels is None
     pr = write_jsonl(tmp_path / "pr.jsonl", [{"prompt": "q", "response": "a"}])
     assert read_samples(pr, "auto", Keys())[0].kind == "prompt_response"
-    if datasets is None:
-        pytest.skip("parquet and hf_disk need the 'datasets' package, which is not installed here")
 
 
 def test_eval_split_and_eval_file(tmp_path, tok_dir):
@@ -177,8 +172,7 @@ def test_curves_png_and_tensorboard_event_files(tmp_path):
     write_jsonl(tmp_path / "metrics.jsonl", recs)
     assert draw_curves(tmp_path, tmp_path / "c.png") == {"steps": 3, "evals": 1, "last_loss": 1.0}
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
-    if tensorboard_missing():
-        pytest.skip("tensorboard is not installed here: event files cannot be written or read")
+    assert tensorboard_missing() is None  # a dependency of the project
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = make_logger("tensorboard", tmp_path)

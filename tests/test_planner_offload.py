@@ -108,7 +108,11 @@ def test_offload_memory_and_time_by_hand():
     dev = topo.device("g")
     # 2 layers of 1e9 + 2e9 flops at 1e9 flops/ms; AdamW's 12 flops per trainable parameter at the device's peak
     base = stage_time(layers, dev)
-    assert (base.fwd_ms, base.bwd_ms, base.opt_ms) == (pytest.approx(2.0), pytest.approx(4.0), pytest.approx(12 * 2000 / 1e9))
+    assert (base.fwd_ms, base.bwd_ms, base.opt_ms) == (
+        pytest.approx(2.0),
+        pytest.approx(4.0),
+        pytest.approx(12 * 2000 / 1e9),
+    )
     # optimizer: 8000 B of fp32 gradients down (8 ms), 12 * 2000 flops of AdamW (0.024 ms), 8000 B of weights up (8 ms)
     off = stage_time(layers, dev, method=StageMethod(offload="optimizer"))
     assert (off.fwd_ms, off.bwd_ms, off.opt_ms) == (pytest.approx(2.0), pytest.approx(4.0), pytest.approx(16.024))
