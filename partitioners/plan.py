@@ -206,6 +206,11 @@ class Plan:
             note = self.optimality()
             if note:
                 footer += "\n" + note
+        measured = p.get("times_measured_on")
+        if measured is not None:
+            counted = sorted({d for s in self.stages for d in s.devices} - set(measured))
+            footer += f"\ntimes: measured on {', '.join(measured) or 'no device'} (plan.profile: on_cluster)"
+            footer += f"; counted (FLOPs over tflops) on {', '.join(counted)}" if counted else ""
         if self.label_privacy:
             footer += "\nlabel_privacy: the head runs on the data owner (U-shaped split)"
         if any(s.num_replicas > 1 for s in self.stages):

@@ -39,6 +39,7 @@ LOGGERS = ("auto", "tensorboard", "none")  # runtime.logger
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 PROGRESS_MODES = ("auto", "bar", "log", "none")  # runtime.progress and --progress
 COMPILE_MODES = ("auto", "blocks", "none")  # runtime.compile
+ON_CLUSTER = "on_cluster"  # plan.profile: measured on each device
 
 
 @dataclass
@@ -93,7 +94,9 @@ class PlanConfig:
     cuts: list[int] = field(default_factory=list)  # manual: chain index where each stage after the first starts
     label_privacy: bool = False  # the head and loss run on the data owner too (U-shaped split)
     codec: str = "none"  # wire codec on every link: none | fp16 | bf16 | int8
-    profile: str | None = None  # a profile.json from `splitlearn profile`; default: counted on meta
+    # a profile.json from `splitlearn profile`; on_cluster: each device times the layers in its
+    # own Ray worker (splitlearn/device_profile.py); default: counted on meta (FLOPs over tflops)
+    profile: str | None = None
     # what the planner may change on edge-tier stages where it makes the plan fit or faster:
     # lora, frozen (method), recompute, bf16 | fp16 | int8 (frozen weights' storage)
     allow: list[str] = field(default_factory=list)
@@ -424,7 +427,7 @@ def _check_plan(c: _Checker, cfg: LoadedConfig) -> None:
         c.fail("plan.cuts", f"{stages} stages need {stages - 1} cuts, got {len(p.cuts)}")
     c.choice("plan.codec", p.codec, CODECS)
     c.positive("plan.search_seconds", p.search_seconds)
-    if p.profile and not cfg.resolve_path(p.profile).is_file():
+    if p.profile and p.profile != ON_CLUSTER and not cfg.resolve_path(p.profile).is_file():
         c.fail("plan.profile", f"file not found: {p.profile}")
     for i, opt in enumerate(p.allow):
         c.choice(f"plan.allow[{i}]", opt, ALLOW_OPTIONS)

@@ -9,7 +9,7 @@ from partitioners.costmodel import CPU_RUNTIME_BYTES
 from partitioners.planner import simulate_plan as simulate
 from partitioners.profile import LayerProfile, ModelProfile
 from splitlearn import method_policy
-from splitlearn.config import LoadedConfig
+from splitlearn.config import ON_CLUSTER, LoadedConfig
 from splitlearn.errors import ConfigError
 from splitlearn.models.build import learned_positions, meta_model, weights_dtype
 from splitlearn.models.chain import chain_names, num_blocks
@@ -29,7 +29,7 @@ def load_profile(cfg: LoadedConfig) -> ModelProfile:
             f"data.seq_len: {seq} is beyond the {positions[1]} positions the model learned "
             f"(model.config.{positions[0]}); lower data.seq_len or raise model.config.{positions[0]}"
         )
-    if run.plan.profile:
+    if run.plan.profile and run.plan.profile != ON_CLUSTER:
         path = cfg.resolve_path(run.plan.profile)
         try:
             prof = ModelProfile.from_json(path.read_text())
@@ -80,6 +80,20 @@ def cpu_layers(cfg: LoadedConfig, profile: ModelProfile) -> list[LayerProfile] |
     return None if layers == profile.layers else layers
 
 
+def measured_on_devices(cfg: LoadedConfig, profile: ModelProfile) -> dict[str, list[LayerProfile]] | None:
+    """``plan.profile: on_cluster``: the layers timed on each device of the pool, in its own
+    Ray worker (attached to, or started as the run would be)."""
+    if cfg.run.plan.profile != ON_CLUSTER:
+        return None
+    from cluster.ray_cluster import connect
+    from splitlearn.device_profile import device_profiles
+
+    run = cfg.run
+    connect(cfg.topology, run.ray.address, run.ray.num_cpus)
+    pool = [d for entry in (run.plan.devices or cfg.topology.device_names) for d in entry.split("+")]
+    return device_profiles(cfg, profile.layers, pool)
+
+
 def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> PlanRequest:
     """What the partitioner is asked: the layers, the topology and the config's constraints."""
     run = cfg.run
@@ -102,6 +116,7 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
         allow=tuple(run.plan.allow),
         search_seconds=run.plan.search_seconds,
         cpu_layers=cpu_layers(cfg, profile),
+        device_layers=measured_on_devices(cfg, profile),
         cpu_runtime_bytes=CPU_RUNTIME_BYTES,
     )
 

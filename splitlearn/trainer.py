@@ -18,7 +18,7 @@ from pathlib import Path
 from cluster.ray_cluster import check_devices, connect
 from partitioners import Plan
 from splitlearn import console, method_policy, run_checkpoints
-from splitlearn.config import LoadedConfig
+from splitlearn.config import ON_CLUSTER, LoadedConfig
 from splitlearn.curves import make_logger, step_scalars
 from splitlearn.errors import StageFailed
 from splitlearn.failure import Decision, Recovery, decide_on_failure
@@ -38,10 +38,17 @@ def train(cfg: LoadedConfig, progress: str | None = None, resume: str | bool | N
     run = cfg.run
     import_adapter_module(run.model.adapter_module)
     require_exact(run.model)  # a tiny copy split vs unsplit: a wrong family adapter stops here
-    plan = make_plan(cfg)
+    # devices that time the layers themselves (plan.profile: on_cluster) need the cluster first
+    early = connect(cfg.topology, run.ray.address, run.ray.num_cpus) if run.plan.profile == ON_CLUSTER else None
+    try:
+        plan = make_plan(cfg)
+    except BaseException:
+        if early is not None:
+            early.shutdown()
+        raise
     console.show_plan(plan)
     run_dir = find_resume_dir(cfg, resume) if resume else None
-    handle = connect(cfg.topology, run.ray.address, run.ray.num_cpus)
+    handle = early or connect(cfg.topology, run.ray.address, run.ray.num_cpus)
     group: StageGroup | None = None
     try:
         group = _start_group(cfg, plan, attempt=0)  # user errors surface here, before any file

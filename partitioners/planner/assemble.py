@@ -106,7 +106,7 @@ def build_plan(
         t = stage_time(
             req.layers_on(seq[s])[a:b],
             req.topology.device(seq[s]),
-            req.calibrated_tflops,
+            req.calibrated_for(seq[s]),
             method=opts[s],
             precision=req.precision,
         )
@@ -160,6 +160,7 @@ def build_plan(
             "bubble_fraction": round(bubble, 4),
             "flops_per_step": float(flops * req.num_micro_batches),
             "peak_tflops": float(peak),
+            **({"times_measured_on": sorted(req.device_layers)} if req.device_layers else {}),
         },
         uplinks=ev.uplinks,
     )

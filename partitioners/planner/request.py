@@ -47,6 +47,8 @@ class PlanRequest:
     # the layers as a CPU runs them, where that differs from ``layers`` (which then count
     # attention as CUDA runs it: a topology with both kinds of device)
     cpu_layers: list[LayerProfile] | None = None
+    # the layers with their times measured on each device (plan.profile: on_cluster)
+    device_layers: dict[str, list[LayerProfile]] | None = None
     # counted on every CPU stage besides its tensors: what the workers' libraries keep
     # (splitlearn's runtime: costmodel.CPU_RUNTIME_BYTES)
     cpu_runtime_bytes: float = 0.0
@@ -67,10 +69,19 @@ class PlanRequest:
         self.allow = tuple(self.allow)
 
     def layers_on(self, device: str) -> list[LayerProfile]:
-        """The layers' costs as ``device`` runs them."""
+        """The layers' costs as ``device`` runs them: measured there, or counted."""
+        if self.device_layers and device in self.device_layers:
+            return self.device_layers[device]
         if self.cpu_layers is not None and self.topology.device(device).accelerator == "cpu":
             return self.cpu_layers
         return self.layers
+
+    def calibrated_for(self, device: str) -> float | None:
+        """The FLOP/s the layers' times were measured at, as seen from ``device``: its own
+        ``tflops`` where they were measured on it (the times count as they are)."""
+        if self.device_layers and device in self.device_layers:
+            return self.topology.device(device).tflops
+        return self.calibrated_tflops
 
     def runtime_bytes(self, device: str) -> float:
         """What a worker on ``device`` keeps besides its stage's tensors."""

@@ -52,7 +52,7 @@ class CostTables:
         if key not in self._cum:
             d = self.dev[dev]
             per = [
-                stage_time([layer], d, self.req.calibrated_tflops, method=key[1], precision=self.req.precision)
+                stage_time([layer], d, self.req.calibrated_for(dev), method=key[1], precision=self.req.precision)
                 for layer in self.req.layers_on(dev)
             ]
 
