@@ -1,0 +1,120 @@
+"""Predicted vs measured step time and memory, through ``splitlearn.trainer.train``, with the
+devices' own timings (``plan.profile: on_cluster``) and without (FLOPs over ``tflops``).
+
+- ``E1``: one CUDA stage (the GPU owns the data);
+- ``E2``: an edge stage on the host CPU (the data owner) and the GPU, ``optimal`` plan, on
+  free links, and ``E2-links`` on emulated links (``--link-mbps``, ``--link-ms``).
+
+Each run's summary gives the simulator's prediction for its plan and the median measured
+step; memory per stage against the plan as ``bench/memory.py`` reads it.
+
+    python bench/predict_gpu.py --out bench/results/predict-h200.json      # the lent H200
+
+Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import machine, runtime_section, write_record  # noqa: E402
+from stage_speed import SHAPE  # noqa: E402
+
+
+def devices(args: argparse.Namespace, edge: bool) -> list[dict]:
+    gpu = {"name": "gpu", "tier": "cloud", "accelerator": args.accelerator, "memory_gb": 130.0,
+           "tflops": args.peak_tflops, "owns_data": not edge, "cpu_threads": 4, "zone": "cloud",
+           "gpus": 1.0 if args.accelerator == "cuda" else 0.0}  # fmt: skip
+    if not edge:
+        return [gpu]
+    host = {"name": "edge", "tier": "edge", "accelerator": "cpu", "memory_gb": 60.0, "tflops": 1.0,
+            "owns_data": True, "cpu_threads": args.edge_threads, "zone": "edge"}  # fmt: skip
+    return [host, gpu]
+
+
+def run_case(args: argparse.Namespace, name: str, out_dir: Path, on_cluster: bool) -> dict:
+    from splitlearn.config import config_from_container
+    from splitlearn.trainer import train
+
+    edge = name.startswith("E2")
+    raw = {
+        "name": name,
+        "model": {"family": "llama", "config": SHAPE},
+        "data": {"path": str(ROOT / "data" / "quickstart.txt"), "tokenizer": "byte", "seq_len": args.seq},
+        "topology": {
+            "inline": {
+                "devices": devices(args, edge),
+                "links": {"zones": [{"a": "edge", "b": "cloud", "bandwidth_mbps": args.link_mbps,
+                                     "latency_ms": args.link_ms}]} if edge else {},
+            }
+        },  # fmt: skip
+        "train": {"steps": args.steps, "batch_size": args.batch, "micro_batches": 2 if edge else 1, "lr": 1e-4,
+                  "dtype": "bf16"},  # fmt: skip
+        "plan": {"partitioner": "optimal" if edge else "manual", "devices": [] if edge else ["gpu"],
+                 "profile": "on_cluster" if on_cluster else None, "search_seconds": 5},  # fmt: skip
+        "finetune": {"method": "full"},
+        "runtime": runtime_section(out_dir, f"{name}-{on_cluster}", "none", emulate_links=name == "E2-links",
+                                   schedule="1f1b"),  # fmt: skip
+    }
+    cfg = config_from_container(raw, [], "predict_gpu", ROOT)
+    t0 = time.perf_counter()
+    result = train(cfg, progress="none")
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    return {
+        "case": name,
+        "on_cluster": on_cluster,
+        "plan": [(s.index, s.devices, s.start, s.stop) for s in result.plan.stages],
+        "predicted_ms": summary.get("simulated_step_ms"),
+        "measured_ms": summary.get("measured_step_ms"),
+        "ratio": (summary.get("measured_step_ms") or 0) / (summary.get("simulated_step_ms") or 1),
+        "memory": summary.get("memory"),
+        "mfu": summary.get("mfu"),
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--edge-threads", type=int, default=12)
+    ap.add_argument("--link-mbps", type=float, default=1000.0)
+    ap.add_argument("--link-ms", type=float, default=5.0)
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--accelerator", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="a tiny shape, to check the script")
+    ap.add_argument("--cases", nargs="*", default=["E1:0", "E1:1", "E2:1", "E2-links:1"],
+                    help="NAME:ON_CLUSTER (0 or 1)")  # fmt: skip
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "predict-h200.json"))
+    args = ap.parse_args()
+    if args.tiny:
+        SHAPE.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=320)  # fmt: skip
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="sl-predict-") as tmp:
+        os.environ["XDG_CACHE_HOME"] = str(Path(tmp) / "cache")  # measured here, now
+        for case in args.cases:
+            name, flag = case.split(":")
+            rows.append(run_case(args, name, Path(tmp), flag == "1"))
+            r = rows[-1]
+            print(f"{name:9s} on_cluster={r['on_cluster']!s:5s} predicted {r['predicted_ms']:9.1f} ms  "
+                  f"measured {r['measured_ms']:9.1f} ms  x{r['ratio']:.3f}  plan {r['plan']}", flush=True)  # fmt: skip
+            for m in r["memory"] or []:
+                print(f"    stage {m['stage']} {m['device']}: planned {m['planned_gb']:.2f} GB, "
+                      f"held {m['measured_gb']:.2f} GB", flush=True)  # fmt: skip
+    write_record(args.out, {"machine": machine(), "args": vars(args), "shape": SHAPE, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
