@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 from cluster.ray_cluster import check_devices, connect
 from partitioners import Plan
-from splitlearn import console, method_policy, run_checkpoints
+from splitlearn import console, logs, method_policy, run_checkpoints
 from splitlearn.config import LoadedConfig
 from splitlearn.errors import StageFailed
 from splitlearn.failure import Decision, Recovery, decide_on_failure
 from splitlearn.fsio import atomic_write
 from splitlearn.models.build import import_adapter_module
 from splitlearn.models.check import require_exact
-from splitlearn.planning import make_plan
+from splitlearn.planning import check_data, make_plan
 from splitlearn.run_record import RunResult, find_resume_dir, new_run_dir, step_record, summary
 from splitlearn.runtime import StageGroup
 
@@ -34,11 +35,13 @@ def train(cfg: LoadedConfig, progress: str | None = None, resume: str | bool | N
     """Plan, place, train and record; survive lost workers and devices as configured."""
     run = cfg.run
     import_adapter_module(run.model.adapter_module)
+    run_dir = find_resume_dir(cfg, resume) if resume else None
+    address = run.ray.address or os.environ.get("RAY_ADDRESS") or None
+    check_data(cfg, embedded=address is None)  # here the driver reads the owner's very file
     require_exact(run.model)  # a tiny copy split vs unsplit: a wrong family adapter stops here
     plan = make_plan(cfg)
     console.show_plan(plan)
-    run_dir = find_resume_dir(cfg, resume) if resume else None
-    handle = connect(cfg.topology, run.ray.address, run.ray.num_cpus)
+    handle = connect(cfg.topology, address, run.ray.num_cpus, timeout_s=run.ray.connect_timeout_s)
     group: StageGroup | None = None
     try:
         group = _start_group(cfg, plan, attempt=0)  # user errors surface here, before any file
@@ -75,6 +78,7 @@ def _open_run(cfg: LoadedConfig, plan: Plan, run_dir: Path | None) -> RunResult:
     if run_dir is None:
         run_dir = new_run_dir(cfg)
         atomic_write(run_dir / "config.yaml", cfg.to_yaml())
+    logs.attach_run_log(run_dir)
     console.show_run_dir(run_dir)
     atomic_write(run_dir / "plan.yaml", plan.to_yaml())
     return RunResult(run_dir=run_dir, plan=plan, events_path=run_dir / "events.jsonl")
