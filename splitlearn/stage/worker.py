@@ -109,7 +109,6 @@ class StageWorker:
         return beside if beside.exists() or not path.exists() else path
 
     def prepare(self) -> dict[str, Any]:
-        from splitlearn.data import BatchSource, load_dataset
         from splitlearn.method_policy import prepare_segment, stage_method
         from splitlearn.models.build import build_segment, meta_model, weights_dtype
         from splitlearn.models.chain import Segment
@@ -120,6 +119,7 @@ class StageWorker:
         # only this segment's tensors are ever materialised (read from the checkpoint's files, or
         # random init with the whole model's values for this seed)
         meta = meta_model(self.run.model)  # built (and its modelling code imported) before the memory mark
+        data_info = self._load_data(meta) if self.is_first else {}  # the owner checks its data first thing
         if stage_method(self.spec).method == "lora":
             import peft  # noqa: F401  (the library is runtime, not segment: imported before the mark)
         with PeakRSS() as rss:
@@ -177,18 +177,21 @@ class StageWorker:
             "offload": self.offload,
             **load,
         }
-        if self.is_first:
-            dataset, tokenizer = load_dataset(self.run.data, self._resolve)
-            model_config: Any = model.config
-            vocab = model_config.vocab_size
-            if tokenizer.vocab_size > vocab:
-                raise DataError(
-                    f"model.config.vocab_size={vocab} is smaller than the tokenizer's "
-                    f"{tokenizer.vocab_size} tokens; raise model.config.vocab_size"
-                )
-            self.batches = BatchSource(dataset, self.run.train.batch_size, self.run.train.seed)
-            info["rows"] = dataset.num_rows
-        return info
+        return {**info, **data_info}
+
+    def _load_data(self, meta: Any) -> dict[str, Any]:
+        """Read, tokenize and check the data (on the data owner), before the segment is built."""
+        from splitlearn.data import BatchSource, load_dataset
+
+        dataset, tokenizer = load_dataset(self.run.data, self._resolve)
+        vocab = meta.config.vocab_size
+        if tokenizer.vocab_size > vocab:
+            raise DataError(
+                f"model.config.vocab_size={vocab} is smaller than the tokenizer's "
+                f"{tokenizer.vocab_size} tokens; raise model.config.vocab_size"
+            )
+        self.batches = BatchSource(dataset, self.run.train.batch_size, self.run.train.seed)
+        return {"rows": dataset.num_rows}
 
     def rendezvous_address(self) -> tuple[str, int]:
         """An address of this node and a free port on it, for the world's rendezvous."""
