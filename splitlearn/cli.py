@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     from splitlearn.errors import StageFailed, UserError
 
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.command == "train":
             from splitlearn.config import load_config
@@ -287,10 +292,25 @@ def main(argv: list[str] | None = None) -> int:
     except StageFailed as e:
         print(f"splitlearn: error: {e}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("splitlearn: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("splitlearn: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if threading.current_thread() is threading.main_thread() and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that every ``finally`` runs: the workers and an
+    embedded Ray cluster are shut down as on Ctrl-C (Python's default would exit at once)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def _validate(args: argparse.Namespace) -> int:

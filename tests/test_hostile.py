@@ -105,3 +105,42 @@ def test_train_against_a_dead_address_is_one_quiet_line(tmp_path: Path):
     assert r.stderr.splitlines() == [r.stderr.strip()] and r.stderr.startswith("splitlearn: error: ray.address:")
     assert f"'{address}'" in r.stderr and "ray.connect_timeout_s=1 s" in r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_sigterm_stops_a_waiting_train(tmp_path: Path):
+    """SIGTERM while ``train`` waits for an unreachable cluster: stopped at once (not after
+    the timeout), one line, exit 143, nothing written."""
+    import signal
+
+    address = f"127.0.0.1:{_closed_port()}"
+    cfg = {
+        "name": "term",
+        "model": {"family": "llama", "config": {**TINY["llama"], "vocab_size": 258}},
+        "data": {"path": str(ROOT / "data" / "quickstart.txt"), "seq_len": 16},
+        "topology": {"inline": inline_topology()},
+        "train": {"steps": 2, "batch_size": 4, "micro_batches": 2},
+        "plan": {"devices": ["edge-a", "mid-b"]},
+        "runtime": {"output_dir": str(tmp_path / "runs"), "progress": "none"},
+        "ray": {"address": address, "connect_timeout_s": 120.0},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "splitlearn", "train", str(tmp_path / "run.yaml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+    )
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:  # the plan is printed just before the driver attaches to Ray
+            if line.startswith("predicted step"):
+                break
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=20)
+    finally:
+        p.kill()
+    assert p.returncode == 143 and err.strip() == "splitlearn: terminated", err[-2000:]
+    assert not (tmp_path / "runs").exists()
