@@ -54,17 +54,30 @@ def run_case(args: argparse.Namespace, name: str, out_dir: Path, on_cluster: boo
         "topology": {
             "inline": {
                 "devices": devices(args, edge),
-                "links": {"zones": [{"a": "edge", "b": "cloud", "bandwidth_mbps": args.link_mbps,
-                                     "latency_ms": args.link_ms}]} if edge else {},
+                "links": {
+                    "zones": [{"a": "edge", "b": "cloud", "bandwidth_mbps": args.link_mbps, "latency_ms": args.link_ms}]
+                }
+                if edge
+                else {},
             }
         },  # fmt: skip
-        "train": {"steps": args.steps, "batch_size": args.batch, "micro_batches": 2 if edge else 1, "lr": 1e-4,
-                  "dtype": "bf16"},  # fmt: skip
-        "plan": {"partitioner": "optimal" if edge else "manual", "devices": [] if edge else ["gpu"],
-                 "profile": "on_cluster" if on_cluster else None, "search_seconds": 5},  # fmt: skip
+        "train": {
+            "steps": args.steps,
+            "batch_size": args.batch,
+            "micro_batches": 2 if edge else 1,
+            "lr": 1e-4,
+            "dtype": "bf16",
+        },  # fmt: skip
+        "plan": {
+            "partitioner": "optimal" if edge else "manual",
+            "devices": [] if edge else ["gpu"],
+            "profile": "on_cluster" if on_cluster else None,
+            "search_seconds": 5,
+        },  # fmt: skip
         "finetune": {"method": "full"},
-        "runtime": runtime_section(out_dir, f"{name}-{on_cluster}", "none", emulate_links=name == "E2-links",
-                                   schedule="1f1b"),  # fmt: skip
+        "runtime": runtime_section(
+            out_dir, f"{name}-{on_cluster}", "none", emulate_links=name == "E2-links", schedule="1f1b"
+        ),  # fmt: skip
     }
     cfg = config_from_container(raw, [], "predict_gpu", ROOT)
     t0 = time.perf_counter()

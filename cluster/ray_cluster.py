@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,15 +34,43 @@ class ClusterHandle:
             ray.shutdown()
 
 
+def wait_reachable(address: str, timeout_s: float) -> None:
+    """Return once the Ray head at ``address`` (``host:port``, or ``ray://host:port``) accepts
+    a TCP connection, or raise a PlacementError naming it after ``timeout_s``: Ray itself
+    keeps retrying an unreachable head for minutes. ``auto``/``local`` are looked up by Ray."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local" or a bare host: Ray resolves it and fails fast itself
+    deadline = time.monotonic() + timeout_s
+    last: OSError | None = None
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            why = last.strerror if last is not None and last.strerror else str(last or "no answer")
+            raise PlacementError(
+                f"ray.address: cannot reach the Ray cluster at '{address}' within ray.connect_timeout_s="
+                f"{timeout_s:g} s ({why}); start it (`splitlearn node start --head`) or fix the address"
+            )
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=min(left, 2.0)).close()
+            return
+        except OSError as e:  # refused while the head starts, or no route: retry until the deadline
+            last = e
+            time.sleep(min(0.2, max(left, 0)))
+
+
 def connect(
     topology: Topology,
     address: str | None = None,
     num_cpus: int | None = None,
     env_vars: dict[str, str] | None = None,
+    timeout_s: float = 20.0,
 ) -> ClusterHandle:
-    """Attach to the cluster at ``address`` (or ``$RAY_ADDRESS``), or start an embedded one
-    that carries every device of ``topology``. Reuses a Ray session already initialised in
-    this process (as tests and Ray jobs do)."""
+    """Attach to the cluster at ``address`` (or ``$RAY_ADDRESS``), failing within
+    ``timeout_s`` when it cannot be reached, or start an embedded one that carries every
+    device of ``topology``. Reuses a Ray session already initialised in this process (as
+    tests and Ray jobs do)."""
     import ray
 
     if ray.is_initialized():
@@ -48,8 +78,9 @@ def connect(
     address = address or os.environ.get("RAY_ADDRESS") or None
     runtime_env = {"env_vars": env_vars} if env_vars else None
     if address:
+        wait_reachable(address, timeout_s)
         try:
-            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env, configure_logging=False)
         except Exception as e:  # ConnectionError, TimeoutError, ValueError from Ray
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PlacementError(f"ray.address: cannot attach to the Ray cluster at '{address}': {first}") from e

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
-from cluster.conf import number_problem, to_typed
+from cluster.conf import load_yaml_file, number_problem, to_typed
 from cluster.errors import TopologyError
 
 TIERS = ("edge", "cloud")
@@ -210,15 +210,7 @@ def topology_from_container(data: Any, source: str = "<inline>") -> Topology:
 
 def load_topology(path: str | Path) -> Topology:
     p = Path(path)
-    if not p.is_file():
-        raise TopologyError(f"topology file not found: {p}")
-    try:
-        raw: Any = OmegaConf.load(p)
-    except Exception as e:  # yaml.YAMLError and friends
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TopologyError(f"{p}: not valid YAML: {first}") from e
-    if not isinstance(raw, dict) and not OmegaConf.is_dict(raw):
-        raise TopologyError(f"{p}: expected a mapping with 'devices' and 'links'")
+    raw: Any = load_yaml_file(p, "topology file", TopologyError)
     if "name" not in raw:
         raw["name"] = p.stem
     return topology_from_container(raw, str(p))

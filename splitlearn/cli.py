@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 from splitlearn.config import PROGRESS_MODES
@@ -233,13 +236,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    from splitlearn import logs
+
+    logs.setup(args.verbose)  # library notices go to the run's log, not the screen
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     from splitlearn.errors import StageFailed, UserError
 
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.command == "train":
             from splitlearn.config import load_config
@@ -251,18 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run directory: {result.run_dir}")
             return 0
         if args.command == "validate":
-            from splitlearn.config import load_config
-            from splitlearn.planning import make_plan
-
-            cfg = load_config(args.config, args.overrides)
-            print(cfg.to_yaml().rstrip())
-            print(f"# topology '{cfg.topology.name}': {', '.join(cfg.topology.device_names)}")
-            if not args.no_plan:
-                from splitlearn.models.check import require_exact
-
-                require_exact(cfg.run.model)
-                print(make_plan(cfg).table())
-            return 0
+            return _validate(args)
         if args.command == "check-model":
             return _check_model(args)
         if args.command == "profile":
@@ -285,9 +279,20 @@ def main(argv: list[str] | None = None) -> int:
             print("wrote " + ", ".join(str(p) for p in paths.values()))
             return 0
         if args.command == "data":
+            from splitlearn.config import directory_problem
             from splitlearn.data import write_synth_corpus
+            from splitlearn.errors import ConfigError
+            from splitlearn.fsio import check_writable
 
-            path = write_synth_corpus(args.output or "data/quickstart.txt", args.docs, args.seed)
+            out = args.output or "data/quickstart.txt"
+            if args.docs < 1:
+                raise ConfigError(f"--docs: must be >= 1, got {args.docs}")
+            problem = directory_problem(Path(out).parent)
+            if problem:
+                raise ConfigError(f"cannot write {out}: {problem}")
+            if Path(out).parent.is_dir():
+                check_writable(out)
+            path = write_synth_corpus(out, args.docs, args.seed)
             print(f"wrote {path} ({path.stat().st_size} bytes)")
             return 0
         from splitlearn.cli_cluster import CLUSTER_COMMANDS
@@ -307,10 +312,46 @@ def main(argv: list[str] | None = None) -> int:
     except StageFailed as e:
         print(f"splitlearn: error: {e}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("splitlearn: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("splitlearn: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if threading.current_thread() is threading.main_thread() and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that every ``finally`` runs: the workers and an
+    embedded Ray cluster are shut down as on Ctrl-C (Python's default would exit at once)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _validate(args: argparse.Namespace) -> int:
+    """Every check first (the config, the data, the model and the plan), then the output:
+    an error is the only line printed."""
+    from splitlearn.config import load_config
+    from splitlearn.planning import check_data, make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    check_data(cfg, embedded=not (cfg.run.ray.address or os.environ.get("RAY_ADDRESS")))
+    table = None
+    if not args.no_plan:
+        from splitlearn.models.check import require_exact
+
+        require_exact(cfg.run.model)
+        table = make_plan(cfg).table()
+    print(cfg.to_yaml().rstrip())
+    print(f"# topology '{cfg.topology.name}': {', '.join(cfg.topology.device_names)}")
+    if table is not None:
+        print(table)
+    return 0
 
 
 def _check_model(args: argparse.Namespace) -> int:
@@ -374,11 +415,13 @@ def _profile(args: argparse.Namespace) -> int:
 
     from splitlearn.config import load_config
     from splitlearn.errors import ConfigError
-    from splitlearn.fsio import atomic_write
+    from splitlearn.fsio import atomic_write, check_writable
+    from splitlearn.planning import check_batch_fits
     from splitlearn.profile_report import profile_model, profile_table
 
     overrides = list(args.overrides)
     cfg = load_config(args.config, overrides)
+    check_writable(args.out)
     if args.micro_batch is not None:
         if args.micro_batch < 1:
             raise ConfigError(f"--micro-batch: must be >= 1, got {args.micro_batch}")
@@ -389,6 +432,7 @@ def _profile(args: argparse.Namespace) -> int:
         cfg.run.data.seq_len = args.seq_len
     if args.repeats < 1:
         raise ConfigError(f"--repeats: must be >= 1, got {args.repeats}")
+    check_batch_fits(cfg)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available here")
@@ -406,24 +450,21 @@ def _shard(args: argparse.Namespace) -> int:
     it at the end, so a failure leaves nothing at ``--out``."""
     import shutil
     import tempfile
-    from pathlib import Path
 
     from cluster.tables import render_table
-    from partitioners.plan import Plan
-    from splitlearn.config import ModelConfig
+    from splitlearn.config import ModelConfig, directory_problem
     from splitlearn.errors import ConfigError
     from splitlearn.models.build import meta_model
     from splitlearn.models.hf_checkpoint import write_stage_dirs
+    from splitlearn.plan_report import read_plan
 
-    out, plan_path = Path(args.out), Path(args.plan)
+    out = Path(args.out)
     if out.exists():
         raise ConfigError(f"--out: {out} already exists; give a new directory")
-    if not plan_path.is_file():
-        raise ConfigError(f"--plan: file not found: {plan_path}")
-    try:
-        plan = Plan.from_yaml(plan_path.read_text())
-    except Exception as e:  # yaml errors, missing or unknown keys
-        raise ConfigError(f"--plan: {plan_path} is not a plan written by `splitlearn plan`: {e}") from e
+    problem = directory_problem(out.parent)
+    if problem:
+        raise ConfigError(f"--out: {problem}")
+    plan = read_plan(Path(args.plan), "--plan")
     model = meta_model(ModelConfig(path=args.model_dir, adapter_module=args.adapter_module))
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

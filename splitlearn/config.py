@@ -7,7 +7,7 @@ line names the key and the file; the CLI prints it and exits with code 2.
 
 from __future__ import annotations
 
-import os
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cluster.conf import conf_error_line, number_problem
+from cluster.conf import conf_error_line, load_yaml_file, number_problem
 from cluster.topology import TIERS, Topology, load_topology, topology_from_container
 from partitioners.choices import (
     ALLOW_OPTIONS,
@@ -172,6 +172,7 @@ class CheckpointConfig:
 class RayConfig:
     address: str | None = None  # None: $RAY_ADDRESS, else an embedded local cluster
     num_cpus: int | None = None  # embedded cluster only; default: this machine's cores
+    connect_timeout_s: float = 20.0  # attaching to ray.address / $RAY_ADDRESS fails after this
 
 
 @dataclass
@@ -226,17 +227,8 @@ class LoadedConfig:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedConfig:
     p = Path(path)
-    src = str(p)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        raw = OmegaConf.load(p)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{src}: not valid YAML: {first}") from e
-    if not OmegaConf.is_dict(raw):
-        raise ConfigError(f"{src}: expected a mapping of sections (model, data, topology, ...)")
-    return config_from_container(raw, overrides or [], src, p.parent)
+    raw = load_yaml_file(p, "config file", ConfigError)
+    return config_from_container(raw, overrides or [], str(p), p.parent)
 
 
 def _check_container_kinds(schema: Any, raw: Any, key: str, source: str) -> None:
@@ -270,18 +262,7 @@ def config_from_container(raw: Any, overrides: list[str], source: str, base_dir:
     except OmegaConfBaseException as e:
         raise ConfigError(conf_error_line(e, "", source)) from e
     for item in overrides:
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
-            raise ConfigError(conf_error_line(e, "", f"override '{item}'")) from e
-        except (TypeError, ValueError) as e:  # e.g. an index into a list inside a free-form dict
-            raise ConfigError(f"override '{item}': cannot apply it: {e}") from e
-        except yaml.YAMLError as e:  # the value is parsed as YAML: e.g. an unclosed list
-            problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
-            raise ConfigError(
-                f"override '{item}': the value is not valid YAML ({problem}); close brackets and quotes, "
-                "or quote the whole value"
-            ) from e
+        merged = _apply_override(merged, item)
     try:
         run: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
@@ -290,6 +271,24 @@ def config_from_container(raw: Any, overrides: list[str], source: str, base_dir:
     loaded.topology = _resolve_topology(loaded)
     validate(loaded)
     return loaded
+
+
+def _apply_override(merged: Any, item: str) -> Any:
+    """``merged`` with one ``key=value`` override, or one line naming the override."""
+    source = f"override '{item}'"
+    try:
+        dot = OmegaConf.from_dotlist([item])
+        _check_container_kinds(merged, dot, "", source)
+        return OmegaConf.merge(merged, dot)
+    except OmegaConfBaseException as e:
+        raise ConfigError(conf_error_line(e, "", source)) from e
+    except (TypeError, ValueError) as e:  # e.g. an index into a list inside a free-form dict
+        raise ConfigError(f"{source}: cannot apply it: {e}") from e
+    except yaml.YAMLError as e:  # the value is parsed as YAML: e.g. an unclosed list
+        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        raise ConfigError(
+            f"{source}: the value is not valid YAML ({problem}); close brackets and quotes, or quote the whole value"
+        ) from e
 
 
 def _stage_keys_as_strings(raw: Any) -> Any:
@@ -335,6 +334,13 @@ class _Checker:
         if value not in allowed:
             self.fail(key, f"'{value}' is not one of {', '.join(allowed)}")
 
+    def file(self, key: str, given: str, path: Path, what: str) -> None:
+        """``path`` (``given`` as the user wrote it) must be a file."""
+        if path.is_dir():
+            self.fail(key, f"{given} is a directory; give {what}")
+        if not path.is_file():
+            self.fail(key, f"file not found: {given}")
+
     def at_least(self, key: str, value: float, low: float) -> None:
         problem = number_problem(value, low)
         if problem:
@@ -363,7 +369,9 @@ def _check_model(c: _Checker, cfg: LoadedConfig) -> None:
     if bool(m.family) == bool(m.path):
         c.fail("model", "set exactly one of model.family (build from config) or model.path (local checkpoint)")
     if m.path and not cfg.resolve_path(m.path.replace("{stage}", "0")).is_dir():
-        c.fail("model.path", f"directory not found: {m.path.replace('{stage}', '0')}")
+        first = m.path.replace("{stage}", "0")
+        what = "is a file; give a checkpoint directory" if cfg.resolve_path(first).exists() else "directory not found"
+        c.fail("model.path", f"{what}: {first}" if what.startswith("dir") else f"{first} {what}")
     if m.path:
         m.path = str(cfg.resolve_path(m.path))
     c.choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
@@ -409,6 +417,14 @@ def _plan_stages(p: PlanConfig) -> int:
 def _check_plan(c: _Checker, cfg: LoadedConfig) -> None:
     p = cfg.run.plan
     c.choice("plan.partitioner", p.partitioner, PARTITIONERS)
+    owners = [i for i, d in enumerate(cfg.topology.devices) if d.owns_data]
+    if len(owners) > 1:  # many data owners (split-federated) are not supported yet
+        first, second = (cfg.topology.devices[i].name for i in owners[:2])
+        c.fail(
+            f"topology.devices[{owners[1]}].owns_data",
+            f"'{second}' is a second data owner after '{first}'; a run has one data owner "
+            "(several, federated, are not supported yet): set owns_data on one device",
+        )
     names = set(cfg.topology.device_names)
     listed = [d for entry in p.devices for d in entry.split("+")]  # "a+b": one stage replicated on a and b
     for i, entry in enumerate(p.devices):
@@ -427,8 +443,8 @@ def _check_plan(c: _Checker, cfg: LoadedConfig) -> None:
         c.fail("plan.cuts", f"{stages} stages need {stages - 1} cuts, got {len(p.cuts)}")
     c.choice("plan.codec", p.codec, CODECS)
     c.positive("plan.search_seconds", p.search_seconds)
-    if p.profile and p.profile != ON_CLUSTER and not cfg.resolve_path(p.profile).is_file():
-        c.fail("plan.profile", f"file not found: {p.profile}")
+    if p.profile and p.profile != ON_CLUSTER:
+        c.file("plan.profile", p.profile, cfg.resolve_path(p.profile), "a profile.json from `splitlearn profile`")
     for i, opt in enumerate(p.allow):
         c.choice(f"plan.allow[{i}]", opt, ALLOW_OPTIONS)
 
@@ -475,11 +491,9 @@ def _check_runtime(c: _Checker, r: RunConfig) -> None:
     c.at_least("runtime.log_every", rt.log_every, 1)
     c.at_least("runtime.max_restarts", rt.max_restarts, 0)
     c.at_least("runtime.malloc_mmap_threshold_kb", rt.malloc_mmap_threshold_kb, 0)
-    out = Path(rt.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        c.fail("runtime.output_dir", f"{out} is a file; runs go in a directory: give a directory path")
-    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
-        c.fail("runtime.output_dir", f"{out} is not writable by this user; give a directory you can write to")
+    problem = directory_problem(Path(rt.output_dir).expanduser())
+    if problem:
+        c.fail("runtime.output_dir", f"{problem}; runs go in a directory: give one you can write to")
     name = rt.run_name
     if name is not None and (not name or name in (".", "..") or any(sep in name for sep in "/\\")):
         c.fail("runtime.run_name", f"'{name}' must be a name, not a path: the run directory is <output_dir>/<run_name>")
@@ -487,6 +501,23 @@ def _check_runtime(c: _Checker, r: RunConfig) -> None:
     c.at_least("checkpoint.keep", r.checkpoint.keep, 1)
     if r.ray.num_cpus is not None:
         c.at_least("ray.num_cpus", r.ray.num_cpus, 1)
+    c.positive("ray.connect_timeout_s", r.ray.connect_timeout_s)
+
+
+def directory_problem(path: Path) -> str | None:
+    """Why a directory cannot be made or written at ``path``, or None. Its nearest existing
+    ancestor must be a directory this process can create entries in: tried with an empty
+    directory made and removed at once (permissions alone pass for root, and ``/proc``)."""
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file"
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return f"{existing} is a file, not a directory" if existing else f"{path}: no such place"
+    try:
+        Path(tempfile.mkdtemp(prefix=".splitlearn-check-", dir=existing)).rmdir()
+    except OSError as e:
+        return f"{existing} is not writable ({e.strerror or e})"
+    return None
 
 
 def _check_override(c: _Checker, key: str, over: FinetuneOverride) -> None:

@@ -1,4 +1,10 @@
-"""The product's errors. A ``UserError`` is printed as one line with exit code 2."""
+"""The product's errors. A ``UserError`` is printed as one line with exit code 2.
+
+Every one of them pickles (a worker's error reaches the driver through Ray): an error whose
+``__init__`` takes other than one message defines ``__reduce__``.
+"""
+
+from __future__ import annotations
 
 from cluster.errors import PlacementError, TopologyError, UserError
 from partitioners.planner import PlanError
@@ -30,6 +36,11 @@ class StageFailed(RuntimeError):
     def __init__(self, stage: int, device: str, step: int, action: str, cause: str):
         self.stage, self.device, self.step, self.action, self.cause = stage, device, step, action, cause
         super().__init__(f"stage {stage} on device '{device}' failed at step {step}, action {action}: {cause}")
+
+    def __reduce__(self) -> tuple[type[StageFailed], tuple[int, str, int, str, str]]:
+        """Pickled with its five arguments (the default passes only the message), so that it
+        crosses the Ray boundary from a worker to the driver's restart path."""
+        return (type(self), (self.stage, self.device, self.step, self.action, self.cause))
 
 
 __all__ = [

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from cluster.tables import render_table
 from partitioners import Plan, PlanError
 from partitioners.planner import simulate_plan
 from splitlearn.config import LoadedConfig
 from splitlearn.errors import ConfigError
-from splitlearn.fsio import atomic_write
+from splitlearn.fsio import atomic_write, check_writable
 from splitlearn.planning import make_plan, plan_request
 from splitlearn.replay import measured_stage_costs, ran_plan
 
@@ -141,6 +142,34 @@ def draw_memory(plan: Plan, cfg: LoadedConfig, path: str | Path) -> None:
     plt.close(fig)
 
 
+def read_plan(path: Path, key: str) -> Plan:
+    """A plan written by ``splitlearn plan`` (or a run), or one line naming ``key`` and the file."""
+    if path.is_dir():
+        raise ConfigError(f"{key}: {path} is a directory; give a plan.yaml written by `splitlearn plan`")
+    if not path.is_file():
+        raise ConfigError(f"{key}: file not found: {path}")
+    try:
+        return Plan.from_yaml(path.read_text(encoding="utf-8"))
+    except Exception as e:  # YAML errors, missing or unknown keys, wrong types: all say "not a plan"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{key}: {path} is not a plan written by `splitlearn plan` ({first})") from e
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl``, or one line naming the file and the line."""
+    records = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"timeline: {path}:{lineno}: not valid JSON ({e.msg})") from e
+        if rec is not None and not (isinstance(rec, dict) and isinstance(rec.get("stages"), list) and "step" in rec):
+            raise ConfigError(f"timeline: {path}:{lineno}: not a step record of `splitlearn train`")
+        if rec is not None:
+            records.append(rec)
+    return records
+
+
 def draw_run_timeline(run_dir: str | Path, path: str | Path, step: int | None = None) -> tuple[int, float, float]:
     """A traced step of a run (``runtime.trace: true``) as measured, above the simulator's
     replay of the same plan on the compute the run measured (:func:`splitlearn.replay.replay`), on one
@@ -149,10 +178,11 @@ def draw_run_timeline(run_dir: str | Path, path: str | Path, step: int | None = 
     from partitioners.timeline import observed, timeline_figure
 
     run_dir = Path(run_dir)
+    check_writable(path)
     if not (run_dir / "plan.yaml").is_file() or not (run_dir / "metrics.jsonl").is_file():
         raise ConfigError(f"timeline: {run_dir} is not a run directory (no plan.yaml or metrics.jsonl)")
-    plan = Plan.from_yaml((run_dir / "plan.yaml").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    plan = read_plan(run_dir / "plan.yaml", "timeline")
+    records = _metrics(run_dir / "metrics.jsonl")
     traced = {r["step"]: r for r in records if ran_plan(plan, r["stages"]) and all("trace" in m for m in r["stages"])}
     if not traced:
         raise ConfigError(f"timeline: {run_dir} has no traced steps of its plan; run with runtime.trace=true")

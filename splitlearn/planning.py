@@ -11,7 +11,7 @@ from partitioners.profile import LayerProfile, ModelProfile
 from splitlearn import method_policy
 from splitlearn.config import ON_CLUSTER, LoadedConfig
 from splitlearn.errors import ConfigError
-from splitlearn.models.build import learned_positions, meta_model, weights_dtype
+from splitlearn.models.build import hf_config, learned_positions, meta_model, weights_dtype
 from splitlearn.models.chain import chain_names, num_blocks
 from splitlearn.models.costs import meta_profile
 
@@ -29,6 +29,7 @@ def load_profile(cfg: LoadedConfig) -> ModelProfile:
             f"data.seq_len: {seq} is beyond the {positions[1]} positions the model learned "
             f"(model.config.{positions[0]}); lower data.seq_len or raise model.config.{positions[0]}"
         )
+    check_batch_fits(cfg)
     if run.plan.profile and run.plan.profile != ON_CLUSTER:
         path = cfg.resolve_path(run.plan.profile)
         try:
@@ -52,6 +53,46 @@ def load_profile(cfg: LoadedConfig) -> ModelProfile:
         device="meta",
         lora=method_policy.lora_record(run) if variants else None,
     )
+
+
+def check_data(cfg: LoadedConfig, embedded: bool = True) -> None:
+    """Read, tokenize and check the data here, before anything is placed, when this process
+    reads the same file the data owner's worker will: on the embedded cluster (``embedded``),
+    or wherever the file is here when validating. On a real cluster the owner's worker checks
+    it first thing in its ``prepare``."""
+    from splitlearn.data import load_dataset
+    from splitlearn.errors import DataError
+
+    run = cfg.run
+    if not embedded and not cfg.resolve_path(run.data.path).is_file():
+        return
+    _, tokenizer = load_dataset(run.data, cfg.resolve_path)
+    vocab = getattr(hf_config(run.model), "vocab_size", None)
+    if isinstance(vocab, int) and tokenizer.vocab_size > vocab:
+        raise DataError(
+            f"model.config.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens; "
+            "raise model.config.vocab_size"
+        )
+
+
+def check_batch_fits(cfg: LoadedConfig) -> None:
+    """One micro-batch's hidden state (a lower bound of what the first stage holds) must fit
+    the largest device: checked from the config alone, before anything is allocated, so a huge
+    ``train.batch_size`` or ``data.seq_len`` is one line rather than an allocation failure."""
+    run = cfg.run
+    mb, seq = run.train.batch_size // run.train.micro_batches, run.data.seq_len
+    text = hf_config(run.model)
+    text = text.get_text_config() if hasattr(text, "get_text_config") else text
+    hidden = int(getattr(text, "hidden_size", 0) or 1)
+    need_gb = mb * seq * hidden * 2 / 1e9  # bf16, the smallest activation dtype a run uses
+    biggest = max(cfg.topology.devices, key=lambda d: max(d.memory_gb, d.host_budget_gb))
+    have_gb = max(biggest.memory_gb, biggest.host_budget_gb)
+    if need_gb > have_gb:
+        raise ConfigError(
+            f"train.batch_size={run.train.batch_size}, data.seq_len={seq}: one micro-batch's hidden state alone "
+            f"({mb} rows x {seq} tokens x {hidden} x 2 B = {need_gb:.3g} GB) exceeds the largest device's memory "
+            f"({have_gb:g} GB, '{biggest.name}'); lower train.batch_size or data.seq_len, or raise train.micro_batches"
+        )
 
 
 def meta_layers(cfg: LoadedConfig, cuda_kernels: bool) -> list[LayerProfile]:
@@ -89,7 +130,7 @@ def measured_on_devices(cfg: LoadedConfig, profile: ModelProfile) -> dict[str, l
     from splitlearn.device_profile import device_profiles
 
     run = cfg.run
-    connect(cfg.topology, run.ray.address, run.ray.num_cpus)
+    connect(cfg.topology, run.ray.address, run.ray.num_cpus, timeout_s=run.ray.connect_timeout_s)
     pool = [d for entry in (run.plan.devices or cfg.topology.device_names) for d in entry.split("+")]
     return device_profiles(cfg, profile.layers, pool)
 

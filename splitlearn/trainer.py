@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 from cluster.ray_cluster import check_devices, connect
 from partitioners import Plan
-from splitlearn import console, method_policy, run_checkpoints
+from splitlearn import console, logs, method_policy, run_checkpoints
 from splitlearn.config import ON_CLUSTER, LoadedConfig
 from splitlearn.curves import make_logger, step_scalars
 from splitlearn.errors import StageFailed
@@ -26,7 +27,7 @@ from splitlearn.fsio import atomic_write
 from splitlearn.models.build import import_adapter_module
 from splitlearn.models.check import require_exact
 from splitlearn.optim import lr_at
-from splitlearn.planning import make_plan
+from splitlearn.planning import check_data, make_plan
 from splitlearn.run_record import RunResult, find_resume_dir, new_run_dir, step_record, summary
 from splitlearn.runtime import StageGroup
 
@@ -37,9 +38,15 @@ def train(cfg: LoadedConfig, progress: str | None = None, resume: str | bool | N
     """Plan, place, train and record; survive lost workers and devices as configured."""
     run = cfg.run
     import_adapter_module(run.model.adapter_module)
+    run_dir = find_resume_dir(cfg, resume) if resume else None
+    address = run.ray.address or os.environ.get("RAY_ADDRESS") or None
+    check_data(cfg, embedded=address is None)  # here the driver reads the owner's very file
     require_exact(run.model)  # a tiny copy split vs unsplit: a wrong family adapter stops here
     # devices that time the layers themselves (plan.profile: on_cluster) need the cluster first
-    early = connect(cfg.topology, run.ray.address, run.ray.num_cpus) if run.plan.profile == ON_CLUSTER else None
+    on_cluster = run.plan.profile == ON_CLUSTER
+    early = (
+        connect(cfg.topology, address, run.ray.num_cpus, timeout_s=run.ray.connect_timeout_s) if on_cluster else None
+    )
     try:
         plan = make_plan(cfg)
     except BaseException:
@@ -47,8 +54,7 @@ def train(cfg: LoadedConfig, progress: str | None = None, resume: str | bool | N
             early.shutdown()
         raise
     console.show_plan(plan)
-    run_dir = find_resume_dir(cfg, resume) if resume else None
-    handle = early or connect(cfg.topology, run.ray.address, run.ray.num_cpus)
+    handle = early or connect(cfg.topology, address, run.ray.num_cpus, timeout_s=run.ray.connect_timeout_s)
     group: StageGroup | None = None
     try:
         group = _start_group(cfg, plan, attempt=0)  # user errors surface here, before any file
@@ -88,6 +94,7 @@ def _open_run(cfg: LoadedConfig, plan: Plan, run_dir: Path | None) -> RunResult:
         # what `splitlearn export` places the workers with again: topology inline, paths' base
         record = {"run": cfg.resolved_dict(), "base_dir": str(cfg.base_dir.resolve())}
         atomic_write(run_dir / "run.json", json.dumps(record, indent=2))
+    logs.attach_run_log(run_dir)
     console.show_run_dir(run_dir)
     atomic_write(run_dir / "plan.yaml", plan.to_yaml())
     return RunResult(run_dir=run_dir, plan=plan, events_path=run_dir / "events.jsonl")

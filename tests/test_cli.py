@@ -65,7 +65,10 @@ def one_line_error(capsys, code, needle):
         (["validate", "{cfg}", "train.lr=nan"], "train.lr: must be a finite number, got nan"),
         (["validate", "{cfg}", "train.lr=inf"], "train.lr: must be a finite number, got inf"),
         (["train", "{cfg}", "runtime.run_name=../../x"], "runtime.run_name: '../../x' must be a name, not a path"),
-        (["validate", "{cfg}", "model.config.num_attention_heads=3"], "model.config: The hidden size (32) is not a"),
+        (
+            ["validate", "{cfg}", "model.config.num_attention_heads=3"],
+            "model.config.num_attention_heads: The hidden size (32) is not a",
+        ),
         (["validate", "{cfg}", "model.config.hidden_size=wide"], "model.config.hidden_size: "),
         (["plan", "{cfg}", "--out", "{tmp}/nodir/plan.yaml"], "nodir does not exist"),
         (["data", "{tmp}"], "is a directory"),

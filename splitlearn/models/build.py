@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -45,6 +46,9 @@ def _auto_classes() -> tuple[Any, Any]:
     with quiet_torchao():
         import transformers.modeling_utils  # noqa: F401  (the lazy import that loads torchao)
         from transformers import AutoConfig, AutoModelForCausalLM
+    from splitlearn.logs import quiet_library_handlers
+
+    quiet_library_handlers()  # transformers' notices to the run's log, not the screen
     return AutoConfig, AutoModelForCausalLM
 
 
@@ -72,19 +76,86 @@ def hf_config(model_cfg: Any) -> Any:
                 raise ModelError(f"model.path: no config.json in '{path}' (expected a local checkpoint directory)")
             cfg = AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
         else:
-            check_family(model_cfg.family)  # fail early with the list of families
+            _named_key("model.family", check_family, model_cfg.family)  # fail early with the list of families
             cfg = AutoConfig.for_model(model_cfg.family, **overrides)
     except ModelError:
         raise
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"model: cannot read the model's config: {line}") from e
     except Exception as e:
-        if not _is_config_validation_error(e):
+        if model_cfg.path and not _is_config_validation_error(e):
+            line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"model.path: cannot read {stage_path(model_cfg.path, 0)}/config.json: {line}") from e
+        if not isinstance(e, (OSError, ValueError, TypeError, KeyError)) and not _is_config_validation_error(e):
             raise
-        raise ModelError(config_validation_line(e)) from e
-    check_family(cfg.model_type, cfg)
+        raise ModelError(config_validation_line(e, overrides, _attribute_map(model_cfg.family))) from e
+    key = "model.path" if model_cfg.path else "model.family"
+    _named_key(key, check_family, cfg.model_type, cfg)
+    check_config_values(cfg, overrides)
     return cfg
+
+
+def _named_key(key: str, check: Any, *args: Any) -> None:
+    """``check(*args)`` with its ModelError's line starting with ``key``."""
+    try:
+        check(*args)
+    except ModelError as e:
+        raise ModelError(f"{key}: {e}") from e
+
+
+# model.config keys that count things (sizes, heads, layers): whole numbers >= 1
+_COUNT_KEY = re.compile(r"^(num_|n_)\w+|\w+_(size|dim|heads|layers|positions|embeddings|ctx|embd|inner)$")
+_ACTIVATION_KEYS = ("hidden_act", "activation_function", "hidden_activation")
+
+
+def check_config_values(cfg: Any, overrides: dict[str, Any]) -> None:
+    """What transformers' config accepts but its model cannot be built from, named by its key
+    (``model.config.<key>``): counts below 1, non-finite numbers, activations transformers
+    does not know, attention heads that do not split into key/value groups."""
+    from transformers.activations import ACT2FN
+
+    def fail(key: str, msg: str) -> NoReturn:
+        raise ModelError(f"model.config.{key}: {msg}")
+
+    for key, value in overrides.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(key, f"must be a finite number, got {value}")
+        if _COUNT_KEY.match(key) and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            fail(key, f"must be >= 1, got {value}")
+    amap = getattr(cfg, "attribute_map", None) or {}
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value < 1:
+            fail(_own_key(key, overrides, amap), f"must be >= 1, got {value}")
+    for key in _ACTIVATION_KEYS:
+        act = getattr(cfg, key, None)
+        if isinstance(act, str) and act not in ACT2FN:
+            fail(key, f"'{act}' is not an activation transformers knows (e.g. {', '.join(list(ACT2FN)[:6])})")
+    heads, kv = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    explicit_head_dim = getattr(cfg, "head_dim", None) is not None  # else hidden_size is cut into the heads
+    if isinstance(hidden, int) and isinstance(heads, int) and heads >= 1 and not explicit_head_dim and hidden % heads:
+        fail(_own_key("num_attention_heads", overrides, amap), f"{heads} does not divide the hidden size {hidden}")
+    if isinstance(heads, int) and isinstance(kv, int) and kv >= 1 and heads % kv:
+        fail(_own_key("num_key_value_heads", overrides, amap), f"{kv} does not divide the {heads} attention heads")
+
+
+def _own_key(standard: str, overrides: dict[str, Any], attribute_map: dict[str, str]) -> str:
+    """The name the user gave a config field: the family's own (GPT-2's ``n_head``) or the standard one."""
+    own = attribute_map.get(standard)
+    return own if own in overrides else standard
+
+
+def failure_key(message: str, overrides: dict[str, Any], attribute_map: dict[str, str]) -> str:
+    """``model.config.<key>`` for a failure to build a model from its config: the attention
+    heads when they do not divide, else the key (or the value) of ``model.config`` the message
+    mentions; ``model.config`` when it names none."""
+    low = message.lower()
+    key = ""
+    if "head" in low and ("multiple" in low or "divisible" in low):
+        kv = "key" in low and "value" in low
+        key = _own_key("num_key_value_heads" if kv else "num_attention_heads", overrides, attribute_map)
+    key = key or next((k for k in overrides if k in message or k.replace("_", " ") in low), "")
+    key = key or next((k for k, v in overrides.items() if re.search(rf"'{re.escape(str(v))}'", message)), "")
+    return f"model.config.{key}" if key else "model.config"
 
 
 def _is_config_validation_error(e: Exception) -> bool:
@@ -96,13 +167,23 @@ def _is_config_validation_error(e: Exception) -> bool:
     return isinstance(e, StrictDataclassError)
 
 
-def config_validation_line(e: Exception) -> str:
+def _attribute_map(family: str | None) -> dict[str, str]:
+    """A family's standard config names -> its own (GPT-2: ``num_attention_heads`` -> ``n_head``)."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        return dict(CONFIG_MAPPING[family].attribute_map) if family else {}
+    except KeyError:
+        return {}
+
+
+def config_validation_line(e: Exception, overrides: dict[str, Any], attribute_map: dict[str, str]) -> str:
     """One line from a config validation error: the key (``model.config.<field>`` when the
-    error names a field) and the reason transformers gives, e.g. ``hidden size (128) is not a
-    multiple of the number of attention heads (3)``."""
+    error names a field, else the key it is about, see :func:`failure_key`) and the reason
+    transformers gives, e.g. ``hidden size (128) is not a multiple of the number of attention heads (3)``."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     field = re.search(r"for field '([^']+)'", lines[0]) if lines else None
-    key = f"model.config.{field.group(1)}" if field else "model.config"
+    key = f"model.config.{field.group(1)}" if field else failure_key(str(e), overrides, attribute_map)
     reason = lines[-1] if lines else type(e).__name__
     reason = re.sub(r"^\w+Error: ", "", reason)
     return f"{key}: {reason}"
@@ -116,9 +197,11 @@ def meta_model(model_cfg: Any) -> nn.Module:
     try:
         with torch.device("meta"):
             model = _from_config(AutoModelForCausalLM, cfg, model_cfg.attn_implementation)
-    except (OSError, ValueError, TypeError, KeyError) as e:
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, AssertionError, IndexError) as e:
+        # the config's values are all there is to a model on meta: one of them is wrong
         line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"model: cannot build the model: {line}") from e
+        key = failure_key(line, dict(model_cfg.config or {}), getattr(cfg, "attribute_map", None) or {})
+        raise ModelError(f"{key}: {cfg.model_type} cannot be built from this config: {line}") from e
     model.config.use_cache = False
     return model
 

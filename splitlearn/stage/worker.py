@@ -110,7 +110,6 @@ class StageWorker:
         return beside if beside.exists() or not path.exists() else path
 
     def prepare(self) -> dict[str, Any]:
-        from splitlearn.data import BatchSource, load_run_data
         from splitlearn.method_policy import prepare_segment, stage_method
         from splitlearn.models.build import build_segment, meta_model, weights_dtype
         from splitlearn.models.chain import Segment
@@ -121,6 +120,7 @@ class StageWorker:
         # only this segment's tensors are ever materialised (read from the checkpoint's files, or
         # random init with the whole model's values for this seed)
         meta = meta_model(self.run.model)  # built (and its modelling code imported) before the memory mark
+        data_info = self._load_data(meta) if self.is_first else {}  # the owner checks its data first thing
         if stage_method(self.spec).method == "lora":
             import peft  # noqa: F401  (the library is runtime, not segment: imported before the mark)
         with PeakRSS() as rss:
@@ -178,20 +178,22 @@ class StageWorker:
             "offload": self.offload,
             **load,
         }
-        if self.is_first:
-            data = load_run_data(self.run.data, self._resolve, self.run.train.seed)
-            model_config: Any = model.config
-            vocab = model_config.vocab_size
-            if data.tokenizer.vocab_size > vocab:
-                raise DataError(
-                    f"model.config.vocab_size={vocab} is smaller than the tokenizer's "
-                    f"{data.tokenizer.vocab_size} tokens; raise model.config.vocab_size"
-                )
-            self.batches = BatchSource(data.train, self.run.train.batch_size, self.run.train.seed)
-            self.eval_data = data.eval
-            info["rows"] = data.train.num_rows
-            info["eval_rows"] = 0 if data.eval is None else data.eval.num_rows
-        return info
+        return {**info, **data_info}
+
+    def _load_data(self, meta: Any) -> dict[str, Any]:
+        """Read, tokenize and check the data (on the data owner), before the segment is built."""
+        from splitlearn.data import BatchSource, load_run_data
+
+        data = load_run_data(self.run.data, self._resolve, self.run.train.seed)
+        vocab = meta.config.vocab_size
+        if data.tokenizer.vocab_size > vocab:
+            raise DataError(
+                f"model.config.vocab_size={vocab} is smaller than the tokenizer's "
+                f"{data.tokenizer.vocab_size} tokens; raise model.config.vocab_size"
+            )
+        self.batches = BatchSource(data.train, self.run.train.batch_size, self.run.train.seed)
+        self.eval_data = data.eval
+        return {"rows": data.train.num_rows, "eval_rows": 0 if data.eval is None else data.eval.num_rows}
 
     def rendezvous_address(self) -> tuple[str, int]:
         """An address of this node and a free port on it, for the world's rendezvous."""
