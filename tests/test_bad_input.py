@@ -305,7 +305,7 @@ YAML_SYNTAX = [
 FILES = [
     v("data-missing", "data.path={tmp}/nowhere.txt", needle="data.path: file not found"),
     v("data-directory", "data.path={tmp}/ddir", needle="data.path: ", dirs=["ddir"]),
-    v("data-directory-named", "data.path={tmp}/ddir", needle="is a directory", dirs=["ddir"]),
+    v("data-directory-named", "data.path={tmp}/ddir", needle="neither a `Dataset` directory", dirs=["ddir"]),
     v(
         "data-bad-jsonl",
         "data.path={tmp}/bad.jsonl",
