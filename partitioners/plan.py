@@ -162,7 +162,7 @@ class Plan:
     def table(self) -> str:
         """The stages as a table (rich boxes on a terminal, plain text in logs: see
         :mod:`cluster.tables`), then the plan's settings and prediction."""
-        head = (
+        head: tuple[str, ...] = (
             "stage",
             "device",
             "layers",
@@ -198,7 +198,7 @@ class Plan:
         if any(s.leak is not None for s in self.stages):
             head = (*head, "leak")
             rows = [(*r, "-" if s.leak is None else f"{s.leak:.0%}") for r, s in zip(rows, self.stages, strict=True)]
-        numeric = ("stage", "params", "mem GB", "fwd+bwd ms", "link ms")
+        numeric: tuple[str, ...] = ("stage", "params", "mem GB", "fwd+bwd ms", "link ms")
         if head[-1] == "leak":
             numeric = (*numeric, "leak")
         lines = [render_table(head, rows, numeric=numeric)]

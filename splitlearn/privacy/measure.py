@@ -113,6 +113,13 @@ def tail_logits(seg: Segment, h: torch.Tensor, mask: torch.Tensor | None) -> tor
     return ad.head(model, h)
 
 
+def _table(model: nn.Module, output: bool = False) -> torch.Tensor:
+    """The input (or output) embedding matrix of a Hugging Face model, detached."""
+    hf: Any = model
+    layer = hf.get_output_embeddings() if output else hf.get_input_embeddings()
+    return layer.weight.detach()
+
+
 def _labels(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return ids if mask is None else ids.masked_fill(mask == 0, IGNORE_INDEX)
 
@@ -159,7 +166,7 @@ def measure_front(
     valid = None if mask is None else mask.bool()
     nearest = learned = None
     if "nearest" in s.attacks:
-        table = known.get_input_embeddings().weight.detach()
+        table = _table(known)
         nearest = recovery(nearest_tokens(acts, table, mask), ids, valid)
     if "learned" in s.attacks:
         seg = front(known, k)
@@ -186,7 +193,7 @@ def measure_tail(k: int, owner: nn.Module, known: nn.Module, data: dict[str, Any
     (grad,) = torch.autograd.grad(loss, h)
     grad = add_noise(grad, s.noise_scale, torch.Generator().manual_seed(2000 + k))
     tail = cut(copy.deepcopy(known), a, n + 2)
-    unembed = known.get_output_embeddings().weight.detach()
+    unembed = _table(known, output=True)
     guess = labels_from_gradients(grad, hidden, lambda x: tail_logits(tail, x, mask), unembed, items)
     valid = labels != IGNORE_INDEX
     valid[:, 0] = False
@@ -215,7 +222,7 @@ def measure(cfg: LoadedConfig, s: MeasureSettings, key: str, what: dict[str, Any
         "mask": None if ds.attention_mask is None else ds.attention_mask[rows],
         "pub_ids": pub.input_ids,
         "pub_mask": pub.attention_mask,
-        "vocab": int(known.get_input_embeddings().weight.shape[0]),
+        "vocab": int(_table(known).shape[0]),
     }
     n = num_blocks(known)
     out = []
