@@ -105,8 +105,6 @@ class PrivacyConfig:
     finetune_steps: int = 0  # the owner's model is measured after this many fine-tuning steps on its data
     attacks: list[str] = field(default_factory=lambda: list(PRIVACY_ATTACKS))
     attack_steps: int = 300  # attack (b)'s budget: decoder training steps on public text
-    # defence: Gaussian noise of this many times the tensor's RMS on what the owner sends (0: none)
-    noise_scale: float = 0.0
     cache_dir: str = "~/.cache/splitlearn/privacy"
 
 
@@ -375,7 +373,6 @@ def _check_privacy(c: _Checker, p: PrivacyConfig) -> None:
     c.at_least("privacy.max_owner_blocks", p.max_owner_blocks, 0)
     c.at_least("privacy.finetune_steps", p.finetune_steps, 0)
     c.at_least("privacy.attack_steps", p.attack_steps, 0)
-    c.at_least("privacy.noise_scale", p.noise_scale, 0)
 
 
 def _check_model(c: _Checker, cfg: LoadedConfig) -> None:

@@ -32,7 +32,6 @@ def settings(run: RunConfig) -> MeasureSettings:
     return MeasureSettings(
         max_owner_blocks=p.max_owner_blocks,
         finetune_steps=p.finetune_steps,
-        noise_scale=p.noise_scale,
         attacks=tuple(p.attacks),
         budget=InverterBudget(steps=p.attack_steps, seed=run.train.seed),
     )
@@ -126,8 +125,8 @@ def minimums(run: RunConfig, report: PrivacyReport, num_chain: int) -> OwnerMini
     if front is None or tail is None:
         what = "front" if front is None else "tail (gradients back)"
         why += (
-            f": no measured {what} cut up to {deepest} owner blocks meets it; raise the bound, "
-            "privacy.max_owner_blocks or privacy.noise_scale, or keep the whole model on the data owner"
+            f": no measured {what} cut up to {deepest} owner blocks meets it; raise the bound or "
+            "privacy.max_owner_blocks, or keep the whole model on the data owner"
         )
     return OwnerMinimums(
         front_layers=num_chain if front is None else 1 + front,
@@ -164,14 +163,15 @@ def annotate(plan: Plan, run: RunConfig, report: PrivacyReport | None, path: Pat
     first, last = plan.stages[0], plan.stages[-1]
     row = report.row(first.stop - 1)
     front = None if row is None else row.tokens
-    first.leak = 1.0 if not plan.label_privacy else front  # the labels sent to the cloud are the tokens
-    if plan.label_privacy:
+    if plan.stages[1].devices != first.devices:  # what it sends leaves the owner's device
+        first.leak = 1.0 if not plan.label_privacy else front  # the labels sent to the cloud are the tokens
+    if plan.label_privacy and plan.stages[-2].devices != last.devices:
         tail = report.row(last.stop - last.start - 1)
         last.leak = None if tail is None else tail.label
     attacks = "+".join(run.privacy.attacks)
     plan.privacy = (
         f"privacy: leak = share of private tokens recovered ({attacks}, after {report.what['privacy']['finetune_steps']}"
-        f" fine-tuning steps; {path.name}); bound {run.privacy.max_token_recovery:.0%}"
+        f" fine-tuning steps; {path.name}); bound {run.privacy.max_token_recovery:.1%}"
     )
     if not plan.label_privacy:
         plan.privacy += "; the head runs remotely, so the labels (the input tokens) leave the owner"

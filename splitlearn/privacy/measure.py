@@ -13,7 +13,8 @@ For each number of blocks ``k`` the owner keeps (0 .. ``privacy.max_owner_blocks
 - tail (U-shape): the owner runs ``block_{n-k} .. block_{n-1}, head`` on the cloud's
   activation and sends back the gradient; attack (c) recovers the labels from it.
 
-With ``privacy.noise_scale`` s > 0 the owner adds Gaussian noise of standard deviation
+With ``noise_scale`` s > 0 (a measurement setting for ``bench/privacy.py``; the runtime
+adds no noise: it did not measurably lower recovery, see the README) the owner adds Gaussian noise of standard deviation
 ``s * rms`` (the tensor's root mean square per position) to each activation and gradient it
 sends; the attacker knows the mechanism and trains its decoder on equally noisy activations.
 """

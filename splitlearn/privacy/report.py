@@ -60,7 +60,7 @@ def privacy_command(cfg: LoadedConfig, remeasure: bool = False) -> str:
     lines = [
         render_table(head, rows, numeric=head[:5]),
         f"model {report.num_blocks} blocks; after {run.privacy.finetune_steps} fine-tuning steps "
-        f"({run.finetune.method}); noise_scale {run.privacy.noise_scale:g}; attack (b) {run.privacy.attack_steps} steps; "
+        f"({run.finetune.method}); attack (b) {run.privacy.attack_steps} steps; "
         f"measured in {report.seconds:.1f} s, cached in {path}",
         "blocks: front = after the embedding (activations sent); tail = before the head in a U (gradients sent)",
         f"bound ({m.why}): {verdict(m, report.num_blocks + 2)}",
