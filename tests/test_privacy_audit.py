@@ -13,7 +13,7 @@ from splitlearn.trainer import train
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def audited_run(tmp_path, name, family, plan, **finetune):
+def audited_run(tmp_path, name, family, plan, schedule="sequential", **finetune):
     raw = {
         "name": name,
         "model": {"family": family, "config": {**TINY[family], "vocab_size": 258}},
@@ -24,6 +24,7 @@ def audited_run(tmp_path, name, family, plan, **finetune):
         "finetune": finetune,
         "privacy": {"measure": "off"},
         "runtime": {
+            "schedule": schedule,
             "output_dir": str(tmp_path),
             "run_name": name,
             "progress": "none",
@@ -42,7 +43,7 @@ def audited_run(tmp_path, name, family, plan, **finetune):
 @pytest.mark.deepspeed
 def test_replicated_offloaded_plan_sends_no_ids_and_labels_only_to_the_loss_stage(ray_cluster, tmp_path):
     plan = {"devices": ["edge-a", "cloud-c+cloud-d", "mid-b"]}
-    result, sent, topo = audited_run(tmp_path, "plain", "llama", plan, by_stage={"1": {"offload": "optimizer"}})
+    result, sent, topo = audited_run(tmp_path, "plain", "llama", plan, "1f1b", by_stage={"1": {"offload": "optimizer"}})
     assert [len(s.devices) for s in result.plan.stages] == [1, 2, 1] and result.plan.stages[1].offload == "optimizer"
     assert violations(result.plan, topo, sent) == []
     kinds = summary(sent)
