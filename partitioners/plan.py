@@ -45,6 +45,9 @@ class Stage:
     recompute: bool = False  # activation checkpointing of each chain layer
     frozen_dtype: str = "fp32"  # storage of the frozen weights: fp32 | bf16 | fp16 | int8
     trainable_params: int | None = None  # what gets gradients and optimizer state (None: all)
+    # measured share of the private tokens an attack recovers from what this stage sends to
+    # another device (activations at its cut, or, the U's last stage, gradients): None unmeasured
+    leak: float | None = None
 
     @property
     def device(self) -> str:
@@ -98,6 +101,7 @@ class Plan:
     predicted: dict[str, Any] = field(default_factory=dict)  # step_ms, bottleneck, bubble_fraction, ...
     # wires that cross one zone uplink ("link 0->1": "home->cloud"), shared by them in the simulator
     uplinks: dict[str, str] = field(default_factory=dict)
+    privacy: str = ""  # what the privacy bound made of the plan, for the footer (splitlearn.privacy)
 
     @property
     def num_stages(self) -> int:
@@ -158,7 +162,7 @@ class Plan:
     def table(self) -> str:
         """The stages as a table (rich boxes on a terminal, plain text in logs: see
         :mod:`cluster.tables`), then the plan's settings and prediction."""
-        head = (
+        head: tuple[str, ...] = (
             "stage",
             "device",
             "layers",
@@ -191,7 +195,13 @@ class Plan:
                     s.codec,
                 )
             )
-        lines = [render_table(head, rows, numeric=("stage", "params", "mem GB", "fwd+bwd ms", "link ms"))]
+        if any(s.leak is not None for s in self.stages):
+            head = (*head, "leak")
+            rows = [(*r, "-" if s.leak is None else f"{s.leak:.0%}") for r, s in zip(rows, self.stages, strict=True)]
+        numeric: tuple[str, ...] = ("stage", "params", "mem GB", "fwd+bwd ms", "link ms")
+        if head[-1] == "leak":
+            numeric = (*numeric, "leak")
+        lines = [render_table(head, rows, numeric=numeric)]
         footer = (
             f"partitioner={self.partitioner} schedule={self.schedule} micro_batches={self.num_micro_batches} "
             f"precision={self.precision} ({precision_note(self.precision)})"
@@ -213,6 +223,8 @@ class Plan:
             footer += f"; counted (FLOPs over tflops) on {', '.join(counted)}" if counted else ""
         if self.label_privacy:
             footer += "\nlabel_privacy: the head runs on the data owner (U-shaped split)"
+        if self.privacy:
+            footer += "\n" + self.privacy
         if any(s.num_replicas > 1 for s in self.stages):
             footer += (
                 "\na+b: replicas of one stage (micro-batch m on replica m % R; gradients all-reduced before the step)"

@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_validate,
         _add_check_model,
         _add_plan,
+        _add_privacy,
         _add_profile,
         _add_timeline,
         _add_data,
@@ -227,6 +228,22 @@ def _add_shard(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-module", default=None, help="module that registers the model's family, if not built in")
 
 
+def _add_privacy(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "privacy",
+        help="measure what leaves the data owner at each candidate cut (attacks) and what bounding it costs",
+        description=(
+            "Run the attacks (nearest-neighbour and learned inversion of the owner's activations, labels from "
+            "the gradients a U-shaped tail sends back) on the run's model for 0..privacy.max_owner_blocks "
+            "blocks on the owner; print the recovery rates and the best plan's cost at each; cache the figures "
+            "(privacy.cache_dir) for `splitlearn plan` and `train` to bound the plan by privacy.max_token_recovery."
+        ),
+        parents=[common],
+    )
+    _add_config_args(p)
+    p.add_argument("--remeasure", action="store_true", help="measure again even when cached")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -265,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
             return _shard(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "privacy":
+            from splitlearn.config import load_config
+            from splitlearn.privacy.report import privacy_command
+
+            print(privacy_command(load_config(args.config, args.overrides), args.remeasure))
+            return 0
         if args.command == "timeline":
             from splitlearn.plan_report import draw_run_timeline
 

@@ -104,6 +104,28 @@ class PlanConfig:
     search_seconds: float = 10.0
 
 
+PRIVACY_MEASURE = ("cached", "auto", "off")  # privacy.measure
+PRIVACY_ATTACKS = ("nearest", "learned", "label")  # privacy.attacks
+
+
+@dataclass
+class PrivacyConfig:
+    """What may leave the data owner, bounded by measured attacks (:mod:`splitlearn.privacy`)."""
+
+    # the share of private tokens an attack may recover from what the owner sends (activations
+    # at its cut; labels, which in causal-LM training are the input tokens; gradients of a U's tail)
+    max_token_recovery: float = 0.05
+    max_label_recovery: float = 1.0  # the share of labels attack (c) may recover (1: no bound of its own)
+    # cached: bound the plan by the measurement `splitlearn privacy` cached for this model, if any;
+    # auto: measure it first when not cached; off: no bound
+    measure: str = "cached"
+    max_owner_blocks: int = 4  # candidate cuts measured: 0 .. this many blocks on the owner (front and tail)
+    finetune_steps: int = 0  # the owner's model is measured after this many fine-tuning steps on its data
+    attacks: list[str] = field(default_factory=lambda: list(PRIVACY_ATTACKS))
+    attack_steps: int = 300  # attack (b)'s budget: decoder training steps on public text
+    cache_dir: str = "~/.cache/splitlearn/privacy"
+
+
 @dataclass
 class LoraSection:
     r: int = 8  # adapter rank
@@ -160,6 +182,9 @@ class RuntimeConfig:
     # torch.compile each stage's blocks: auto = on CUDA stages (a CPU stage's first steps would
     # spend minutes compiling), blocks = on every stage, none = eager
     compile: str = "auto"
+    # record every tensor each worker sends (kind, dtype, shape, stages and devices at both
+    # ends) in metrics.jsonl, for a privacy audit of what left which device
+    audit_transport: bool = False
 
 
 @dataclass
@@ -190,6 +215,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -362,6 +388,20 @@ def validate(cfg: LoadedConfig) -> None:
     _check_finetune(c, cfg.run)
     _check_offload(cfg.run)
     _check_runtime(c, cfg.run)
+    _check_privacy(c, cfg.run.privacy)
+
+
+def _check_privacy(c: _Checker, p: PrivacyConfig) -> None:
+    for key in ("max_token_recovery", "max_label_recovery"):
+        value = getattr(p, key)
+        if not 0.0 <= value <= 1.0:
+            c.fail(f"privacy.{key}", f"{value} is not a share between 0 and 1 (e.g. 0.05: 5% of tokens)")
+    c.choice("privacy.measure", p.measure, PRIVACY_MEASURE)
+    for i, a in enumerate(p.attacks):
+        c.choice(f"privacy.attacks[{i}]", a, PRIVACY_ATTACKS)
+    c.at_least("privacy.max_owner_blocks", p.max_owner_blocks, 0)
+    c.at_least("privacy.finetune_steps", p.finetune_steps, 0)
+    c.at_least("privacy.attack_steps", p.attack_steps, 0)
 
 
 def _check_model(c: _Checker, cfg: LoadedConfig) -> None:

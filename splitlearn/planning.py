@@ -142,7 +142,7 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
     n = len(profile.layers)
     if run.plan.profile and n != len(meta_chain_names(cfg)):
         raise ConfigError(f"plan.profile: it has {n} layers but the model's chain has {len(meta_chain_names(cfg))}")
-    return PlanRequest(
+    req = PlanRequest(
         layers=profile.layers,
         topology=cfg.topology,
         num_micro_batches=run.train.micro_batches,
@@ -160,6 +160,10 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
         device_layers=measured_on_devices(cfg, profile),
         cpu_runtime_bytes=CPU_RUNTIME_BYTES,
     )
+    from splitlearn.privacy.bound import apply
+
+    apply(cfg, req)  # the privacy bound: layers the owner keeps, the head on it (measured)
+    return req
 
 
 def meta_chain_names(cfg: LoadedConfig) -> list[str]:
@@ -174,6 +178,9 @@ def make_plan(cfg: LoadedConfig, partitioner: str | None = None, request: PlanRe
     plan = partition(partitioner or cfg.run.plan.partitioner, req)
     check_offload_schedule(cfg, plan)
     simulate_plan(plan)
+    from splitlearn.privacy.bound import annotate_run
+
+    annotate_run(cfg, plan)
     return plan
 
 

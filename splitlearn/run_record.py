@@ -17,6 +17,7 @@ from splitlearn.replay import ran_plan, replay
 
 # what metrics.jsonl keeps of each stage's metrics, per step
 STAGE_METRICS = (
+    "transfers",  # runtime.audit_transport
     "stage",
     "replica",
     "device",

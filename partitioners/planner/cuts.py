@@ -128,6 +128,10 @@ class CutSearch:
             la = lg = np.zeros((len(row_labels), 1))
         bs = np.arange(n if last else min(starts) + 1, hi + 1)
         valid = bs[None, :] > A if not last else np.ones((len(row_labels), len(bs)), bool)
+        if s == 0 and not last:  # privacy: the owner's first stage keeps its minimum of layers
+            valid = valid & (bs[None, :] >= self.req.min_owner_front)
+        if ushape and last:  # and the U's last stage its minimum
+            valid = valid & (n - A >= self.req.min_owner_tail)
         first = ushape and s == 0
         for k in range(len(opts)):
             f, bw, o = parts[k]

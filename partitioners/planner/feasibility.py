@@ -15,6 +15,7 @@ from partitioners.planner.request import (
     group_name,
     groups_of,
     identical,
+    owner_layers_check,
     uniform_cuts,
 )
 from partitioners.planner.tables import CostTables
@@ -90,7 +91,7 @@ def check_plan(
         return f"the first stage (embedding, raw inputs) must run on a data-owning device, not '{seq[0]}'"
     if req.label_privacy and seq[-1] != seq[0]:
         return f"label_privacy: the last stage (head, labels) must run on '{seq[0]}', not '{seq[-1]}'"
-    why = check_replicas(req, groups)
+    why = check_replicas(req, groups) or owner_layers_check(req, bounds)
     if why:
         return why
     used: dict[str, float] = {}
@@ -149,15 +150,20 @@ def infeasible_reason(req: PlanRequest, tables: CostTables, seqs: list[list[str]
                 f"together have {total_cap / GB:.2f} GB ({(total_need - total_cap) / GB:.2f} GB short){hint}"
             )
 
-    def least(a: int, s: int, S: int) -> float:
-        return min(req.stage_memory(a, a + 1, s, S, o, owner.name).device_total for o in req.options(s, owner.name))
+    def least(a: int, b: int, s: int, S: int) -> float:
+        return min(req.stage_memory(a, b, s, S, o, owner.name).device_total for o in req.options(s, owner.name))
 
     S = max(len(pool), 1)
-    first = least(0, 0, S)
-    if req.label_privacy:
-        first += least(req.n - 1, S, S + 1)
+    front = min(req.min_owner_front, req.n)
+    tail = min(req.min_owner_tail, req.n - front) if req.label_privacy else 0
+    first = least(0, front, 0, S)
+    if tail:
+        first += least(req.n - tail, req.n, S, S + 1)
     if first > owner.memory_gb * GB:
         what = "the embedding and the head (label_privacy)" if req.label_privacy else "the embedding"
+        if front > 1 or tail > 1:
+            what = f"{front} chain layers" + (f" and the last {tail}" if tail else "")
+            what += f" ({req.privacy_why or 'privacy'})"
         return (
             f"no feasible plan: privacy pins {what} to '{owner.name}', which needs {first / GB:.3f} GB "
             f"but has memory_gb={owner.memory_gb:g} ({(first - owner.memory_gb * GB) / GB:.3f} GB short){hint}"

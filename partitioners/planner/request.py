@@ -52,6 +52,12 @@ class PlanRequest:
     # counted on every CPU stage besides its tensors: what the workers' libraries keep
     # (splitlearn's runtime: costmodel.CPU_RUNTIME_BYTES)
     cpu_runtime_bytes: float = 0.0
+    # privacy (splitlearn.privacy measures it): with more than one stage, the data owner's
+    # first stage holds at least this many chain layers (1: the embedding), and under
+    # ``label_privacy`` its last stage at least ``min_owner_tail`` (1: the head)
+    min_owner_front: int = 1
+    min_owner_tail: int = 1
+    privacy_why: str = ""  # which bound set them, for error lines ("privacy.max_token_recovery=0.05")
 
     @property
     def n(self) -> int:
@@ -147,6 +153,26 @@ def default_device_order(topology: Topology) -> list[str]:
     """The data owner first, then the other devices as the topology lists them."""
     owner = topology.data_owner.name
     return [owner] + [n for n in topology.device_names if n != owner]
+
+
+def owner_layers_check(req: PlanRequest, bounds: list[int]) -> str | None:
+    """Why these stage bounds keep fewer chain layers on the data owner than the privacy
+    minimums ask (:attr:`PlanRequest.min_owner_front`, :attr:`PlanRequest.min_owner_tail`), or None."""
+    if len(bounds) <= 2:
+        return None  # one stage: nothing leaves the owner
+    why = f" ({req.privacy_why})" if req.privacy_why else ""
+    if bounds[1] < req.min_owner_front:
+        return (
+            f"privacy: the data owner's first stage must hold at least {req.min_owner_front} chain layers "
+            f"({req.layers[0].name}..{req.layers[req.min_owner_front - 1].name}){why}, got {bounds[1]}"
+        )
+    if req.label_privacy and bounds[-1] - bounds[-2] < req.min_owner_tail:
+        return (
+            f"privacy: the data owner's last stage must hold at least {req.min_owner_tail} chain layers "
+            f"({req.layers[req.n - req.min_owner_tail].name}..{req.layers[-1].name}){why}, "
+            f"got {bounds[-1] - bounds[-2]}"
+        )
+    return None
 
 
 def closed_sequence(req: PlanRequest, devices: list[str]) -> list[str]:

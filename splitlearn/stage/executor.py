@@ -43,6 +43,7 @@ class StepState:
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)
     grads_in: dict[int, torch.Tensor] = field(default_factory=dict)
     sent: dict[str, int] = field(default_factory=lambda: {"next": 0, "prev": 0, "labels": 0})
+    transfers: list[dict[str, Any]] = field(default_factory=list)  # runtime.audit_transport: what was sent where
     loss_total: float = 0.0
     grad_norm: float = 0.0
 
@@ -125,7 +126,27 @@ class Executor:
         }
         if times.trace is not None:
             out["trace"] = times.trace
+        if w.run.runtime.audit_transport:
+            out["transfers"] = state.transfers
         return out
+
+    def _audit(self, state: StepState, kind: str, t: torch.Tensor | None, dst: int) -> None:
+        """Record one tensor this worker sends (``runtime.audit_transport``): its kind, dtype,
+        shape, and the stages and devices at both ends."""
+        w = self.w
+        if t is None or not w.run.runtime.audit_transport:
+            return
+        state.transfers.append(
+            {
+                "kind": kind,
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "shape": list(t.shape),
+                "src_stage": w.stage,
+                "src_device": w.device_name,
+                "dst_stage": w.layout.stage_of(dst),
+                "dst_device": w.layout.device_of(dst),
+            }
+        )
 
     # -- handlers: each returns the seconds of its time spent waiting on other workers -------
     def _send_labels(self, state: StepState, act: Action) -> float:
@@ -133,6 +154,7 @@ class Executor:
         assert state.labels is not None
         for dst in self.w.layout.stage_ranks(self.w.num_stages - 1):
             state.sent["labels"] += self.w.transport.send(state.labels, dst, self.groups.ends)
+            self._audit(state, "labels", state.labels, dst)
         return 0.0
 
     def _recv_labels(self, state: StepState, act: Action) -> float:
@@ -173,6 +195,8 @@ class Executor:
         state.sent["next"] += w.transport.send(
             state.outputs[m], dst, self.groups.link(w.rank, dst), w.codec_out, state.masks[m]
         )
+        self._audit(state, "activation", state.outputs[m], dst)
+        self._audit(state, "padding-mask", state.masks[m], dst)
         return 0.0
 
     def _recv_grad(self, state: StepState, act: Action) -> float:
@@ -208,6 +232,7 @@ class Executor:
         dst = w.layout.rank_of(w.stage - 1, m)
         grad = x.grad if w.engine is None else x.grad / w.num_replicas  # see _ds_backward
         state.sent["prev"] += w.transport.send(grad, dst, self.groups.link(w.rank, dst), w.codec_in)
+        self._audit(state, "gradient", grad, dst)
         return 0.0
 
     def _step(self, state: StepState, act: Action) -> float:
@@ -216,4 +241,8 @@ class Executor:
         self.w.transport.wait_sends()
         waited = time.perf_counter() - t_wait
         state.grad_norm, collectives_s = self.w.optimizer_step(self.w.segment.parameters())
+        ends = {0, self.w.num_stages - 1} - {self.w.stage}
+        for p in self.w.tied.values():  # a tied weight's gradient is summed with the other end's
+            for dst in (r for s in ends for r in self.w.layout.stage_ranks(s)):
+                self._audit(state, "tied-gradient", p.grad, dst)
         return waited + collectives_s

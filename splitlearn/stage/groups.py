@@ -57,6 +57,9 @@ class RankLayout:
     def stage_ranks(self, stage: int) -> list[int]:
         return [self.offsets[stage] + r for r in range(self.replicas[stage])]
 
+    def stage_of(self, rank: int) -> int:
+        return max(s for s in range(self.num_stages) if self.offsets[s] <= rank)
+
     def device_of(self, rank: int) -> str:
         stage = max(s for s in range(self.num_stages) if self.offsets[s] <= rank)
         return self.plan.stages[stage].devices[rank - self.offsets[stage]]

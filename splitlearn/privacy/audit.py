@@ -1,0 +1,47 @@
+"""The transport audit: from a run's recorded transfers (``runtime.audit_transport``), what
+crossed each link, and the ways it broke the privacy rules:
+
+- no input ids ever leave the data owner's first stage (no integer tensor is sent other
+  than the labels and the padding mask);
+- under ``label_privacy`` (U-shape) the labels never leave the data owner's device; without
+  it they go only to the loss stage (and the plan's leak column says so: they are the text).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from cluster.topology import Topology
+from partitioners import Plan
+
+INTEGER = ("int64", "int32", "int16", "int8", "uint8")
+
+
+def transfers(stage_metrics: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every recorded transfer of every step and worker."""
+    return [t for step in stage_metrics for worker in step for t in worker.get("transfers", [])]
+
+
+def violations(plan: Plan, topology: Topology, sent: list[dict[str, Any]]) -> list[str]:
+    """One line per transfer that breaks a rule (see the module's docstring)."""
+    owners = {d.name for d in topology.devices if d.owns_data}
+    last = plan.num_stages - 1
+    out = []
+    for t in sent:
+        where = f"{t['kind']} {t['dtype']}{t['shape']} stage {t['src_stage']} ({t['src_device']}) -> "
+        where += f"stage {t['dst_stage']} ({t['dst_device']})"
+        if t["dtype"] in INTEGER and t["kind"] not in ("labels", "padding-mask"):
+            out.append(f"integer tensor (input ids?) sent: {where}")
+        if t["kind"] == "labels":
+            if plan.label_privacy and t["dst_device"] not in owners:
+                out.append(f"labels left the data owner under label_privacy: {where}")
+            if t["dst_stage"] != last:
+                out.append(f"labels sent to a stage that computes no loss: {where}")
+    return out
+
+
+def summary(sent: list[dict[str, Any]]) -> dict[str, int]:
+    """How many tensors of each kind crossed each pair of devices."""
+    c = Counter(f"{t['kind']} {t['src_device']}->{t['dst_device']}" for t in sent)
+    return dict(sorted(c.items()))
