@@ -211,7 +211,7 @@ def measure(cfg: LoadedConfig, s: MeasureSettings, key: str, what: dict[str, Any
         synth_corpus(PUBLIC_DOCS, seed=run.train.seed + 7919).split("\n\n"),
         tok,
         run.data.seq_len,
-        run.data.packing,
+        run.data.packing is not False,  # null: text rows are packed
         source="public text",
     )
     known = build_model(run.model, run.train.seed).eval()
