@@ -55,7 +55,15 @@ def run_case(args: argparse.Namespace, name: str, out_dir: Path, on_cluster: boo
             "inline": {
                 "devices": devices(args, edge),
                 "links": {
-                    "zones": [{"a": "edge", "b": "cloud", "bandwidth_mbps": args.link_mbps, "latency_ms": args.link_ms}]
+                    # E2: a free link (what a run gets without emulation); E2-links: the emulated one
+                    "zones": [
+                        {
+                            "a": "edge",
+                            "b": "cloud",
+                            "bandwidth_mbps": args.link_mbps if name == "E2-links" else 1e6,
+                            "latency_ms": args.link_ms if name == "E2-links" else 0.01,
+                        }
+                    ]
                 }
                 if edge
                 else {},
