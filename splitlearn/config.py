@@ -182,6 +182,10 @@ class RuntimeConfig:
     # torch.compile each stage's blocks: auto = on CUDA stages (a CPU stage's first steps would
     # spend minutes compiling), blocks = on every stage, none = eager
     compile: str = "auto"
+    # resident memory a CPU worker's libraries keep besides its stage (oneDNN's caches, the
+    # allocator's arenas), counted on every CPU stage of the plan: 25 MB measured on x86 with
+    # torch's CPU build (partitioners/costmodel.py CPU_RUNTIME_BYTES); measure your devices'
+    cpu_runtime_mb: float = 25.0
     # record every tensor each worker sends (kind, dtype, shape, stages and devices at both
     # ends) in metrics.jsonl, for a privacy audit of what left which device
     audit_transport: bool = False
@@ -519,6 +523,7 @@ def _check_runtime(c: _Checker, r: RunConfig) -> None:
     c.choice("runtime.schedule", rt.schedule, SCHEDULES)
     c.choice("runtime.progress", rt.progress, PROGRESS_MODES)
     c.choice("runtime.compile", rt.compile, COMPILE_MODES)
+    c.at_least("runtime.cpu_runtime_mb", rt.cpu_runtime_mb, 0)
     c.choice("runtime.logger", rt.logger, LOGGERS)
     if rt.logger == "tensorboard":
         from splitlearn.curves import tensorboard_missing

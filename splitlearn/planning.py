@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from partitioners import Plan, PlanRequest, partition
 from partitioners import schedule as S
-from partitioners.costmodel import CPU_RUNTIME_BYTES
 from partitioners.planner import simulate_plan as simulate
 from partitioners.profile import LayerProfile, ModelProfile
 from splitlearn import method_policy
@@ -158,7 +157,7 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
         search_seconds=run.plan.search_seconds,
         cpu_layers=cpu_layers(cfg, profile),
         device_layers=measured_on_devices(cfg, profile),
-        cpu_runtime_bytes=CPU_RUNTIME_BYTES,
+        cpu_runtime_bytes=run.runtime.cpu_runtime_mb * 1e6,
     )
     from splitlearn.privacy.bound import apply
 

@@ -19,7 +19,7 @@ from splitlearn.trainer import train
 pytestmark = pytest.mark.ray
 
 
-def run_config(tmp_path, family, devices, steps=3, cuts=None, packing=True, topology=None, **train_kw):
+def run_config(tmp_path, family, devices, steps=3, cuts=None, packing=True, topology=None, runtime=None, **train_kw):
     raw = {
         "name": f"t-{family}",
         "model": {"family": family, "config": {**TINY[family], "vocab_size": 258}},
@@ -35,7 +35,7 @@ def run_config(tmp_path, family, devices, steps=3, cuts=None, packing=True, topo
             **train_kw,
         },
         "plan": {"partitioner": "manual" if cuts else "uniform", "devices": devices, "cuts": cuts or []},
-        "runtime": {"output_dir": str(tmp_path / "runs"), "progress": "none", "timeout_s": 60},
+        "runtime": {"output_dir": str(tmp_path / "runs"), "progress": "none", "timeout_s": 60, **(runtime or {})},
     }
     return config_from_container(raw, [], "test", tmp_path)
 

@@ -61,23 +61,30 @@ def test_a_stage_directory_of_another_stage_is_refused(ray_cluster, tmp_path, ca
 
 
 def test_a_stage_over_its_device_memory_stops_named(ray_cluster, tmp_path):
-    """The plan fits (its stages need under 2 MB), but what a worker holds above its runtime
-    (activations, optimizer state, buffers) is more than a device of 0.002 GB has."""
-    topo = {
-        "devices": [
-            {
-                "name": d,
-                "tier": "edge" if d.startswith("edge") else "cloud",
-                "memory_gb": 0.002,
-                "tflops": 0.02,
-                "owns_data": d == "edge-a",
-                "zone": "z",
-            }
-            for d in DEVICES
-        ],
-        "links": {"default": {"bandwidth_mbps": 1000, "latency_ms": 0.1}},
-    }
-    cfg = run_config(tmp_path, "llama", DEVICES, steps=2, topology=topo)
-    assert all(s.memory_gb < 0.002 for s in make_plan(cfg).stages)
-    with pytest.raises(MemoryBudgetError, match=r"over the device's memory_gb=0\.002 \(the plan predicted"):
+    """The plan fits (each device has 1 MB more than its stage is planned to need), but what a
+    worker holds above its runtime is more: told that its CPU workers' libraries keep nothing
+    (runtime.cpu_runtime_mb=0), the plan leaves out the ~18 MB a tiny model's workers hold."""
+
+    def topo(gb):
+        return {
+            "devices": [
+                {
+                    "name": d,
+                    "tier": "edge" if d.startswith("edge") else "cloud",
+                    "memory_gb": gb,
+                    "tflops": 0.02,
+                    "owns_data": d == "edge-a",
+                    "zone": "z",
+                }
+                for d in DEVICES
+            ],
+            "links": {"default": {"bandwidth_mbps": 1000, "latency_ms": 0.1}},
+        }
+
+    nothing = {"cpu_runtime_mb": 0.0}
+    first = run_config(tmp_path, "llama", DEVICES, steps=2, topology=topo(1.0), runtime=nothing)
+    budget = round(max(s.memory_gb for s in make_plan(first).stages) + 0.001, 6)
+    cfg = run_config(tmp_path, "llama", DEVICES, steps=2, topology=topo(budget), runtime=nothing)
+    assert all(s.memory_gb < budget for s in make_plan(cfg).stages)
+    with pytest.raises(MemoryBudgetError, match=r"over the device's memory_gb=[0-9.]+ \(the plan predicted"):
         train(cfg)
