@@ -67,7 +67,7 @@ def train(cfg: LoadedConfig, progress: str | None = None, resume: str | bool | N
                 _train_loop(cfg, group, result, bar_mode, start=step)
                 break
             except StageFailed as e:
-                t_fail, failed_at = time.perf_counter(), result.current_step
+                failed_at = e.step if e.step >= 0 else result.current_step
                 group.shutdown()
                 group = None
                 decision = decide_on_failure(cfg, result.plan, e, result.restarts)
@@ -75,9 +75,9 @@ def train(cfg: LoadedConfig, progress: str | None = None, resume: str | bool | N
                 log.warning("%s: %s", decision.action.value, decision.reason)
                 if decision.action is Recovery.STOP:
                     raise
-                group, step = _carry_out(cfg, result, decision)
-                result.steps_redone += max(0, failed_at - step)
-                result.time_lost_s += time.perf_counter() - t_fail + result.since_checkpoint_s
+                group, step = _carry_out(cfg, result, decision)  # counts the steps to redo
+                # lost: the work since the last checkpoint, the wait that found the failure, the restart
+                result.time_lost_s += time.perf_counter() - result.progress_mark
         _finish(cfg, group, result, t_start)
         return result
     finally:
@@ -150,7 +150,7 @@ def _train_loop(cfg: LoadedConfig, group: StageGroup, result: RunResult, progres
     run = cfg.run
     every = run.checkpoint.every_steps
     bar = console.Progress(run.train.steps, progress, run.runtime.log_every, initial=start)
-    result.since_checkpoint_s = 0.0
+    result.progress_mark = time.perf_counter()
     curves = make_logger(run.runtime.logger, result.run_dir)
     with open(result.run_dir / "metrics.jsonl", "a", encoding="utf-8") as metrics:
         try:
@@ -159,7 +159,6 @@ def _train_loop(cfg: LoadedConfig, group: StageGroup, result: RunResult, progres
                 t0 = time.perf_counter()
                 stages = group.step(step)
                 dt = time.perf_counter() - t0
-                result.since_checkpoint_s += dt
                 rec = step_record(step, stages, dt, attempt=result.restarts)
                 if _eval_due(cfg, group, step + 1):
                     rec.update(_evaluate(cfg, group))
@@ -167,6 +166,7 @@ def _train_loop(cfg: LoadedConfig, group: StageGroup, result: RunResult, progres
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
                 result.record(rec)
+                result.steps_done = step + 1
                 bar.update(rec)
                 done = step + 1
                 if run.runtime.checkpoint and every and done % every == 0 and done < run.train.steps:

@@ -144,3 +144,68 @@ def test_sigterm_stops_a_waiting_train(tmp_path: Path):
         p.kill()
     assert p.returncode == 143 and err.strip() == "splitlearn: terminated", err[-2000:]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_stopped_worker_is_named_and_the_run_restarts(ray_cluster, tmp_path: Path):
+    """SIGSTOP a stage's worker mid-run (a hung process, not a dead one): its peer's receive
+    times out, the driver finds which worker stopped answering, names it in events.jsonl,
+    kills it and restarts from the last checkpoint like after a killed worker."""
+    import json
+    import os
+    import signal
+    import threading
+
+    import ray
+
+    from splitlearn.config import config_from_container
+    from splitlearn.trainer import train
+
+    topo = inline_topology()
+    topo["links"]["default"]["latency_ms"] = 60
+    raw = {
+        "name": "stop",
+        "model": {"family": "gpt2", "config": {**TINY["gpt2"], "vocab_size": 258}},
+        "data": {"path": str(ROOT / "data" / "quickstart.txt"), "seq_len": 16},
+        "topology": {"inline": topo},
+        "train": {"steps": 6, "batch_size": 4, "micro_batches": 2, "seed": 3},
+        "plan": {"devices": ["edge-a", "mid-b"]},
+        "checkpoint": {"every_steps": 2},
+        "runtime": {
+            "output_dir": str(tmp_path / "runs"),
+            "run_name": "stopped",
+            "progress": "none",
+            "timeout_s": 3,
+            "placement_timeout_s": 30,
+            "emulate_links": True,
+        },
+    }
+    out: dict = {}
+    cfg = config_from_container(raw, [], "test", tmp_path)
+    t = threading.Thread(target=lambda: out.update(result=train(cfg, progress="none")))
+    t.start()
+    metrics = tmp_path / "runs" / "stopped" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    pid = ray.get(ray.get_actor("stopped:a0:stage1", namespace="splitlearn").ping.remote(), timeout=10)
+    os.kill(pid, signal.SIGSTOP)
+    t.join(timeout=120)
+    assert not t.is_alive()
+    summary = json.loads((tmp_path / "runs" / "stopped" / "summary.json").read_text())
+    assert summary["restarts"] == 1 and summary["steps"] == 6, summary
+    events = [json.loads(line) for line in (tmp_path / "runs" / "stopped" / "events.jsonl").read_text().splitlines()]
+    restart = [e for e in events if e["kind"] == "restart"]
+    assert restart and "stage 1 on device 'mid-b'" in restart[0]["reason"], events
+    assert "stopped answering" in restart[0]["reason"] and restart[0]["step"] >= 3, events
+    attempts = [json.loads(line)["attempt"] for line in metrics.read_text().splitlines()]
+    assert summary["steps_redone"] == attempts.count(0) - (6 - attempts.count(1)), (summary, attempts)
+    assert summary["time_lost_s"] >= 3  # the peer's wait of runtime.timeout_s that found the failure
+    assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
