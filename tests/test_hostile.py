@@ -209,3 +209,73 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_node_start_moves_taken_agent_ports_and_names_taken_head_ports(monkeypatch):
+    """Next to another Ray: a taken GCS port is named, a taken agent port moves to a free one."""
+    from cluster import node
+
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        with pytest.raises(PlacementError, match=f"{taken} \\(--port\\) already taken"):
+            node.with_free_ports(["ray", "start", "--head", "--port", str(taken)], head=True)
+        monkeypatch.setattr(node, "TOLD_PORTS", {"--port": node.free_port()})
+        monkeypatch.setattr(node, "AGENT_PORTS", {"--dashboard-agent-listen-port": taken})
+        cmd = node.with_free_ports(["ray", "start", "--head"], head=True)
+    flag = cmd.index("--dashboard-agent-listen-port")
+    assert cmd[:3] == ["ray", "start", "--head"] and int(cmd[flag + 1]) != taken
+
+
+EMBEDDED = """
+import json, sys
+import ray
+from ray._private.services import canonicalize_bootstrap_address
+sys.path.insert(0, sys.argv[1])
+from cluster.ray_cluster import connect, devices_in_cluster
+from cluster.topology import topology_from_container
+topo = topology_from_container(json.loads(sys.argv[2]))
+found = canonicalize_bootstrap_address(None)  # what a plain ray.init() attaches to
+handle = connect(topo, None, 1, timeout_s=5)
+print(json.dumps({"found": found, "gcs": ray.get_runtime_context().gcs_address,
+                  "devices": sorted(devices_in_cluster()), "temp_dir": handle.temp_dir}))
+handle.shutdown()
+"""
+
+
+@pytest.mark.ray
+def test_embedded_cluster_starts_its_own_next_to_a_ray_start_head(tmp_path: Path):
+    """A head that `ray start` left on the machine (the one a plain ``ray.init()`` would attach
+    to, with "num_cpus must not be provided"): the embedded cluster starts its own beside it."""
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    from cluster.node import free_port, ray_executable, stop_nodes
+
+    root = tempfile.mkdtemp(prefix="slh", dir="/tmp")  # Ray's socket paths must stay short
+    env = {**os.environ, "RAY_TMPDIR": root, "RAY_ADDRESS": ""}
+    port = free_port()
+    head = [ray_executable(), "start", "--head", "--port", str(port), "--num-cpus", "1"]
+    try:
+        up = subprocess.run(
+            [*head, "--include-dashboard=false", "--disable-usage-stats"], env=env, capture_output=True, timeout=120
+        )
+        assert up.returncode == 0, up.stderr[-2000:]
+        r = subprocess.run(
+            [sys.executable, "-c", EMBEDDED, str(ROOT), json.dumps(inline_topology(["edge-a", "mid-b"]))],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        stop_nodes([root], grace_s=1.0)
+        shutil.rmtree(root, ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["found"].endswith(f":{port}")  # the other Ray is there to be found
+    assert not out["gcs"].endswith(f":{port}") and out["devices"] == ["edge-a", "mid-b"], out
+    assert not Path(out["temp_dir"]).exists()
