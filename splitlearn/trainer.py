@@ -47,6 +47,7 @@ def train(cfg: LoadedConfig, progress: str | None = None, resume: str | bool | N
     early = (
         connect(cfg.topology, address, run.ray.num_cpus, timeout_s=run.ray.connect_timeout_s) if on_cluster else None
     )
+    logs.route_worker_output()  # the workers' warnings to the run's log, not the screen
     try:
         plan = make_plan(cfg)
     except BaseException:
@@ -55,6 +56,7 @@ def train(cfg: LoadedConfig, progress: str | None = None, resume: str | bool | N
         raise
     console.show_plan(plan)
     handle = early or connect(cfg.topology, address, run.ray.num_cpus, timeout_s=run.ray.connect_timeout_s)
+    logs.route_worker_output()
     group: StageGroup | None = None
     try:
         group = _start_group(cfg, plan, attempt=0)  # user errors surface here, before any file

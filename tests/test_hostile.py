@@ -279,3 +279,24 @@ def test_embedded_cluster_starts_its_own_next_to_a_ray_start_head(tmp_path: Path
     assert out["found"].endswith(f":{port}")  # the other Ray is there to be found
     assert not out["gcs"].endswith(f":{port}") and out["devices"] == ["edge-a", "mid-b"], out
     assert not Path(out["temp_dir"]).exists()
+
+
+def test_worker_output_goes_to_the_run_log(tmp_path: Path, capsys):
+    """What Ray forwards from a worker's stderr (a library warning, DeepSpeed's accelerator
+    note) lands in the run's log.txt, not on the screen."""
+    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+
+    from splitlearn import logs
+
+    logs.setup(verbose=False)
+    try:
+        logs.route_worker_output()
+        assert [name for name, _ in dispatcher.handlers] == ["splitlearn_worker_output"]
+        logs.attach_run_log(tmp_path)
+        line = "[WARNING] [real_accelerator.py:212:get_accelerator] Setting accelerator to CPU."
+        dispatcher.emit({"lines": [line], "is_err": True, "pid": 4242, "actor_name": "StageWorker"})
+    finally:
+        dispatcher.remove_handler("splitlearn_worker_output")
+    assert "StageWorker pid=4242: " + line in (tmp_path / "log.txt").read_text()
+    captured = capsys.readouterr()
+    assert "accelerator" not in captured.err + captured.out
