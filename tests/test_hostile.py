@@ -300,3 +300,22 @@ def test_worker_output_goes_to_the_run_log(tmp_path: Path, capsys):
     assert "StageWorker pid=4242: " + line in (tmp_path / "log.txt").read_text()
     captured = capsys.readouterr()
     assert "accelerator" not in captured.err + captured.out
+
+
+def test_steps_redone_after_a_failure_in_a_save_and_on_resume(tmp_path: Path):
+    """Steps counted as redone are those done since the checkpoint resumed from: 4 done, a
+    failure while saving step 4's checkpoint, back to step 2: 2 redone (not 1); a resumed run
+    counts those its metrics.jsonl holds past the checkpoint."""
+    import json
+
+    from partitioners import Plan
+    from splitlearn.run_checkpoints import _redone
+    from splitlearn.run_record import RunResult
+
+    plan = Plan.__new__(Plan)
+    live = RunResult(run_dir=tmp_path, plan=plan, steps_done=4)
+    assert _redone(live, 2) == "; 2 step(s) to redo" and live.steps_redone == 2 and live.steps_done == 2
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (0, 1, 2, 3, 2, 3, 4)))
+    resumed = RunResult(run_dir=tmp_path, plan=plan)
+    _redone(resumed, 2)
+    assert resumed.steps_redone == 3  # steps 2, 3 and 4 were done before the run stopped
