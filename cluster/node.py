@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -125,6 +126,58 @@ def ray_start_command(topology: Topology, spec: NodeSpec) -> list[str]:
     if spec.block:
         cmd += ["--block"]
     return cmd + list(spec.extra_args)
+
+
+# Ray's fixed default ports of a node (the others it picks free itself), by `ray start` flag:
+# ports other machines are told (a head's GCS and dashboard) are named when taken; a node's
+# own agents' ports move to free ones (another Ray on the machine holds the defaults).
+TOLD_PORTS = {"--port": 6379, "--dashboard-port": 8265}
+AGENT_PORTS = {"--dashboard-agent-listen-port": 52365, "--ray-client-server-port": 10001}
+
+
+def port_taken(port: int) -> bool:
+    """Whether something on this machine listens on (or holds) TCP ``port``."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def _flag_value(cmd: list[str], flag: str) -> str | None:
+    return cmd[cmd.index(flag) + 1] if flag in cmd[:-1] else None
+
+
+def with_free_ports(cmd: list[str], head: bool) -> list[str]:
+    """``cmd`` (a ``ray start`` list) for this machine as it is now, next to any other Ray on
+    it: a head's GCS or dashboard port that is taken is named (a PlacementError: the other
+    machines and ``submit`` are told those ports, so they are the user's to choose); the
+    node's dashboard agent port (and a head's Ray client port), when Ray's default is taken,
+    moves to a free one, so the node keeps its agent (``submit`` needs it)."""
+    taken = []
+    for flag, default in TOLD_PORTS.items() if head else ():
+        port = int(_flag_value(cmd, flag) or default)
+        if port_taken(port):
+            taken.append(f"{port} ({flag})")
+    if taken:
+        raise PlacementError(
+            f"port(s) {', '.join(taken)} already taken on this machine (another Ray, or another service); "
+            f"give free ones, e.g. --port {free_port()} --dashboard-port {free_port()}"
+        )
+    extra: list[str] = []
+    for flag, default in AGENT_PORTS.items():
+        if (head or flag != "--ray-client-server-port") and flag not in cmd and port_taken(default):
+            extra += [flag, str(free_port())]
+    return cmd + extra
 
 
 def shell_line(cmd: list[str], env: dict[str, str] | None = None) -> str:

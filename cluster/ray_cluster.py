@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +28,15 @@ log = logging.getLogger(__name__)
 class ClusterHandle:
     address: str | None  # None: the embedded local cluster
     started_here: bool  # whether this process started Ray (and so should stop it)
+    temp_dir: str | None = None  # the embedded cluster's own Ray directory, removed at shutdown
 
     def shutdown(self) -> None:
         import ray
 
         if self.started_here and ray.is_initialized():
             ray.shutdown()
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def wait_reachable(address: str, timeout_s: float) -> None:
@@ -69,8 +74,8 @@ def connect(
 ) -> ClusterHandle:
     """Attach to the cluster at ``address`` (or ``$RAY_ADDRESS``), failing within
     ``timeout_s`` when it cannot be reached, or start an embedded one that carries every
-    device of ``topology``. Reuses a Ray session already initialised in this process (as
-    tests and Ray jobs do)."""
+    device of ``topology`` (:func:`start_embedded`). Reuses a Ray session already initialised
+    in this process (as tests and Ray jobs do)."""
     import ray
 
     if ray.is_initialized():
@@ -85,18 +90,34 @@ def connect(
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PlacementError(f"ray.address: cannot attach to the Ray cluster at '{address}': {first}") from e
         return ClusterHandle(address=address, started_here=True)
+    return start_embedded(topology, num_cpus, runtime_env)
+
+
+def start_embedded(topology: Topology, num_cpus: int | None, runtime_env: dict[str, Any] | None) -> ClusterHandle:
+    """A new Ray instance of this process only, next to any other Ray on the machine: never
+    the one ``ray start`` left for ``ray.init()`` to find (``address="local"``), in its own
+    temporary directory (sessions, sockets, logs), on ports Ray picks free."""
+    import ray
+
     resources = {device_resource(d.name): 1.0 for d in topology.devices}
     gpus = sum(d.gpus for d in topology.devices)
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count() or 1,
-        num_gpus=0 if gpus == 0 else None,
-        resources=resources,
-        include_dashboard=False,
-        log_to_driver=True,
-        runtime_env=runtime_env,
-        configure_logging=False,
-    )
-    return ClusterHandle(address=None, started_here=True)
+    temp_dir = tempfile.mkdtemp(prefix="splitlearn-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            num_gpus=0 if gpus == 0 else None,
+            resources=resources,
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env=runtime_env,
+            configure_logging=False,
+            _temp_dir=temp_dir,  # short (Ray's socket paths are limited to 107 bytes)
+        )
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    return ClusterHandle(address=None, started_here=True, temp_dir=temp_dir)
 
 
 def devices_in_cluster(nodes: list[dict[str, Any]] | None = None) -> dict[str, list[dict[str, Any]]]:

@@ -32,7 +32,7 @@ def _err(msg: str) -> None:
 
 
 def _node_start(args: argparse.Namespace) -> int:
-    from cluster.node import NodeSpec, ray_start_command, run_ray, shell_line
+    from cluster.node import NodeSpec, ray_start_command, run_ray, shell_line, with_free_ports
     from cluster.remote import parse_address
     from cluster.topology import load_topology
 
@@ -57,6 +57,7 @@ def _node_start(args: argparse.Namespace) -> int:
         return 0
     if address and not args.no_check:
         _refuse_present_devices(topology, spec.devices, address)
+    cmd = with_free_ports(cmd, spec.head)  # another Ray on this machine holds Ray's default ports
     print(f"splitlearn: {shell_line(cmd)}", flush=True)
     rc = run_ray(cmd, block=args.block)
     if rc != 0:

@@ -49,12 +49,14 @@ def gather_states(cfg: Any, plan: Any, run_dir: Path) -> tuple[list[dict[str, An
     """Each stage's tensors of the newest whole checkpoint, through the run's workers."""
     from cluster.ray_cluster import connect
     from splitlearn import checkpoint as ckpt
+    from splitlearn import logs
     from splitlearn.trainer import _start_group
 
     ck = ckpt.latest(run_dir)
     if ck is None:
         raise ConfigError(f"{run_dir} has no whole checkpoint to export (train with runtime.checkpoint=true)")
     handle = connect(cfg.topology, cfg.run.ray.address, cfg.run.ray.num_cpus)
+    logs.route_worker_output()  # the workers' warnings to the log, not the screen
     group = None
     try:
         cfg.run.runtime.run_name = f"{run_dir.name}-export"

@@ -1,7 +1,8 @@
 """A quiet terminal: the libraries' log records and Python warnings (transformers' notices,
 Ray's banners, DeepSpeed's accelerator note, deprecation warnings) go to the run's log file
 (``<run>/log.txt``), not to the user's screen, so an error is the last and only line a user
-needs. Records before the run has a directory are held in memory and written when it has one
+needs. So does what the stage workers print (their warnings, DeepSpeed's accelerator note in
+an offloaded stage's worker), which Ray forwards to the driver (:func:`route_worker_output`). Records before the run has a directory are held in memory and written when it has one
 (a command without a run, such as ``validate``, drops them). ``-v`` shows everything.
 """
 
@@ -10,8 +11,11 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 OWN = ("splitlearn", "cluster", "partitioners", "__main__")  # our loggers: on the screen
+WORKER_LOGGER = "ray.workers"  # what Ray forwards from the workers' stdout and stderr
+_WORKER_HANDLER = "splitlearn_worker_output"
 LIBRARY_LOGGERS = ("transformers", "DeepSpeed", "deepspeed", "ray", "torch", "peft", "accelerate", "datasets")
 HELD_RECORDS = 10_000  # at most this many library lines wait for the run directory
 FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -101,3 +105,26 @@ def attach_run_log(run_dir: Path) -> None:
     if _library_log is not None:
         quiet_library_handlers()
         _library_log.attach(run_dir / "log.txt")
+
+
+def route_worker_output() -> None:
+    """What the workers print, which Ray forwards to this driver's terminal (``log_to_driver``),
+    becomes records of the ``ray.workers`` logger instead: the run's log, the screen only
+    with ``-v``. Call after ``ray.init``; a no-op before :func:`setup` or without Ray."""
+    if _library_log is None or "ray" not in sys.modules:
+        return
+    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+
+    dispatcher.remove_handler("ray_print_logs")  # Ray's printer to the terminal
+    dispatcher.remove_handler(_WORKER_HANDLER)
+    dispatcher.add_handler(_WORKER_HANDLER, _log_worker_lines)
+
+
+def _log_worker_lines(batch: dict[str, Any]) -> None:
+    """One batch of a worker's output lines (Ray's record: ``lines``, ``is_err``, ``pid``,
+    ``actor_name`` or ``task_name``) as log records, stderr at WARNING."""
+    lg = logging.getLogger(WORKER_LOGGER)
+    level = logging.WARNING if batch.get("is_err") else logging.INFO
+    who = batch.get("actor_name") or batch.get("task_name") or "worker"
+    for line in batch.get("lines", []):
+        lg.log(level, "%s pid=%s: %s", who, batch.get("pid"), line)

@@ -126,10 +126,12 @@ def measured_on_devices(cfg: LoadedConfig, profile: ModelProfile) -> dict[str, l
     if cfg.run.plan.profile != ON_CLUSTER:
         return None
     from cluster.ray_cluster import connect
+    from splitlearn import logs
     from splitlearn.device_profile import device_profiles
 
     run = cfg.run
     connect(cfg.topology, run.ray.address, run.ray.num_cpus, timeout_s=run.ray.connect_timeout_s)
+    logs.route_worker_output()  # the workers' warnings to the run's log, not the screen
     pool = [d for entry in (run.plan.devices or cfg.topology.device_names) for d in entry.split("+")]
     return device_profiles(cfg, profile.layers, pool)
 

@@ -49,8 +49,9 @@ class RunResult:
     replans: int = 0
     steps_redone: int = 0
     time_lost_s: float = 0.0
-    since_checkpoint_s: float = 0.0
+    progress_mark: float = 0.0  # perf_counter at the last whole checkpoint, or at the attempt's start
     current_step: int = 0
+    steps_done: int | None = None  # steps recorded by this process; None: none yet (see recorded_steps)
     last_checkpoint_step: int | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     events_path: Path | None = None
@@ -83,6 +84,15 @@ class RunResult:
                     self.record(by_step[i])
         del self.losses[step:], self.step_times[step:], self.tokens_per_s[step:], self.stage_metrics[step:]
         self.evals = [e for e in self.evals if e["step"] <= step]
+
+    def recorded_steps(self) -> int:
+        """Steps recorded in ``metrics.jsonl`` (one past the highest step): what a resumed run
+        had done before it stopped."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return 0
+        steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+        return 1 + max(steps, default=-1)
 
     def event(self, kind: str, reason: str, step: int) -> None:
         ev = {"time": datetime.now().isoformat(timespec="seconds"), "kind": kind, "step": step, "reason": reason}

@@ -7,6 +7,8 @@ into one error that names its stage and device.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from typing import Any
 
@@ -61,6 +63,8 @@ class StageGroup:
 
         self.plan, self.topology, self.timeout_s = plan, topology, timeout_s
         self.pg = place_stages(topology, plan.devices, placement_timeout_s)
+        self.unresponsive: list[int] = []  # actors found silent after a failure (killed at once)
+        self.infos: list[dict[str, Any]] = []  # each worker's prepare() info (its pid, its node)
         remote_cls: Any = ray.remote(StageWorker)
         self.actors: list[Any] = []
         self.ranks: list[tuple[int, int]] = []  # (stage, replica) of each actor
@@ -76,43 +80,92 @@ class StageGroup:
                 self.actors.append(remote_cls.options(**opts).remote(s.index, run, plan.to_dict(), base_dir, r))
                 self.ranks.append((s.index, r))
 
-    def _get(self, refs, what: str, timeout: float | None = None):
-        """Results of ``refs`` (one per actor, or one), failing as soon as any one fails:
-        a dead worker or a worker's error is reported at once, naming its stage, not after
-        the others have timed out waiting for it."""
+    def _get(self, refs, what: str, timeout: float | None = None, step: int = -1):
+        """Results of ``refs`` (one per actor, or actor 0's one), failing as soon as any one
+        fails: a dead worker or a worker's error is reported at once, naming its stage, not
+        after the others have timed out waiting for it. When something failed, every worker
+        is asked whether it still answers (:meth:`silent`): a stopped or hung one is named,
+        not the peer that timed out waiting for it."""
         import ray
 
         single = not isinstance(refs, list)
         ref_list = [refs] if single else list(refs)
+        try:
+            self._wait(ref_list, what, timeout or self.timeout_s, step)
+        except (StageFailed, ray.exceptions.RayTaskError) as e:
+            stopped = self._name_silent(what, step, e)
+            if stopped is not None:
+                raise stopped from e
+            raise
+        out = ray.get(ref_list, timeout=10)
+        return out[0] if single else out
+
+    def _where(self, i: int) -> tuple[int, str]:
+        """Stage and device of actor ``i``."""
+        stage, replica = self.ranks[i]
+        return stage, self.plan.stages[stage].devices[replica]
+
+    def _wait(self, ref_list: list[Any], what: str, timeout: float, step: int) -> None:
+        """Wait for every ref (ref i is actor i's call); raise the first failure, named."""
+        import ray
+
         index = {ref: i for i, ref in enumerate(ref_list)}
-        timeout = timeout or self.timeout_s
         deadline = time.monotonic() + timeout
         pending = list(ref_list)
         while pending:
             left = deadline - time.monotonic()
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(left, 0))
             if not ready:
-                raise StageFailed(-1, "?", -1, what, f"no answer within {timeout:g} s (runtime.timeout_s)")
+                stage, dev = self._where(index[pending[0]])
+                raise StageFailed(stage, dev, step, what, f"no answer within {timeout:g} s (runtime.timeout_s)")
             ref = ready[0]
-            i = index[ref] if not single else -1
             try:
                 ray.get(ref, timeout=10)
             except ray.exceptions.RayActorError as e:
-                stage, replica = self.ranks[i] if i >= 0 else (-1, 0)
-                dev = self.plan.stages[stage].devices[replica] if i >= 0 else "?"
-                raise StageFailed(stage, dev, -1, what, f"worker died: {str(e).strip().splitlines()[0]}") from e
+                stage, dev = self._where(index[ref])
+                raise StageFailed(stage, dev, step, what, f"worker died: {str(e).strip().splitlines()[0]}") from e
             except ray.exceptions.RayTaskError as e:
                 inner = _unwrap(e)
                 if inner is not e:
                     raise inner from None
                 raise
-        out = ray.get(ref_list, timeout=10)
-        return out[0] if single else out
+
+    def silent(self, timeout_s: float) -> list[int]:
+        """The actors that do not answer a liveness call (``ping``) within ``timeout_s``. A
+        worker busy with a step or waiting on a peer answers on its second concurrency slot;
+        a stopped (SIGSTOP) or wedged process answers nothing. A dead one answers with its
+        death, which its own error names, so it is not counted."""
+        import ray
+
+        refs = [a.ping.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        answered = set(ready)
+        return [i for i, ref in enumerate(refs) if ref not in answered]
+
+    def _name_silent(self, what: str, step: int, error: BaseException) -> StageFailed | None:
+        """After ``error``: a StageFailed naming the first worker that stopped answering, or
+        None when every worker answers (then ``error`` stands). The silent ones are
+        remembered: :meth:`shutdown` kills them without waiting for them."""
+        probe_s = min(max(self.timeout_s, 2.0), 10.0)
+        self.unresponsive = self.silent(probe_s)
+        if not self.unresponsive:
+            return None
+        stage, dev = self._where(self.unresponsive[0])
+        seen = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        log.warning("stage %d on %s does not answer; its peers saw: %s", stage, dev, seen)
+        return StageFailed(
+            stage,
+            dev,
+            step,
+            what,
+            f"stopped answering (no reply to a liveness call within {probe_s:g} s: the process is stopped or "
+            f"hung); seen first as: {seen}",
+        )
 
     def start(self, prepare_timeout_s: float) -> list[dict[str, Any]]:
         """Build the segments (user errors surface here), then join the process group."""
         infos = self._get([a.prepare.remote() for a in self.actors], "prepare", prepare_timeout_s)
-        self.infos: list[dict[str, Any]] = infos
+        self.infos = infos
         addr, port = self._get(self.actors[0].rendezvous_address.remote(), "rendezvous")
         self._get([a.init_dist.remote(addr, port) for a in self.actors], "init_dist")
         return infos
@@ -120,23 +173,21 @@ class StageGroup:
     def step(self, step: int) -> list[dict[str, Any]]:
         """One call per worker per step. The driver waits a little longer than a worker's own
         transfer timeout, so that a worker's error, which names its action, arrives first."""
-        try:
-            refs = [a.run_step.remote(step) for a in self.actors]
-            return self._get(refs, f"step {step}", self.timeout_s * 1.5 + 10)
-        except StageFailed as e:
-            if e.step < 0:
-                raise StageFailed(e.stage, e.device, step, e.action, e.cause) from e.__cause__
-            raise
+        refs = [a.run_step.remote(step) for a in self.actors]
+        return self._get(refs, f"step {step}", self.timeout_s * 1.5 + 10, step)
 
-    def save_checkpoint(self, directory: str) -> list[dict[str, Any]]:
-        return self._get([a.save_checkpoint.remote(directory) for a in self.actors], "save_checkpoint")
+    def save_checkpoint(self, directory: str, step: int = -1) -> list[dict[str, Any]]:
+        """Every stage writes its files of the checkpoint after ``step`` steps."""
+        refs = [a.save_checkpoint.remote(directory) for a in self.actors]
+        return self._get(refs, "save_checkpoint", step=step)
 
-    def check_checkpoint(self, directory: str, files: list[str]) -> None:
+    def check_checkpoint(self, directory: str, files: list[str], step: int = -1) -> None:
         """Every stage can load this checkpoint (names, shapes); nothing is changed."""
-        self._get([a.check_checkpoint.remote(directory, files) for a in self.actors], "check_checkpoint")
+        refs = [a.check_checkpoint.remote(directory, files) for a in self.actors]
+        self._get(refs, "check_checkpoint", step=step)
 
-    def load_checkpoint(self, directory: str, files: list[str]) -> None:
-        self._get([a.load_checkpoint.remote(directory, files) for a in self.actors], "load_checkpoint")
+    def load_checkpoint(self, directory: str, files: list[str], step: int = -1) -> None:
+        self._get([a.load_checkpoint.remote(directory, files) for a in self.actors], "load_checkpoint", step=step)
 
     def export(self, directory: str, merge: bool) -> list[dict[str, Any]]:
         """Each stage's LoRA adapters, and its merged shard written under ``directory``."""
@@ -164,10 +215,24 @@ class StageGroup:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        try:
-            ray.get([a.close.remote() for a in self.actors], timeout=10)
-        except Exception:  # a dead or stuck worker is killed below
-            pass
-        for a in self.actors:
-            ray.kill(a, no_restart=True)
+        silent = set(self.unresponsive)
+        closing = [a.close.remote() for i, a in enumerate(self.actors) if i not in silent]
+        ray.wait(closing, num_returns=len(closing), timeout=10)  # a dead or stuck worker is killed below
+        for i, a in enumerate(self.actors):
+            if i in silent:
+                self._kill_process(i)
+            ray.kill(a, no_restart=True)  # Ray also ends a stopped process, after a grace period
         remove_placement_group(self.pg)
+
+    def _kill_process(self, i: int) -> None:
+        """SIGKILL actor ``i``'s process at once when it runs on this node (a stopped process
+        handles no request, and Ray's kill waits a grace period first)."""
+        import ray
+
+        info = self.infos[i] if i < len(self.infos) else {}
+        if not info.get("pid") or info.get("node") != ray.get_runtime_context().get_node_id():
+            return
+        try:
+            os.kill(int(info["pid"]), signal.SIGKILL)
+        except OSError:  # already gone
+            pass

@@ -47,6 +47,7 @@ def train(cfg: LoadedConfig, progress: str | None = None, resume: str | bool | N
     early = (
         connect(cfg.topology, address, run.ray.num_cpus, timeout_s=run.ray.connect_timeout_s) if on_cluster else None
     )
+    logs.route_worker_output()  # the workers' warnings to the run's log, not the screen
     try:
         plan = make_plan(cfg)
     except BaseException:
@@ -55,6 +56,7 @@ def train(cfg: LoadedConfig, progress: str | None = None, resume: str | bool | N
         raise
     console.show_plan(plan)
     handle = early or connect(cfg.topology, address, run.ray.num_cpus, timeout_s=run.ray.connect_timeout_s)
+    logs.route_worker_output()
     group: StageGroup | None = None
     try:
         group = _start_group(cfg, plan, attempt=0)  # user errors surface here, before any file
@@ -67,7 +69,7 @@ def train(cfg: LoadedConfig, progress: str | None = None, resume: str | bool | N
                 _train_loop(cfg, group, result, bar_mode, start=step)
                 break
             except StageFailed as e:
-                t_fail, failed_at = time.perf_counter(), result.current_step
+                failed_at = e.step if e.step >= 0 else result.current_step
                 group.shutdown()
                 group = None
                 decision = decide_on_failure(cfg, result.plan, e, result.restarts)
@@ -75,9 +77,9 @@ def train(cfg: LoadedConfig, progress: str | None = None, resume: str | bool | N
                 log.warning("%s: %s", decision.action.value, decision.reason)
                 if decision.action is Recovery.STOP:
                     raise
-                group, step = _carry_out(cfg, result, decision)
-                result.steps_redone += max(0, failed_at - step)
-                result.time_lost_s += time.perf_counter() - t_fail + result.since_checkpoint_s
+                group, step = _carry_out(cfg, result, decision)  # counts the steps to redo
+                # lost: the work since the last checkpoint, the wait that found the failure, the restart
+                result.time_lost_s += time.perf_counter() - result.progress_mark
         _finish(cfg, group, result, t_start)
         return result
     finally:
@@ -150,7 +152,7 @@ def _train_loop(cfg: LoadedConfig, group: StageGroup, result: RunResult, progres
     run = cfg.run
     every = run.checkpoint.every_steps
     bar = console.Progress(run.train.steps, progress, run.runtime.log_every, initial=start)
-    result.since_checkpoint_s = 0.0
+    result.progress_mark = time.perf_counter()
     curves = make_logger(run.runtime.logger, result.run_dir)
     with open(result.run_dir / "metrics.jsonl", "a", encoding="utf-8") as metrics:
         try:
@@ -159,7 +161,6 @@ def _train_loop(cfg: LoadedConfig, group: StageGroup, result: RunResult, progres
                 t0 = time.perf_counter()
                 stages = group.step(step)
                 dt = time.perf_counter() - t0
-                result.since_checkpoint_s += dt
                 rec = step_record(step, stages, dt, attempt=result.restarts)
                 if _eval_due(cfg, group, step + 1):
                     rec.update(_evaluate(cfg, group))
@@ -167,6 +168,7 @@ def _train_loop(cfg: LoadedConfig, group: StageGroup, result: RunResult, progres
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
                 result.record(rec)
+                result.steps_done = step + 1
                 bar.update(rec)
                 done = step + 1
                 if run.runtime.checkpoint and every and done % every == 0 and done < run.train.steps:

@@ -69,6 +69,7 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never a Ray that `ray start` left on the machine
             num_cpus=2,
             resources={device_resource(d): 1.0 for d in TEST_DEVICES},
             include_dashboard=False,

@@ -336,6 +336,11 @@ class StageWorker:
     def export(self, directory: str, merge: bool) -> dict[str, Any]:
         return self.checkpoints.export(directory, merge)
 
+    def ping(self) -> int:
+        """A liveness call (the driver's, after a failure), answered on the actor's second
+        concurrency slot while a step runs or waits: this process's id."""
+        return os.getpid()
+
     def close(self) -> None:
         if self.groups is not None:
             if dist.is_initialized():  # an offloaded stage's replica group
