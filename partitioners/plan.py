@@ -239,7 +239,7 @@ class Plan:
             footer += "\nlabel_privacy: the head runs on the data owner (U-shaped split)"
         if self.privacy:
             footer += "\n" + self.privacy
-        if any(s.num_replicas > 1 for s in self.stages):
+        if any(s.num_replicas > 1 for s in self.stages[1 if "federation" in p else 0 :]):
             footer += (
                 "\na+b: replicas of one stage (micro-batch m on replica m % R; gradients all-reduced before the step)"
             )
