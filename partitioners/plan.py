@@ -90,6 +90,18 @@ def precision_note(precision: str) -> str:
     return f"per trained weight {w} B + {g} B grad{master_part} + {moments} B moments; frozen {w} B"
 
 
+def federation_note(fed: dict[str, Any]) -> str:
+    """The plan table's lines for a split-federated plan: each client's time in a step, the
+    shared stages' time for all of them, the round."""
+    clients = fed.get("client_ms", {})
+    per = ", ".join(f"{c} {ms:.2f}" for c, ms in clients.items())
+    return (
+        f"federation: {len(clients)} clients share one cut; per client and step (ms): {per}; "
+        f"slowest {fed.get('slowest_client')}\nshared stages {fed.get('shared_ms', 0.0):.2f} ms per step for all "
+        f"clients; round (FedAvg every {fed.get('rounds_every', 1)} steps) {fed.get('round_ms', 0.0):.2f} ms"
+    )
+
+
 @dataclass
 class Plan:
     stages: list[Stage]
@@ -221,11 +233,13 @@ class Plan:
             counted = sorted({d for s in self.stages for d in s.devices} - set(measured))
             footer += f"\ntimes: measured on {', '.join(measured) or 'no device'} (plan.profile: on_cluster)"
             footer += f"; counted (FLOPs over tflops) on {', '.join(counted)}" if counted else ""
+        if "federation" in p:
+            footer += "\n" + federation_note(p["federation"])
         if self.label_privacy:
             footer += "\nlabel_privacy: the head runs on the data owner (U-shaped split)"
         if self.privacy:
             footer += "\n" + self.privacy
-        if any(s.num_replicas > 1 for s in self.stages):
+        if any(s.num_replicas > 1 for s in self.stages[1 if "federation" in p else 0 :]):
             footer += (
                 "\na+b: replicas of one stage (micro-batch m on replica m % R; gradients all-reduced before the step)"
             )

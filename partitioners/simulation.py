@@ -87,9 +87,10 @@ def build_wires(
             wires[link_resource(b, a)] = Wire(link_resource(b, a), (s + 1, q), link.grad_ms, *grad)
     n = len(replicas)
     if n > 1:
-        for q in range(replicas[-1]):
-            name = labels_resource(n, node_name(n - 1, q, replicas[-1]))
-            wires[name] = Wire(name, (0, 0), labels_ms, snd(labels_bytes), rcv(labels_bytes), late(labels_bytes))
+        for p in range(replicas[0]):  # a replicated first stage: federated clients, each its labels
+            for q in range(replicas[-1]):
+                name = _labels_wire(n, p, replicas[0], node_name(n - 1, q, replicas[-1]))
+                wires[name] = Wire(name, (0, p), labels_ms, snd(labels_bytes), rcv(labels_bytes), late(labels_bytes))
     return wires
 
 
@@ -113,10 +114,19 @@ def wires_of(action: Action, stage: int, replica: int, replicas: Sequence[int]) 
     if kind == RECV_GRAD and stage < last:
         return [link_resource(peer(stage + 1), me)]
     if kind == SEND_LABELS and stage == 0 < last:
-        return [labels_resource(n, node_name(last, q, replicas[last])) for q in range(replicas[last])]
+        return [
+            _labels_wire(n, replica, replicas[0], node_name(last, q, replicas[last])) for q in range(replicas[last])
+        ]
     if kind == RECV_LABELS and stage == last > 0:
-        return [labels_resource(n, me)]
+        return [_labels_wire(n, p, replicas[0], me) for p in range(replicas[0])]
     raise ScheduleError(f"stage {me}: {action} has no wire to use in a {n}-stage pipeline")
+
+
+def _labels_wire(num_stages: int, sender: int, senders: int, dst: str) -> str:
+    """The labels line from the first stage's replica ``sender`` (of ``senders``: more than
+    one only for federated clients, each sending its own labels) to the loss replica ``dst``."""
+    name = labels_resource(num_stages, dst)
+    return name if senders == 1 else f"{name} from 0.{sender}"
 
 
 def infer_micro_batches(schedule: Schedule) -> int:
@@ -226,8 +236,7 @@ class Simulation:
                 return None
             return max(self.clock[x] for x in siblings)
         if a.kind in RECV_KINDS:
-            (name,) = wires_of(a, s, r, self.replicas)
-            if a.mb not in self._wire(name, w, a).pending:
+            if any(a.mb not in self._wire(name, w, a).pending for name in wires_of(a, s, r, self.replicas)):
                 return None
             return self.clock[w]
         if a.kind in (F, B, STEP):
@@ -303,14 +312,14 @@ class Simulation:
         """Wait for the transfer's arrival, then the receiver's host CPU; False while the
         sender has not issued it."""
         s, r = self.workers[w]
-        (name,) = wires_of(a, s, r, self.replicas)
-        wr = self._wire(name, w, a)
-        if a.mb not in wr.pending:
-            return False  # blocked until the sender issues it
-        arrival = wr.pending.pop(a.mb)
-        host_ms = wr.recv_late_host_ms if arrival < self.clock[w] else wr.recv_host_ms
-        self.clock[w] = max(self.clock[w], arrival)
-        self._host(w, a.mb, host_ms)
+        wires = [self._wire(name, w, a) for name in wires_of(a, s, r, self.replicas)]  # several: clients' labels
+        if any(a.mb not in wr.pending for wr in wires):
+            return False  # blocked until the senders issue it
+        for wr in wires:
+            arrival = wr.pending.pop(a.mb)
+            host_ms = wr.recv_late_host_ms if arrival < self.clock[w] else wr.recv_host_ms
+            self.clock[w] = max(self.clock[w], arrival)
+            self._host(w, a.mb, host_ms)
         return True
 
     def _wire(self, name: str, w: int, a: Action) -> Wire:

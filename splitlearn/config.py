@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn, cast
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cluster.conf import conf_error_line, load_yaml_file, number_problem
@@ -210,6 +210,34 @@ class TopologySection:
     inline: dict[str, Any] | None = None  # or the topology itself (devices, links)
 
 
+FEDERATION_MODES = ("none", "splitfed")  # federation.mode ("sequential": not yet)
+
+
+@dataclass
+class ClientData:
+    path: str = MISSING  # this client's own data file, read only on its worker (format etc. from data:)
+
+
+@dataclass
+class FederationClient:
+    device: str = MISSING  # a data-owning device of the topology
+    data: ClientData = field(default_factory=ClientData)
+
+
+@dataclass
+class FederationConfig:
+    """Split-federated learning (:mod:`splitlearn.federation`): many data-owning clients, each
+    running its own copy of the front segment on its own data; the cloud's stages are shared."""
+
+    # none: one data owner; splitfed: the clients run in parallel, their fronts averaged (FedAvg)
+    mode: str = "none"
+    clients: list[FederationClient] = field(default_factory=list)
+    # synchronous FedAvg of the fronts every this many steps, weighted by samples: 1 averages
+    # the gradients every step (= centralised training on all clients' batches); k > 1 lets
+    # each client step its own front k-1 times on its own data, then averages the weights
+    rounds_every: int = 1
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -223,6 +251,7 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
     # merged over the DeepSpeed config splitlearn generates for an offloaded stage
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
@@ -393,6 +422,9 @@ def validate(cfg: LoadedConfig) -> None:
     _check_offload(cfg.run)
     _check_runtime(c, cfg.run)
     _check_privacy(c, cfg.run.privacy)
+    from splitlearn.federation import check_federation
+
+    check_federation(c, cfg)
 
 
 def _check_privacy(c: _Checker, p: PrivacyConfig) -> None:
@@ -426,7 +458,8 @@ def _check_data(c: _Checker, cfg: LoadedConfig) -> None:
     c.choice("data.format", d.format, DATA_FORMATS)
     c.choice("data.loss_on", d.loss_on, LOSS_ON)
     c.at_least("data.seq_len", d.seq_len, 2)
-    for key in ("path", "eval_path"):
+    federated = cfg.run.federation.mode != "none"  # then each client's path (federation.clients)
+    for key in ("eval_path",) if federated else ("path", "eval_path"):
         p = getattr(d, key)
         if cfg.run.ray.address is None and p is not None and not cfg.resolve_path(p).exists():
             c.fail(f"data.{key}", f"file not found: {p}")
@@ -462,12 +495,12 @@ def _check_plan(c: _Checker, cfg: LoadedConfig) -> None:
     p = cfg.run.plan
     c.choice("plan.partitioner", p.partitioner, PARTITIONERS)
     owners = [i for i, d in enumerate(cfg.topology.devices) if d.owns_data]
-    if len(owners) > 1:  # many data owners (split-federated) are not supported yet
+    if len(owners) > 1 and cfg.run.federation.mode == "none":  # many data owners: federation only
         first, second = (cfg.topology.devices[i].name for i in owners[:2])
         c.fail(
             f"topology.devices[{owners[1]}].owns_data",
-            f"'{second}' is a second data owner after '{first}'; a run has one data owner "
-            "(several, federated, are not supported yet): set owns_data on one device",
+            f"'{second}' is a second data owner after '{first}'; a run has one data owner unless "
+            "federation.mode is splitfed: set owns_data on one device, or add a federation: section",
         )
     names = set(cfg.topology.device_names)
     listed = [d for entry in p.devices for d in entry.split("+")]  # "a+b": one stage replicated on a and b

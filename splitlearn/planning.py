@@ -7,8 +7,8 @@ from partitioners import Plan, PlanRequest, partition
 from partitioners import schedule as S
 from partitioners.planner import simulate_plan as simulate
 from partitioners.profile import LayerProfile, ModelProfile
-from splitlearn import method_policy
-from splitlearn.config import ON_CLUSTER, LoadedConfig
+from splitlearn import federation, method_policy
+from splitlearn.config import ON_CLUSTER, LoadedConfig, RunConfig
 from splitlearn.errors import ConfigError
 from splitlearn.models.build import hf_config, learned_positions, meta_model, weights_dtype
 from splitlearn.models.chain import chain_names, num_blocks
@@ -60,16 +60,22 @@ def check_data(cfg: LoadedConfig, embedded: bool = True) -> None:
     or wherever the file is here when validating. On a real cluster the owner's worker checks
     it first thing in its ``prepare``."""
     from splitlearn.data import load_dataset
-    from splitlearn.errors import DataError
 
     run = cfg.run
-    if not embedded and not cfg.resolve_path(run.data.path).is_file():
-        return
-    _, tokenizer = load_dataset(run.data, cfg.resolve_path)
+    for data in [federation.client_data(run, d) for d in federation.clients(run)] or [run.data]:
+        if not embedded and not cfg.resolve_path(data.path).is_file():
+            continue
+        _, tokenizer = load_dataset(data, cfg.resolve_path)
+        _check_vocab(run, tokenizer.vocab_size)
+
+
+def _check_vocab(run: RunConfig, tokens: int) -> None:
+    from splitlearn.errors import DataError
+
     vocab = getattr(hf_config(run.model), "vocab_size", None)
-    if isinstance(vocab, int) and tokenizer.vocab_size > vocab:
+    if isinstance(vocab, int) and tokens > vocab:
         raise DataError(
-            f"model.config.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens; "
+            f"model.config.vocab_size={vocab} is smaller than the tokenizer's {tokens} tokens; "
             "raise model.config.vocab_size"
         )
 
@@ -139,6 +145,7 @@ def measured_on_devices(cfg: LoadedConfig, profile: ModelProfile) -> dict[str, l
 def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> PlanRequest:
     """What the partitioner is asked: the layers, the topology and the config's constraints."""
     run = cfg.run
+    federation.check_untied(run)
     profile = profile or load_profile(cfg)
     n = len(profile.layers)
     if run.plan.profile and n != len(meta_chain_names(cfg)):
@@ -148,7 +155,9 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
         topology=cfg.topology,
         num_micro_batches=run.train.micro_batches,
         schedule=run.runtime.schedule,
-        devices=list(run.plan.devices) or None,
+        devices=federation.plan_devices(cfg) or None,
+        clients=tuple(federation.clients(run)),
+        rounds_every=run.federation.rounds_every,
         cuts=list(run.plan.cuts) or None,
         label_privacy=run.plan.label_privacy,
         precision=run.train.dtype,

@@ -143,7 +143,8 @@ def step_record(step: int, stages: list[dict[str, Any]], step_s: float, attempt:
         "loss": sum(s["loss"] for s in stages if s["loss"] is not None),  # loss-stage replicas' shares
         "grad_norm": stages[0]["grad_norm"],
         "step_s": step_s,
-        "tokens_per_s": stages[0]["tokens"] / step_s,
+        # every data owner's tokens (federated clients: each its own batch)
+        "tokens_per_s": sum(s["tokens"] or 0 for s in stages if s.get("stage") == 0) / step_s,
         "attempt": attempt,
         "stages": [{k: s[k] for k in STAGE_METRICS if k in s} for s in stages],
         "bytes_sent": {k: v for s in stages for k, v in s["bytes_sent"].items()},

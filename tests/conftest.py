@@ -10,6 +10,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TEST_DEVICES = ["edge-a", "mid-b", "cloud-c", "cloud-d"]
+CLIENT_DEVICES = ["edge-e", "edge-f"]  # more data owners for federated runs (tests/test_federation.py)
 
 # Fixtures that start Ray: a test that uses one (directly or through another fixture) is in
 # the `ray` tier whether or not it says so (README, "Tests"). A test that starts Ray in
@@ -71,7 +72,7 @@ def ray_cluster():
         ray.init(
             address="local",  # never a Ray that `ray start` left on the machine
             num_cpus=2,
-            resources={device_resource(d): 1.0 for d in TEST_DEVICES},
+            resources={device_resource(d): 1.0 for d in [*TEST_DEVICES, *CLIENT_DEVICES]},
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,

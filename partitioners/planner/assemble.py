@@ -103,10 +103,12 @@ def build_plan(
         a, b = bounds[s], bounds[s + 1]
         seg = req.layers[a:b]
         mem = req.stage_memory(a, b, s, S, opts[s], seq[s])
+        # the slowest replica's times (federated clients may differ; replicas are identical)
+        slow = max(groups[s], key=functools.partial(_stage_ms, tables, a, b, opts[s]))
         t = stage_time(
-            req.layers_on(seq[s])[a:b],
-            req.topology.device(seq[s]),
-            req.calibrated_for(seq[s]),
+            req.layers_on(slow)[a:b],
+            req.topology.device(slow),
+            req.calibrated_for(slow),
             method=opts[s],
             precision=req.precision,
         )
@@ -161,9 +163,43 @@ def build_plan(
             "flops_per_step": float(flops * req.num_micro_batches),
             "peak_tflops": float(peak),
             **({"times_measured_on": sorted(req.device_layers)} if req.device_layers else {}),
+            **(
+                {"federation": federation_figures(req, tables, bounds, opts, ev.step_ms, stages)} if req.clients else {}
+            ),
         },
         uplinks=ev.uplinks,
     )
+
+
+def _stage_ms(tables: CostTables, a: int, b: int, opt: StageMethod, dev: str) -> float:
+    return tables.stage_ms(dev, a, b, opt)
+
+
+def federation_figures(
+    req: PlanRequest,
+    tables: CostTables,
+    bounds: list[int],
+    opts: list[StageMethod],
+    step_ms: float,
+    stages: list[Stage],
+) -> dict[str, object]:
+    """Per client, its front's busy time in one step (its share of the micro-batches, forward
+    and backward, and the optimizer step); the shared stages' time for every client's
+    micro-batches; the round (``rounds_every`` steps)."""
+    N, M = len(req.clients), req.num_micro_batches
+    per_client = {}
+    for c in req.clients:
+        f, b, o = tables.fbo(c, bounds[0], bounds[1], opts[0])
+        per_client[c] = round(M // N * (f + b) + o, 4)
+    # what the shared stages work in one step for all clients (each replica its share)
+    shared = sum(M / s.num_replicas * (s.fwd_ms + s.bwd_ms) + s.opt_ms for s in stages[1:])
+    return {
+        "client_ms": per_client,
+        "slowest_client": max(per_client, key=lambda c: per_client[c]),
+        "rounds_every": req.rounds_every,
+        "round_ms": round(step_ms * req.rounds_every, 4),
+        "shared_ms": round(shared, 4),
+    }
 
 
 def simulate_plan(

@@ -33,6 +33,12 @@ def check_replicas(req: PlanRequest, groups: Groups, where: str = "plan.devices"
         if len(group) < 2:
             continue
         name = f"{where}: '{group_name(group)}'"
+        if s == 0 and req.clients:
+            if tuple(group) != tuple(req.clients):
+                return f"{name}: with federation the first stage runs on the clients '{group_name(req.clients)}'"
+            if M % len(group):
+                return f"{name}: {len(group)} clients need train.micro_batches a multiple of {len(group)}, got {M}"
+            continue  # clients may differ: each runs its own front, the slowest sets the pace
         if s == 0:
             return f"{name}: the first stage (embedding, raw inputs) runs on the data owner and cannot be replicated"
         if req.label_privacy and s == len(groups) - 1:

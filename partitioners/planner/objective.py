@@ -30,7 +30,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-from partitioners.costmodel import StageMethod
+from partitioners.costmodel import PRECISIONS, StageMethod
 from partitioners.planner.feasibility import base_options
 from partitioners.planner.request import Groups, group_name, groups_of
 from partitioners.planner.tables import CostTables
@@ -72,11 +72,14 @@ def figures(
     S, M = len(seq), tables.M
     fwd, bwd, opt, ar = [], [], [], []
     for s in range(S):
-        f, b, o = tables.fbo(seq[s], bounds[s], bounds[s + 1], opts[s])
+        # the slowest replica sets the stage's pace (replicas are identical, federated clients may differ)
+        f, b, o = max((tables.fbo(d, bounds[s], bounds[s + 1], opts[s]) for d in groups[s]), key=lambda t: t[0] + t[1])
         fwd.append(f)
         bwd.append(b)
         opt.append(o)
         ar.append(tables.allreduce_ms(groups[s], bounds[s], bounds[s + 1], opts[s]))
+    if tables.req.clients and S > 1:  # the clients' sum goes through the server, never client to client
+        ar[0] = fedavg_ms(tables, groups[0], groups[1][0], bounds[0], bounds[1], opts[0])
     act, grad = [], []
     topo = tables.req.topology
     uplinks: dict[str, list[str]] = {}
@@ -100,6 +103,14 @@ def figures(
         on.setdefault(d, []).append(s)
     shared = [tuple(v) for v in on.values() if len(v) > 1]
     return StepFigures(fwd, bwd, opt, ar, [len(g) for g in groups], act, grad, shared, channels)
+
+
+def fedavg_ms(tables: CostTables, clients: tuple[str, ...], server: str, a: int, b: int, opt: StageMethod) -> float:
+    """The clients' front gradients (or weights) summed through ``server``: each client's
+    copy up and the sum back over its own link, in parallel; the slowest round trip."""
+    topo = tables.req.topology
+    nbytes = tables.trainable(a, b, opt) * PRECISIONS[tables.req.precision][1]
+    return max(topo.transfer_ms(c, server, nbytes) + topo.transfer_ms(server, c, nbytes) for c in clients)
 
 
 def _flow_shop(times: list[float], M: int) -> list[float]:
@@ -275,7 +286,7 @@ def replica_load(fwd_bwd_ms: float, step_ms: float, busy_replicas: int, num_micr
 def stage_load(tables: CostTables, group: tuple[str, ...], a: int, b: int, opt: StageMethod, S: int) -> float:
     """Per micro-batch, what a stage keeps each of its devices busy (``balanced`` minimises
     the largest)."""
-    ms = tables.stage_ms(group[0], a, b, opt)
+    ms = max(tables.stage_ms(d, a, b, opt) for d in group)  # the slowest (federated clients may differ)
     if len(group) == 1:
         return ms
     o = tables.opt_ms(group[0], a, b, opt)

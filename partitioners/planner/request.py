@@ -58,6 +58,10 @@ class PlanRequest:
     min_owner_front: int = 1
     min_owner_tail: int = 1
     privacy_why: str = ""  # which bound set them, for error lines ("privacy.max_token_recovery=0.05")
+    # split-federated: the data-owning clients whose replicas make the first stage (each its own
+    # data, heterogeneous devices allowed; the stage's costs are its slowest client's)
+    clients: tuple[str, ...] = ()
+    rounds_every: int = 1  # FedAvg every this many steps (the plan table's round time)
 
     @property
     def n(self) -> int:

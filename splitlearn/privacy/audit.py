@@ -4,7 +4,9 @@ crossed each link, and the ways it broke the privacy rules:
 - no input ids ever leave the data owner's first stage (no integer tensor is sent other
   than the labels and the padding mask);
 - under ``label_privacy`` (U-shape) the labels never leave the data owner's device; without
-  it they go only to the loss stage (and the plan's leak column says so: they are the text).
+  it they go only to the loss stage (and the plan's leak column says so: they are the text);
+- with several data owners (federated clients), no tensor goes from one client to another:
+  activations, gradients, labels and FedAvg updates go between a client and the cloud only.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def violations(plan: Plan, topology: Topology, sent: list[dict[str, Any]]) -> li
         where += f"stage {t['dst_stage']} ({t['dst_device']})"
         if t["dtype"] in INTEGER and t["kind"] not in ("labels", "padding-mask"):
             out.append(f"integer tensor (input ids?) sent: {where}")
+        if t["src_device"] in owners and t["dst_device"] in owners and t["src_device"] != t["dst_device"]:
+            out.append(f"sent from one data owner to another: {where}")
         if t["kind"] == "labels":
             if plan.label_privacy and t["dst_device"] not in owners:
                 out.append(f"labels left the data owner under label_privacy: {where}")

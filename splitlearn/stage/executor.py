@@ -158,7 +158,16 @@ class Executor:
         return 0.0
 
     def _recv_labels(self, state: StepState, act: Action) -> float:
-        state.labels, _ = self.w.transport.recv(0, self.groups.ends)
+        w = self.w
+        if not w.federated:
+            state.labels, _ = w.transport.recv(0, self.groups.ends)
+            return 0.0
+        # each client's labels; micro-batch m is client m % N's local micro-batch m // N
+        own = [w.transport.recv(r, self.groups.ends)[0] for r in w.layout.stage_ranks(0)]
+        n, rows = len(own), self.rows
+        state.labels = torch.cat(
+            [own[m % n][(m // n) * rows : (m // n + 1) * rows] for m in range(w.num_micro_batches)]
+        )
         return 0.0
 
     def _recv_act(self, state: StepState, act: Action) -> float:
@@ -172,7 +181,8 @@ class Executor:
         w, m, rows = self.w, act.mb, self.rows
         if w.is_first:
             assert state.batch is not None
-            sl = slice(m * rows, (m + 1) * rows)
+            local = m // w.num_replicas if w.federated else m  # a client's own rows: its micro-batches in turn
+            sl = slice(local * rows, (local + 1) * rows)
             state.inputs[m] = state.batch["input_ids"][sl].to(w.device)
             bm = state.batch["attention_mask"]
             state.masks[m] = None if bm is None else bm[sl].to(w.device)
@@ -240,7 +250,12 @@ class Executor:
         t_wait = time.perf_counter()
         self.w.transport.wait_sends()
         waited = time.perf_counter() - t_wait
-        state.grad_norm, collectives_s = self.w.optimizer_step(self.w.segment.parameters())
+        w = self.w
+        tokens = count_items(state.labels) if w.federated and w.is_first and state.labels is not None else 0
+        state.grad_norm, collectives_s = w.optimizer_step(w.segment.parameters(), state.step, tokens)
+        if w.fed is not None:  # what FedAvg sent: the client's update, or the server's sum
+            for kind, t, dst in w.fed.take_sent():
+                self._audit(state, kind, t, dst)
         ends = {0, self.w.num_stages - 1} - {self.w.stage}
         for p in self.w.tied.values():  # a tied weight's gradient is summed with the other end's
             for dst in (r for s in ends for r in self.w.layout.stage_ranks(s)):

@@ -78,15 +78,26 @@ class Groups:
     links: dict[str, fabric.Group] = field(default_factory=dict)  # "link/<a>-<b>", a < b
     ends: fabric.Group | None = None
     replicas: fabric.Group | None = None
+    fedavg: fabric.Group | None = None  # federated: the server and the clients
 
     def link(self, rank: int, peer: int) -> fabric.Group:
         return self.links[f"link/{min(rank, peer)}-{max(rank, peer)}"]
 
 
 def build_groups(
-    layout: RankLayout, stage: int, rank: int, num_micro_batches: int, addr: str, port: int, timeout: datetime.timedelta
+    layout: RankLayout,
+    stage: int,
+    rank: int,
+    num_micro_batches: int,
+    addr: str,
+    port: int,
+    timeout: datetime.timedelta,
+    federated: bool = False,
 ) -> Groups:
-    """Join the world's store and create, in one global order, the groups ``rank`` is in."""
+    """Join the world's store and create, in one global order, the groups ``rank`` is in.
+    ``federated``: stage 0's replicas are clients: each sends its own labels (``ends`` holds
+    them all), and they average their fronts through the server (stage 1's first replica)
+    over the ``fedavg`` group, never over a group of clients alone."""
     store = fabric.store_for(addr, port, rank, layout.world_size, timeout)
     n = layout.num_stages
     wanted: list[tuple[str, list[int], str]] = [("world", list(range(layout.world_size)), "gloo")]
@@ -98,10 +109,13 @@ def build_groups(
         backend = "nccl" if layout.is_cuda_rank(a) and layout.is_cuda_rank(b) else "gloo"
         wanted.append((f"link/{a}-{b}", [a, b], backend))
     if n > 1:
-        wanted.append(("ends", [0, *layout.stage_ranks(n - 1)], "gloo"))
+        owners = layout.stage_ranks(0) if federated else [0]
+        wanted.append(("ends", [*owners, *layout.stage_ranks(n - 1)], "gloo"))
     for s in range(n):
-        if layout.replicas[s] > 1:
+        if layout.replicas[s] > 1 and not (federated and s == 0):
             wanted.append((f"replicas/{s}", layout.stage_ranks(s), "gloo"))
+    if federated and n > 1:
+        wanted.append(("fedavg", [layout.offsets[1], *layout.stage_ranks(0)], "gloo"))
     groups = fabric.build(store, rank, timeout, wanted)
     return Groups(
         store=store,
@@ -109,6 +123,7 @@ def build_groups(
         links={k: g for k, g in groups.items() if k.startswith("link/")},
         ends=groups.get("ends"),
         replicas=groups.get(f"replicas/{stage}"),
+        fedavg=groups.get("fedavg"),
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from splitlearn.optim import clip_coefficient, sum_of_squares
+from splitlearn.stage.fedavg import CLIENT, FedAvg
 
 
 def all_reduce_via_host(group: Any, t: torch.Tensor) -> None:
@@ -54,14 +55,19 @@ class OptimizerStep:
         is_last: bool,
         world_size: int,
         max_grad_norm: float,
+        fed: FedAvg | None = None,
     ):
         self.optimizer, self.engine, self.tied, self.groups = optimizer, engine, tied, groups
         self.replica, self.num_replicas, self.is_last = replica, num_replicas, is_last
         self.world_size, self.max_grad_norm = world_size, max_grad_norm
+        self.fed = fed  # a federated client's or the server's part in FedAvg
 
-    def __call__(self, params: Iterable[torch.nn.Parameter]) -> tuple[float, float]:
+    def __call__(self, params: Iterable[torch.nn.Parameter], step: int = 0, tokens: int = 0) -> tuple[float, float]:
         """Reduce, clip, step. Returns the global gradient norm and the seconds spent in the
-        collectives (waiting for the other workers, mostly)."""
+        collectives (waiting for the other workers, mostly). ``tokens``: a federated client's
+        label tokens in this step (its FedAvg weight)."""
+        if self.fed is not None:
+            return self._federated(list(params), step, tokens)
         t_sync = time.perf_counter()
         for p in self.tied.values():  # the data owner's copy and every loss-stage replica's share
             if p.grad is None:
@@ -109,3 +115,38 @@ class OptimizerStep:
         if self.replica > 0:
             local = torch.zeros_like(local)
         return grads, local, reduce_s
+
+    def _federated(self, params: list[torch.nn.Parameter], step: int, tokens: int) -> tuple[float, float]:
+        """The STEP of a federated client (its front summed through the server, or its own
+        under local steps) or of the server (which serves the sum besides its own step). Under
+        local steps each client clips by the norm of the model it trains: its own front's
+        gradients and the shared stages' (the other clients' shares are left out of the sum)."""
+        fed = self.fed
+        assert fed is not None and self.engine is None and not self.tied, "checked in prepare()"
+        t_sync = time.perf_counter()
+        grads = [p.grad for p in params if p.grad is not None]
+        own = None
+        if fed.role == CLIENT:
+            fed.gradients(grads, tokens)
+            local = sum_of_squares(grads)
+            if fed.local_steps or self.replica > 0:  # a client's own share, or counted once (client 0)
+                own, local = (local if fed.local_steps else None), torch.zeros_like(local)
+        else:
+            _, local, _ = self._local_norm([p for p in params if p.grad is not None])
+            if not fed.local_steps:
+                fed.serve("fedavg-aggregate")
+        if self.world_size > 1:
+            self.groups.world.all_reduce(local)
+        if own is not None:
+            local = local + own
+        norm = float(local.sqrt())
+        coef = clip_coefficient(norm, self.max_grad_norm)
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+        self.optimizer.step()
+        if fed.role == CLIENT:
+            fed.weights([p for p in params if p.requires_grad], step)
+        elif fed.local_steps and fed.round_ends(step):
+            fed.serve("fedavg-aggregate")
+        return norm, time.perf_counter() - t_sync

@@ -23,7 +23,7 @@ from cluster.topology import Topology
 from partitioners.choices import CODECS
 from splitlearn import codecs
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.bool]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.bool, torch.float64]
 HEADER_LEN = 10  # ndim, dtype, has-mask flag, codec, up to 5 dims, arrival time (ns, 0 = now)
 _CODECS = list(CODECS)
 

@@ -100,6 +100,8 @@ class StageWorker:
         self.batches: Any = None
         self.eval_data: Any = None  # the data owner's eval rows (a TokenDataset), if any
         self.groups: Groups | None = None
+        self.federated = self.run.federation.mode != "none" and self.num_stages > 1
+        self.fed: Any = None  # FedAvg: a federated client's or the server's part
 
     # -- set-up ---------------------------------------------------------------------------
     def _resolve(self, p: str) -> Path:
@@ -158,6 +160,7 @@ class StageWorker:
         self.segment.train()
         tied = self.segment.tied_parameters() if self.num_stages > 1 else {}
         self.tied = {k: p for k, p in tied.items() if p.requires_grad}  # both ends agree: see tied_trainable
+        self._check_federated()
         mode = self.run.runtime.compile
         if mode == "blocks" or (mode == "auto" and self.device.type == "cuda"):
             self.segment.compile_blocks()
@@ -182,16 +185,21 @@ class StageWorker:
 
     def _load_data(self, meta: Any) -> dict[str, Any]:
         """Read, tokenize and check the data (on the data owner), before the segment is built."""
+        from splitlearn import federation
         from splitlearn.data import BatchSource, load_run_data
 
-        data = load_run_data(self.run.data, self._resolve, self.run.train.seed)
+        if self.federated:  # a client reads only its own data, its share of the step's rows
+            data_cfg, rows = federation.client_data(self.run, self.device_name), federation.rows_per_client(self.run)
+        else:
+            data_cfg, rows = self.run.data, self.run.train.batch_size
+        data = load_run_data(data_cfg, self._resolve, self.run.train.seed)
         vocab = meta.config.vocab_size
         if data.tokenizer.vocab_size > vocab:
             raise DataError(
                 f"model.config.vocab_size={vocab} is smaller than the tokenizer's "
                 f"{data.tokenizer.vocab_size} tokens; raise model.config.vocab_size"
             )
-        self.batches = BatchSource(data.train, self.run.train.batch_size, self.run.train.seed)
+        self.batches = BatchSource(data.train, rows, self.run.train.seed)
         self.eval_data = data.eval
         return {"rows": data.train.num_rows, "eval_rows": 0 if data.eval is None else data.eval.num_rows}
 
@@ -209,6 +217,20 @@ class StageWorker:
             raise ConfigError(
                 f"device '{self.device_name}' ({name}) cannot compute in bf16, which train.dtype={self.run.train.dtype} "
                 "needs: use train.dtype=fp32, or plan this stage on another device"
+            )
+
+    def _check_federated(self) -> None:
+        """What a federated client or the server cannot do yet, before any process group exists."""
+        if not self.federated or not (self.stage == 0 or self.replica == 0 and self.stage == 1):
+            return
+        if self.offload != "none":
+            raise ConfigError(
+                f"stage {self.stage} takes part in FedAvg and cannot be offloaded yet; offload a later stage"
+            )
+        if self.tied:
+            raise ConfigError(
+                "model.config.tie_word_embeddings: tied embeddings are not supported with federation yet; "
+                "set model.config.tie_word_embeddings=false"
             )
 
     def _check_offload(self) -> None:
@@ -230,7 +252,22 @@ class StageWorker:
         :mod:`splitlearn.stage.fabric`), then, on an offloaded stage, torch's default group over
         the stage's replicas and DeepSpeed's engine on it."""
         timeout = datetime.timedelta(seconds=self.run.runtime.timeout_s)
-        self.groups = build_groups(self.layout, self.stage, self.rank, self.num_micro_batches, addr, port, timeout)
+        self.groups = build_groups(
+            self.layout, self.stage, self.rank, self.num_micro_batches, addr, port, timeout, self.federated
+        )
+        if self.federated and (self.stage == 0 or self.rank == self.layout.offsets[1]):
+            from splitlearn.stage.fedavg import CLIENT, SERVER, FedAvg
+
+            fed = self.run.federation
+            self.fed = FedAvg(
+                CLIENT if self.stage == 0 else SERVER,
+                self.groups.fedavg,
+                self.transport,
+                self.layout.offsets[1],
+                self.layout.stage_ranks(0),
+                fed.rounds_every,
+                self.run.train.steps,
+            )
         if self.offload != "none":
             from splitlearn import zero
 
@@ -257,6 +294,7 @@ class StageWorker:
             self.is_last,
             self.layout.world_size,
             self.run.train.max_grad_norm,
+            self.fed,
         )
         self.executor = Executor(self)
 

@@ -1,0 +1,190 @@
+"""Split-federated learning (issue 21): several data-owning clients, each its own front on its
+own data, sharing the cloud's stages; FedAvg through the server."""
+
+import pytest
+import torch
+from conftest import ROOT, checkpoint_state
+from families import TINY
+
+from splitlearn.config import config_from_container
+from splitlearn.data import BatchSource, load_dataset
+from splitlearn.errors import ConfigError
+from splitlearn.models import build_model
+from splitlearn.optim import make_optimizer, reference_step
+from splitlearn.planning import make_plan
+from splitlearn.privacy.audit import summary, transfers, violations
+from splitlearn.trainer import train
+
+CLIENTS = ["edge-a", "edge-e", "edge-f"]
+
+
+def topology(slow: str | None = None):
+    devices = [*CLIENTS, "cloud-c"]
+    return {
+        "devices": [
+            {
+                "name": d,
+                "tier": "edge" if d.startswith("edge") else "cloud",
+                "memory_gb": 2.0,
+                "tflops": 0.01 if d == slow else 0.02,
+                "owns_data": d in CLIENTS,
+                "zone": d if d.startswith("edge") else "cloud",  # each client its own link to the cloud
+            }
+            for d in devices
+        ],
+        "links": {"default": {"bandwidth_mbps": 1000, "latency_ms": 0.1}},
+    }
+
+
+def client_files(tmp_path, identical: bool) -> list[str]:
+    """Each client's own text (non-IID: a different slice of the quickstart text each), or
+    the same file for every client."""
+    text = (ROOT / "data" / "quickstart.txt").read_text()
+    if identical:
+        return [str(ROOT / "data" / "quickstart.txt")] * len(CLIENTS)
+    third = len(text) // 3
+    paths = []
+    for i in range(len(CLIENTS)):
+        p = tmp_path / f"client{i}.txt"
+        p.write_text(text[i * third : (i + 1) * third])
+        paths.append(str(p))
+    return paths
+
+
+def fed_raw(tmp_path, name, paths, steps=3, rounds_every=1, **over):
+    raw = {
+        "name": name,
+        "model": {"family": "llama", "config": {**TINY["llama"], "vocab_size": 258}},
+        "data": {"seq_len": 16},
+        "topology": {"inline": topology()},
+        "train": {"steps": steps, "batch_size": 6, "micro_batches": 3, "lr": 1e-2, "seed": 7, "max_grad_norm": 0.5},
+        "plan": {"partitioner": "uniform"},
+        "privacy": {"measure": "off"},
+        "federation": {
+            "mode": "splitfed",
+            "rounds_every": rounds_every,
+            "clients": [{"device": d, "data": {"path": p}} for d, p in zip(CLIENTS, paths, strict=True)],
+        },
+        "runtime": {
+            "output_dir": str(tmp_path / "runs"),
+            "run_name": name,
+            "progress": "none",
+            "timeout_s": 60,
+            "placement_timeout_s": 30,
+            "audit_transport": True,
+        },
+        "checkpoint": {"every_steps": 1, "keep": 5},
+    }
+    raw.update(over)  # whole sections
+    return raw
+
+
+def centralised(cfg, paths, steps):
+    """The unsplit model trained on one process on the union of the clients' batches: the
+    global batch in micro-batch order (micro-batch m is client m % N's local micro-batch m // N)."""
+    run = cfg.run
+    model = build_model(run.model, run.train.seed)
+    model.train()
+    opt = make_optimizer(model.parameters(), run.train)
+    n = len(paths)
+    rows = run.train.batch_size // run.train.micro_batches
+    sources = []
+    for p in paths:
+        data = run.data.__class__(**{**run.data.__dict__, "path": p})
+        sources.append(BatchSource(load_dataset(data)[0], run.train.batch_size // n, run.train.seed))
+    losses = []
+    for s in range(steps):
+        own = [src.batch(s) for src in sources]
+        batch = {}
+        for key in ("input_ids", "attention_mask", "labels"):
+            if own[0][key] is None:
+                batch[key] = None
+                continue
+            parts = [own[m % n][key][(m // n) * rows : (m // n + 1) * rows] for m in range(run.train.micro_batches)]
+            batch[key] = torch.cat(parts)
+        losses.append(reference_step(model, batch, run.train, opt, s)[0])
+    return model, losses
+
+
+# -- config and plan (no Ray) ----------------------------------------------------------------
+
+
+def test_federated_plan_shares_one_cut_paced_by_the_slowest_client(tmp_path):
+    raw = fed_raw(tmp_path, "plan", client_files(tmp_path, identical=True), plan={"partitioner": "balanced"})
+    raw["topology"]["inline"] = topology(slow="edge-e")
+    plan = make_plan(config_from_container(raw, [], "test", tmp_path))
+    assert plan.stages[0].devices == CLIENTS and plan.stages[1].devices == ["cloud-c"]
+    fed = plan.predicted["federation"]
+    assert fed["slowest_client"] == "edge-e" and fed["client_ms"]["edge-e"] > fed["client_ms"]["edge-a"]
+    assert fed["round_ms"] == pytest.approx(plan.step_ms)
+    table = plan.table()
+    assert "federation: 3 clients share one cut" in table and "edge-e" in table and "round" in table
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda r: r.pop("federation"), "topology.devices[1].owns_data"),
+        (lambda r: r["federation"]["clients"].pop(), "federation.clients: 'edge-f' owns data but is no client"),
+        (
+            lambda r: r["federation"]["clients"][1]["data"].update(path="/no/such.txt"),
+            "federation.clients[1].data.path",
+        ),
+        (lambda r: r["train"].update(micro_batches=2, batch_size=6), "train.micro_batches"),
+        (lambda r: r["federation"].update(mode="sequential"), "federation.mode"),
+        (lambda r: r["federation"].update(rounds_every=2), "checkpoint.every_steps"),
+    ],
+)
+def test_federation_config_errors_name_the_key(tmp_path, change, needle):
+    raw = fed_raw(tmp_path, "bad", client_files(tmp_path, identical=True))
+    change(raw)
+    with pytest.raises(ConfigError) as e:
+        config_from_container(raw, [], "test", tmp_path)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# -- real runs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_splitfed_every_step_equals_centralised_training_on_all_batches(ray_cluster, tmp_path):
+    """Three clients, each its own (non-IID) text, FedAvg of the gradients every step: the
+    losses and the weights equal the unsplit model trained on the union of the three batches
+    (3x one client's). fp32; tolerance 1e-5 as for a plain split run
+    (test_split_training_equals_single_process): the sums run in the same order (the server
+    adds the clients' gradients in micro-batch order, as the reference accumulates them), so
+    what differs is the cut's own rounding, amplified a little by three AdamW steps at lr 1e-2.
+    The transport audit of the same run: no client sends anything to another client."""
+    paths = client_files(tmp_path, identical=False)
+    cfg = config_from_container(fed_raw(tmp_path, "fed", paths), [], "test", tmp_path)
+    result = train(cfg, progress="none")
+    assert result.plan.stages[0].devices == CLIENTS
+    ref_model, ref_losses = centralised(cfg, paths, 3)
+    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+    state, ref_state = checkpoint_state(result.run_dir, 3), ref_model.state_dict()
+    assert set(state) == {n for n, _ in ref_model.named_parameters()}
+    for k in state:
+        torch.testing.assert_close(state[k], ref_state[k], rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+    sent = transfers(result.stage_metrics)
+    assert violations(result.plan, cfg.topology, sent) == []
+    kinds = summary(sent)
+    for c in CLIENTS:  # each client: its own activations and labels up, its update to the server
+        assert kinds[f"activation {c}->cloud-c"] == 3 and kinds[f"labels {c}->cloud-c"] == 3
+        assert kinds[f"gradient cloud-c->{c}"] == 3
+        assert kinds[f"fedavg-gradient {c}->cloud-c"] == kinds[f"fedavg-aggregate cloud-c->{c}"] == 3
+    assert not any(k.split()[1].split("->")[0] in CLIENTS and k.split("->")[1] in CLIENTS for k in kinds)
+
+
+@pytest.mark.ray
+def test_local_steps_average_the_fronts_every_round(ray_cluster, tmp_path):
+    """rounds_every=2: each client steps its own front once, then the fronts are averaged
+    (weighted by label tokens); the run ends on a round, so the clients' fronts agree."""
+    paths = client_files(tmp_path, identical=False)
+    raw = fed_raw(tmp_path, "local", paths, steps=2, rounds_every=2, checkpoint={"every_steps": 2, "keep": 1})
+    cfg = config_from_container(raw, [], "test", tmp_path)
+    result = train(cfg, progress="none")
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    kinds = summary(transfers(result.stage_metrics))
+    assert all(kinds[f"fedavg-weights {c}->cloud-c"] == 1 for c in CLIENTS)
+    assert "fedavg-gradient edge-a->cloud-c" not in kinds
