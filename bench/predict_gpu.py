@@ -28,13 +28,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import machine, runtime_section, write_record  # noqa: E402
-from stage_speed import SHAPE  # noqa: E402
+from stage_speed import SHAPE, TINY, gpu_device  # noqa: E402
 
 
 def devices(args: argparse.Namespace, edge: bool) -> list[dict]:
-    gpu = {"name": "gpu", "tier": "cloud", "accelerator": args.accelerator, "memory_gb": 130.0,
-           "tflops": args.peak_tflops, "owns_data": not edge, "cpu_threads": 4, "zone": "cloud",
-           "gpus": 1.0 if args.accelerator == "cuda" else 0.0}  # fmt: skip
+    gpu = gpu_device(args.accelerator, args.peak_tflops, owns_data=not edge)
     if not edge:
         return [gpu]
     host = {"name": "edge", "tier": "edge", "accelerator": "cpu", "memory_gb": 60.0, "tflops": 1.0,
@@ -120,8 +118,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "predict-h200.json"))
     args = ap.parse_args()
     if args.tiny:
-        SHAPE.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=320)  # fmt: skip
+        SHAPE.update(TINY)
     rows = []
     with tempfile.TemporaryDirectory(prefix="sl-predict-") as tmp:
         os.environ["XDG_CACHE_HOME"] = str(Path(tmp) / "cache")  # measured here, now

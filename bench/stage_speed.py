@@ -43,6 +43,23 @@ SHAPE = dict(  # ~1.0B parameters, untied embeddings (65.5M each)
 )
 
 
+TINY = dict(  # a shape to check the scripts with, on a CPU
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=320,
+)
+
+
+def gpu_device(accelerator: str, tflops: float, owns_data: bool = True) -> dict:
+    """The one GPU of the benchmarks' topologies (``accelerator=cpu`` to check a script)."""
+    return {"name": "gpu", "tier": "cloud", "accelerator": accelerator, "memory_gb": 130.0, "tflops": tflops,
+            "owns_data": owns_data, "cpu_threads": 4, "zone": "cloud",
+            "gpus": 1.0 if accelerator == "cuda" else 0.0}  # fmt: skip
+
+
 def loop_step_times(args: argparse.Namespace, tuned: bool) -> list[float]:
     import torch
     import torch.nn.functional as F
@@ -86,18 +103,7 @@ def stage_run(args: argparse.Namespace, compile_mode: str, out_dir: Path) -> tup
         "data": {"path": str(ROOT / "data" / "quickstart.txt"), "tokenizer": "byte", "seq_len": args.seq},
         "topology": {
             "inline": {
-                "devices": [
-                    {
-                        "name": "gpu",
-                        "tier": "cloud",
-                        "accelerator": args.accelerator,
-                        "memory_gb": 130.0,
-                        "tflops": args.peak_tflops,
-                        "owns_data": True,
-                        "cpu_threads": 4,
-                        "gpus": 1.0 if args.accelerator == "cuda" else 0.0,
-                    }
-                ],
+                "devices": [gpu_device(args.accelerator, args.peak_tflops)],
                 "links": {"default": {"bandwidth_mbps": 100000.0, "latency_ms": 0.01}},
             }
         },
@@ -126,14 +132,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "stage-speed-h200.json"))
     args = ap.parse_args()
     if args.tiny:
-        SHAPE.update(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=320,
-        )
+        SHAPE.update(TINY)
     want = args.only or ["eager", "tuned", "stage-auto", "stage-none"]
     rows, flops = [], None
     with tempfile.TemporaryDirectory(prefix="sl-stage-speed-") as tmp:

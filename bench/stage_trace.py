@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import machine, write_record  # noqa: E402
-from stage_speed import SHAPE  # noqa: E402
+from stage_speed import SHAPE, TINY, gpu_device  # noqa: E402
 
 
 def main() -> None:
@@ -37,14 +37,7 @@ def main() -> None:
     import torch
 
     if args.tiny:
-        SHAPE.update(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=320,
-        )
+        SHAPE.update(TINY)
     from torch.profiler import ProfilerActivity, profile
 
     from partitioners.plan import Plan, Stage
@@ -55,22 +48,7 @@ def main() -> None:
         "name": "trace",
         "model": {"family": "llama", "config": SHAPE},
         "data": {"path": str(ROOT / "data" / "quickstart.txt"), "tokenizer": "byte", "seq_len": args.seq},
-        "topology": {
-            "inline": {
-                "devices": [
-                    {
-                        "name": "gpu",
-                        "tier": "cloud",
-                        "accelerator": args.accelerator,
-                        "memory_gb": 130.0,
-                        "tflops": 989.0,
-                        "owns_data": True,
-                        "cpu_threads": 4,
-                        "gpus": 1.0 if args.accelerator == "cuda" else 0.0,
-                    }
-                ]
-            }
-        },
+        "topology": {"inline": {"devices": [gpu_device(args.accelerator, 989.0)]}},
         "train": {"steps": args.steps * 2, "batch_size": args.batch, "micro_batches": 1, "lr": 1e-4, "dtype": "bf16"},
         "runtime": {"timeout_s": 600, "compile": args.compile},
     }

@@ -166,9 +166,10 @@ def measured_layers(
 
 
 def device_profiles(
-    cfg: Any, layers: list[LayerProfile], pool: list[str], log: Callable[[str], None] = print
+    cfg: Any, layers: dict[str, list[LayerProfile]], pool: list[str], log: Callable[[str], None] = print
 ) -> dict[str, list[LayerProfile]]:
-    """Each pool device's layers with their times measured there (cached); Ray must be up."""
+    """Each pool device's ``layers`` (as counted for it) with the times measured there
+    (cached); Ray must be up."""
     import ray
 
     from cluster.topology import device_resource
@@ -203,4 +204,4 @@ def device_profiles(
             path = cache_dir() / f"{key}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"device": todo[key][0], "times": found[key]}))
-    return {name: measured_layers(layers, found[key], method) for name, (key, method) in keys.items()}
+    return {name: measured_layers(layers[name], found[key], method) for name, (key, method) in keys.items()}

@@ -99,7 +99,7 @@ def make_optimizer(params, train_cfg: Any) -> torch.optim.Optimizer | MasterAdam
         return NoOptimizer()
     if train_cfg.dtype == "bf16-master":
         return MasterAdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    if trainable and all(p.is_cuda for p in trainable):  # one kernel per step, no temporaries
+    if all(p.is_cuda for p in trainable):  # one kernel per step, no temporaries
         return torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=True)
     return torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, foreach=False)
 

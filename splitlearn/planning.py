@@ -115,22 +115,24 @@ def meta_layers(cfg: LoadedConfig, cuda_kernels: bool) -> list[LayerProfile]:
     )
 
 
-def cpu_layers(cfg: LoadedConfig, profile: ModelProfile) -> list[LayerProfile] | None:
-    """A meta profile's layers as the topology's CPU devices run them, where that differs
-    (the profile counts attention as CUDA runs it when the topology has a GPU: fp32 with
-    grouped key/value heads takes the math path there, and saves the probabilities)."""
+def counted_on_devices(cfg: LoadedConfig, profile: ModelProfile) -> dict[str, list[LayerProfile]]:
+    """A meta profile's layers as each CPU device runs them, where that differs (the profile
+    counts attention as CUDA runs it when the topology has a GPU: fp32 with grouped key/value
+    heads takes the math path there, and saves the probabilities)."""
     kinds = {d.accelerator for d in cfg.topology.devices}
     if profile.device != "meta" or not {"cpu", "cuda"} <= kinds:
-        return None
+        return {}
     layers = meta_layers(cfg, cuda_kernels=False)
-    return None if layers == profile.layers else layers
+    if layers == profile.layers:
+        return {}
+    return {d.name: layers for d in cfg.topology.devices if d.accelerator == "cpu"}
 
 
-def measured_on_devices(cfg: LoadedConfig, profile: ModelProfile) -> dict[str, list[LayerProfile]] | None:
-    """``plan.profile: on_cluster``: the layers timed on each device of the pool, in its own
-    Ray worker (attached to, or started as the run would be)."""
+def measured_on_devices(cfg: LoadedConfig, counted: dict[str, list[LayerProfile]]) -> dict[str, list[LayerProfile]]:
+    """``plan.profile: on_cluster``: each pool device's layers (``counted``) with the times
+    measured there, in its own Ray worker (attached to, or started as the run would be)."""
     if cfg.run.plan.profile != ON_CLUSTER:
-        return None
+        return {}
     from cluster.ray_cluster import connect
     from splitlearn import logs
     from splitlearn.device_profile import device_profiles
@@ -139,7 +141,7 @@ def measured_on_devices(cfg: LoadedConfig, profile: ModelProfile) -> dict[str, l
     connect(cfg.topology, run.ray.address, run.ray.num_cpus, timeout_s=run.ray.connect_timeout_s)
     logs.route_worker_output()  # the workers' warnings to the run's log, not the screen
     pool = [d for entry in (run.plan.devices or cfg.topology.device_names) for d in entry.split("+")]
-    return device_profiles(cfg, profile.layers, pool)
+    return device_profiles(cfg, counted, pool)
 
 
 def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> PlanRequest:
@@ -150,6 +152,9 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
     n = len(profile.layers)
     if run.plan.profile and n != len(meta_chain_names(cfg)):
         raise ConfigError(f"plan.profile: it has {n} layers but the model's chain has {len(meta_chain_names(cfg))}")
+    counted = counted_on_devices(cfg, profile)
+    measured = measured_on_devices(cfg, {d: counted.get(d, profile.layers) for d in cfg.topology.device_names})
+    layers = {**counted, **measured} or None
     req = PlanRequest(
         layers=profile.layers,
         topology=cfg.topology,
@@ -166,8 +171,8 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
         finetune=method_policy.policy(run),
         allow=tuple(run.plan.allow),
         search_seconds=run.plan.search_seconds,
-        cpu_layers=cpu_layers(cfg, profile),
-        device_layers=measured_on_devices(cfg, profile),
+        device_layers=layers,
+        measured_on=frozenset(measured),
         cpu_runtime_bytes=run.runtime.cpu_runtime_mb * 1e6,
     )
     from splitlearn.privacy.bound import apply

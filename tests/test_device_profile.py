@@ -20,7 +20,7 @@ def test_devices_time_their_layers_and_the_plan_uses_them(ray_cluster, tmp_path,
     path = write_config(tmp_path, topology={"inline": topo}, plan={"devices": ["edge-a", "cloud-c", "cloud-d"]})
     cfg = load_config(path, ["plan.profile=on_cluster", "plan.partitioner=manual", "plan.cuts=[2,4]"])
     req = plan_request(cfg)
-    assert req.device_layers is not None and set(req.device_layers) == {"edge-a", "cloud-c", "cloud-d"}
+    assert req.measured_on == {"edge-a", "cloud-c", "cloud-d"} and set(req.device_layers or {}) == req.measured_on
     edge = req.device_layers["edge-a"]
     assert all(layer.fwd_ms > 0 and layer.bwd_ms > 0 for layer in edge[1:])  # blocks and head, timed
     assert edge[1].fwd_ms == edge[2].fwd_ms  # every block takes the first block's times

@@ -222,10 +222,11 @@ def test_a_cpu_stage_is_planned_as_a_cpu_runs_it(tmp_path):
     path = write_config(tmp_path, topology={"inline": topo}, plan={"devices": ["edge-a", "cloud-c"]})
     cfg = load_config(path, ["plan.partitioner=manual", "plan.cuts=[2]"])
     req = plan_request(cfg)
-    assert req.cpu_layers is not None and req.cpu_runtime_bytes == CPU_RUNTIME_BYTES
+    assert req.device_layers is not None and set(req.device_layers) == {"edge-a"}  # the CPU device
+    assert req.cpu_runtime_bytes == CPU_RUNTIME_BYTES and not req.measured_on
     model = cfg.run.model
     cpu, cuda = meta_profile(model, 2, 16), meta_profile(model, 2, 16, cuda_kernels=True)
-    assert [x.saved_bytes for x in req.cpu_layers] == [x.saved_bytes for x in cpu]
+    assert [x.saved_bytes for x in req.device_layers["edge-a"]] == [x.saved_bytes for x in cpu]
     assert [x.saved_bytes for x in req.layers] == [x.saved_bytes for x in cuda]
     assert sum(x.saved_bytes for x in cuda[:2]) > sum(x.saved_bytes for x in cpu[:2])  # block_0 differs
     plan = partition("manual", req)

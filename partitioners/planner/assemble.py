@@ -142,11 +142,8 @@ def build_plan(
     num_devices = len({d for g in groups for d in g})
     # model FLOPs of a step (each stage's method; a recompute's extra forward not counted) and
     # the devices' peak, for the run's MFU
-    flops = sum(
-        effective_layer(layer, opts[s]).fwd_flops + effective_layer(layer, opts[s]).bwd_flops
-        for s in range(S)
-        for layer in req.layers[bounds[s] : bounds[s + 1]]
-    )
+    effective = [effective_layer(layer, opts[s]) for s in range(S) for layer in req.layers[bounds[s] : bounds[s + 1]]]
+    flops = sum(e.fwd_flops + e.bwd_flops for e in effective)
     peak = sum(req.topology.device(d).tflops for g in groups for d in g)
     bubble = 1.0 - ev.busy_ms * req.num_micro_batches / (num_devices * ev.step_ms) if ev.step_ms > 0 else 0.0
     return Plan(
@@ -162,7 +159,7 @@ def build_plan(
             "bubble_fraction": round(bubble, 4),
             "flops_per_step": float(flops * req.num_micro_batches),
             "peak_tflops": float(peak),
-            **({"times_measured_on": sorted(req.device_layers)} if req.device_layers else {}),
+            **({"times_measured_on": sorted(req.measured_on)} if req.measured_on else {}),
             **(
                 {"federation": federation_figures(req, tables, bounds, opts, ev.step_ms, stages)} if req.clients else {}
             ),

@@ -44,11 +44,10 @@ class PlanRequest:
     allow: tuple[str, ...] = ()  # options the planner may pick for edge stages
     replicate: bool = True  # optimal may replicate its bottleneck stage on free identical devices
     search_seconds: float = 10.0  # optimal's time budget (then it stops with a proven bound)
-    # the layers as a CPU runs them, where that differs from ``layers`` (which then count
-    # attention as CUDA runs it: a topology with both kinds of device)
-    cpu_layers: list[LayerProfile] | None = None
-    # the layers with their times measured on each device (plan.profile: on_cluster)
+    # the layers as a device runs them, where that differs from ``layers``: counted as a CPU
+    # runs them (``layers`` then count attention as CUDA runs it), or timed on the device
     device_layers: dict[str, list[LayerProfile]] | None = None
+    measured_on: frozenset[str] = frozenset()  # devices whose ``device_layers`` times were measured there
     # counted on every CPU stage besides its tensors: what the workers' libraries keep
     # (splitlearn's runtime: costmodel.CPU_RUNTIME_BYTES)
     cpu_runtime_bytes: float = 0.0
@@ -79,17 +78,13 @@ class PlanRequest:
         self.allow = tuple(self.allow)
 
     def layers_on(self, device: str) -> list[LayerProfile]:
-        """The layers' costs as ``device`` runs them: measured there, or counted."""
-        if self.device_layers and device in self.device_layers:
-            return self.device_layers[device]
-        if self.cpu_layers is not None and self.topology.device(device).accelerator == "cpu":
-            return self.cpu_layers
-        return self.layers
+        """The layers' costs as ``device`` runs them (``device_layers``, else ``layers``)."""
+        return (self.device_layers or {}).get(device, self.layers)
 
     def calibrated_for(self, device: str) -> float | None:
         """The FLOP/s the layers' times were measured at, as seen from ``device``: its own
         ``tflops`` where they were measured on it (the times count as they are)."""
-        if self.device_layers and device in self.device_layers:
+        if device in self.measured_on:
             return self.topology.device(device).tflops
         return self.calibrated_tflops
 

@@ -33,8 +33,8 @@ class CostTables:
         self._cum: dict[tuple[str, StageMethod], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
         ratio = CODEC_BYTES[req.codec]
         self.cut_bytes = [layer.out_bytes * ratio for layer in L]  # after layer i
-        self._mem: dict[tuple[bool, int, StageMethod], np.ndarray] = {}
-        self._dev_mem: dict[tuple[bool, int, StageMethod], np.ndarray] = {}
+        self._mem: dict[tuple[int, float, int, StageMethod], np.ndarray] = {}
+        self._dev_mem: dict[tuple[str, int, StageMethod], np.ndarray] = {}
         self._host: dict[StageMethod, tuple[np.ndarray, np.ndarray]] = {}
         self._link: dict[tuple, tuple[float, float]] = {}
         self._opts: dict[tuple[int, str], list[StageMethod]] = {}
@@ -123,14 +123,15 @@ class CostTables:
             self.req.topology, group, self.trainable(a, b, opt) * PRECISIONS[self.req.precision][1]
         )
 
-    def mem_table(self, inflight: int, opt: StageMethod | None = None, cpu: bool = False) -> np.ndarray:
+    def mem_table(self, inflight: int, opt: StageMethod | None = None, dev: str | None = None) -> np.ndarray:
         """``[a, b]`` -> device bytes of a stage of layers ``a..b-1`` with ``inflight``
         micro-batches in flight: :func:`costmodel.stage_memory`, for every range at once
-        (``cpu``: the layers as a CPU runs them, and the request's ``cpu_runtime_bytes``)."""
+        (``dev``: the layers as that device runs them, and its runtime bytes)."""
         opt = opt or StageMethod()
-        key = (cpu, inflight, opt)
+        base = self.req.layers_on(dev) if dev else self.req.layers
+        runtime = self.req.runtime_bytes(dev) if dev else 0.0
+        key = (id(base), runtime, inflight, opt)
         if key not in self._mem:
-            base = (self.req.cpu_layers if cpu else None) or self.req.layers
             n = len(base)
             L = [effective_layer(layer, opt) for layer in base]
             w, g, master, moments = PRECISIONS[self.req.precision]
@@ -173,7 +174,7 @@ class CostTables:
             if keep_opt:  # AdamW's temporaries over the largest trainable tensor, after the activations are freed
                 step_tmp = running_max(np.array([step_temporaries([layer], self.req.precision) for layer in L], float))
                 act_phase = np.maximum(act_phase, step_tmp)
-            table = (cum_static[b] - cum_static[a]) + act_phase + (self.req.cpu_runtime_bytes if cpu else 0.0)
+            table = (cum_static[b] - cum_static[a]) + act_phase + runtime
             table[b <= a] = np.inf
             self._mem[key] = table
         return self._mem[key]
@@ -189,11 +190,10 @@ class CostTables:
         """:meth:`mem_table` as it counts against ``dev``'s ``memory_gb``: on a cpu device
         the host is the same RAM, so the offloaded bytes count there too."""
         opt = opt or StageMethod()
-        cpu = self.dev[dev].accelerator == "cpu"
-        key = (cpu, inflight, opt)
+        key = (dev, inflight, opt)
         if key not in self._dev_mem:
-            table = self.mem_table(inflight, opt, cpu)
-            if cpu and opt.offload != "none":
+            table = self.mem_table(inflight, opt, dev)
+            if self.dev[dev].accelerator == "cpu" and opt.offload != "none":
                 h = self._host_cums(opt)[0]
                 table = table + (h[None, :] - h[:, None])
             self._dev_mem[key] = table
