@@ -235,3 +235,9 @@ def test_a_cpu_stage_is_planned_as_a_cpu_runs_it(tmp_path):
     gpu = stage_memory(cuda[2:], stage=1, **common).device_total
     assert plan.stages[0].memory_gb == pytest.approx(edge / 1e9, abs=1e-6)
     assert plan.stages[1].memory_gb == pytest.approx(gpu / 1e9, abs=1e-6)
+    # the search's memory tables count the same as the plan's stages
+    from partitioners.planner.tables import CostTables
+
+    tables = CostTables(req)
+    assert tables.dev_mem("edge-a", 0, 2, 0, 2) == pytest.approx(edge)
+    assert tables.dev_mem("cloud-c", 2, len(cuda), 1, 2) == pytest.approx(gpu)
