@@ -89,6 +89,18 @@ def run_case(args: argparse.Namespace, name: str, out_dir: Path, on_cluster: boo
     t0 = time.perf_counter()
     result = train(cfg, progress="none")
     summary = json.loads((result.run_dir / "summary.json").read_text())
+    from splitlearn.replay import measured_stage_costs
+
+    measured = measured_stage_costs(result.plan, result.stage_metrics) or []
+    stages = [
+        {
+            "stage": s.index,
+            "device": s.device,
+            "predicted_ms": {"fwd": s.fwd_ms, "bwd": s.bwd_ms, "opt": s.opt_ms},
+            "measured_ms": {"fwd": m.fwd_ms, "bwd": m.bwd_ms, "opt": m.step_ms},
+        }
+        for s, m in zip(result.plan.stages, measured, strict=False)
+    ]
     return {
         "case": name,
         "on_cluster": on_cluster,
@@ -96,6 +108,10 @@ def run_case(args: argparse.Namespace, name: str, out_dir: Path, on_cluster: boo
         "predicted_ms": summary.get("simulated_step_ms"),
         "measured_ms": summary.get("measured_step_ms"),
         "ratio": (summary.get("measured_step_ms") or 0) / (summary.get("simulated_step_ms") or 1),
+        "replayed_ms": summary.get("replayed_step_ms"),
+        "replayed_free_links_ms": summary.get("replayed_free_links_step_ms"),
+        "stages": stages,
+        "links_measured": result.plan.predicted.get("links_measured"),
         "memory": summary.get("memory"),
         "mfu": summary.get("mfu"),
         "wall_s": time.perf_counter() - t0,
@@ -128,10 +144,19 @@ def main() -> None:
             r = rows[-1]
             print(f"{name:9s} on_cluster={r['on_cluster']!s:5s} predicted {r['predicted_ms']:9.1f} ms  "
                   f"measured {r['measured_ms']:9.1f} ms  x{r['ratio']:.3f}  plan {r['plan']}", flush=True)  # fmt: skip
+            for st in r["stages"]:
+                p, m = st["predicted_ms"], st["measured_ms"]
+                print(f"    stage {st['stage']} {st['device']}: fwd/bwd/opt ms predicted "
+                      f"{p['fwd']:.1f}/{p['bwd']:.1f}/{p['opt']:.1f}, measured {m['fwd']:.1f}/{m['bwd']:.1f}/{m['opt']:.1f}",
+                      flush=True)  # fmt: skip
             for m in r["memory"] or []:
                 print(f"    stage {m['stage']} {m['device']}: planned {m['planned_gb']:.2f} GB, "
                       f"held {m['measured_gb']:.2f} GB", flush=True)  # fmt: skip
-    write_record(args.out, {"machine": machine(), "args": vars(args), "shape": SHAPE, "rows": rows})
+        cache = Path(os.environ["XDG_CACHE_HOME"]) / "splitlearn" / "profiles"
+        profiles = [json.loads(p.read_text()) for p in sorted(cache.glob("*.json"))]
+    write_record(
+        args.out, {"machine": machine(), "args": vars(args), "shape": SHAPE, "rows": rows, "device_profiles": profiles}
+    )
 
 
 if __name__ == "__main__":

@@ -89,6 +89,9 @@ class Topology:
     name: str = "topology"
     devices: list[Device] = field(default_factory=list)
     links: LinkTable = field(default_factory=LinkTable)
+    # what a transfer between two devices' hosts measured (``plan.profile: on_cluster``), by
+    # "src->dst": a transfer there is no faster than this, whatever the links above say
+    measured: dict[str, Link] = field(default_factory=dict)
 
     # -- lookups -------------------------------------------------------------------------
     def device(self, name: str) -> Device:
@@ -119,6 +122,7 @@ class Topology:
                 zones=list(self.links.zones),
                 pairs=[e for e in self.links.pairs if e.a not in gone and e.b not in gone],
             ),
+            measured={k: v for k, v in self.measured.items() if not set(k.split("->")) & gone},
         )
         validate_topology(topo, f"topology '{self.name}' without {', '.join(sorted(gone))}")
         return topo
@@ -127,6 +131,13 @@ class Topology:
         """Figures for a transfer from device ``src`` to device ``dst``."""
         if src == dst:
             return Link(bandwidth_mbps=math.inf, latency_ms=0.0)
+        declared = self._declared(src, dst)
+        got = self.measured.get(f"{src}->{dst}")
+        if got is None:
+            return declared
+        return Link(min(declared.bandwidth_mbps, got.bandwidth_mbps), max(declared.latency_ms, got.latency_ms))
+
+    def _declared(self, src: str, dst: str) -> Link:
         a, b = self.device(src), self.device(dst)
         for entry in self.links.pairs:
             hit = _match(entry, a.name, b.name)

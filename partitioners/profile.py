@@ -471,7 +471,8 @@ def sum_of_squares(grads: Any) -> Any:
 
 def _time_optimizer_step(trainable: list[torch.nn.Parameter], median: Callable[[Callable[[], Any]], float]) -> float:
     """Median milliseconds of what a worker's STEP computes over ``trainable`` (with the
-    gradients they hold): its share of the global gradient norm, the clipping, AdamW."""
+    gradients they hold): its share of the global gradient norm, the clipping, AdamW, and
+    the gradients zeroed for the next step (before its first action)."""
     import torch
 
     opt = torch.optim.AdamW(trainable, lr=1e-9, foreach=False)
@@ -482,6 +483,8 @@ def _time_optimizer_step(trainable: list[torch.nn.Parameter], median: Callable[[
         for g in grads:
             g.mul_(1.0)  # the clipping's cost; its factor does not change it
         opt.step()
+        for g in grads:
+            g.mul_(1.0)  # about what zeroing costs; zeroing would lose the gradients the next call needs
 
     ms = median(step)
     opt.zero_grad(set_to_none=True)

@@ -5,8 +5,15 @@ runtime's own code: a segment holding only the embedding, one holding the first 
 one holding the head, each built in the run's dtype with the method that device's tier
 trains with, compiled as the runtime compiles it, under the run's autocast; forward,
 forward + backward, and the STEP (global-norm share, AdamW) over its trainable weights.
-Every block takes the first block's times. The planner then uses these milliseconds for
-that device (``PlanRequest.device_layers``) instead of FLOPs over the topology's ``tflops``.
+Every block takes the first block's times (on the H200, a 16-block stage's forward and
+backward came out at 1.00x the measured from one block alone, 0.80x from a segment of two
+blocks less a segment of one). The planner then uses these milliseconds for that device (``PlanRequest.device_layers``) instead of FLOPs over the topology's ``tflops``.
+On a CUDA device the bytes each segment keeps for its backward are measured too (the
+allocator's count after a forward, less its output): a compiled block saves what its fused
+graph needs, not what the eager layers would, and the plan's memory takes that figure.
+
+Devices on one Ray node are timed one after another (a rehearsal's devices share one
+host: timed together, each would see the others' load); devices on different nodes at once.
 
 Figures are cached by what they depend on (the device's fields, the model's config, the
 micro-batch shape, the dtype, the method, the compile mode) under
@@ -30,7 +37,7 @@ from partitioners.costmodel import StageMethod
 from partitioners.profile import LayerProfile
 
 REPEATS, WARMUP = 5, 2
-KINDS = ("embed", "block", "head")
+VERSION = 2  # of what a cached profile holds (2: saved bytes measured on CUDA)
 
 
 def cache_dir() -> Path:
@@ -40,6 +47,7 @@ def cache_dir() -> Path:
 def profile_key(run: Any, device: Any, method: StageMethod) -> str:
     """What a device's layer times depend on, hashed."""
     what = {
+        "version": VERSION,
         "device": {k: getattr(device, k) for k in ("accelerator", "tflops", "cpu_threads", "gpus", "host_tflops")},
         "model": {"family": run.model.family, "path": run.model.path, "config": dict(run.model.config or {})},
         "shape": [run.train.batch_size // run.train.micro_batches, run.data.seq_len],
@@ -87,9 +95,10 @@ def _time_segment(
         if y.requires_grad:
             y.backward(torch.ones_like(y) if y.dim() else None)
 
-    def step() -> None:
+    def step() -> None:  # as a step runs it: the norm, AdamW, and the gradients zeroed for the next
         sum_of_squares(p.grad for p in seg.parameters() if p.grad is not None)
         opt.step()
+        opt.zero_grad(set_to_none=False)
 
     f = _median_ms(fwd, sync)
     fb = _median_ms(fwd_bwd, sync)
@@ -97,9 +106,27 @@ def _time_segment(
     return [f, max(0.0, fb - f), o]
 
 
-def time_layers(run_dict: dict[str, Any], device_name: str, method: dict[str, Any]) -> dict[str, list[float]]:
+def _saved_bytes(seg: Any, x: Any, labels: Any, items: Any, autocast: Any) -> int:
+    """On CUDA: bytes a forward leaves allocated for the backward (its output left out)."""
+    import torch
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with autocast:
+        y = seg(x, None, labels, items)
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before
+    out = y.numel() * y.element_size() if y.dim() else 0
+    del y
+    for p in seg.parameters():
+        p.grad = None
+    return max(0, kept - out)
+
+
+def time_layers(run_dict: dict[str, Any], device_name: str, method: dict[str, Any]) -> dict[str, Any]:
     """In the device's worker: ``[fwd_ms, bwd_ms, opt_ms]`` of the embedding, one block and
-    the head, per micro-batch (the STEP once per step)."""
+    the head, per micro-batch (the STEP once per step); on CUDA also ``saved``: each one's
+    bytes kept for the backward."""
     import torch
 
     from cluster.conf import to_typed
@@ -127,8 +154,10 @@ def time_layers(run_dict: dict[str, Any], device_name: str, method: dict[str, An
     ids = torch.randint(0, cfg.vocab_size, (mb, seq), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.train.dtype == "bf16")
     compile_here = run.runtime.compile == "blocks" or (run.runtime.compile == "auto" and device.type == "cuda")
-    out: dict[str, list[float]] = {}
-    for kind, (a, b) in zip(KINDS, [(0, 1), (1, 2), (n - 1, n)], strict=True):
+    out: dict[str, Any] = {}
+    saved: dict[str, int] = {}
+    spans = {"embed": (0, 1), "block": (1, 2), "head": (n - 1, n)}
+    for kind, (a, b) in spans.items():
         seg = Segment(build_segment(run.model, run.train.seed, a, b, dtype=wdtype, device=device), a, b)
         apply_methods(seg.model, [(a, b, stage_method)], lora_spec(run), run.train.seed)
         seg.recompute = stage_method.recompute
@@ -141,26 +170,35 @@ def time_layers(run_dict: dict[str, Any], device_name: str, method: dict[str, An
         else:
             x = torch.randn(mb, seq, cfg.hidden_size, device=device, dtype=wdtype, requires_grad=True)
         labels = ids if kind == "head" else None
-        out[kind] = _time_segment(seg, x, labels, count_items(ids) if labels is not None else None, opt, autocast, sync)
+        items = count_items(ids) if labels is not None else None
+        out[kind] = _time_segment(seg, x, labels, items, opt, autocast, sync)
+        if device.type == "cuda" and not stage_method.recompute:
+            saved[kind] = _saved_bytes(seg, x, labels, items, autocast)
+        del seg, opt
+    if saved:
+        out["saved"] = saved
     return out
 
 
-def measured_layers(
-    layers: list[LayerProfile], times: dict[str, list[float]], method: StageMethod
-) -> list[LayerProfile]:
-    """``layers`` (the meta profile) with the times measured on one device, on the entry the
-    planner reads for ``method`` (the layer itself for full training, else its method's)."""
+def measured_layers(layers: list[LayerProfile], times: dict[str, Any], method: StageMethod) -> list[LayerProfile]:
+    """``layers`` (the meta profile) with the times (and, where measured, the saved bytes)
+    of one device, on the entry the planner reads for ``method`` (the layer itself for full
+    training, else its method's)."""
     out = []
+    saved: dict[str, int] = times.get("saved") or {}
     for i, layer in enumerate(layers):
         kind = "embed" if i == 0 else "head" if i == len(layers) - 1 else "block"
         f, b, o = times[kind]
+        found: dict[str, Any] = {"fwd_ms": f, "bwd_ms": b, "opt_ms": o}
+        if kind in saved:
+            found["saved_bytes"] = saved[kind]
         if method.method == "full":
-            out.append(replace(layer, fwd_ms=f, bwd_ms=b, opt_ms=o))
+            out.append(replace(layer, **found))
             continue
         key = method.key if method.key in layer.methods else method.method
         methods = dict(layer.methods)
         if key in methods:
-            methods[key] = replace(methods[key], fwd_ms=f, bwd_ms=b, opt_ms=o)
+            methods[key] = replace(methods[key], **found)
         out.append(replace(layer, methods=methods))
     return out
 
@@ -182,7 +220,7 @@ def device_profiles(
         dev = cfg.topology.device(name)
         method = replace(fin.for_stage(0 if dev.owns_data else 1, dev.tier), offload="none")
         keys[name] = (profile_key(run, dev, method), method)
-    found: dict[str, dict[str, list[float]]] = {}  # by key
+    found: dict[str, dict[str, Any]] = {}  # by key
     for key, _ in keys.values():
         path = cache_dir() / f"{key}.json"
         if key not in found and path.is_file():
@@ -191,17 +229,144 @@ def device_profiles(
     if todo:
         log(f"profiling the layers on {', '.join(n for n, _ in todo.values())} (in each device's own worker; cached)")
         task = ray.remote(time_layers)
-        refs = {}
-        for key, (name, method) in todo.items():
-            dev = cfg.topology.device(name)
-            opts: dict[str, Any] = {"num_cpus": 0, "resources": {device_resource(name): 0.001}}
-            if dev.gpus:
-                opts["num_gpus"] = min(1.0, dev.gpus)
-            m = {"method": method.method, "recompute": method.recompute, "frozen_dtype": method.frozen_dtype}
-            refs[key] = task.options(**opts).remote(cfg.resolved_dict(), name, m)
-        for key, ref in refs.items():
-            found[key] = ray.get(ref)
-            path = cache_dir() / f"{key}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"device": todo[key][0], "times": found[key]}))
+        resolved = cfg.resolved_dict()
+        for wave in _waves([name for name, _ in todo.values()], _node_of(pool)):
+            refs = {}
+            for name in wave:
+                key, method = keys[name]
+                dev = cfg.topology.device(name)
+                opts: dict[str, Any] = {"num_cpus": 0, "resources": {device_resource(name): 0.001}}
+                if dev.gpus:
+                    opts["num_gpus"] = min(1.0, dev.gpus)
+                m = {"method": method.method, "recompute": method.recompute, "frozen_dtype": method.frozen_dtype}
+                refs[key] = task.options(**opts).remote(resolved, name, m)
+            for key, ref in refs.items():
+                found[key] = ray.get(ref)
+                path = cache_dir() / f"{key}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"device": todo[key][0], "times": found[key]}))
     return {name: measured_layers(layers[name], found[key], method) for name, (key, method) in keys.items()}
+
+
+def _node_of(pool: list[str]) -> dict[str, str]:
+    """The Ray node that holds each device (by its custom resource); Ray must be up."""
+    import ray
+
+    from cluster.topology import device_resource
+
+    where: dict[str, str] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for name in pool:
+                if device_resource(name) in (node.get("Resources") or {}):
+                    where.setdefault(name, node["NodeID"])
+    return where
+
+
+def _waves(names: list[str], node_of: dict[str, str]) -> list[list[str]]:
+    """``names`` in waves with at most one device per node in each: devices that share a
+    host are timed one after another."""
+    queues: dict[str, list[str]] = {}
+    for name in names:
+        queues.setdefault(node_of.get(name, name), []).append(name)
+    waves = []
+    while any(queues.values()):
+        waves.append([q.pop(0) for q in queues.values() if q])
+    return waves
+
+
+LINK_REPEATS = 5
+
+
+class _LinkEnd:
+    """One end of a link measurement: a process on a device's node that joins a two-rank
+    gloo group and ping-pongs tensors with the other end, as the stage workers' transport does."""
+
+    def endpoint(self) -> tuple[str, int]:
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def run(self, rank: int, ip: str, port: int, nbytes: int) -> dict[str, float]:
+        """Seconds of one transfer (half a round trip): ``small`` (4 bytes) and ``big`` (``nbytes``)."""
+        from datetime import timedelta
+
+        import torch
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://{ip}:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
+        )
+        try:
+            tensors = {"small": torch.zeros(1), "big": torch.zeros(max(1, nbytes // 4))}
+
+            def ping_pong(t: torch.Tensor) -> None:
+                if rank == 0:
+                    dist.send(t, 1)
+                    dist.recv(t, 1)
+                else:
+                    dist.recv(t, 0)
+                    dist.send(t, 0)
+
+            out = {}
+            for name, t in tensors.items():
+                ping_pong(t)  # warm-up: connections, buffers
+                runs = []
+                for _ in range(LINK_REPEATS):
+                    start = time.perf_counter()
+                    ping_pong(t)
+                    runs.append((time.perf_counter() - start) / 2)
+                out[name] = statistics.median(runs)
+            return out
+        finally:
+            dist.destroy_process_group()
+
+
+def measure_links(pool: list[str], nbytes: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``{"src->dst": Link}`` for every ordered pair of ``pool`` devices: what one transfer of
+    ``nbytes`` (a cut's activation) takes between their nodes over gloo, measured once per
+    pair of nodes (a rehearsal's devices share one host: its loopback). Ray must be up."""
+    import ray
+
+    from cluster.topology import Link, device_resource
+
+    node_of = _node_of(pool)
+    names = [n for n in pool if n in node_of]
+    pairs: dict[tuple[str, str], tuple[str, str]] = {}  # node pair -> a device on each
+    for a in names:
+        for b in names:
+            if a != b:
+                pairs.setdefault(tuple(sorted((node_of[a], node_of[b]))), (a, b))  # type: ignore[arg-type]
+    if not pairs:
+        return {}
+    log(f"measuring the transport between {len(pairs)} pair(s) of nodes ({nbytes / 1e6:.3g} MB per transfer)")
+    end = ray.remote(_LinkEnd)
+    found: dict[tuple[str, str], Any] = {}
+    for key, (a, b) in pairs.items():
+        ends: list[Any] = [end.options(num_cpus=0, resources={device_resource(d): 0.001}).remote() for d in (a, b)]
+        try:
+            ip, port = ray.get(ends[0].endpoint.remote(), timeout=120)
+            small, big = zip(
+                *(
+                    (r["small"], r["big"])
+                    for r in ray.get([e.run.remote(i, ip, port, nbytes) for i, e in enumerate(ends)], timeout=300)
+                ),
+                strict=True,
+            )
+            latency_s, per_s = max(small), max(big)
+            mbps = nbytes * 8 / 1e6 / max(per_s - latency_s, 1e-9)
+            found[key] = Link(bandwidth_mbps=mbps, latency_ms=latency_s * 1e3)
+        finally:
+            for e in ends:
+                ray.kill(e)
+    return {
+        f"{a}->{b}": found[tuple(sorted((node_of[a], node_of[b])))]  # type: ignore[index]
+        for a in names
+        for b in names
+        if a != b
+    }

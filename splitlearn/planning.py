@@ -3,6 +3,9 @@ simulator's step time for it, checked before anything is placed."""
 
 from __future__ import annotations
 
+import dataclasses
+
+from cluster.topology import Topology
 from partitioners import Plan, PlanRequest, partition
 from partitioners import schedule as S
 from partitioners.planner import simulate_plan as simulate
@@ -144,6 +147,21 @@ def measured_on_devices(cfg: LoadedConfig, counted: dict[str, list[LayerProfile]
     return device_profiles(cfg, counted, pool)
 
 
+def measured_topology(cfg: LoadedConfig, layers: list[LayerProfile]) -> Topology:
+    """``plan.profile: on_cluster``: the topology with what a transfer of a cut's activation
+    measured between the pool devices' nodes (a link is no faster than that); else as given."""
+    if cfg.run.plan.profile != ON_CLUSTER:
+        return cfg.topology
+    from splitlearn.device_profile import measure_links
+
+    run = cfg.run
+    pool = [d for entry in (run.plan.devices or cfg.topology.device_names) for d in entry.split("+")]
+    nbytes = max((layer.out_bytes for layer in layers[:-1]), default=0)
+    if len(set(pool)) < 2 or nbytes <= 0:
+        return cfg.topology
+    return dataclasses.replace(cfg.topology, measured=measure_links(pool, nbytes))
+
+
 def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> PlanRequest:
     """What the partitioner is asked: the layers, the topology and the config's constraints."""
     run = cfg.run
@@ -157,7 +175,7 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
     layers = {**counted, **measured} or None
     req = PlanRequest(
         layers=profile.layers,
-        topology=cfg.topology,
+        topology=measured_topology(cfg, profile.layers) if measured else cfg.topology,
         num_micro_batches=run.train.micro_batches,
         schedule=run.runtime.schedule,
         devices=federation.plan_devices(cfg) or None,

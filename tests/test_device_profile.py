@@ -35,5 +35,41 @@ def test_devices_time_their_layers_and_the_plan_uses_them(ray_cluster, tmp_path,
     assert plan.stages[0].fwd_ms == pytest.approx(measured.fwd_ms, rel=1e-3)
     assert plan.stages[0].fwd_ms > 10 * counted.fwd_ms
     assert "times: measured on cloud-c, cloud-d, edge-a (plan.profile: on_cluster)" in plan.table()
+    # the transport between the devices' hosts was measured (one node here: its loopback) and
+    # no link is taken faster than that, whatever the topology declares
+    names = ["edge-a", "cloud-c", "cloud-d"]
+    assert set(req.topology.measured) == {f"{a}->{b}" for a in names for b in names if a != b}
+    got = req.topology.measured["edge-a->cloud-c"]
+    assert 0 < got.bandwidth_mbps < 1e6 and got.latency_ms > 0
+    declared = cfg.topology.link("edge-a", "cloud-c")
+    link = req.topology.link("edge-a", "cloud-c")
+    assert link.bandwidth_mbps == min(declared.bandwidth_mbps, got.bandwidth_mbps)
+    assert link.latency_ms == max(declared.latency_ms, got.latency_ms)
+    assert "links: measured edge-a->cloud-c" in plan.table()
     again = plan_request(cfg)  # from the cache: the same figures
     assert [x.fwd_ms for x in again.device_layers["cloud-c"]] == [x.fwd_ms for x in req.device_layers["cloud-c"]]
+
+
+def test_devices_sharing_a_node_are_timed_one_after_another():
+    from splitlearn.device_profile import _waves
+
+    node_of = {"edge-a": "n1", "edge-b": "n1", "gpu": "n1", "phone": "n2"}
+    waves = _waves(["edge-a", "edge-b", "gpu", "phone", "elsewhere"], node_of)
+    assert waves == [["edge-a", "phone", "elsewhere"], ["edge-b"], ["gpu"]]
+    for wave in waves:  # never two devices of one node at once
+        nodes = [node_of.get(n, n) for n in wave]
+        assert len(nodes) == len(set(nodes))
+
+
+def test_saved_bytes_measured_on_a_device_replace_the_counted_ones():
+    from partitioners.costmodel import StageMethod
+    from partitioners.profile import LayerProfile
+    from splitlearn.device_profile import measured_layers
+
+    layers = [LayerProfile(n, saved_bytes=1000) for n in ("embed", "block_0", "block_1", "head")]
+    times = {"embed": [1.0, 2.0, 3.0], "block": [4.0, 5.0, 6.0], "head": [7.0, 8.0, 9.0]}
+    counted = measured_layers(layers, times, StageMethod())
+    assert [x.saved_bytes for x in counted] == [1000] * 4  # not measured (a CPU): the count stays
+    got = measured_layers(layers, {**times, "saved": {"block": 600, "head": 50}}, StageMethod())
+    assert [x.saved_bytes for x in got] == [1000, 600, 600, 50]
+    assert [(x.fwd_ms, x.bwd_ms, x.opt_ms) for x in got][1:3] == [(4.0, 5.0, 6.0)] * 2

@@ -160,6 +160,7 @@ def build_plan(
             "flops_per_step": float(flops * req.num_micro_batches),
             "peak_tflops": float(peak),
             **({"times_measured_on": sorted(req.measured_on)} if req.measured_on else {}),
+            **({"links_measured": used_measured_links(req, stages)} if req.topology.measured else {}),
             **(
                 {"federation": federation_figures(req, tables, bounds, opts, ev.step_ms, stages)} if req.clients else {}
             ),
@@ -250,3 +251,16 @@ def simulate_plan(
         recv_late_host=recv_late_host,
         labels_bytes=labels_bytes,
     )
+
+
+def used_measured_links(req: PlanRequest, stages: list[Stage]) -> dict[str, list[float]]:
+    """The measured figures (Mbit/s, ms) of the links between consecutive stages' devices."""
+    out = {}
+    for s, t in zip(stages, stages[1:], strict=False):
+        for a in s.devices:
+            for b in t.devices:
+                for key in (f"{a}->{b}", f"{b}->{a}"):
+                    got = req.topology.measured.get(key)
+                    if got is not None:
+                        out[key] = [round(got.bandwidth_mbps, 1), round(got.latency_ms, 3)]
+    return out

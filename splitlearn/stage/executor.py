@@ -82,12 +82,16 @@ class Executor:
     def run(self, step: int) -> dict[str, Any]:
         """Execute the actions for ``step``; return the step's metrics."""
         w = self.w
+        t0 = time.perf_counter()
         batch = w.batches.batch(step) if w.is_first else None
         state = StepState(step, batch, batch["labels"] if batch is not None else None)
         set_lr(w.optimizer, lr_at(step, w.run.train))
         if w.engine is None:
             w.optimizer.zero_grad(set_to_none=False)  # gradients persist: steady memory
         timer = ActionTimer(w.device.type == "cuda", w.run.runtime.trace)
+        # the batch and the zeroed gradients are the step's work too (a CPU stage's zeroing of
+        # a large embedding's gradient takes milliseconds): counted as compute, outside any action
+        timer.prep_s = time.perf_counter() - t0
         for i, act in enumerate(w.actions):
             timer.start(act)
             try:

@@ -20,8 +20,8 @@ _COMPUTE = (ActionKind.F, ActionKind.B, ActionKind.STEP)
 
 @dataclass
 class StepTimes:
-    """A step's seconds: compute (forwards, backwards and STEP's own work), the forwards and
-    backwards alone, and communication (transfers, and STEP's waits for sends and collectives)."""
+    """A step's seconds: compute (forwards, backwards, STEP's own work and what precedes the
+    first action: the batch, zeroed gradients), the forwards and backwards alone, and communication (transfers, and STEP's waits for sends and collectives)."""
 
     compute_s: float = 0.0
     fwd_s: float = 0.0
@@ -41,6 +41,7 @@ class ActionTimer:
         self.trace: list[list[Any]] | None = [] if trace else None
         # per action: the action, host s, wait s, start and end events, start and end wall ns
         self.rows: list[tuple[Action, float, float, Any, Any, int, int]] = []
+        self.prep_s = 0.0  # host work before the first action (the batch, zeroed gradients)
         self.ref: Any = None  # on a GPU with trace: the event recorded at the step's synchronised start
         if gpu and trace:
             torch.cuda.synchronize()
@@ -86,7 +87,7 @@ class ActionTimer:
 
     def summary(self) -> StepTimes:
         """The step's times by kind: a compute action's waits count as communication."""
-        times = StepTimes()
+        times = StepTimes(compute_s=self.prep_s)
         for kind, dt, wait in self.durations():
             if kind in _COMPUTE:
                 times.compute_s += dt - wait
