@@ -3,12 +3,16 @@ devices' own timings (``plan.profile: on_cluster``) and without (FLOPs over ``tf
 
 - ``E1``: one CUDA stage (the GPU owns the data);
 - ``E2``: an edge stage on the host CPU (the data owner) and the GPU, ``optimal`` plan, on
-  free links, and ``E2-links`` on emulated links (``--link-mbps``, ``--link-ms``).
+  free links, and ``E2-links`` on emulated links (``--link-mbps``, ``--link-ms``);
+- ``C2``: two CPU stages (``--cpu-threads`` each), the chain cut in half, on this machine's
+  links (no GPU needed).
 
 Each run's summary gives the simulator's prediction for its plan and the median measured
 step; memory per stage against the plan as ``bench/memory.py`` reads it.
 
     python bench/predict_gpu.py --out bench/results/predict-h200.json      # the lent H200
+    python bench/predict_gpu.py --cases C2:1 C2:0 --shape small --seq 128 --batch 4 \
+        --out bench/results/predict-cpu.json                                # two CPU stages here
 
 Prints a table and writes JSON.
 """
@@ -28,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import machine, runtime_section, write_record  # noqa: E402
+from shapes import LLAMA_SHAPES  # noqa: E402
 from stage_speed import SHAPE, TINY, gpu_device  # noqa: E402
 
 
@@ -40,18 +45,28 @@ def devices(args: argparse.Namespace, edge: bool) -> list[dict]:
     return [host, gpu]
 
 
+def cpu_devices(args: argparse.Namespace) -> list[dict]:
+    return [
+        {"name": f"cpu-{x}", "tier": t, "accelerator": "cpu", "memory_gb": 12.0, "tflops": 1.0,
+         "owns_data": x == "a", "cpu_threads": args.cpu_threads, "zone": "here"}
+        for x, t in (("a", "edge"), ("b", "cloud"))
+    ]  # fmt: skip
+
+
 def run_case(args: argparse.Namespace, name: str, out_dir: Path, on_cluster: bool) -> dict:
     from splitlearn.config import config_from_container
     from splitlearn.trainer import train
 
     edge = name.startswith("E2")
+    cpus = name == "C2"
+    half = SHAPE["num_hidden_layers"] // 2 + 1
     raw = {
         "name": name,
         "model": {"family": "llama", "config": SHAPE},
         "data": {"path": str(ROOT / "data" / "quickstart.txt"), "tokenizer": "byte", "seq_len": args.seq},
         "topology": {
             "inline": {
-                "devices": devices(args, edge),
+                "devices": cpu_devices(args) if cpus else devices(args, edge),
                 "links": {
                     # E2: a free link (what a run gets without emulation); E2-links: the emulated one
                     "zones": [
@@ -64,19 +79,20 @@ def run_case(args: argparse.Namespace, name: str, out_dir: Path, on_cluster: boo
                     ]
                 }
                 if edge
-                else {},
+                else {"default": {"bandwidth_mbps": 1e6, "latency_ms": 0.01}},  # C2: free (this host's loopback)
             }
         },  # fmt: skip
         "train": {
             "steps": args.steps,
             "batch_size": args.batch,
-            "micro_batches": 2 if edge else 1,
+            "micro_batches": 2 if edge or cpus else 1,
             "lr": 1e-4,
-            "dtype": "bf16",
+            "dtype": "fp32" if cpus else "bf16",
         },  # fmt: skip
         "plan": {
             "partitioner": "optimal" if edge else "manual",
-            "devices": [] if edge else ["gpu"],
+            "devices": ["cpu-a", "cpu-b"] if cpus else [] if edge else ["gpu"],
+            "cuts": [half] if cpus else [],
             "profile": "on_cluster" if on_cluster else None,
             "search_seconds": 5,
         },  # fmt: skip
@@ -129,12 +145,17 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--accelerator", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a tiny shape, to check the script")
+    ap.add_argument("--shape", choices=sorted(LLAMA_SHAPES), help="a shape of bench/shapes.py instead")
+    ap.add_argument("--cpu-threads", type=int, default=1, help="threads of each C2 stage")
     ap.add_argument("--cases", nargs="*", default=["E1:0", "E1:1", "E2:1", "E2-links:1"],
                     help="NAME:ON_CLUSTER (0 or 1)")  # fmt: skip
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "predict-h200.json"))
     args = ap.parse_args()
     if args.tiny:
         SHAPE.update(TINY)
+    if args.shape:
+        SHAPE.clear()
+        SHAPE.update(LLAMA_SHAPES[args.shape])
     rows = []
     with tempfile.TemporaryDirectory(prefix="sl-predict-") as tmp:
         os.environ["XDG_CACHE_HOME"] = str(Path(tmp) / "cache")  # measured here, now
