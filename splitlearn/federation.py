@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from partitioners.planner.request import REPLICA_SEP
 
 if TYPE_CHECKING:
+    from partitioners import Plan
     from splitlearn.config import DataConfig, LoadedConfig, RunConfig, _Checker
 
 FEDERATED_PARTITIONERS = ("uniform", "balanced", "manual")
@@ -59,6 +60,45 @@ def client_data(run: RunConfig, device: str) -> DataConfig:
 
 def rows_per_client(run: RunConfig) -> int:
     return run.train.batch_size // max(len(run.federation.clients), 1)
+
+
+def round_ends(run: RunConfig, done: int) -> bool:
+    """Whether ``done`` steps (1-based) end a round: every client holds the averaged front."""
+    return done % run.federation.rounds_every == 0 or done == run.train.steps
+
+
+def without_clients(cfg: LoadedConfig, absent: list[str]) -> LoadedConfig:
+    """The run with the clients ``absent`` left out (dropped clients): each remaining client
+    keeps its own rows and micro-batches per step, so the step's batch and micro-batches
+    shrink by the absent clients' share, and micro-batch ``m`` is remaining client
+    ``m % (N - k)``'s."""
+    from splitlearn.config import LoadedConfig as Loaded
+
+    run = cfg.run
+    if not absent:
+        return cfg
+    n = len(run.federation.clients)
+    keep = [c for c in run.federation.clients if c.device not in absent]
+    assert keep and len(keep) == n - len(set(absent)), f"{absent} of {clients(run)}"
+    small = copy.deepcopy(run)
+    small.federation.clients = copy.deepcopy(keep)
+    small.train.batch_size = run.train.batch_size // n * len(keep)
+    small.train.micro_batches = run.train.micro_batches // n * len(keep)
+    return Loaded(small, cfg.topology, cfg.source, cfg.base_dir)
+
+
+def plan_without(plan: Plan, run: RunConfig, absent: list[str]) -> Plan:
+    """``plan`` with the clients ``absent`` left out of the clients' stage and their
+    micro-batches out of the step. The cut, the shared stages and the schedule are the
+    plan's; its predictions stay the whole federation's."""
+    from partitioners import Plan as PlanType
+
+    if not absent:
+        return plan
+    d = plan.to_dict()
+    d["stages"][0]["devices"] = [c for c in d["stages"][0]["devices"] if c not in absent]
+    d["num_micro_batches"] = run.train.micro_batches // len(run.federation.clients) * len(d["stages"][0]["devices"])
+    return PlanType.from_dict(d)
 
 
 def check_federation(c: _Checker, cfg: LoadedConfig) -> None:

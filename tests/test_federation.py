@@ -176,15 +176,83 @@ def test_splitfed_every_step_equals_centralised_training_on_all_batches(ray_clus
     assert not any(k.split()[1].split("->")[0] in CLIENTS and k.split("->")[1] in CLIENTS for k in kinds)
 
 
+def _saved(ck_dir) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint by file and key: weights, each client's optimizer state."""
+    from safetensors.torch import load_file
+
+    return {f"{p.name}:{k}": v for p in sorted(ck_dir.glob("*.safetensors")) for k, v in load_file(p).items()}
+
+
 @pytest.mark.ray
-def test_local_steps_average_the_fronts_every_round(ray_cluster, tmp_path):
-    """rounds_every=2: each client steps its own front once, then the fronts are averaged
-    (weighted by label tokens); the run ends on a round, so the clients' fronts agree."""
+def test_a_killed_client_is_dropped_from_the_round_rejoins_and_the_run_resumes_exactly(ray_cluster, tmp_path):
+    """Local steps (rounds_every=2, 4 steps), checkpoints at each round's end: each client steps
+    its own front, and the fronts are averaged at each round's end. Client edge-f's
+    worker is killed during step 1 (round 0): edge-a and edge-e redo round 0 without it (from
+    the seed's model: no checkpoint yet), edge-f rejoins at step 2 with the averaged front, and
+    the run ends with every client. The events name edge-f; metrics.jsonl says who took part in
+    each step; the final checkpoint holds each client's own optimizer state (local steps make
+    them differ); resuming from the step-2 checkpoint ends with exactly the saved step-4 state."""
+    import json
+    import shutil
+    import threading
+    import time
+
+    import ray
+
     paths = client_files(tmp_path, identical=False)
-    raw = fed_raw(tmp_path, "local", paths, steps=2, rounds_every=2, checkpoint={"every_steps": 2, "keep": 1})
+    raw = fed_raw(tmp_path, "drop", paths, steps=4, rounds_every=2, checkpoint={"every_steps": 2, "keep": 5})
+    raw["topology"]["inline"]["links"]["default"]["latency_ms"] = 40  # steps long enough to be killed in
+    raw["runtime"].update(emulate_links=True, timeout_s=30)
     cfg = config_from_container(raw, [], "test", tmp_path)
-    result = train(cfg, progress="none")
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(result=train(cfg, progress="none")))
+    t.start()
+    metrics = tmp_path / "runs" / "drop" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
+        time.sleep(0.02)
+    ray.kill(ray.get_actor("drop:a0:stage0.2", namespace="splitlearn"), no_restart=True)  # edge-f, in step 1
+    t.join(timeout=240)
+    assert not t.is_alive()
+    result = out["result"]
+    run_dir = result.run_dir
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    dropped = [e for e in events if e["kind"] == "client_dropped"]
+    assert len(dropped) == 1 and "client edge-f dropped" in dropped[0]["reason"] and dropped[0]["step"] == 1, events
+    rejoined = [e for e in events if e["kind"] == "client_rejoined"]
+    assert len(rejoined) == 1 and "edge-f" in rejoined[0]["reason"] and rejoined[0]["step"] == 2, events
+    assert result.restarts == 0 and len(result.losses) == 4
+
+    recs = {}
+    for line in metrics.read_text().splitlines():  # a redone step's record replaces the first
+        rec = json.loads(line)
+        recs[rec["step"]] = rec
+    assert [recs[s]["clients"] for s in range(4)] == [CLIENTS[:2]] * 2 + [CLIENTS] * 2
     assert all(torch.isfinite(torch.tensor(result.losses)))
+    # each client steps its own front, and the fronts are averaged at each round's end (steps 1
+    # and 3): edge-f took part in the second round only; no gradient is averaged
     kinds = summary(transfers(result.stage_metrics))
-    assert all(kinds[f"fedavg-weights {c}->cloud-c"] == 1 for c in CLIENTS)
-    assert "fedavg-gradient edge-a->cloud-c" not in kinds
+    assert [kinds[f"fedavg-weights {c}->cloud-c"] for c in CLIENTS] == [2, 2, 1], kinds
+    assert not any(k.startswith("fedavg-gradient") for k in kinds)
+
+    final = run_dir / "checkpoints" / "step_00000004"
+    saved = _saved(final)
+    for c in CLIENTS:
+        assert any(k.startswith(f"stage_0.client-{c}.optim.safetensors:optim/") for k in saved), c
+    a, e = (
+        {k.split(":", 1)[1]: v for k, v in saved.items() if k.startswith(f"stage_0.client-{c}.")}
+        for c in ("edge-a", "edge-e")
+    )
+    assert any(not torch.equal(a[k], e[k]) for k in a if "exp_avg" in k)  # each client's own moments
+
+    copy = tmp_path / "resume" / "drop"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "checkpoints" / "step_00000004")
+    (copy / "summary.json").unlink()
+    raw["runtime"]["output_dir"] = str(tmp_path / "resume")
+    resumed = train(config_from_container(raw, [], "test", tmp_path), progress="none", resume=str(copy))
+    again = _saved(copy / "checkpoints" / "step_00000004")
+    assert set(again) == set(saved)
+    for k in saved:
+        torch.testing.assert_close(again[k], saved[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+    torch.testing.assert_close(torch.tensor(resumed.losses[2:]), torch.tensor(result.losses[2:]), rtol=0, atol=0)

@@ -130,9 +130,10 @@ class Executor:
             out["transfers"] = state.transfers
         return out
 
-    def _audit(self, state: StepState, kind: str, t: torch.Tensor | None, dst: int) -> None:
+    def _audit(self, state: StepState, kind: str, t: torch.Tensor | None, dst: int, mb: int | None = None) -> None:
         """Record one tensor this worker sends (``runtime.audit_transport``): its kind, dtype,
-        shape, and the stages and devices at both ends."""
+        shape, its micro-batch (for one micro-batch's tensor), and the stages and devices at
+        both ends."""
         w = self.w
         if t is None or not w.run.runtime.audit_transport:
             return
@@ -145,6 +146,7 @@ class Executor:
                 "src_device": w.device_name,
                 "dst_stage": w.layout.stage_of(dst),
                 "dst_device": w.layout.device_of(dst),
+                "mb": mb,
             }
         )
 
@@ -205,8 +207,8 @@ class Executor:
         state.sent["next"] += w.transport.send(
             state.outputs[m], dst, self.groups.link(w.rank, dst), w.codec_out, state.masks[m]
         )
-        self._audit(state, "activation", state.outputs[m], dst)
-        self._audit(state, "padding-mask", state.masks[m], dst)
+        self._audit(state, "activation", state.outputs[m], dst, m)
+        self._audit(state, "padding-mask", state.masks[m], dst, m)
         return 0.0
 
     def _recv_grad(self, state: StepState, act: Action) -> float:
@@ -242,7 +244,7 @@ class Executor:
         dst = w.layout.rank_of(w.stage - 1, m)
         grad = x.grad if w.engine is None else x.grad / w.num_replicas  # see _ds_backward
         state.sent["prev"] += w.transport.send(grad, dst, self.groups.link(w.rank, dst), w.codec_in)
-        self._audit(state, "gradient", grad, dst)
+        self._audit(state, "gradient", grad, dst, m)
         return 0.0
 
     def _step(self, state: StepState, act: Action) -> float:
