@@ -9,6 +9,14 @@ server (the first replica of stage 1), never directly between clients
 (:mod:`splitlearn.stage.fedavg`): every step, the gradients (``rounds_every: 1``, which is
 centralised training on the union of the batches), or the weights every ``rounds_every``
 steps, weighted by samples (FedAvg).
+
+Under ``federation.mode: sequential`` (classic split learning) the clients take turns: step
+``s`` is client ``s % N``'s batch (its own ``s // N``-th, ``train.batch_size`` rows, every
+micro-batch of the step), the others idle, and after its step the client hands its front
+(trainable weights and optimizer state) to the next client through the server.
+
+A client that dies or stops answering is dropped (:mod:`splitlearn.failure`): the others redo
+the steps since the last checkpoint without it; it rejoins at a later round's end.
 """
 
 from __future__ import annotations
@@ -58,7 +66,15 @@ def client_data(run: RunConfig, device: str) -> DataConfig:
     return data
 
 
+def sequential(run: RunConfig) -> bool:
+    return run.federation.mode == "sequential"
+
+
 def rows_per_client(run: RunConfig) -> int:
+    """A client's rows per step: its share of the step's batch (splitfed), or the whole
+    batch on its turn (sequential)."""
+    if sequential(run):
+        return run.train.batch_size
     return run.train.batch_size // max(len(run.federation.clients), 1)
 
 
@@ -68,10 +84,10 @@ def round_ends(run: RunConfig, done: int) -> bool:
 
 
 def without_clients(cfg: LoadedConfig, absent: list[str]) -> LoadedConfig:
-    """The run with the clients ``absent`` left out (dropped clients): each remaining client
-    keeps its own rows and micro-batches per step, so the step's batch and micro-batches
-    shrink by the absent clients' share, and micro-batch ``m`` is remaining client
-    ``m % (N - k)``'s."""
+    """The run with the clients ``absent`` left out (dropped clients). Splitfed: each
+    remaining client keeps its own rows and micro-batches per step, so the step's batch and
+    micro-batches shrink by the absent clients' share, and micro-batch ``m`` is remaining
+    client ``m % (N - k)``'s. Sequential: the turns go round the remaining clients."""
     from splitlearn.config import LoadedConfig as Loaded
 
     run = cfg.run
@@ -82,8 +98,9 @@ def without_clients(cfg: LoadedConfig, absent: list[str]) -> LoadedConfig:
     assert keep and len(keep) == n - len(set(absent)), f"{absent} of {clients(run)}"
     small = copy.deepcopy(run)
     small.federation.clients = copy.deepcopy(keep)
-    small.train.batch_size = run.train.batch_size // n * len(keep)
-    small.train.micro_batches = run.train.micro_batches // n * len(keep)
+    if not sequential(run):  # sequential: one client's batch a step, whoever's turn it is
+        small.train.batch_size = run.train.batch_size // n * len(keep)
+        small.train.micro_batches = run.train.micro_batches // n * len(keep)
     return Loaded(small, cfg.topology, cfg.source, cfg.base_dir)
 
 
@@ -97,7 +114,9 @@ def plan_without(plan: Plan, run: RunConfig, absent: list[str]) -> Plan:
         return plan
     d = plan.to_dict()
     d["stages"][0]["devices"] = [c for c in d["stages"][0]["devices"] if c not in absent]
-    d["num_micro_batches"] = run.train.micro_batches // len(run.federation.clients) * len(d["stages"][0]["devices"])
+    if not sequential(run):
+        n, k = len(run.federation.clients), len(d["stages"][0]["devices"])
+        d["num_micro_batches"] = run.train.micro_batches // n * k
     return PlanType.from_dict(d)
 
 
@@ -106,8 +125,6 @@ def check_federation(c: _Checker, cfg: LoadedConfig) -> None:
     from splitlearn.config import FEDERATION_MODES
 
     run, fed = cfg.run, cfg.run.federation
-    if fed.mode == "sequential":
-        c.fail("federation.mode", "sequential split learning is not implemented yet; use splitfed")
     c.choice("federation.mode", fed.mode, FEDERATION_MODES)
     if fed.mode == "none":
         if fed.clients:
@@ -125,7 +142,9 @@ def check_federation(c: _Checker, cfg: LoadedConfig) -> None:
         c.fail("plan.partitioner", f"'{p.partitioner}' with federation: use one of {', '.join(FEDERATED_PARTITIONERS)}")
     if p.devices and p.devices[0] != client_group(run):
         c.fail("plan.devices[0]", f"with federation the first stage is the clients' fronts: '{client_group(run)}'")
-    if run.train.micro_batches % n:
+    if fed.mode == "sequential" and fed.rounds_every != 1:
+        c.fail("federation.rounds_every", "sequential split learning hands the front on after every step; set it 1")
+    if fed.mode == "splitfed" and run.train.micro_batches % n:
         c.fail(
             "train.micro_batches",
             f"{run.train.micro_batches} is not a multiple of the {n} clients (each client runs every {n}th micro-batch)",

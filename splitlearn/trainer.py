@@ -67,7 +67,7 @@ def train(cfg: LoadedConfig, progress: str | None = None, resume: str | bool | N
         roster = Roster(cfg)  # the federated clients taking part now (all of them: every other run)
         while True:
             try:
-                if group is None:  # a client back: the whole federation again, from this round's end
+                if group is None:  # a client dropped or back: the clients taking part now, from the checkpoint
                     group, step = roster.regroup(result)
                 until = roster.until(step)
                 _train_loop(roster.cfg, group, result, bar_mode, start=step, until=until)
@@ -82,15 +82,17 @@ def train(cfg: LoadedConfig, progress: str | None = None, resume: str | bool | N
                 if group is not None:
                     group.shutdown()
                 group = None
-                decision = decide_on_failure(cfg, result.plan, e, result.restarts, federation.clients(roster.cfg.run))
+                # a client is dropped only when the federation made progress since the last drop:
+                # a failure that comes back at once is the policy's to restart or stop (bounded)
+                clients = federation.clients(roster.cfg.run) if roster.progressed(result) else []
+                decision = decide_on_failure(cfg, result.plan, e, result.restarts, clients)
                 result.event(decision.action.value, decision.reason, step=failed_at)
                 log.warning("%s: %s", decision.action.value, decision.reason)
                 if decision.action is Recovery.STOP:
                     raise
                 if decision.action is Recovery.DROP:
                     assert decision.client is not None
-                    roster.drop(decision.client)
-                    group, step = roster.regroup(result)
+                    roster.drop(decision.client)  # the workers without it: placed at the loop's top
                 else:
                     roster.reset()
                     group, step = _carry_out(cfg, result, decision)  # counts the steps to redo
@@ -114,6 +116,8 @@ class Roster:
         self.full, self.cfg = cfg, cfg
         self.absent: list[str] = []
         self.groups = 0  # worker groups started after the first: their actors' names
+        self.dropped_at: int | None = None  # the step the last drop's group continued from
+        self._dropping = False
 
     def plan(self, full: Plan) -> Plan:
         """The plan the clients taking part now run (``full``: the whole federation's)."""
@@ -128,7 +132,12 @@ class Roster:
         every = self.full.run.federation.rounds_every
         return min(steps, (step // every + 1) * every)
 
+    def progressed(self, result: RunResult) -> bool:
+        """Whether a step was done since the last drop's group started (always before one)."""
+        return self.dropped_at is None or (result.steps_done or 0) > self.dropped_at
+
     def drop(self, client: str) -> None:
+        self._dropping = True
         self.absent.append(client)
         self.cfg = federation.without_clients(self.full, self.absent)
 
@@ -157,7 +166,14 @@ class Roster:
         last checkpoint; the step to continue from."""
         self.groups += 1
         group = _start_group(self.cfg, self.plan(result.plan), attempt=result.restarts, tag=f"g{self.groups}")
-        return group, run_checkpoints.restore(group, result, resumed=True)
+        try:
+            step = run_checkpoints.restore(group, result, resumed=True)
+        except BaseException:
+            group.shutdown()
+            raise
+        if self._dropping:
+            self.dropped_at, self._dropping = step, False
+        return group, step
 
 
 def _open_run(cfg: LoadedConfig, plan: Plan, run_dir: Path | None) -> RunResult:

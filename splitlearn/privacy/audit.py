@@ -8,7 +8,8 @@ crossed each link, and the ways it broke the privacy rules:
 - with several data owners (federated clients), no tensor goes from one client to another:
   activations, gradients, labels and FedAvg updates go between a client and the cloud only;
   and a client receives the gradients of its own micro-batches only, and sends the
-  activations of its own only (micro-batch ``m`` is client ``m % N``'s, the plan's order).
+  activations of its own only (micro-batch ``m`` is client ``m % N``'s, the plan's order;
+  under sequential split learning every micro-batch of step ``s`` is client ``s % N``'s).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ def transfers(stage_metrics: list[list[dict[str, Any]]]) -> list[dict[str, Any]]
     return [t for step in stage_metrics for worker in step for t in worker.get("transfers", [])]
 
 
-def violations(plan: Plan, topology: Topology, sent: list[dict[str, Any]]) -> list[str]:
-    """One line per transfer that breaks a rule (see the module's docstring)."""
+def violations(plan: Plan, topology: Topology, sent: list[dict[str, Any]], sequential: bool = False) -> list[str]:
+    """One line per transfer that breaks a rule (see the module's docstring). ``sequential``:
+    the clients take turns (every micro-batch of step ``s`` is client ``s % N``'s)."""
     owners = {d.name for d in topology.devices if d.owns_data}
     last = plan.num_stages - 1
     clients = (
@@ -48,7 +50,7 @@ def violations(plan: Plan, topology: Topology, sent: list[dict[str, Any]]) -> li
             if t["dst_stage"] != last:
                 out.append(f"labels sent to a stage that computes no loss: {where}")
         if clients and t.get("mb") is not None:
-            own = clients[t["mb"] % len(clients)]
+            own = clients[(t["step"] if sequential else t["mb"]) % len(clients)]
             at = t["src_device"] if t["src_stage"] == 0 else t["dst_device"] if t["dst_stage"] == 0 else own
             if at != own:
                 out.append(f"micro-batch {t['mb']} is client {own}'s, not {at}'s: {where}")

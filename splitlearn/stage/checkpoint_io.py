@@ -7,7 +7,8 @@ A split-federated run's clients (the replicas of stage 0) hold one front (every 
 is at a round's end, where the fronts are averaged) but each its own optimizer state: each
 client also writes ``stage_0.client-<device>.optim.safetensors``, and loads it when the
 checkpoint has it (a client that was absent when it was written, rejoining, takes the first
-client's, ``stage_0.optim.safetensors``). Every read checks names and shapes first (:meth:`StageCheckpoint.check`), so the driver can
+client's, ``stage_0.optim.safetensors``). Under sequential split learning the client that
+holds the newest front writes the stage, and every client loads it. Every read checks names and shapes first (:meth:`StageCheckpoint.check`), so the driver can
 ask every stage before any loads: a checkpoint is taken whole or not at all.
 """
 
@@ -140,8 +141,12 @@ class StageCheckpoint:
             state = zero.get_state(w.engine, params)
             optim = {k: v for k, v in state.items() if k.startswith("optim/")}
             weights = {**checkpoint_tensors(w.segment.model), **{k: v for k, v in state.items() if k in params}}
-        client = w.federated and w.is_first
-        if w.replica > 0 and not client:  # replicas hold the same tensors: the first one writes them
+        # replicas hold the same tensors: the first one writes them; a splitfed client also its
+        # own optimizer state; under sequential split learning the client holding the newest
+        # front (the next turn's: it was handed on) writes the clients' stage
+        client = w.federated and w.is_first and not w.sequential
+        writer = w.replica == (w.steps_done % w.num_replicas if w.sequential and w.is_first else 0)
+        if not writer and not client:
             return {"stage": w.stage, "replica": w.replica, "device": w.device_name, "files": []}
         d.mkdir(parents=True, exist_ok=True)
         if w.engine is None:
@@ -154,7 +159,7 @@ class StageCheckpoint:
             optim["rng/cuda"] = torch.cuda.get_rng_state()
         files = []
         todo = [(client_optim_file(w.device_name), optim)] if client else []
-        if w.replica == 0:
+        if writer:
             todo += [
                 (f"stage_{w.stage}.safetensors", weights if weights is not None else self.state_dict()),
                 (f"stage_{w.stage}.optim.safetensors", optim),
