@@ -299,3 +299,26 @@ def test_sequential_split_learning_equals_centralised_training_of_the_turns_in_o
     assert [kinds[f"handoff {c}->cloud-c"] for c in CLIENTS] == [2, 1, 1]
     assert [kinds[f"handoff cloud-c->{c}"] for c in CLIENTS] == [1, 2, 1]
     assert not any(k.startswith("fedavg") for k in kinds)
+
+
+def test_audit_flags_a_micro_batch_that_reaches_another_client(tmp_path):
+    """The audit's per-client rule on recorded transfers (no Ray): micro-batch m is client
+    m % 3's, so a gradient of micro-batch 0 sent to edge-e, or an activation of it sent from
+    edge-e, is flagged; the same under sequential turns goes by the step."""
+    raw = fed_raw(tmp_path, "audit", client_files(tmp_path, identical=True))
+    cfg = config_from_container(raw, [], "test", tmp_path)
+    plan = make_plan(cfg)
+    stage = {**dict.fromkeys(CLIENTS, 0), "cloud-c": 1}
+
+    def sent(kind, src, dst, mb, step=0):
+        ends = {"src_stage": stage[src], "src_device": src, "dst_stage": stage[dst], "dst_device": dst}
+        return {"kind": kind, "dtype": "float32", "shape": [2, 16, 8], "mb": mb, "step": step, **ends}
+
+    def check(*ts, sequential=False):
+        return violations(plan, cfg.topology, list(ts), sequential=sequential)
+
+    assert check(sent("gradient", "cloud-c", "edge-e", 1), sent("activation", "edge-f", "cloud-c", 2)) == []
+    bad = check(sent("gradient", "cloud-c", "edge-e", 0), sent("activation", "edge-e", "cloud-c", 0))
+    assert len(bad) == 2 and all("micro-batch 0 is client edge-a's" in b for b in bad), bad
+    assert check(sent("gradient", "cloud-c", "edge-e", 0, step=1), sequential=True) == []
+    assert len(check(sent("gradient", "cloud-c", "edge-e", 1, step=2), sequential=True)) == 1
