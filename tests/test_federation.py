@@ -275,6 +275,7 @@ def test_sequential_split_learning_equals_centralised_training_of_the_turns_in_o
     raw["checkpoint"] = {"every_steps": 2, "keep": 2}
     cfg = config_from_container(raw, [], "test", tmp_path)
     result = train(cfg, progress="none")
+    assert "sequential split learning: 3 clients take turns" in result.plan.table()
 
     run = cfg.run
     model = build_model(run.model, run.train.seed)
