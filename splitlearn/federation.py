@@ -144,6 +144,11 @@ def check_federation(c: _Checker, cfg: LoadedConfig) -> None:
         c.fail("plan.devices[0]", f"with federation the first stage is the clients' fronts: '{client_group(run)}'")
     if fed.mode == "sequential" and fed.rounds_every != 1:
         c.fail("federation.rounds_every", "sequential split learning hands the front on after every step; set it 1")
+    if fed.mode == "sequential" and run.train.dtype == "bf16-master":
+        c.fail(
+            "train.dtype",
+            "sequential split learning cannot hand on fp32 master weights yet; use fp32, bf16 or bf16-pure",
+        )
     if fed.mode == "splitfed" and run.train.micro_batches % n:
         c.fail(
             "train.micro_batches",

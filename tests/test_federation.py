@@ -133,6 +133,7 @@ def test_federated_plan_shares_one_cut_paced_by_the_slowest_client(tmp_path):
         (lambda r: r["train"].update(micro_batches=2, batch_size=6), "train.micro_batches"),
         (lambda r: r["federation"].update(mode="round-robin"), "federation.mode"),
         (lambda r: r["federation"].update(mode="sequential", rounds_every=2), "federation.rounds_every"),
+        (lambda r: (r["federation"].update(mode="sequential"), r["train"].update(dtype="bf16-master")), "train.dtype"),
         (lambda r: r["federation"].update(rounds_every=2), "checkpoint.every_steps"),
     ],
 )

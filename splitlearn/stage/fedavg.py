@@ -131,7 +131,8 @@ class FedAvg:
             self.sent.append(("handoff", t, dst))
             self.transport.wait_sends()
         elif self.rank == src:
-            flat = torch.cat([x.reshape(-1).float().cpu() for p in params for x in _front(p, optimizer)])
+            parts = [x.reshape(-1).float().cpu() for p in params for x in _front(p, optimizer)]
+            flat = torch.cat(parts) if parts else torch.zeros(0)  # a frozen front: nothing to hand on
             self.transport.send(flat, self.server, self.group)
             self.sent.append(("handoff", flat, self.server))
             self.transport.wait_sends()
@@ -154,5 +155,5 @@ class FedAvg:
 
 def _front(p: torch.nn.Parameter, optimizer: Any) -> list[torch.Tensor]:
     """A trainable weight and its AdamW state (``step``, moments), in one fixed order."""
-    state = optimizer.state.get(p, {})
+    state = getattr(optimizer, "state", {}).get(p, {})
     return [p.data, *(state[k] for k in ("step", "exp_avg", "exp_avg_sq") if k in state)]
