@@ -4,8 +4,8 @@ Each stage writes ``stage_<i>.safetensors`` (the model's own names; LoRA adapter
 peft's names) and ``stage_<i>.optim.safetensors`` (``optim/<name>/<key>`` and the RNG
 state). Loading goes by name, so a checkpoint written by any plan loads into any other.
 A split-federated run's clients (the replicas of stage 0) hold one front (every checkpoint
-is at a round's end, where the fronts are averaged) but each its own optimizer state: each
-client also writes ``stage_0.client-<device>.optim.safetensors``, and loads it when the
+is at a round's end, where the fronts are averaged) but, under local steps, each its own
+optimizer state: each client also writes ``stage_0.client-<device>.optim.safetensors``, and loads it when the
 checkpoint has it (a client that was absent when it was written, rejoining, takes the first
 client's, ``stage_0.optim.safetensors``). Under sequential split learning the client that
 holds the newest front writes the stage, and every client loads it. Every read checks names and shapes first (:meth:`StageCheckpoint.check`), so the driver can
@@ -141,10 +141,11 @@ class StageCheckpoint:
             state = zero.get_state(w.engine, params)
             optim = {k: v for k, v in state.items() if k.startswith("optim/")}
             weights = {**checkpoint_tensors(w.segment.model), **{k: v for k, v in state.items() if k in params}}
-        # replicas hold the same tensors: the first one writes them; a splitfed client also its
-        # own optimizer state; under sequential split learning the client holding the newest
-        # front (the next turn's: it was handed on) writes the clients' stage
-        client = w.federated and w.is_first and not w.sequential
+        # replicas hold the same tensors: the first one writes them; a splitfed client under
+        # local steps also its own optimizer state (with the gradients averaged every step the
+        # clients' states are the same); under sequential split learning the client holding
+        # the newest front (the next turn's: it was handed on) writes the clients' stage
+        client = w.federated and w.is_first and not w.sequential and w.run.federation.rounds_every > 1
         writer = w.replica == (w.steps_done % w.num_replicas if w.sequential and w.is_first else 0)
         if not writer and not client:
             return {"stage": w.stage, "replica": w.replica, "device": w.device_name, "files": []}
