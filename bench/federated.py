@@ -2,10 +2,11 @@
 
 2, 4 and 8 emulated clients, each its own kind of text (non-IID, ``bench/client_texts.py``),
 sharing one cloud stage, FedAvg of the gradients every step (``rounds_every: 1``); against
-one client alone (which is also what sequential split learning runs per step: the clients
-take turns, one client's batch at a time) and against centralised split training of the
-same model on the union of the clients' texts with the same global batch. Every client
-holds the same rows per step, so N clients train on N x one client's batch per step.
+sequential split learning on the same clients and links (``federation.mode: sequential``: the
+clients take turns, one client's batch a step, the front handed on through the cloud), one
+client alone, and centralised split training of the same model on the union of the clients'
+texts with the same global batch. Every client holds the same rows per step, so N
+split-federated clients train on N x one client's batch per step.
 
     python bench/federated.py      # writes bench/results/federated-cpu.json and federated-loss.png
 """
@@ -16,6 +17,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +56,18 @@ def topology(num_clients: int) -> dict[str, Any]:
     return {"devices": devices, "links": {"default": {"bandwidth_mbps": 1000, "latency_ms": 0.5}, "zones": zones}}
 
 
-def run_config(name: str, out: Path, paths: list[Path], steps: int, federated: bool) -> dict[str, Any]:
+def run_config(name: str, out: Path, paths: list[Path], steps: int, mode: str = "none") -> dict[str, Any]:
+    """``mode``: none (one data owner: ``paths`` may repeat one file), splitfed or sequential
+    (one client's batch a step, the clients in turn)."""
+    federated = mode != "none"
     n = len(paths) if federated else 1
+    rows, mbs = (ROWS_PER_CLIENT, 1) if mode == "sequential" else (ROWS_PER_CLIENT * len(paths), len(paths))
     raw: dict[str, Any] = {
         "name": name,
         "model": {"family": "llama", "config": MODEL},
         "data": {"seq_len": 64, "path": str(paths[0])},
         "topology": {"inline": topology(n)},
-        "train": {"steps": steps, "batch_size": ROWS_PER_CLIENT * len(paths), "micro_batches": len(paths)},
+        "train": {"steps": steps, "batch_size": rows, "micro_batches": mbs},
         "plan": {"partitioner": "manual", "cuts": [2]},
         "privacy": {"measure": "off"},
         "runtime": runtime_section(out, name, "none", emulate_links=True, timeout_s=120),
@@ -70,7 +76,7 @@ def run_config(name: str, out: Path, paths: list[Path], steps: int, federated: b
     if federated:
         raw["plan"]["devices"] = ["+".join(f"client-{i}" for i in range(n)), "cloud"]
         raw["federation"] = {
-            "mode": "splitfed",
+            "mode": mode,
             "clients": [{"device": f"client-{i}", "data": {"path": str(p)}} for i, p in enumerate(paths)],
         }
     else:
@@ -96,28 +102,41 @@ def measure(raw: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--clients", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "federated-cpu.json"))
     args = ap.parse_args()
     rows = []
+    one: dict[str, Any] | None = None
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         for n in args.clients:
             paths = write_clients(base / f"data{n}", n, num_bytes=8_000)
-            fed = measure(run_config(f"fed{n}", base, paths, args.steps, federated=True), base)
+            fed = measure(run_config(f"fed{n}", base, paths, args.steps, "splitfed"), base)
+            seq = measure(run_config(f"seq{n}", base, paths, args.steps, "sequential"), base)
             union = base / f"union{n}.txt"
             union.write_text("\n\n".join(p.read_text() for p in paths))
-            cen = measure(run_config(f"central{n}", base, [union] * n, args.steps, federated=False), base)
-            one = measure(run_config(f"one{n}", base, paths[:1], args.steps, federated=False), base)
-            rows.append({"clients": n, "federated": fed, "centralised": cen, "one_client": one})
+            cen = measure(run_config(f"central{n}", base, [union] * n, args.steps), base)
+            if one is None:  # client-0 alone on its own link: the same run for every N
+                one = measure(run_config("one", base, paths[:1], args.steps), base)
+            rows.append({"clients": n, "federated": fed, "sequential": seq, "centralised": cen, "one_client": one})
             print(
-                f"{n} clients: {fed['median_tokens_per_s']:.0f} tok/s federated, "
-                f"{one['median_tokens_per_s']:.0f} one client (= sequential split learning per step), "
-                f"{cen['median_tokens_per_s']:.0f} centralised; final loss {fed['losses'][-1]:.3f} fed vs "
+                f"{n} clients: {fed['median_tokens_per_s']:.0f} tok/s split-federated, "
+                f"{seq['median_tokens_per_s']:.0f} sequential split learning, "
+                f"{one['median_tokens_per_s']:.0f} one client, {cen['median_tokens_per_s']:.0f} centralised; "
+                f"final loss {fed['losses'][-1]:.3f} split-federated, {seq['losses'][-1]:.3f} sequential, "
                 f"{cen['losses'][-1]:.3f} centralised"
             )
-    record = {"machine": machine(), "steps": args.steps, "rows_per_client": ROWS_PER_CLIENT, "rows": rows}
+    wall_s = time.perf_counter() - t0
+    print(f"bench wall time {wall_s:.0f} s")
+    record = {
+        "machine": machine(),
+        "steps": args.steps,
+        "rows_per_client": ROWS_PER_CLIENT,
+        "wall_s": round(wall_s, 1),
+        "rows": rows,
+    }
     write_record(args.out, record)
     plot(rows, Path(args.out).with_name("federated-loss.png"))
 
@@ -132,6 +151,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for ax, row in zip(axes if len(rows) > 1 else [axes], rows, strict=True):
         ax.plot(row["federated"]["losses"], label="split-federated")
         ax.plot(row["centralised"]["losses"], label="centralised", linestyle="--")
+        ax.plot(row["sequential"]["losses"], label="sequential (1 client/step)", linestyle=":")
         ax.set_title(f"{row['clients']} clients (non-IID)")
         ax.set_xlabel("step")
     axes_list = axes if len(rows) > 1 else [axes]

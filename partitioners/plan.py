@@ -238,11 +238,17 @@ class Plan:
             footer += f"\nlinks: measured {figs} (a transfer is no faster than this, whatever the topology says)"
         if "federation" in p:
             footer += "\n" + federation_note(p["federation"])
+        turns = p.get("sequential_clients")
+        if turns:
+            footer += (
+                f"\nsequential split learning: {turns} clients take turns, one client's batch a step; the figures "
+                "are one turn's (the hand-on of the front through the cloud is not costed)"
+            )
         if self.label_privacy:
             footer += "\nlabel_privacy: the head runs on the data owner (U-shaped split)"
         if self.privacy:
             footer += "\n" + self.privacy
-        if any(s.num_replicas > 1 for s in self.stages[1 if "federation" in p else 0 :]):
+        if any(s.num_replicas > 1 for s in self.stages[1 if "federation" in p or turns else 0 :]):
             footer += (
                 "\na+b: replicas of one stage (micro-batch m on replica m % R; gradients all-reduced before the step)"
             )

@@ -210,7 +210,7 @@ class TopologySection:
     inline: dict[str, Any] | None = None  # or the topology itself (devices, links)
 
 
-FEDERATION_MODES = ("none", "splitfed")  # federation.mode ("sequential": not yet)
+FEDERATION_MODES = ("none", "splitfed", "sequential")  # federation.mode
 
 
 @dataclass
@@ -229,7 +229,9 @@ class FederationConfig:
     """Split-federated learning (:mod:`splitlearn.federation`): many data-owning clients, each
     running its own copy of the front segment on its own data; the cloud's stages are shared."""
 
-    # none: one data owner; splitfed: the clients run in parallel, their fronts averaged (FedAvg)
+    # none: one data owner; splitfed: the clients run in parallel, their fronts averaged (FedAvg);
+    # sequential: classic split learning, the clients take turns (one client's batch per step,
+    # round-robin), the front handed on to the next client through the server after each step
     mode: str = "none"
     clients: list[FederationClient] = field(default_factory=list)
     # synchronous FedAvg of the fronts every this many steps, weighted by samples: 1 averages

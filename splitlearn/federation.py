@@ -9,6 +9,14 @@ server (the first replica of stage 1), never directly between clients
 (:mod:`splitlearn.stage.fedavg`): every step, the gradients (``rounds_every: 1``, which is
 centralised training on the union of the batches), or the weights every ``rounds_every``
 steps, weighted by samples (FedAvg).
+
+Under ``federation.mode: sequential`` (classic split learning) the clients take turns: step
+``s`` is client ``s % N``'s batch (its own ``s // N``-th, ``train.batch_size`` rows, every
+micro-batch of the step), the others idle, and after its step the client hands its front
+(trainable weights and optimizer state) to the next client through the server.
+
+A client that dies or stops answering is dropped (:mod:`splitlearn.failure`): the others redo
+the steps since the last checkpoint without it; it rejoins at a later round's end.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from partitioners.planner.request import REPLICA_SEP
 
 if TYPE_CHECKING:
+    from partitioners import Plan
     from splitlearn.config import DataConfig, LoadedConfig, RunConfig, _Checker
 
 FEDERATED_PARTITIONERS = ("uniform", "balanced", "manual")
@@ -57,8 +66,58 @@ def client_data(run: RunConfig, device: str) -> DataConfig:
     return data
 
 
+def sequential(run: RunConfig) -> bool:
+    return run.federation.mode == "sequential"
+
+
 def rows_per_client(run: RunConfig) -> int:
+    """A client's rows per step: its share of the step's batch (splitfed), or the whole
+    batch on its turn (sequential)."""
+    if sequential(run):
+        return run.train.batch_size
     return run.train.batch_size // max(len(run.federation.clients), 1)
+
+
+def round_ends(run: RunConfig, done: int) -> bool:
+    """Whether ``done`` steps (1-based) end a round: every client holds the averaged front."""
+    return done % run.federation.rounds_every == 0 or done == run.train.steps
+
+
+def without_clients(cfg: LoadedConfig, absent: list[str]) -> LoadedConfig:
+    """The run with the clients ``absent`` left out (dropped clients). Splitfed: each
+    remaining client keeps its own rows and micro-batches per step, so the step's batch and
+    micro-batches shrink by the absent clients' share, and micro-batch ``m`` is remaining
+    client ``m % (N - k)``'s. Sequential: the turns go round the remaining clients."""
+    from splitlearn.config import LoadedConfig as Loaded
+
+    run = cfg.run
+    if not absent:
+        return cfg
+    n = len(run.federation.clients)
+    keep = [c for c in run.federation.clients if c.device not in absent]
+    assert keep and len(keep) == n - len(set(absent)), f"{absent} of {clients(run)}"
+    small = copy.deepcopy(run)
+    small.federation.clients = copy.deepcopy(keep)
+    if not sequential(run):  # sequential: one client's batch a step, whoever's turn it is
+        small.train.batch_size = run.train.batch_size // n * len(keep)
+        small.train.micro_batches = run.train.micro_batches // n * len(keep)
+    return Loaded(small, cfg.topology, cfg.source, cfg.base_dir)
+
+
+def plan_without(plan: Plan, run: RunConfig, absent: list[str]) -> Plan:
+    """``plan`` with the clients ``absent`` left out of the clients' stage and their
+    micro-batches out of the step. The cut, the shared stages and the schedule are the
+    plan's; its predictions stay the whole federation's."""
+    from partitioners import Plan as PlanType
+
+    if not absent:
+        return plan
+    d = plan.to_dict()
+    d["stages"][0]["devices"] = [c for c in d["stages"][0]["devices"] if c not in absent]
+    if not sequential(run):
+        n, k = len(run.federation.clients), len(d["stages"][0]["devices"])
+        d["num_micro_batches"] = run.train.micro_batches // n * k
+    return PlanType.from_dict(d)
 
 
 def check_federation(c: _Checker, cfg: LoadedConfig) -> None:
@@ -66,8 +125,6 @@ def check_federation(c: _Checker, cfg: LoadedConfig) -> None:
     from splitlearn.config import FEDERATION_MODES
 
     run, fed = cfg.run, cfg.run.federation
-    if fed.mode == "sequential":
-        c.fail("federation.mode", "sequential split learning is not implemented yet; use splitfed")
     c.choice("federation.mode", fed.mode, FEDERATION_MODES)
     if fed.mode == "none":
         if fed.clients:
@@ -85,7 +142,14 @@ def check_federation(c: _Checker, cfg: LoadedConfig) -> None:
         c.fail("plan.partitioner", f"'{p.partitioner}' with federation: use one of {', '.join(FEDERATED_PARTITIONERS)}")
     if p.devices and p.devices[0] != client_group(run):
         c.fail("plan.devices[0]", f"with federation the first stage is the clients' fronts: '{client_group(run)}'")
-    if run.train.micro_batches % n:
+    if fed.mode == "sequential" and fed.rounds_every != 1:
+        c.fail("federation.rounds_every", "sequential split learning hands the front on after every step; set it 1")
+    if fed.mode == "sequential" and run.train.dtype == "bf16-master":
+        c.fail(
+            "train.dtype",
+            "sequential split learning cannot hand on fp32 master weights yet; use fp32, bf16 or bf16-pure",
+        )
+    if fed.mode == "splitfed" and run.train.micro_batches % n:
         c.fail(
             "train.micro_batches",
             f"{run.train.micro_batches} is not a multiple of the {n} clients (each client runs every {n}th micro-batch)",

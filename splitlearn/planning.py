@@ -208,12 +208,19 @@ def make_plan(cfg: LoadedConfig, partitioner: str | None = None, request: PlanRe
     """The plan of ``partitioner`` (default the config's) for ``request`` (default the
     config's), checked and with the simulator's step time."""
     req = request or plan_request(cfg)
+    turns = federation.sequential(cfg.run) and bool(req.clients)
+    if turns:  # sequential split learning: planned, simulated and bounded as the first client's turn
+        first = req.clients[0]
+        req = dataclasses.replace(req, clients=(), devices=[first, *(req.devices or [])[1:]] or None)
     plan = partition(partitioner or cfg.run.plan.partitioner, req)
     check_offload_schedule(cfg, plan)
     simulate_plan(plan)
     from splitlearn.privacy.bound import annotate_run
 
     annotate_run(cfg, plan)
+    if turns:  # every client takes its turn on the clients' stage
+        plan.stages[0].devices = list(federation.clients(cfg.run))
+        plan.predicted["sequential_clients"] = len(plan.stages[0].devices)  # the figures are one turn's
     return plan
 
 

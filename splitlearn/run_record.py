@@ -222,7 +222,8 @@ def summary(result: RunResult, wall_s: float) -> dict[str, Any]:
     memory = memory_by_stage(result)
     if memory:
         out["memory"] = memory
-    if out["simulated_step_ms"] and times:
+    # (sequential split learning: the simulator has no turns; its figures are one client's step)
+    if out["simulated_step_ms"] and times and not result.plan.predicted.get("sequential_clients"):
         replayed = replay(result.plan, result.stage_metrics)
         if replayed is not None:
             out["replayed_step_ms"], out["replayed_free_links_step_ms"] = replayed

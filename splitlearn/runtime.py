@@ -64,6 +64,7 @@ class StageGroup:
         self.plan, self.topology, self.timeout_s = plan, topology, timeout_s
         self.pg = place_stages(topology, plan.devices, placement_timeout_s)
         self.unresponsive: list[int] = []  # actors found silent after a failure (killed at once)
+        self.dead: list[int] = []  # actors found dead after a failure
         self.infos: list[dict[str, Any]] = []  # each worker's prepare() info (its pid, its node)
         remote_cls: Any = ray.remote(StageWorker)
         self.actors: list[Any] = []
@@ -134,24 +135,38 @@ class StageGroup:
         """The actors that do not answer a liveness call (``ping``) within ``timeout_s``. A
         worker busy with a step or waiting on a peer answers on its second concurrency slot;
         a stopped (SIGSTOP) or wedged process answers nothing. A dead one answers with its
-        death, which its own error names, so it is not counted."""
+        death (see :attr:`dead`), so it is not counted."""
         import ray
 
         refs = [a.ping.remote() for a in self.actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         answered = set(ready)
+        self.dead = []
+        for i, ref in enumerate(refs):
+            if ref in answered:
+                try:
+                    ray.get(ref, timeout=1)
+                except ray.exceptions.RayActorError:
+                    self.dead.append(i)
         return [i for i, ref in enumerate(refs) if ref not in answered]
 
     def _name_silent(self, what: str, step: int, error: BaseException) -> StageFailed | None:
-        """After ``error``: a StageFailed naming the first worker that stopped answering, or
-        None when every worker answers (then ``error`` stands). The silent ones are
-        remembered: :meth:`shutdown` kills them without waiting for them."""
+        """After ``error``: a StageFailed naming the first worker that died (when the error
+        was a peer's, that saw the connection drop: a split-federated client is dropped only
+        for its own failure) or stopped answering, or None when every worker answers (then
+        ``error`` stands). The silent ones are remembered: :meth:`shutdown` kills them
+        without waiting for them."""
         probe_s = min(max(self.timeout_s, 2.0), 10.0)
         self.unresponsive = self.silent(probe_s)
+        seen = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if self.dead:
+            stage, dev = self._where(self.dead[0])
+            if isinstance(error, StageFailed) and (error.stage, error.device) == (stage, dev):
+                return None  # the error is already the dead worker's own
+            return StageFailed(stage, dev, step, what, f"worker died; seen first as: {seen}")
         if not self.unresponsive:
             return None
         stage, dev = self._where(self.unresponsive[0])
-        seen = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         log.warning("stage %d on %s does not answer; its peers saw: %s", stage, dev, seen)
         return StageFailed(
             stage,

@@ -16,9 +16,9 @@ import os
 import time
 from pathlib import Path
 
-from cluster.ray_cluster import check_devices, connect
+from cluster.ray_cluster import check_devices, connect, devices_in_cluster
 from partitioners import Plan
-from splitlearn import console, logs, method_policy, run_checkpoints
+from splitlearn import console, federation, logs, method_policy, run_checkpoints
 from splitlearn.config import ON_CLUSTER, LoadedConfig
 from splitlearn.curves import make_logger, step_scalars
 from splitlearn.errors import StageFailed
@@ -64,28 +64,116 @@ def train(cfg: LoadedConfig, progress: str | None = None, resume: str | bool | N
         step = run_checkpoints.restore(group, result, resumed=bool(resume))
         bar_mode = progress or run.runtime.progress
         t_start = time.perf_counter()
+        roster = Roster(cfg)  # the federated clients taking part now (all of them: every other run)
         while True:
             try:
-                _train_loop(cfg, group, result, bar_mode, start=step)
-                break
+                if group is None:  # a client dropped or back: the clients taking part now, from the checkpoint
+                    group, step = roster.regroup(result)
+                until = roster.until(step)
+                _train_loop(roster.cfg, group, result, bar_mode, start=step, until=until)
+                if until == run.train.steps:
+                    break
+                if roster.rejoin(group, result, until):
+                    group.shutdown()
+                    group = None
+                step = until
             except StageFailed as e:
                 failed_at = e.step if e.step >= 0 else result.current_step
-                group.shutdown()
+                if group is not None:
+                    group.shutdown()
                 group = None
-                decision = decide_on_failure(cfg, result.plan, e, result.restarts)
+                # a client is dropped only when the federation made progress since the last drop:
+                # a failure that comes back at once is the policy's to restart or stop (bounded)
+                clients = federation.clients(roster.cfg.run) if roster.progressed(result) else []
+                decision = decide_on_failure(cfg, result.plan, e, result.restarts, clients)
                 result.event(decision.action.value, decision.reason, step=failed_at)
                 log.warning("%s: %s", decision.action.value, decision.reason)
                 if decision.action is Recovery.STOP:
                     raise
-                group, step = _carry_out(cfg, result, decision)  # counts the steps to redo
+                if decision.action is Recovery.DROP:
+                    assert decision.client is not None
+                    roster.drop(decision.client)  # the workers without it: placed at the loop's top
+                else:
+                    roster.reset()
+                    group, step = _carry_out(cfg, result, decision)  # counts the steps to redo
                 # lost: the work since the last checkpoint, the wait that found the failure, the restart
                 result.time_lost_s += time.perf_counter() - result.progress_mark
-        _finish(cfg, group, result, t_start)
+        _finish(roster.cfg, group, result, t_start)
         return result
     finally:
         if group is not None:
             group.shutdown()
         handle.shutdown()
+
+
+class Roster:
+    """Which of a split-federated run's clients take part now. A dropped client is left out
+    (:func:`splitlearn.federation.without_clients`) until the end of a round at which its
+    device is in the cluster again; then the whole federation is placed again and loads that
+    round's checkpoint: the client rejoins with the averaged front."""
+
+    def __init__(self, cfg: LoadedConfig):
+        self.full, self.cfg = cfg, cfg
+        self.absent: list[str] = []
+        self.groups = 0  # worker groups started after the first: their actors' names
+        self.dropped_at: int | None = None  # the step the last drop's group continued from
+        self._dropping = False
+
+    def plan(self, full: Plan) -> Plan:
+        """The plan the clients taking part now run (``full``: the whole federation's)."""
+        return federation.plan_without(full, self.full.run, self.absent)
+
+    def until(self, step: int) -> int:
+        """Where the loop stops next: the end of the round of ``step`` while a client is
+        absent (to let it rejoin), else the run's end."""
+        steps = self.full.run.train.steps
+        if not self.absent:
+            return steps
+        every = self.full.run.federation.rounds_every
+        return min(steps, (step // every + 1) * every)
+
+    def progressed(self, result: RunResult) -> bool:
+        """Whether a step was done since the last drop's group started (always before one)."""
+        return self.dropped_at is None or (result.steps_done or 0) > self.dropped_at
+
+    def drop(self, client: str) -> None:
+        self._dropping = True
+        self.absent.append(client)
+        self.cfg = federation.without_clients(self.full, self.absent)
+
+    def reset(self) -> None:
+        """A restart places every client again (the policy's other decisions)."""
+        self.absent, self.cfg = [], self.full
+
+    def rejoin(self, group: StageGroup, result: RunResult, done: int) -> bool:
+        """At a round's end: whether an absent client's device is back (then this round's
+        checkpoint is written, for the whole federation to load)."""
+        present = devices_in_cluster()
+        back = [c for c in self.absent if c in present]
+        if not back:
+            return False
+        if result.last_checkpoint_step != done:
+            run_checkpoints.save(self.cfg, group, result, done)
+        for c in back:
+            self.absent.remove(c)
+            result.event("client_rejoined", f"client {c} rejoins at step {done} with the averaged front", done)
+            log.warning("client %s rejoins at step %d with the averaged front", c, done)
+        self.cfg = federation.without_clients(self.full, self.absent)
+        return True
+
+    def regroup(self, result: RunResult) -> tuple[StageGroup, int]:
+        """The workers of the clients taking part now and the shared stages, loaded from the
+        last checkpoint; the step to continue from."""
+        self.groups += 1
+        group = _start_group(self.cfg, self.plan(result.plan), attempt=result.restarts, tag=f"g{self.groups}")
+        try:
+            step = run_checkpoints.restore(group, result, resumed=True)
+        except BaseException:
+            group.shutdown()
+            raise
+        if self._dropping:
+            self.dropped_at, self._dropping = step, False
+        return group, step
 
 
 def _open_run(cfg: LoadedConfig, plan: Plan, run_dir: Path | None) -> RunResult:
@@ -102,11 +190,12 @@ def _open_run(cfg: LoadedConfig, plan: Plan, run_dir: Path | None) -> RunResult:
     return RunResult(run_dir=run_dir, plan=plan, events_path=run_dir / "events.jsonl")
 
 
-def _start_group(cfg: LoadedConfig, plan: Plan, attempt: int) -> StageGroup:
-    """One worker per stage, placed on its device, each with its segment built."""
+def _start_group(cfg: LoadedConfig, plan: Plan, attempt: int, tag: str = "") -> StageGroup:
+    """One worker per stage, placed on its device, each with its segment built. ``tag``:
+    told apart from the attempt's other groups (a federation without a dropped client)."""
     run = cfg.run
     check_devices(cfg.topology, plan.devices)
-    name = f"{run.runtime.run_name or run.name}:a{attempt}"
+    name = f"{run.runtime.run_name or run.name}:a{attempt}{tag}"
     group = StageGroup(
         plan,
         cfg.topology,
@@ -146,9 +235,12 @@ def _carry_out(cfg: LoadedConfig, result: RunResult, decision: Decision) -> tupl
     return group, run_checkpoints.restore(group, result, resumed=True)
 
 
-def _train_loop(cfg: LoadedConfig, group: StageGroup, result: RunResult, progress: str, start: int) -> None:
-    """Steps ``start`` to the end, one call per worker per step, recorded as they finish;
-    checkpoints every ``checkpoint.every_steps``. The attempt is the restarts so far."""
+def _train_loop(
+    cfg: LoadedConfig, group: StageGroup, result: RunResult, progress: str, start: int, until: int | None = None
+) -> None:
+    """Steps ``start`` to ``until`` (the end), one call per worker per step, recorded as they
+    finish; checkpoints every ``checkpoint.every_steps``. The attempt is the restarts so far;
+    a federated step records the clients that took part."""
     run = cfg.run
     every = run.checkpoint.every_steps
     bar = console.Progress(run.train.steps, progress, run.runtime.log_every, initial=start)
@@ -156,12 +248,14 @@ def _train_loop(cfg: LoadedConfig, group: StageGroup, result: RunResult, progres
     curves = make_logger(run.runtime.logger, result.run_dir)
     with open(result.run_dir / "metrics.jsonl", "a", encoding="utf-8") as metrics:
         try:
-            for step in range(start, run.train.steps):
+            for step in range(start, run.train.steps if until is None else until):
                 result.current_step = step
                 t0 = time.perf_counter()
                 stages = group.step(step)
                 dt = time.perf_counter() - t0
                 rec = step_record(step, stages, dt, attempt=result.restarts)
+                if federation.enabled(run):
+                    rec["clients"] = federation.clients(run)
                 if _eval_due(cfg, group, step + 1):
                     rec.update(_evaluate(cfg, group))
                 curves.log(step + 1, step_scalars(rec, lr_at(step, run.train)))

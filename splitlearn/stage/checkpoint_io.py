@@ -3,7 +3,12 @@
 Each stage writes ``stage_<i>.safetensors`` (the model's own names; LoRA adapters under
 peft's names) and ``stage_<i>.optim.safetensors`` (``optim/<name>/<key>`` and the RNG
 state). Loading goes by name, so a checkpoint written by any plan loads into any other.
-Every read checks names and shapes first (:meth:`StageCheckpoint.check`), so the driver can
+A split-federated run's clients (the replicas of stage 0) hold one front (every checkpoint
+is at a round's end, where the fronts are averaged) but, under local steps, each its own
+optimizer state: each client also writes ``stage_0.client-<device>.optim.safetensors``, and loads it when the
+checkpoint has it (a client that was absent when it was written, rejoining, takes the first
+client's, ``stage_0.optim.safetensors``). Under sequential split learning the client that
+holds the newest front writes the stage, and every client loads it. Every read checks names and shapes first (:meth:`StageCheckpoint.check`), so the driver can
 ask every stage before any loads: a checkpoint is taken whole or not at all.
 """
 
@@ -85,6 +90,14 @@ def _index(directory: str, files: list[str], params: dict[str, torch.nn.Paramete
     return found
 
 
+CLIENT_PREFIX = "stage_0.client-"
+
+
+def client_optim_file(device: str) -> str:
+    """A federated client's own optimizer and RNG state in a checkpoint."""
+    return f"{CLIENT_PREFIX}{device}.optim.safetensors"
+
+
 def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
@@ -128,7 +141,13 @@ class StageCheckpoint:
             state = zero.get_state(w.engine, params)
             optim = {k: v for k, v in state.items() if k.startswith("optim/")}
             weights = {**checkpoint_tensors(w.segment.model), **{k: v for k, v in state.items() if k in params}}
-        if w.replica > 0:  # replicas hold the same tensors: the first one writes them
+        # replicas hold the same tensors: the first one writes them; a splitfed client under
+        # local steps also its own optimizer state (with the gradients averaged every step the
+        # clients' states are the same); under sequential split learning the client holding
+        # the newest front (the next turn's: it was handed on) writes the clients' stage
+        client = w.federated and w.is_first and not w.sequential and w.run.federation.rounds_every > 1
+        writer = w.replica == (w.steps_done % w.num_replicas if w.sequential and w.is_first else 0)
+        if not writer and not client:
             return {"stage": w.stage, "replica": w.replica, "device": w.device_name, "files": []}
         d.mkdir(parents=True, exist_ok=True)
         if w.engine is None:
@@ -140,18 +159,29 @@ class StageCheckpoint:
         if w.device.type == "cuda":
             optim["rng/cuda"] = torch.cuda.get_rng_state()
         files = []
-        for name, tensors in (
-            (f"stage_{w.stage}.safetensors", weights if weights is not None else self.state_dict()),
-            (f"stage_{w.stage}.optim.safetensors", optim),
-        ):
+        todo = [(client_optim_file(w.device_name), optim)] if client else []
+        if writer:
+            todo += [
+                (f"stage_{w.stage}.safetensors", weights if weights is not None else self.state_dict()),
+                (f"stage_{w.stage}.optim.safetensors", optim),
+            ]
+        for name, tensors in todo:
             _save_safetensors(d / name, tensors, {"stage": str(w.stage), "device": w.device_name})
             files.append({"name": name, "bytes": (d / name).stat().st_size, "sha256": sha256(d / name)})
-        return {"stage": w.stage, "device": w.device_name, "files": files}
+        return {"stage": w.stage, "replica": w.replica, "device": w.device_name, "files": files}
+
+    def _files(self, files: list[str]) -> list[str]:
+        """The checkpoint's files this worker reads: a federated client its own optimizer
+        file first (when there is one), no other client's; any other stage no client's."""
+        w = self.w
+        own = client_optim_file(w.device_name) if w.federated and w.is_first else None
+        shared = [f for f in files if not f.startswith(CLIENT_PREFIX)]
+        return ([own] if own in files else []) + shared
 
     def check(self, directory: str, files: list[str]) -> int:
         """What :meth:`load` checks, changing nothing."""
         params = self.named_params()
-        found = _index(directory, files, params)
+        found = _index(directory, self._files(files), params)
         with ExitStack() as stack:
             Shards(found, stack).check_shapes(params)
         return len(params)
@@ -162,7 +192,7 @@ class StageCheckpoint:
         CheckpointError naming the file."""
         w = self.w
         params = self.named_params()
-        found = _index(directory, files, params)
+        found = _index(directory, self._files(files), params)
         with ExitStack() as stack:
             shards = Shards(found, stack)
             shards.check_shapes(params)

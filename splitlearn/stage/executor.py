@@ -83,7 +83,13 @@ class Executor:
         """Execute the actions for ``step``; return the step's metrics."""
         w = self.w
         t0 = time.perf_counter()
-        batch = w.batches.batch(step) if w.is_first else None
+        actions = w.actions
+        if w.sequential and w.is_first:  # a client's turn, or only the hand-on of the front (in STEP)
+            turn = step % w.num_replicas == w.replica
+            actions = actions if turn else [a for a in actions if a.kind == ActionKind.STEP]
+            batch = w.batches.batch(step // w.num_replicas) if turn else None  # its own batches in order
+        else:
+            batch = w.batches.batch(step) if w.is_first else None
         state = StepState(step, batch, batch["labels"] if batch is not None else None)
         set_lr(w.optimizer, lr_at(step, w.run.train))
         if w.engine is None:
@@ -92,12 +98,12 @@ class Executor:
         # the batch and the zeroed gradients are the step's work too (a CPU stage's zeroing of
         # a large embedding's gradient takes milliseconds): counted as compute, outside any action
         timer.prep_s = time.perf_counter() - t0
-        for i, act in enumerate(w.actions):
+        for i, act in enumerate(actions):
             timer.start(act)
             try:
                 waited = self.handlers[act.kind](state, act)
             except Exception as e:
-                grid = " ".join(str(a) for a in w.actions)
+                grid = " ".join(str(a) for a in actions)
                 log.error("stage %d actions: %s  <-- ERROR HERE at %s (#%d)", w.stage, grid, act, i)
                 raise StageFailed(w.stage, w.device_name, step, str(act), f"{type(e).__name__}: {e}") from e
             timer.end(act, waited)
@@ -121,7 +127,7 @@ class Executor:
             "compute_s": times.compute_s,
             "fwd_s": times.fwd_s,
             "bwd_s": times.bwd_s,
-            "micro_batches": w.num_forwards,
+            "micro_batches": w.num_forwards if state.batch is not None or not w.is_first else 0,
             "comm_s": times.comm_s,
             "bytes_sent": links,
             "loss": state.loss_total if w.is_last else None,
@@ -134,9 +140,10 @@ class Executor:
             out["transfers"] = state.transfers
         return out
 
-    def _audit(self, state: StepState, kind: str, t: torch.Tensor | None, dst: int) -> None:
+    def _audit(self, state: StepState, kind: str, t: torch.Tensor | None, dst: int, mb: int | None = None) -> None:
         """Record one tensor this worker sends (``runtime.audit_transport``): its kind, dtype,
-        shape, and the stages and devices at both ends."""
+        shape, its micro-batch (for one micro-batch's tensor), and the stages and devices at
+        both ends."""
         w = self.w
         if t is None or not w.run.runtime.audit_transport:
             return
@@ -149,6 +156,8 @@ class Executor:
                 "src_device": w.device_name,
                 "dst_stage": w.layout.stage_of(dst),
                 "dst_device": w.layout.device_of(dst),
+                "mb": mb,
+                "step": state.step,
             }
         )
 
@@ -161,10 +170,18 @@ class Executor:
             self._audit(state, "labels", state.labels, dst)
         return 0.0
 
+    def _client_rank(self, stage: int, mb: int, step: int) -> int:
+        """The rank that handles micro-batch ``mb`` of ``stage``: under sequential split
+        learning every micro-batch of the clients' stage is the client whose turn it is."""
+        w = self.w
+        if w.sequential and stage == 0:
+            return w.layout.offsets[0] + step % w.layout.replicas[0]
+        return w.layout.rank_of(stage, mb)
+
     def _recv_labels(self, state: StepState, act: Action) -> float:
         w = self.w
-        if not w.federated:
-            state.labels, _ = w.transport.recv(0, self.groups.ends)
+        if not w.federated or w.sequential:
+            state.labels, _ = w.transport.recv(self._client_rank(0, 0, state.step), self.groups.ends)
             return 0.0
         # each client's labels; micro-batch m is client m % N's local micro-batch m // N
         own = [w.transport.recv(r, self.groups.ends)[0] for r in w.layout.stage_ranks(0)]
@@ -175,7 +192,7 @@ class Executor:
         return 0.0
 
     def _recv_act(self, state: StepState, act: Action) -> float:
-        src = self.w.layout.rank_of(self.w.stage - 1, act.mb)
+        src = self._client_rank(self.w.stage - 1, act.mb, state.step)
         x, mask = self.w.transport.recv(src, self.groups.link(self.w.rank, src))
         state.inputs[act.mb] = x.requires_grad_(True)
         state.masks[act.mb] = mask
@@ -185,7 +202,8 @@ class Executor:
         w, m, rows = self.w, act.mb, self.rows
         if w.is_first:
             assert state.batch is not None
-            local = m // w.num_replicas if w.federated else m  # a client's own rows: its micro-batches in turn
+            # a splitfed client's own rows: its micro-batches in turn
+            local = m // w.num_replicas if w.federated and not w.sequential else m
             sl = slice(local * rows, (local + 1) * rows)
             state.inputs[m] = state.batch["input_ids"][sl].to(w.device)
             bm = state.batch["attention_mask"]
@@ -209,8 +227,8 @@ class Executor:
         state.sent["next"] += w.transport.send(
             state.outputs[m], dst, self.groups.link(w.rank, dst), w.codec_out, state.masks[m]
         )
-        self._audit(state, "activation", state.outputs[m], dst)
-        self._audit(state, "padding-mask", state.masks[m], dst)
+        self._audit(state, "activation", state.outputs[m], dst, m)
+        self._audit(state, "padding-mask", state.masks[m], dst, m)
         return 0.0
 
     def _recv_grad(self, state: StepState, act: Action) -> float:
@@ -243,10 +261,10 @@ class Executor:
     def _send_grad(self, state: StepState, act: Action) -> float:
         w, m = self.w, act.mb
         x = state.inputs.pop(m)
-        dst = w.layout.rank_of(w.stage - 1, m)
+        dst = self._client_rank(w.stage - 1, m, state.step)
         grad = x.grad if w.engine is None else x.grad / w.num_replicas  # see _ds_backward
         state.sent["prev"] += w.transport.send(grad, dst, self.groups.link(w.rank, dst), w.codec_in)
-        self._audit(state, "gradient", grad, dst)
+        self._audit(state, "gradient", grad, dst, m)
         return 0.0
 
     def _step(self, state: StepState, act: Action) -> float:

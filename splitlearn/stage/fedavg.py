@@ -14,6 +14,9 @@ clients' updates in client order and sends the sum back to each.
   label tokens, as packed text does), and after every k-th step (and the last) the fronts'
   trainable weights are averaged, weighted by the label tokens each client trained on since
   the last round.
+- sequential split learning: the client whose turn it was hands its front (trainable weights
+  and the optimizer's state, so that the next client continues exactly where it stopped) to
+  the next client, through the server (:meth:`FedAvg.hand_on`).
 """
 
 from __future__ import annotations
@@ -29,11 +32,21 @@ class FedAvg:
     """One worker's part in the averaging: a client's or the server's."""
 
     def __init__(
-        self, role: str, group: Any, transport: Any, server: int, clients: list[int], rounds_every: int, steps: int
+        self,
+        role: str,
+        group: Any,
+        transport: Any,
+        server: int,
+        clients: list[int],
+        rounds_every: int,
+        steps: int,
+        rank: int = -1,
+        sequential: bool = False,
     ):
         self.role, self.group, self.transport = role, group, transport
-        self.server, self.clients = server, clients
+        self.server, self.clients, self.rank = server, clients, rank
         self.rounds_every, self.steps = rounds_every, steps
+        self.sequential = sequential
         self.tokens = 0.0  # a client's label tokens since the last round
         self.sent: list[tuple[str, torch.Tensor, int]] = []  # (kind, tensor, destination) for the audit
 
@@ -99,6 +112,48 @@ class FedAvg:
             offset += p.numel()
         self.tokens = 0.0
 
+    # -- sequential split learning ---------------------------------------------------------
+    def turn(self, step: int) -> int:
+        """The rank of the client whose turn ``step`` is."""
+        return self.clients[step % len(self.clients)]
+
+    @torch.no_grad()
+    def hand_on(self, params: list[torch.nn.Parameter], optimizer: Any, step: int) -> None:
+        """After ``step``: its client sends its front to the server, which sends it on to the
+        next step's client; that client takes the weights and the optimizer's state (also
+        after the last step: the next client holds the newest front, and writes it)."""
+        src, dst = self.turn(step), self.turn(step + 1)
+        if src == dst:
+            return
+        if self.role == SERVER:
+            t, _ = self.transport.recv(src, self.group)
+            self.transport.send(t, dst, self.group)
+            self.sent.append(("handoff", t, dst))
+            self.transport.wait_sends()
+        elif self.rank == src:
+            parts = [x.reshape(-1).float().cpu() for p in params for x in _front(p, optimizer)]
+            flat = torch.cat(parts) if parts else torch.zeros(0)  # a frozen front: nothing to hand on
+            self.transport.send(flat, self.server, self.group)
+            self.sent.append(("handoff", flat, self.server))
+            self.transport.wait_sends()
+        elif self.rank == dst:
+            flat, _ = self.transport.recv(self.server, self.group)
+            offset = 0
+            for p in params:
+                state = optimizer.state[p]
+                if not state:  # never stepped here: torch's AdamW state, filled below
+                    state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                for x in _front(p, optimizer):
+                    x.copy_(flat[offset : offset + x.numel()].view_as(x).to(x.dtype))
+                    offset += x.numel()
+            assert offset == flat.numel(), "the clients' fronts differ"
+
     def take_sent(self) -> list[tuple[str, torch.Tensor, int]]:
         out, self.sent = self.sent, []
         return out
+
+
+def _front(p: torch.nn.Parameter, optimizer: Any) -> list[torch.Tensor]:
+    """A trainable weight and its AdamW state (``step``, moments), in one fixed order."""
+    state = getattr(optimizer, "state", {}).get(p, {})
+    return [p.data, *(state[k] for k in ("step", "exp_avg", "exp_avg_sq") if k in state)]

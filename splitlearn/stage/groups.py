@@ -93,17 +93,20 @@ def build_groups(
     port: int,
     timeout: datetime.timedelta,
     federated: bool = False,
+    sequential: bool = False,
 ) -> Groups:
     """Join the world's store and create, in one global order, the groups ``rank`` is in.
     ``federated``: stage 0's replicas are clients: each sends its own labels (``ends`` holds
     them all), and they average their fronts through the server (stage 1's first replica)
-    over the ``fedavg`` group, never over a group of clients alone."""
+    over the ``fedavg`` group, never over a group of clients alone. ``sequential``: each
+    client, on its turn, sends every micro-batch to the next stage: a link from every client."""
     store = fabric.store_for(addr, port, rank, layout.world_size, timeout)
     n = layout.num_stages
     wanted: list[tuple[str, list[int], str]] = [("world", list(range(layout.world_size)), "gloo")]
     # NCCL when both ends are CUDA devices (tensors stay on the GPUs), gloo through host memory otherwise
     pairs = sorted(
         {(layout.rank_of(s, m), layout.rank_of(s + 1, m)) for s in range(n - 1) for m in range(num_micro_batches)}
+        | {(c, layout.rank_of(1, m)) for c in layout.stage_ranks(0) for m in range(num_micro_batches) if sequential}
     )
     for a, b in pairs:
         backend = "nccl" if layout.is_cuda_rank(a) and layout.is_cuda_rank(b) else "gloo"

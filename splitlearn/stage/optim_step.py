@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from splitlearn.optim import clip_coefficient, sum_of_squares
-from splitlearn.stage.fedavg import CLIENT, FedAvg
+from splitlearn.stage.fedavg import CLIENT, SERVER, FedAvg
 
 
 def all_reduce_via_host(group: Any, t: torch.Tensor) -> None:
@@ -123,6 +123,8 @@ class OptimizerStep:
         gradients and the shared stages' (the other clients' shares are left out of the sum)."""
         fed = self.fed
         assert fed is not None and self.engine is None and not self.tied, "checked in prepare()"
+        if fed.sequential:
+            return self._sequential(params, step)
         t_sync = time.perf_counter()
         grads = [p.grad for p in params if p.grad is not None]
         own = None
@@ -149,4 +151,29 @@ class OptimizerStep:
             fed.weights([p for p in params if p.requires_grad], step)
         elif fed.local_steps and fed.round_ends(step):
             fed.serve("fedavg-aggregate")
+        return norm, time.perf_counter() - t_sync
+
+    def _sequential(self, params: list[torch.nn.Parameter], step: int) -> tuple[float, float]:
+        """The STEP of sequential split learning: the client whose turn it is and the shared
+        stages clip by the global norm and step (the other clients, idle, add nothing and keep
+        their fronts); then the front is handed on to the next client through the server."""
+        fed = self.fed
+        assert fed is not None
+        t_sync = time.perf_counter()
+        turn = fed.role == SERVER or fed.rank == fed.turn(step)
+        if fed.role == SERVER:
+            grads, local, _ = self._local_norm([p for p in params if p.grad is not None])
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            local = sum_of_squares(grads if turn else [])  # float64, as every rank's share
+        if self.world_size > 1:
+            self.groups.world.all_reduce(local)
+        norm = float(local.sqrt())
+        coef = clip_coefficient(norm, self.max_grad_norm)
+        if turn:
+            if coef < 1.0:
+                for g in grads:
+                    g.mul_(coef)
+            self.optimizer.step()
+        fed.hand_on([p for p in params if p.requires_grad], self.optimizer, step)
         return norm, time.perf_counter() - t_sync

@@ -101,7 +101,13 @@ class StageWorker:
         self.eval_data: Any = None  # the data owner's eval rows (a TokenDataset), if any
         self.groups: Groups | None = None
         self.federated = self.run.federation.mode != "none" and self.num_stages > 1
+        # sequential split learning: a client runs every micro-batch of the steps that are its turn
+        self.sequential = self.federated and self.run.federation.mode == "sequential"
+        if self.sequential and self.is_first:
+            self.actions = list(self.plan.actions()[stage])
+            self.num_forwards = sum(a.kind == S.F for a in self.actions)
         self.fed: Any = None  # FedAvg: a federated client's or the server's part
+        self.steps_done = 0  # the steps this worker ran (sequential: who holds the newest front)
 
     # -- set-up ---------------------------------------------------------------------------
     def _resolve(self, p: str) -> Path:
@@ -253,7 +259,15 @@ class StageWorker:
         the stage's replicas and DeepSpeed's engine on it."""
         timeout = datetime.timedelta(seconds=self.run.runtime.timeout_s)
         self.groups = build_groups(
-            self.layout, self.stage, self.rank, self.num_micro_batches, addr, port, timeout, self.federated
+            self.layout,
+            self.stage,
+            self.rank,
+            self.num_micro_batches,
+            addr,
+            port,
+            timeout,
+            self.federated,
+            self.sequential,
         )
         if self.federated and (self.stage == 0 or self.rank == self.layout.offsets[1]):
             from splitlearn.stage.fedavg import CLIENT, SERVER, FedAvg
@@ -267,6 +281,8 @@ class StageWorker:
                 self.layout.stage_ranks(0),
                 fed.rounds_every,
                 self.run.train.steps,
+                rank=self.rank,
+                sequential=self.sequential,
             )
         if self.offload != "none":
             from splitlearn import zero
@@ -314,6 +330,7 @@ class StageWorker:
                 out["peak_bytes"] = peak_allocated_bytes(lambda: out.update(self.executor.run(step)), self.device)
             else:
                 out.update(self.executor.run(step))
+        self.steps_done = step + 1
         out["rss_peak_bytes"], out["rss_base_bytes"] = rss.peak_bytes, self.rss_base
         if self.device.type == "cuda":
             out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
