@@ -15,6 +15,7 @@ from the gradient a U-shaped tail sends back. See splitlearn/privacy/attacks.py.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -103,6 +104,8 @@ def main() -> None:
     ap.add_argument("--attack-steps", type=int, default=300)
     ap.add_argument("--finetune-steps", type=int, default=30)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "privacy.json"))
+    ap.add_argument("--cells", nargs="*", help="METHOD:STEPS:NOISE cells only (e.g. full:30:0.5)")
+    ap.add_argument("--add-to", help="a privacy.json whose other cells and noise cost to keep beside these")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cells = [
@@ -117,6 +120,8 @@ def main() -> None:
             ("full", args.finetune_steps, 0.0),
             ("lora", args.finetune_steps, 0.0),
         ]
+    if args.cells:
+        cells = [(m, int(st), float(n)) for m, st, n in (c.split(":") for c in args.cells)]
     records = []
     t0 = time.perf_counter()
     for shape in SHAPES:
@@ -143,8 +148,17 @@ def main() -> None:
                     }
                 )
             print(f"{shape} {method} steps={steps} noise={noise}: {rep.seconds:.1f} s", flush=True)
-    cost = []
-    for shape in SHAPES:
+    cost: list[dict[str, Any]] = []
+    earlier: dict[str, Any] = json.loads(Path(args.add_to).read_text()) if args.add_to else {}
+    if earlier:  # keep its other cells (and its noise cost, unless measured again)
+        mine = {(r["shape"], r["method"], r["finetune_steps"], r["noise"]) for r in records}
+        kept = [r for r in earlier["records"] if (r["shape"], r["method"], r["finetune_steps"], r["noise"]) not in mine]
+        records = sorted(
+            [*kept, *records],
+            key=lambda r: (r["shape"] != "llama", r["method"], r["finetune_steps"], r["noise"], r["owner_blocks"]),
+        )
+        cost = earlier["noise_cost"]
+    for shape in SHAPES if not cost else ():
         for noise in (0.0, 0.5, 2.0):
             cost.append(
                 {
@@ -162,7 +176,7 @@ def main() -> None:
             "attack_steps": args.attack_steps,
             "records": records,
             "noise_cost": cost,
-            "seconds": round(time.perf_counter() - t0, 1),
+            "seconds": round(time.perf_counter() - t0, 1) + (earlier.get("seconds") or 0),
         },
     )
     draw(records, Path(args.out).with_suffix(".png"))
