@@ -12,9 +12,12 @@ another beats in every number can be dropped:
   resource and the slowest backward resource: ``total + (M - 1) (maxF + maxB)``, the
   forward and backward flow shops, exact unless a later stage's optimizer step ends after
   stage 0's;
-- ``1f1b``: the round trip so far, the largest ``path before s + M (F_s + B_s)`` and the
-  slowest wire: ``max(that, total + (M - 1) wire)``, a bound (1F1B has no closed form;
-  :func:`partitioners.planner.objective.lower_bound`).
+- ``1f1b``: the round trip so far (without stage 0's optimizer step), the largest ``path
+  before s + M (F_s + B_s)`` and the slowest wire: ``max(that, total + (M - 1) wire,
+  rounds total)``, a bound (1F1B has no closed form;
+  :func:`partitioners.planner.objective.lower_bound`). ``rounds``: stage 0 holds at most
+  ``S`` micro-batches, so micro-batch ``m + S`` starts after micro-batch ``m`` has come back:
+  ``(M - 1) // S + 1`` round trips one after the other.
 
 With ``label_privacy`` the data owner runs the first and the last stage: a label also
 carries the owner's first-stage work, memory and host memory, for the last stage to add.
@@ -43,13 +46,23 @@ class CutChoice:
     opts: list[StageMethod]
 
 
-def value(schedule: str, M: int, d0, d1, d2):
-    """The bound of a label's numbers (scalars or arrays)."""
+def value(schedule: str, M: int, d0, d1, d2, rounds: int = 1):
+    """The bound of a label's numbers (scalars or arrays); ``rounds``: 1F1B's round trips
+    one after the other on stage 0 (:func:`rounds_of`)."""
     if schedule == "sequential":
         return d0 + d1
     if schedule == "gpipe":
         return d0 + (M - 1) * (d1 + d2)
-    return np.maximum(d1, d0 + (M - 1) * d2)
+    return np.maximum(np.maximum(d1, d0 + (M - 1) * d2), rounds * d0)
+
+
+def rounds_of(schedule: str, M: int, num_stages: int | None) -> int:
+    """Under 1F1B stage 0 holds at most ``S`` micro-batches: micro-batch ``m + S`` starts
+    after micro-batch ``m``'s whole round trip, so ``(M - 1) // S + 1`` round trips follow one
+    another (the term of :func:`partitioners.planner.objective.lower_bound` for stage 0)."""
+    if schedule != "1f1b" or not num_stages:
+        return 1
+    return (M - 1) // num_stages + 1
 
 
 def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la, lg) -> tuple:
@@ -63,8 +76,8 @@ def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la, lg) -> tupl
         if s == 0:
             return F + B + Op + 0.0 * d0, F + 0.0 * d0, B + 0.0 * d0
         return d0 + F + B + la + lg, np.maximum(np.maximum(d1, F), la), np.maximum(np.maximum(d2, B), lg)
-    if s == 0:
-        return F + B + Op + 0.0 * d0, M * (F + B) + Op + 0.0 * d0, 0.0 * (F + d0)
+    if s == 0:  # the round trip without the optimizer step (the rounds term repeats it)
+        return F + B + 0.0 * d0, M * (F + B) + Op + 0.0 * d0, 0.0 * (F + d0)
     base = d0 + la + lg
     return base + F + B, np.maximum(d1, base + M * (F + B)), np.maximum(np.maximum(d2, la), lg) + 0.0 * F
 
@@ -84,6 +97,7 @@ class CutSearch:
         self.n, self.M = req.n, req.num_micro_batches
         self.schedule = req.schedule
         self.ushape = req.label_privacy
+        self.rounds = rounds_of(self.schedule, self.M, num_stages)
 
     def start(self) -> dict[int, list[tuple]]:
         return {0: [(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None)]}
@@ -143,7 +157,7 @@ class CutSearch:
             else:
                 ok = valid & (mem <= cap) & (host <= hcap)
             n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg), ok)[:3]
-            low = value(schedule, M, n0, n1, n2)
+            low = value(schedule, M, n0, n1, n2, self.rounds)
             own = M * (F + B) + Op
             if ushape and last:
                 low = np.maximum(low, cols[:, 3:4] + own)
@@ -174,7 +188,7 @@ class CutSearch:
         S, n, M = len(seq), self.n, self.M
         out = []
         for lab in frontier.get(n, []):
-            low = float(value(self.schedule, M, lab[_D0], lab[_D1], lab[_D2]))
+            low = float(value(self.schedule, M, lab[_D0], lab[_D1], lab[_D2], self.rounds))
             if self.ushape and S > 1:
                 # the owner's two stages one after the other: the last one's work from its range
                 _, a, _, k = lab[_PREV]

@@ -9,7 +9,7 @@ the best step found is cut off with everything under it. Devices that cannot be 
 node tries one of each class. Children are tried in the order of their bounds, so a good
 plan is found early and prunes the rest.
 
-Each complete sequence hands its best-ranked plans to the simulator (``check``). When the
+Each complete sequence hands its best-ranked plans to be checked (``check``). When the
 node budget runs out, the nodes left unexpanded keep their bounds: no plan under them
 steps faster than the smallest (``open_low``); so do they past the deadline.
 """
@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from partitioners.planner.cuts import CutChoice, CutSearch, value
+from partitioners.planner.bounds import PoolBounds
+from partitioners.planner.cuts import CutChoice, CutSearch, rounds_of, value
 from partitioners.planner.request import IDENTICAL_FIELDS, PlanRequest
 from partitioners.planner.tables import CostTables
 
@@ -45,15 +46,21 @@ class FoundSequence:
 
 
 class DeviceSearch:
+    """``pool``: the devices to search over (default: the request's); ``bounds`` leaves out
+    the devices and links that cannot take part in a plan faster than the best step
+    (:mod:`partitioners.planner.bounds`)."""
+
     def __init__(
         self,
         req: PlanRequest,
         tables: CostTables,
-        check: Callable[[list[str], CutChoice], None],
+        check: Callable[[list[str], list[CutChoice]], None],
         step: Callable[[], float],
         top: int,
         max_nodes: int,
         deadline: float = float("inf"),
+        bounds: PoolBounds | None = None,
+        pool: list[str] | None = None,
     ):
         self.req, self.tables = req, tables
         self.check, self.step, self.top = check, step, top
@@ -61,57 +68,74 @@ class DeviceSearch:
         self.deadline = deadline  # time.monotonic() past which no node is expanded
         self.open_low = float("inf")
         self.sequences: list[FoundSequence] = []
-        pool = req.pool
+        self.pool = list(pool if pool is not None else req.pool)
+        self.bounds = bounds or PoolBounds(req, tables, self.pool)
         self.classes: dict[tuple, list[str]] = {}
-        for d in pool:
+        for d in self.pool:
             self.classes.setdefault(device_class(req, d), []).append(d)
         self.rest = self._rest_table()
 
     def _rest_table(self) -> tuple[np.ndarray, np.ndarray]:
         """Per cut position, the least forward and backward time the layers after it take:
         each layer at its fastest on any device of the pool, under any of its options."""
-        req, tables = self.req, self.tables
-        stages = {0, 1, *(k for k in ((req.finetune.by_stage if req.finetune else {}) or {}) if k < req.n)}
-        f_min = np.full(req.n, np.inf)
-        b_min = np.full(req.n, np.inf)
-        for d in req.pool:
-            for s in stages:
-                for o in tables.options(s, d):
-                    f, b, _ = tables.parts(d, o)
-                    f_min = np.minimum(f_min, np.diff(f))
-                    b_min = np.minimum(b_min, np.diff(b))
+        f_min = np.min([self.bounds.f[d] for d in self.pool], axis=0)
+        b_min = np.min([self.bounds.b[d] for d in self.pool], axis=0)
         tail_f = np.concatenate([np.cumsum(f_min[::-1])[::-1], [0.0]])
         tail_b = np.concatenate([np.cumsum(b_min[::-1])[::-1], [0.0]])
         return tail_f, tail_b
 
-    def node_low(self, frontier: dict[int, list[tuple]], free: int) -> float:
-        """A bound below every plan that extends this frontier with at most ``free`` more
-        stages: the layers left take at least their fastest time, and the busiest of those
-        stages at least an equal share of it."""
+    def _free(self, prefix: list[str]) -> list[str]:
+        """The devices the stages after ``prefix`` may run on (with ``label_privacy`` the
+        data owner's last stage too)."""
+        step, b = self.step(), self.bounds
+        out = [d for d in self.pool if d not in prefix and b.device_ms(d) < step]
+        if self.req.label_privacy and prefix:
+            out.append(prefix[0])
+        return out
+
+    def node_low(self, frontier: dict[int, list[tuple]], free: int, prefix: list[str], S: int | None = None) -> float:
+        """A bound below every plan that extends this frontier (``prefix`` placed) with at
+        most ``free`` more stages: the layers left take at least their fastest time; the
+        busiest of those stages at least :meth:`PoolBounds.tail_stage_ms` on the devices
+        left; the next cut at least the cheapest wire from the last device to one of them."""
         M, schedule = self.req.num_micro_batches, self.req.schedule
         tail_f, tail_b = self.rest
         k = max(free, 1)
+        rounds = rounds_of(schedule, M, S)
+        devs = self._free(prefix)
+        if not devs:
+            return float("inf")
+        step = self.step()
+        wire = min(self.bounds.wire_ms(prefix[-1], d) for d in devs) / M  # per micro-batch, either way
+        if wire * M >= step:
+            return float("inf")
+        positions = np.array(sorted(frontier))
+        lam = self.bounds.tail_stage_ms(positions, devs, free if free > 0 else len(devs))
         best = float("inf")
-        for a, labels in frontier.items():
+        for a, busiest in zip(positions.tolist(), lam.tolist(), strict=True):
+            if busiest == float("inf"):
+                continue
             f, b = float(tail_f[a]), float(tail_b[a])
-            for lab in labels:
+            w = wire if a < self.req.n else 0.0
+            busiest = max(busiest, (f + b) / k)
+            for lab in frontier[a]:
                 d0, d1, d2 = lab[0], lab[1], lab[2]
                 if schedule == "sequential":
-                    d0 += M * f + (M - 1) * b
+                    low = float(value(schedule, M, d0 + M * f + (M - 1) * (b + w), d1, d2))
                 elif schedule == "gpipe":
-                    d0 += f + b
-                    d1, d2 = max(d1, f / k), max(d2, b / k)
+                    n0 = d0 + f + b + w
+                    low = max(float(value(schedule, M, n0, max(d1, f / k), max(d2, b / k))), n0 + (M - 1) * busiest)
                 else:
-                    d1 = max(d1, d0 + M * (f + b) / k)
-                    d0 += f + b
-                best = min(best, float(value(schedule, M, d0, d1, d2)))
+                    n1 = max(d1, d0 + w + M * busiest)
+                    low = float(value(schedule, M, d0 + f + b + w, n1, max(d2, w), rounds))
+                best = min(best, low)
         return best
 
     def run(self) -> None:
         req = self.req
-        owners = [d for d in req.pool if req.topology.device(d).owns_data]
+        owners = [d for d in self.pool if req.topology.device(d).owns_data]
         extra = 1 if req.label_privacy else 0
-        longest = min(req.n, len(req.pool) + extra)
+        longest = min(req.n, len(self.pool) + extra)
         # under 1F1B a stage's memory depends on how many stages follow: one search per length
         lengths: list[int | None] = list(range(1 + extra, longest + 1)) if req.schedule == "1f1b" else [None]
         for S in lengths:
@@ -128,11 +152,12 @@ class DeviceSearch:
                     self._node(search, [owner], mid, S)
 
     def _children(self, used: list[str]) -> list[str]:
-        """One unused device of each class."""
+        """One unused device of each class, where the bounds let it follow the last device."""
+        step, b = self.step(), self.bounds
         out = []
         for members in self.classes.values():
             free = [d for d in members if d not in used]
-            if free:
+            if free and b.device_ms(free[0]) < step and b.wire_ms(used[-1], free[0]) < step:
                 out.append(free[0])
         return out
 
@@ -144,10 +169,8 @@ class DeviceSearch:
         if not finals:
             return
         self.sequences.append(FoundSequence(seq, finals[0][0]))
-        for low, lab in finals[: self.top]:
-            if low >= self.step():
-                break
-            self.check(seq, search.choice(low, lab, seq))
+        step = self.step()
+        self.check(seq, [search.choice(low, lab, seq) for low, lab in finals[: self.top] if low < step])
 
     def _node(self, search: CutSearch, prefix: list[str], mid: dict[int, list[tuple]], S: int | None) -> None:
         """``mid``: the frontier with every device of ``prefix`` placed (none of them the
@@ -156,8 +179,8 @@ class DeviceSearch:
         req = self.req
         s = len(prefix)  # the next stage's index
         # stages still to come: all of them when the length is fixed, else at most every device left
-        free = S - len(prefix) if S is not None else len(req.pool) - len(prefix) + (1 if req.label_privacy else 0)
-        low = self.node_low(mid, free)
+        free = S - len(prefix) if S is not None else len(self.pool) - len(prefix) + (1 if req.label_privacy else 0)
+        low = self.node_low(mid, free, prefix, S)
         if low >= self.step():
             return
         if self.nodes_left <= 0 or time.monotonic() > self.deadline:
@@ -177,7 +200,7 @@ class DeviceSearch:
         for d in kids:
             nxt = search.stage(mid, s, d, prefix[-1], False, self.step(), stages_left=left)
             if nxt:
-                grown.append((self.node_low(nxt, free - 1), d, nxt))
+                grown.append((self.node_low(nxt, free - 1, [*prefix, d], S), d, nxt))
         grown.sort(key=lambda x: x[0])
         for child_low, d, nxt in grown:
             if child_low < self.step():

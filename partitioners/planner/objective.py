@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+
+import numpy as np
 from dataclasses import dataclass, field
 
 from partitioners.costmodel import PRECISIONS, StageMethod
@@ -292,3 +294,128 @@ def stage_load(tables: CostTables, group: tuple[str, ...], a: int, b: int, opt: 
     o = tables.opt_ms(group[0], a, b, opt)
     busy = effective_replicas(tables.req.schedule, len(group), S)
     return replica_load(ms - o / tables.M, o + tables.allreduce_ms(group, a, b, opt), busy, tables.M)
+
+
+@functools.lru_cache(maxsize=64)
+def _program(schedule: str, num_stages: int, num_micro_batches: int) -> tuple[tuple, ...]:
+    """The schedule's actions in an order the simulator could take them on a plain plan
+    (nothing shared or replicated): each stage as far as it can, again while any moved, as
+    :meth:`partitioners.simulation.Simulation.run` does. On a plain plan every resource has
+    one issuer, so the times do not depend on the order (the simulator's notes); the order
+    depends only on which transfers have been issued, not on any cost, so one order serves
+    every plan of this shape. Ops: ``(0, stage, kind)`` compute, ``(1, stage, wire, mb,
+    kind)`` send, ``(2, stage, wire, mb)`` receive; wires ``('a', s)`` stage s -> s + 1,
+    ``('g', s)`` back, ``('l',)`` the labels line."""
+    from partitioners.schedule import RECV_ACT, RECV_GRAD, RECV_LABELS, SEND_ACT, SEND_GRAD, SEND_LABELS
+
+    acts = _actions(schedule, num_stages, num_micro_batches)
+    last = num_stages - 1
+
+    def wire(kind, s: int) -> tuple:
+        if kind in (SEND_ACT,):
+            return ("a", s)
+        if kind == RECV_ACT:
+            return ("a", s - 1)
+        if kind == SEND_GRAD:
+            return ("g", s - 1)
+        if kind == RECV_GRAD:
+            return ("g", s)
+        return ("l",)
+
+    sends, recvs = (SEND_ACT, SEND_GRAD, SEND_LABELS), (RECV_ACT, RECV_GRAD, RECV_LABELS)
+    pc = [0] * num_stages
+    issued: set[tuple] = set()
+    out: list[tuple] = []
+    moved = True
+    while moved:
+        moved = False
+        for s in range(num_stages):
+            while pc[s] < len(acts[s]):
+                a = acts[s][pc[s]]
+                if a.kind in sends:
+                    if a.kind == SEND_LABELS and not 0 == s < last:
+                        raise ValueError(f"stage {s}: {a} has no wire")
+                    out.append((1, s, wire(a.kind, s), a.mb, str(a.kind)))
+                    issued.add((wire(a.kind, s), a.mb))
+                elif a.kind in recvs:
+                    key = (wire(a.kind, s), a.mb)
+                    if key not in issued:
+                        break
+                    issued.discard(key)
+                    out.append((2, s, key[0], a.mb))
+                else:
+                    out.append((0, s, str(a.kind)))
+                pc[s] += 1
+                moved = True
+    if any(pc[s] < len(acts[s]) for s in range(num_stages)):
+        raise ValueError(f"{schedule} on {num_stages} stages deadlocks")
+    return tuple(out)
+
+
+def plain_steps(
+    schedule: str,
+    M: int,
+    fwd: np.ndarray,
+    bwd: np.ndarray,
+    opt: np.ndarray,
+    act: np.ndarray,
+    grad: np.ndarray,
+) -> np.ndarray:
+    """The simulator's step of many plain plans of one shape at once (nothing shared or
+    replicated, no labels time): ``fwd``, ``bwd``, ``opt`` of shape (stages, plans), ``act``
+    and ``grad`` (stages - 1, plans). The same replay as :func:`simulated`, each clock an
+    array over the plans (the tests hold the two equal)."""
+    S, K = fwd.shape
+    clock = np.zeros((S, K))
+    free: dict[tuple, np.ndarray] = {}
+    pending: dict[tuple, np.ndarray] = {}
+    zero = np.zeros(K)
+    for op in _program(schedule, S, M):
+        if op[0] == 0:
+            _, s, kind = op
+            clock[s] += fwd[s] if kind == "F" else bwd[s] if kind == "B" else opt[s]
+        elif op[0] == 1:
+            _, s, w, mb, _kind = op
+            t = act[w[1]] if w[0] == "a" else grad[w[1]] if w[0] == "g" else zero
+            start = np.maximum(clock[s], free.get(w, zero))
+            free[w] = start + t
+            pending[(w, mb)] = free[w]
+        else:
+            _, s, w, mb = op
+            clock[s] = np.maximum(clock[s], pending.pop((w, mb)))
+    return clock.max(axis=0)
+
+
+def plain_sequence(tables: CostTables, seq: list[str]) -> bool:
+    """Whether every plan on ``seq`` without replicas is plain: no device runs two stages
+    and no two wires cross one zone uplink (:func:`figures`' ``shared`` and ``channels``)."""
+    if len(set(seq)) < len(seq):
+        return False
+    topo = tables.req.topology
+    keys = [topo.uplink(u, v) for x, y in zip(seq, seq[1:], strict=False) for u, v in ((x, y), (y, x))]
+    keys = [k for k in keys if k is not None]
+    return len(keys) == len(set(keys))
+
+
+def batch_steps(tables: CostTables, seq: list[str], choices: list) -> np.ndarray:
+    """The simulator's step of each plan of a plain sequence (:func:`plain_sequence`): one
+    per choice (``bounds``, ``opts``), replayed together (:func:`plain_steps`)."""
+    S, K, M = len(seq), len(choices), tables.M
+    bounds = np.array([c.bounds for c in choices], dtype=int).reshape(K, S + 1)
+    fwd, bwd, opt = np.zeros((S, K)), np.zeros((S, K)), np.zeros((S, K))
+    for s, dev in enumerate(seq):
+        a, b = bounds[:, s], bounds[:, s + 1]
+        by_opt: dict[StageMethod, list[int]] = {}
+        for i, c in enumerate(choices):
+            by_opt.setdefault(c.opts[s], []).append(i)
+        for o, rows in by_opt.items():
+            f, bw, op = tables.parts(dev, o)
+            idx = np.array(rows)
+            fwd[s, idx] = f[b[idx]] - f[a[idx]]
+            bwd[s, idx] = bw[b[idx]] - bw[a[idx]]
+            opt[s, idx] = op[b[idx]] - op[a[idx]]
+    act, grad = np.zeros((S - 1, K)), np.zeros((S - 1, K))
+    for s in range(S - 1):
+        links = np.array([tables.link(seq[s], seq[s + 1], c) if c > 0 else (0.0, 0.0) for c in range(tables.req.n)])
+        act[s], grad[s] = links[bounds[:, s + 1], 0], links[bounds[:, s + 1], 1]
+    return plain_steps(tables.req.schedule, M, fwd, bwd, opt, act, grad)

@@ -5,17 +5,21 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
+
 from partitioners.costmodel import StageMethod
 from partitioners.plan import Plan
 from partitioners.planner.assemble import build_plan
+from partitioners.planner.bounds import PoolBounds
 from partitioners.planner.cuts import CutChoice, best_cuts
 from partitioners.planner.devices import DeviceSearch
 from partitioners.planner.feasibility import infeasible_reason
-from partitioners.planner.objective import evaluate
+from partitioners.planner.objective import batch_steps, evaluate, plain_sequence
 from partitioners.planner.replicas import add_replicas
 from partitioners.planner.request import PlanError, PlanRequest, closed_sequence
 from partitioners.planner.tables import CostTables
 
+SEED_TOP = 64  # per seed sequence, the plans with the smallest bounds checked (all at once where plain)
 VERIFY_PER_SEQUENCE = 4  # per device sequence, the plans with the smallest bounds the simulator checks first
 VERIFY_BUDGET = 2000  # then at most this many more plans, across sequences, in the order of their bounds
 MAX_NODES = 20_000  # device prefixes the branch and bound expands before it stops with a bound
@@ -71,10 +75,38 @@ class _Search:
         if ev.step_ms < self.step - 1e-12:
             self.best = (ev.step_ms, seq, choice.bounds, choice.opts)
 
+    def check_all(self, seq: list[str], choices: list[CutChoice]) -> None:
+        """Check these plans of ``seq``: all at once where the sequence is plain and the
+        schedule 1F1B (:func:`batch_steps`, the simulator replayed on arrays), else the
+        first ``VERIFY_PER_SEQUENCE`` by the simulator."""
+        choices = [c for c in choices if c.lower_ms < self.step]
+        if not choices:
+            return
+        if self.req.schedule != "1f1b" or not plain_sequence(self.tables, seq):
+            for choice in choices[:VERIFY_PER_SEQUENCE]:
+                if choice.lower_ms >= self.step:
+                    break
+                self.check(seq, choice)
+            return
+        steps = batch_steps(self.tables, seq, choices)
+        i = int(np.argmin(steps))
+        if steps[i] < self.step:
+            self.check(seq, choices[i])  # the simulator's own figure for the plan kept
+
     def every_plan_below(self, seq: list[str], lowest: float) -> None:
         """Check the plans of ``seq`` whose bound is below the best step, smallest bound
         first, while the budget lasts (what is left keeps its bound in ``open_low``)."""
-        if self.budget <= 0 or time.monotonic() > self.deadline:
+        if time.monotonic() > self.deadline:
+            self.open_low = min(self.open_low, lowest)
+            return
+        if self.req.schedule == "1f1b" and plain_sequence(self.tables, seq):  # all at once, no budget
+            listed = best_cuts(self.req, self.tables, seq, self.step, top=MAX_LABELS, prune=False, max_labels=MAX_LABELS)
+            if listed is None or len(listed) == MAX_LABELS:  # too many to list
+                self.open_low = min(self.open_low, lowest if listed is None else listed[-1].lower_ms)
+                return
+            self.check_all(seq, listed)
+            return
+        if self.budget <= 0:
             self.open_low = min(self.open_low, lowest)
             return
         top = self.budget
@@ -108,16 +140,25 @@ def optimal(req: PlanRequest) -> Plan:
     tables = CostTables(req)
     deadline = time.monotonic() + req.search_seconds
     search = _Search(req, tables, deadline)
+    bounds = PoolBounds(req, tables)
     # a good plan first, from prefixes of two device rankings: the bound then prunes more
+    # (and leaves out the sequences whose devices or links cannot beat the best step)
     for seq in seed_sequences(req):
         if time.monotonic() > deadline and search.best is not None:
             break
-        for choice in best_cuts(req, tables, seq, search.step, top=VERIFY_PER_SEQUENCE) or []:
-            if choice.lower_ms >= search.step:
-                break
-            search.check(seq, choice)
+        if not bounds.admits(seq, search.step):
+            continue
+        search.check_all(seq, best_cuts(req, tables, seq, search.step, top=SEED_TOP) or [])
     devices = DeviceSearch(
-        req, tables, search.check, lambda: search.step, top=VERIFY_PER_SEQUENCE, max_nodes=MAX_NODES, deadline=deadline
+        req,
+        tables,
+        search.check_all,
+        lambda: search.step,
+        top=SEED_TOP,
+        max_nodes=MAX_NODES,
+        deadline=deadline,
+        bounds=bounds,
+        pool=bounds.usable(search.step),
     )
     devices.run()
     # where a bound is below the best step, plans the bound ranks lower may step faster
