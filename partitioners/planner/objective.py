@@ -28,9 +28,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
-from dataclasses import dataclass, field
 
 from partitioners.costmodel import PRECISIONS, StageMethod
 from partitioners.planner.feasibility import base_options

@@ -100,7 +100,9 @@ class _Search:
             self.open_low = min(self.open_low, lowest)
             return
         if self.req.schedule == "1f1b" and plain_sequence(self.tables, seq):  # all at once, no budget
-            listed = best_cuts(self.req, self.tables, seq, self.step, top=MAX_LABELS, prune=False, max_labels=MAX_LABELS)
+            listed = best_cuts(
+                self.req, self.tables, seq, self.step, top=MAX_LABELS, prune=False, max_labels=MAX_LABELS
+            )
             if listed is None or len(listed) == MAX_LABELS:  # too many to list
                 self.open_low = min(self.open_low, lowest if listed is None else listed[-1].lower_ms)
                 return
@@ -140,13 +142,13 @@ def optimal(req: PlanRequest) -> Plan:
     tables = CostTables(req)
     deadline = time.monotonic() + req.search_seconds
     search = _Search(req, tables, deadline)
-    bounds = PoolBounds(req, tables)
+    limits = PoolBounds(req, tables)
     # a good plan first, from prefixes of two device rankings: the bound then prunes more
     # (and leaves out the sequences whose devices or links cannot beat the best step)
     for seq in seed_sequences(req):
         if time.monotonic() > deadline and search.best is not None:
             break
-        if not bounds.admits(seq, search.step):
+        if not limits.admits(seq, search.step):
             continue
         search.check_all(seq, best_cuts(req, tables, seq, search.step, top=SEED_TOP) or [])
     devices = DeviceSearch(
@@ -157,8 +159,8 @@ def optimal(req: PlanRequest) -> Plan:
         top=SEED_TOP,
         max_nodes=MAX_NODES,
         deadline=deadline,
-        bounds=bounds,
-        pool=bounds.usable(search.step),
+        bounds=limits,
+        pool=limits.usable(search.step),
     )
     devices.run()
     # where a bound is below the best step, plans the bound ranks lower may step faster
