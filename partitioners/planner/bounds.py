@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from partitioners.planner.cuts import Tail
 from partitioners.planner.request import PlanRequest
 from partitioners.planner.tables import CostTables
 
@@ -178,3 +179,24 @@ class PoolBounds:
             hi = np.where(enough, mid, hi)
             lo = np.where(enough, lo, mid)
         return np.where(todo, lo * (1 - 1e-9), out)  # below, whatever the rounding
+
+    def sequence_tail(self, seq: list[str], s: int) -> Tail:
+        """What the stages after stage ``s`` of ``seq`` take at least, per end of stage
+        ``s`` (:func:`~partitioners.planner.cuts.completed`): the layers left at their
+        fastest on those devices, the busiest of those stages at least
+        :meth:`tail_stage_ms` on them, and the cut to ``seq[s + 1]`` its slower transfer."""
+        rest = list(dict.fromkeys(seq[s + 1 :]))
+        f = np.min([self.f[d] for d in rest], axis=0)
+        b = np.min([self.b[d] for d in rest], axis=0)
+        tail_f = np.concatenate([np.cumsum(f[::-1])[::-1], [0.0]])
+        tail_b = np.concatenate([np.cumsum(b[::-1])[::-1], [0.0]])
+        k = len(seq) - s - 1
+        u, v = seq[s], seq[s + 1]
+
+        def after(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            ft, bt = tail_f[bs], tail_b[bs]
+            busiest = np.maximum(self.tail_stage_ms(bs, rest, k), (ft + bt) / k)
+            w = np.array([max(self.tables.link(u, v, c)) if 0 < c < self.req.n else 0.0 for c in bs.tolist()])
+            return ft, bt, busiest, w
+
+        return after

@@ -26,6 +26,7 @@ carries the owner's first-stage work, memory and host memory, for the last stage
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,24 @@ def value(schedule: str, M: int, d0, d1, d2, rounds: int = 1):
     if schedule == "gpipe":
         return d0 + (M - 1) * (d1 + d2)
     return np.maximum(np.maximum(d1, d0 + (M - 1) * d2), rounds * d0)
+
+
+def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest):
+    """A bound below every completion of a label (scalars or arrays): the layers left take
+    at least ``f`` forward and ``b`` backward per micro-batch, the next cut at least ``w``
+    either way, and the busiest of the stages left at least ``busiest`` per micro-batch
+    (:meth:`partitioners.planner.bounds.PoolBounds.tail_stage_ms`); 0 each where nothing is left."""
+    if schedule == "sequential":
+        return value(schedule, M, d0 + M * f + (M - 1) * (b + w), d1, d2)
+    if schedule == "gpipe":
+        n0 = d0 + f + b + w
+        return np.maximum(value(schedule, M, n0, d1, d2), n0 + (M - 1) * busiest)
+    return value(schedule, M, d0 + f + b + w, np.maximum(d1, d0 + w + M * busiest), np.maximum(d2, w), rounds)
+
+
+# the layers after each end of a stage: least forward, least backward, the busiest stage's
+# least forward and backward, and the next cut's least transfer either way (each per end)
+Tail = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
 
 def rounds_of(schedule: str, M: int, num_stages: int | None) -> int:
@@ -112,10 +131,13 @@ class CutSearch:
         bound: float,
         prune: bool = True,
         stages_left: int = 0,
+        tail: Tail | None = None,
     ) -> dict[int, list[tuple]]:
         """The frontier after stage ``s`` on ``dev`` (``prev`` runs stage ``s - 1``): every
         layer range and option that fits, below ``bound``; the last stage ends the chain.
-        ``stages_left``: stages still to come after this one (each needs a layer)."""
+        ``stages_left``: stages still to come after this one (each needs a layer); ``tail``:
+        what the stages after it take at least (:func:`completed`), so that a label none of
+        whose completions can beat ``bound`` is dropped."""
         tables, n, M, schedule = self.tables, self.n, self.M, self.schedule
         ushape = self.ushape and (s > 0 or not last)
         nxt: dict[int, list[tuple]] = {}
@@ -147,6 +169,7 @@ class CutSearch:
         if ushape and last:  # and the U's last stage its minimum
             valid = valid & (n - A >= self.req.min_owner_tail)
         first = ushape and s == 0
+        after = tail(bs) if tail is not None and not last else None
         for k in range(len(opts)):
             f, bw, o = parts[k]
             F, B, Op = f[bs][None, :] - f[A], bw[bs][None, :] - bw[A], o[bs][None, :] - o[A]
@@ -161,7 +184,14 @@ class CutSearch:
             own = M * (F + B) + Op
             if ushape and last:
                 low = np.maximum(low, cols[:, 3:4] + own)
-            rows, ends = np.nonzero(ok & (low < bound))
+            keep = ok & (low < bound)
+            if after is not None:
+                tf, tb, busy, w = after
+                low_c = completed(
+                    schedule, M, self.rounds, n0, n1, n2, tf[None, :], tb[None, :], w[None, :], busy[None, :]
+                )
+                keep &= low_c < bound
+            rows, ends = np.nonzero(keep)
             if not len(rows):
                 continue
             v0, v1, v2 = n0[rows, ends].tolist(), n1[rows, ends].tolist(), n2[rows, ends].tolist()
@@ -215,20 +245,23 @@ def best_cuts(
     top: int = 1,
     prune: bool = True,
     max_labels: int = 0,
+    tail: Callable[[list[str], int], Tail] | None = None,
 ) -> list[CutChoice] | None:
     """Up to ``top`` choices of cuts and methods for ``seq`` with the smallest bound below
     ``bound``, smallest first (empty: nothing fits, or nothing beats ``bound``). Every option
     of every stage is tried for each of its layer ranges. ``prune`` off keeps every label
     below ``bound``, not only those no other beats: every plan of the sequence whose bound
     is below ``bound`` (the bound ranks plans; the step may rank them otherwise); None when
-    a stage has more than ``max_labels`` (0: no limit)."""
+    a stage has more than ``max_labels`` (0: no limit). ``tail(seq, s)``: what the stages
+    after stage ``s`` take at least (labels that cannot beat ``bound`` are dropped early)."""
     S = len(seq)
     search = CutSearch(req, tables, S)
     frontier = search.start()
     for s in range(S):
         last = s == S - 1
+        after = tail(seq, s) if tail is not None and not last else None
         frontier = search.stage(
-            frontier, s, seq[s], seq[s - 1] if s else None, last, bound, prune, stages_left=S - s - 1
+            frontier, s, seq[s], seq[s - 1] if s else None, last, bound, prune, stages_left=S - s - 1, tail=after
         )
         if max_labels and sum(len(v) for v in frontier.values()) > max_labels:
             return None

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from partitioners.planner.bounds import PoolBounds
-from partitioners.planner.cuts import CutChoice, CutSearch, rounds_of, value
+from partitioners.planner.cuts import CutChoice, CutSearch, Tail, completed, rounds_of
 from partitioners.planner.request import IDENTICAL_FIELDS, PlanRequest
 from partitioners.planner.tables import CostTables
 
@@ -93,42 +93,42 @@ class DeviceSearch:
             out.append(prefix[0])
         return out
 
-    def node_low(self, frontier: dict[int, list[tuple]], free: int, prefix: list[str], S: int | None = None) -> float:
-        """A bound below every plan that extends this frontier (``prefix`` placed) with at
-        most ``free`` more stages: the layers left take at least their fastest time; the
-        busiest of those stages at least :meth:`PoolBounds.tail_stage_ms` on the devices
-        left; the next cut at least the cheapest wire from the last device to one of them."""
-        M, schedule = self.req.num_micro_batches, self.req.schedule
+    def tail(self, prefix: list[str], free: int) -> Tail:
+        """What the at most ``free`` stages after ``prefix`` take at least, per position of
+        the cut after it (:func:`~partitioners.planner.cuts.completed`): the layers left at
+        their fastest; the busiest of those stages at least :meth:`PoolBounds.tail_stage_ms`
+        on the devices left; the next cut at least the cheapest wire from the last device to
+        one of them."""
+        M = self.req.num_micro_batches
         tail_f, tail_b = self.rest
-        k = max(free, 1)
-        rounds = rounds_of(schedule, M, S)
         devs = self._free(prefix)
         if not devs:
-            return float("inf")
-        step = self.step()
-        wire = min(self.bounds.wire_ms(prefix[-1], d) for d in devs) / M  # per micro-batch, either way
-        if wire * M >= step:
-            return float("inf")
+            none = np.full(self.req.n + 1, np.inf)
+            return lambda bs: (none[bs], none[bs], none[bs], none[bs])
+        w = min(self.bounds.wire_ms(prefix[-1], d) for d in devs) / M  # per micro-batch, either way
+        k = max(free, 1)
+
+        def after(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            f, b = tail_f[bs], tail_b[bs]
+            busiest = np.maximum(self.bounds.tail_stage_ms(bs, devs, k), (f + b) / k)
+            return f, b, busiest, np.full(len(bs), w)
+
+        return after
+
+    def node_low(self, frontier: dict[int, list[tuple]], free: int, prefix: list[str], S: int | None = None) -> float:
+        """A bound below every plan that extends this frontier (``prefix`` placed) with at
+        most ``free`` more stages (:meth:`tail`)."""
+        M, schedule = self.req.num_micro_batches, self.req.schedule
+        rounds = rounds_of(schedule, M, S)
         positions = np.array(sorted(frontier))
-        lam = self.bounds.tail_stage_ms(positions, devs, free if free > 0 else len(devs))
+        f, b, busiest, w = self.tail(prefix, free)(positions)
         best = float("inf")
-        for a, busiest in zip(positions.tolist(), lam.tolist(), strict=True):
-            if busiest == float("inf"):
+        for i, a in enumerate(positions.tolist()):
+            if busiest[i] == np.inf:
                 continue
-            f, b = float(tail_f[a]), float(tail_b[a])
-            w = wire if a < self.req.n else 0.0
-            busiest = max(busiest, (f + b) / k)
-            for lab in frontier[a]:
-                d0, d1, d2 = lab[0], lab[1], lab[2]
-                if schedule == "sequential":
-                    low = float(value(schedule, M, d0 + M * f + (M - 1) * (b + w), d1, d2))
-                elif schedule == "gpipe":
-                    n0 = d0 + f + b + w
-                    low = max(float(value(schedule, M, n0, max(d1, f / k), max(d2, b / k))), n0 + (M - 1) * busiest)
-                else:
-                    n1 = max(d1, d0 + w + M * busiest)
-                    low = float(value(schedule, M, d0 + f + b + w, n1, max(d2, w), rounds))
-                best = min(best, low)
+            labs = np.array([lab[:3] for lab in frontier[a]])
+            low = completed(schedule, M, rounds, labs[:, 0], labs[:, 1], labs[:, 2], f[i], b[i], w[i], busiest[i])
+            best = min(best, float(np.min(low)))
         return best
 
     def run(self) -> None:
@@ -198,7 +198,8 @@ class DeviceSearch:
             return
         grown = []
         for d in kids:
-            nxt = search.stage(mid, s, d, prefix[-1], False, self.step(), stages_left=left)
+            after = self.tail([*prefix, d], free - 1)
+            nxt = search.stage(mid, s, d, prefix[-1], False, self.step(), stages_left=left, tail=after)
             if nxt:
                 grown.append((self.node_low(nxt, free - 1, [*prefix, d], S), d, nxt))
         grown.sort(key=lambda x: x[0])

@@ -59,8 +59,8 @@ def seed_sequences(req: PlanRequest) -> list[list[str]]:
 class _Search:
     """The best plan found so far by the simulator's step, and what is left unchecked."""
 
-    def __init__(self, req: PlanRequest, tables: CostTables, deadline: float = math.inf):
-        self.req, self.tables = req, tables
+    def __init__(self, req: PlanRequest, tables: CostTables, limits: PoolBounds, deadline: float = math.inf):
+        self.req, self.tables, self.limits = req, tables, limits
         self.deadline = deadline
         self.best: tuple[float, list[str], list[int], list[StageMethod]] | None = None
         self.budget = VERIFY_BUDGET
@@ -101,7 +101,14 @@ class _Search:
             return
         if self.req.schedule == "1f1b" and plain_sequence(self.tables, seq):  # all at once, no budget
             listed = best_cuts(
-                self.req, self.tables, seq, self.step, top=MAX_LABELS, prune=False, max_labels=MAX_LABELS
+                self.req,
+                self.tables,
+                seq,
+                self.step,
+                top=MAX_LABELS,
+                prune=False,
+                max_labels=MAX_LABELS,
+                tail=self.limits.sequence_tail,
             )
             if listed is None or len(listed) == MAX_LABELS:  # too many to list
                 self.open_low = min(self.open_low, lowest if listed is None else listed[-1].lower_ms)
@@ -112,7 +119,16 @@ class _Search:
             self.open_low = min(self.open_low, lowest)
             return
         top = self.budget
-        choices = best_cuts(self.req, self.tables, seq, self.step, top=top, prune=False, max_labels=MAX_LABELS)
+        choices = best_cuts(
+            self.req,
+            self.tables,
+            seq,
+            self.step,
+            top=top,
+            prune=False,
+            max_labels=MAX_LABELS,
+            tail=self.limits.sequence_tail,
+        )
         if choices is None:  # too many plans below the bound to list
             self.open_low = min(self.open_low, lowest)
             return
@@ -141,8 +157,8 @@ def optimal(req: PlanRequest) -> Plan:
     step: proven optimal; below it when a budget stopped the search)."""
     tables = CostTables(req)
     deadline = time.monotonic() + req.search_seconds
-    search = _Search(req, tables, deadline)
     limits = PoolBounds(req, tables)
+    search = _Search(req, tables, limits, deadline)
     # a good plan first, from prefixes of two device rankings: the bound then prunes more
     # (and leaves out the sequences whose devices or links cannot beat the best step)
     for seq in seed_sequences(req):
@@ -150,7 +166,7 @@ def optimal(req: PlanRequest) -> Plan:
             break
         if not limits.admits(seq, search.step):
             continue
-        search.check_all(seq, best_cuts(req, tables, seq, search.step, top=SEED_TOP) or [])
+        search.check_all(seq, best_cuts(req, tables, seq, search.step, top=SEED_TOP, tail=limits.sequence_tail) or [])
     devices = DeviceSearch(
         req,
         tables,
