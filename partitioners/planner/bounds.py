@@ -70,6 +70,7 @@ class PoolBounds:
         self.min_cut_bytes = min(tables.cut_bytes[: req.n - 1]) if req.n > 1 else 0.0
         self._wire: dict[tuple, float] = {}
         self._cap: dict[str, np.ndarray] = {}
+        self._groups: dict[str, tuple] = {}
 
     # -- devices and links --------------------------------------------------------------
 
@@ -86,11 +87,14 @@ class PoolBounds:
     def wire_ms(self, u: str, v: str) -> float:
         """A bound below the step of every plan with a cut from ``u`` to ``v``: ``M``
         transfers on the slower of its two wires, of the smallest activation any cut sends."""
-        key = self._link_key(u, v)
-        if key not in self._wire:
-            topo, nbytes = self.req.topology, self.min_cut_bytes
-            self._wire[key] = self.M * max(topo.transfer_ms(u, v, nbytes), topo.transfer_ms(v, u, nbytes))
-        return self._wire[key]
+        pair = (u, v)
+        if pair not in self._wire:
+            key = self._link_key(u, v)
+            if key not in self._wire:
+                t, nbytes = self.tables, self.min_cut_bytes
+                self._wire[key] = self.M * max(t.transfer_ms(u, v, nbytes), t.transfer_ms(v, u, nbytes))
+            self._wire[pair] = self._wire[key]
+        return self._wire[pair]
 
     def usable(self, step: float) -> list[str]:
         """The devices a plan stepping below ``step`` may use: those whose cheapest layer
@@ -113,6 +117,46 @@ class PoolBounds:
         if any(self.device_ms(d) >= step for d in seq):
             return False
         return all(self.wire_ms(u, v) < step for u, v in zip(seq, seq[1:], strict=False) if u != v)
+
+    def crossing_ms(self, last: str, free: list[str], positions: np.ndarray) -> np.ndarray:
+        """Per position ``a``: a bound below ``M`` times the slowest wire of any completion
+        after ``last`` on devices of ``free`` holding layers ``a..n-1``. The devices reached
+        from ``last`` over wires of at most ``t`` (any number of hops) must hold those layers
+        by memory, or some cut crosses a wire slower than ``t``: the bound is the smallest
+        ``t`` whose reach holds them (inf: no reach does). Devices are taken by link group
+        (a zone, or a device with links of its own); reaching one device of a group counts
+        as reaching all of it (more memory: the bound stays below)."""
+        need = self.ref_tail[positions] * (1 - 1e-9)
+        groups: dict[tuple, list[str]] = {}
+        for d in free:
+            groups.setdefault(self._group(d), []).append(d)
+        names = list(groups)
+        cap = {g: np.sum([self.capacity(d)[positions] for d in groups[g]], axis=0) for g in names}
+        rep = {g: groups[g][0] for g in names}
+        start = {g: self.wire_ms(last, rep[g]) for g in names}
+        pair = {(g, h): self.wire_ms(rep[g], rep[h]) for g in names for h in names if g != h}
+        out = np.full(len(positions), np.inf)
+        for t in sorted({*start.values(), *pair.values()}):
+            seen = {g for g in names if start[g] <= t}
+            todo = list(seen)
+            while todo:
+                g = todo.pop()
+                for h in names:
+                    if h not in seen and pair[(g, h)] <= t:
+                        seen.add(h)
+                        todo.append(h)
+            held = np.sum([cap[g] for g in seen], axis=0) if seen else np.zeros(len(positions))
+            out = np.where(np.isinf(out) & (held >= need), t, out)
+            if not np.isinf(out).any():
+                break
+        return np.where(need > 0, out, 0.0)
+
+    def _group(self, d: str) -> tuple:
+        if d not in self._groups:
+            topo = self.req.topology
+            own = any(d in (e.a, e.b) for e in topo.links.pairs)
+            self._groups[d] = ("device", d) if own else ("zone", topo.device(d).zone)
+        return self._groups[d]
 
     # -- the layers still to place ------------------------------------------------------
 

@@ -98,7 +98,8 @@ class DeviceSearch:
         the cut after it (:func:`~partitioners.planner.cuts.completed`): the layers left at
         their fastest; the busiest of those stages at least :meth:`PoolBounds.tail_stage_ms`
         on the devices left; the next cut at least the cheapest wire from the last device to
-        one of them."""
+        one of them, and some cut at least :meth:`PoolBounds.crossing_ms` (the round trip
+        grows by one of the two, and the slowest wire is at least the larger)."""
         M = self.req.num_micro_batches
         tail_f, tail_b = self.rest
         devs = self._free(prefix)
@@ -111,7 +112,8 @@ class DeviceSearch:
         def after(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             f, b = tail_f[bs], tail_b[bs]
             busiest = np.maximum(self.bounds.tail_stage_ms(bs, devs, k), (f + b) / k)
-            return f, b, busiest, np.full(len(bs), w)
+            crossing = self.bounds.crossing_ms(prefix[-1], devs, bs) / M  # some cut's slower wire
+            return f, b, busiest, np.maximum(w, crossing)
 
         return after
 

@@ -41,18 +41,23 @@ def natural_orders(req: PlanRequest, owner: str) -> dict[str, list[str]]:
 def seed_sequences(req: PlanRequest) -> list[list[str]]:
     """Device sequences that often hold a good plan: each data owner, then prefixes of the
     other devices ranked by link from it and speed, or by speed alone."""
-    out: list[list[str]] = []
+    return [seq for _, seq in ranked_seeds(req)]
+
+
+def ranked_seeds(req: PlanRequest) -> list[tuple[int, list[str]]]:
+    """:func:`seed_sequences`, the short ones first, each with the ranking it is a prefix of."""
+    out: list[tuple[int, list[str]]] = []
     seen: set[tuple[str, ...]] = set()
-    for owner in [d for d in req.pool if req.topology.device(d).owns_data]:
-        orders = natural_orders(req, owner)
-        rest = len(req.pool) - 1
-        lengths = sorted({*range(0, min(rest, 8) + 1), *(k for k in (12, 16, 24, 32, 48, 64) if k <= rest)})
-        for order in (orders["link"], orders["speed"]):
-            for k in lengths:
-                seq = closed_sequence(req, order[: k + 1])
-                if len(seq) <= req.n and tuple(seq) not in seen:
-                    seen.add(tuple(seq))
-                    out.append(seq)
+    rest = len(req.pool) - 1
+    lengths = sorted({*range(0, min(rest, 8) + 1), *(k for k in (12, 16, 24, 32, 48, 64) if k <= rest)})
+    owners = [d for d in req.pool if req.topology.device(d).owns_data]
+    orders = [(o, order) for o in owners for order in (natural_orders(req, o)["link"], natural_orders(req, o)["speed"])]
+    for k in lengths:  # the short ones first: they are cheap, and their step bounds the long ones'
+        for i, (_, order) in enumerate(orders):
+            seq = closed_sequence(req, order[: k + 1])
+            if len(seq) <= req.n and tuple(seq) not in seen:
+                seen.add(tuple(seq))
+                out.append((i, seq))
     return out
 
 
@@ -160,13 +165,18 @@ def optimal(req: PlanRequest) -> Plan:
     limits = PoolBounds(req, tables)
     search = _Search(req, tables, limits, deadline)
     # a good plan first, from prefixes of two device rankings: the bound then prunes more
-    # (and leaves out the sequences whose devices or links cannot beat the best step)
-    for seq in seed_sequences(req):
+    # (and leaves out the sequences whose devices or links cannot beat the best step); a
+    # ranking stops after two longer prefixes in a row found no better plan
+    misses: dict[int, int] = {}
+    for order, seq in ranked_seeds(req):
         if time.monotonic() > deadline and search.best is not None:
             break
-        if not limits.admits(seq, search.step):
+        if misses.get(order, 0) >= 2 or not limits.admits(seq, search.step):
             continue
+        before = search.step
         search.check_all(seq, best_cuts(req, tables, seq, search.step, top=SEED_TOP, tail=limits.sequence_tail) or [])
+        if search.best is not None:
+            misses[order] = 0 if search.step < before else misses.get(order, 0) + 1
     devices = DeviceSearch(
         req,
         tables,
