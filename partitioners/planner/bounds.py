@@ -128,8 +128,8 @@ class PoolBounds:
         as reaching all of it (more memory: the bound stays below)."""
         need = self.ref_tail[positions] * (1 - 1e-9)
         groups: dict[tuple, list[str]] = {}
-        for d in free:
-            groups.setdefault(self._group(d), []).append(d)
+        for d in free:  # ``last`` itself (the U's owner again) is a group alone: no wire to itself
+            groups.setdefault(("self", d) if d == last else self._group(d), []).append(d)
         names = list(groups)
         cap = {g: np.sum([self.capacity(d)[positions] for d in groups[g]], axis=0) for g in names}
         rep = {g: groups[g][0] for g in names}

@@ -298,3 +298,87 @@ def _prune(labels: list[tuple], dims: int) -> list[tuple]:
         if not any(all(o[i] <= lab[i] for i in range(dims)) for o in out):
             out.append(lab)
     return out
+
+
+@dataclass
+class CutArrays:
+    """Plans of one sequence as arrays: per plan its bound, its stage bounds (``plans x
+    (S + 1)``) and each stage's option index (``plans x S``)."""
+
+    lower_ms: np.ndarray
+    bounds: np.ndarray
+    opts: np.ndarray
+
+    def choice(self, i: int, tables: CostTables, seq: list[str]) -> CutChoice:
+        opts = [tables.options(s, d)[int(k)] for s, (d, k) in enumerate(zip(seq, self.opts[i], strict=True))]
+        return CutChoice(float(self.lower_ms[i]), [int(b) for b in self.bounds[i]], opts)
+
+
+def every_cut(
+    req: PlanRequest,
+    tables: CostTables,
+    seq: list[str],
+    bound: float,
+    max_labels: int,
+    tail: Callable[[list[str], int], Tail] | None = None,
+) -> CutArrays | None:
+    """Every plan of ``seq`` (each device once: no U-shape) whose bound is below ``bound``,
+    as arrays (:class:`CutArrays`): the labels of :class:`CutSearch` without pruning, one
+    array each, so that nothing runs per plan in Python. None when a stage has more than
+    ``max_labels`` of them."""
+    assert len(set(seq)) == len(seq), "every_cut: a device runs one stage"
+    S, n, M, schedule = len(seq), req.n, req.num_micro_batches, req.schedule
+    rounds = rounds_of(schedule, M, S)
+    P = np.zeros(1, int)
+    D = np.zeros((3, 1))
+    Hist = np.zeros((1, 1), int)
+    Kopt = np.zeros((1, 0), int)
+    for s, dev in enumerate(seq):
+        last = s == S - 1
+        hi = n if last else n - (S - s - 1)
+        bs = np.arange(n if last or not len(P) else int(P.min()) + 1, hi + 1)
+        if not len(bs) or not len(P):
+            return CutArrays(np.zeros(0), np.zeros((0, S + 1), int), np.zeros((0, S), int))
+        A = P[:, None]
+        if s:
+            links = tables.link_table(seq[s - 1], dev)
+            la, lg = links[P, 0][:, None], links[P, 1][:, None]
+        else:
+            la = lg = np.zeros((len(P), 1))
+        valid = bs[None, :] > A
+        if s == 0 and not last:
+            valid = valid & (bs[None, :] >= req.min_owner_front)
+        cap, hcap = tables.capacity(dev), tables.host_capacity(dev)
+        inflight = tables.inflight(s, S)
+        after = tail(seq, s) if tail is not None and not last else None
+        parts_p, parts_d, parts_h, parts_o = [], [], [], []
+        for k, o in enumerate(tables.options(s, dev)):
+            f, bw, op = tables.parts(dev, o)
+            F, B, Op = f[bs][None, :] - f[A], bw[bs][None, :] - bw[A], op[bs][None, :] - op[A]
+            mem = tables.dev_table(dev, inflight, o)[A, bs[None, :]]
+            host_c = tables.host_cum(dev, o)
+            host = host_c[bs][None, :] - host_c[A]
+            ok = valid & (mem <= cap) & (host <= hcap)
+            d = (D[0][:, None], D[1][:, None], D[2][:, None])
+            n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg), ok)[:3]
+            keep = ok & (value(schedule, M, n0, n1, n2, rounds) < bound)
+            if after is not None:
+                tf, tb, busy, w = after(bs)
+                keep &= (
+                    completed(schedule, M, rounds, n0, n1, n2, tf[None, :], tb[None, :], w[None, :], busy[None, :])
+                    < bound
+                )
+            rows, ends = np.nonzero(keep)
+            parts_p.append(bs[ends])
+            parts_d.append(np.stack([n0[rows, ends], n1[rows, ends], n2[rows, ends]]))
+            parts_h.append(np.concatenate([Hist[rows], bs[ends][:, None]], axis=1))
+            parts_o.append(np.concatenate([Kopt[rows], np.full((len(rows), 1), k)], axis=1))
+        P = np.concatenate(parts_p)
+        D = np.concatenate(parts_d, axis=1)
+        Hist = np.concatenate(parts_h)
+        Kopt = np.concatenate(parts_o)
+        if len(P) > max_labels:
+            return None
+    low = value(schedule, M, D[0], D[1], D[2], rounds)
+    order = np.argsort(low, kind="stable")
+    return CutArrays(low[order], Hist[order], Kopt[order])

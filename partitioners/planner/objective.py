@@ -400,22 +400,30 @@ def plain_sequence(tables: CostTables, seq: list[str]) -> bool:
 def batch_steps(tables: CostTables, seq: list[str], choices: list) -> np.ndarray:
     """The simulator's step of each plan of a plain sequence (:func:`plain_sequence`): one
     per choice (``bounds``, ``opts``), replayed together (:func:`plain_steps`)."""
-    S, K, M = len(seq), len(choices), tables.M
-    bounds = np.array([c.bounds for c in choices], dtype=int).reshape(K, S + 1)
+    S = len(seq)
+    bounds = np.array([c.bounds for c in choices], dtype=int).reshape(len(choices), S + 1)
+    index = [{o: k for k, o in enumerate(tables.options(s, d))} for s, d in enumerate(seq)]
+    opts = np.array([[index[s][o] for s, o in enumerate(c.opts)] for c in choices], dtype=int).reshape(-1, S)
+    return array_steps(tables, seq, bounds, opts)
+
+
+def array_steps(tables: CostTables, seq: list[str], bounds: np.ndarray, opts: np.ndarray) -> np.ndarray:
+    """:func:`batch_steps` on arrays: per plan its stage bounds (``plans x (S + 1)``) and
+    each stage's option index (``plans x S``, into ``tables.options``)."""
+    S, K = len(seq), len(bounds)
     fwd, bwd, opt = np.zeros((S, K)), np.zeros((S, K)), np.zeros((S, K))
     for s, dev in enumerate(seq):
         a, b = bounds[:, s], bounds[:, s + 1]
-        by_opt: dict[StageMethod, list[int]] = {}
-        for i, c in enumerate(choices):
-            by_opt.setdefault(c.opts[s], []).append(i)
-        for o, rows in by_opt.items():
+        for k, o in enumerate(tables.options(s, dev)):
+            rows = np.nonzero(opts[:, s] == k)[0]
+            if not len(rows):
+                continue
             f, bw, op = tables.parts(dev, o)
-            idx = np.array(rows)
-            fwd[s, idx] = f[b[idx]] - f[a[idx]]
-            bwd[s, idx] = bw[b[idx]] - bw[a[idx]]
-            opt[s, idx] = op[b[idx]] - op[a[idx]]
+            fwd[s, rows] = f[b[rows]] - f[a[rows]]
+            bwd[s, rows] = bw[b[rows]] - bw[a[rows]]
+            opt[s, rows] = op[b[rows]] - op[a[rows]]
     act, grad = np.zeros((S - 1, K)), np.zeros((S - 1, K))
     for s in range(S - 1):
-        links = np.array([tables.link(seq[s], seq[s + 1], c) if c > 0 else (0.0, 0.0) for c in range(tables.req.n)])
+        links = tables.link_table(seq[s], seq[s + 1])
         act[s], grad[s] = links[bounds[:, s + 1], 0], links[bounds[:, s + 1], 1]
-    return plain_steps(tables.req.schedule, M, fwd, bwd, opt, act, grad)
+    return plain_steps(tables.req.schedule, tables.M, fwd, bwd, opt, act, grad)

@@ -11,10 +11,10 @@ from partitioners.costmodel import StageMethod
 from partitioners.plan import Plan
 from partitioners.planner.assemble import build_plan
 from partitioners.planner.bounds import PoolBounds
-from partitioners.planner.cuts import CutChoice, best_cuts
+from partitioners.planner.cuts import CutChoice, best_cuts, every_cut
 from partitioners.planner.devices import DeviceSearch
 from partitioners.planner.feasibility import infeasible_reason
-from partitioners.planner.objective import batch_steps, evaluate, plain_sequence
+from partitioners.planner.objective import array_steps, batch_steps, evaluate, plain_sequence
 from partitioners.planner.replicas import add_replicas
 from partitioners.planner.request import PlanError, PlanRequest, closed_sequence
 from partitioners.planner.tables import CostTables
@@ -105,20 +105,15 @@ class _Search:
             self.open_low = min(self.open_low, lowest)
             return
         if self.req.schedule == "1f1b" and plain_sequence(self.tables, seq):  # all at once, no budget
-            listed = best_cuts(
-                self.req,
-                self.tables,
-                seq,
-                self.step,
-                top=MAX_LABELS,
-                prune=False,
-                max_labels=MAX_LABELS,
-                tail=self.limits.sequence_tail,
-            )
-            if listed is None or len(listed) == MAX_LABELS:  # too many to list
-                self.open_low = min(self.open_low, lowest if listed is None else listed[-1].lower_ms)
+            every = every_cut(self.req, self.tables, seq, self.step, MAX_LABELS, tail=self.limits.sequence_tail)
+            if every is None:  # too many to list
+                self.open_low = min(self.open_low, lowest)
                 return
-            self.check_all(seq, listed)
+            if len(every.lower_ms):
+                steps = array_steps(self.tables, seq, every.bounds, every.opts)
+                i = int(np.argmin(steps))
+                if steps[i] < self.step:
+                    self.check(seq, every.choice(i, self.tables, seq))  # the simulator's own figure
             return
         if self.budget <= 0:
             self.open_low = min(self.open_low, lowest)

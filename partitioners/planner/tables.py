@@ -39,6 +39,7 @@ class CostTables:
         self._host: dict[StageMethod, tuple[np.ndarray, np.ndarray]] = {}
         self._link: dict[tuple, tuple[float, float]] = {}
         self._pair: dict[tuple[str, str], Link] = {}
+        self._link_tables: dict[tuple, np.ndarray] = {}
         self._opts: dict[tuple[int, str], list[StageMethod]] = {}
 
     def options(self, s: int, dev: str) -> list[StageMethod]:
@@ -229,6 +230,14 @@ class CostTables:
             nbytes = self.cut_bytes[cut - 1]
             self._link[key] = (self.transfer_ms(src, dst, nbytes), self.transfer_ms(dst, src, nbytes))
         return self._link[key]
+
+    def link_table(self, src: str, dst: str) -> np.ndarray:
+        """``[cut]`` -> (activation ms, gradient ms) of :meth:`link`, for every cut (0 at 0)."""
+        key = ("table", src, dst)
+        if key not in self._link_tables:
+            rows = [(0.0, 0.0), *(self.link(src, dst, c) for c in range(1, self.req.n + 1))]
+            self._link_tables[key] = np.array(rows)
+        return self._link_tables[key]
 
     def transfer_ms(self, src: str, dst: str, num_bytes: float) -> float:
         """:meth:`cluster.topology.Topology.transfer_ms`, its link looked up once per pair."""
