@@ -61,16 +61,18 @@ def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest):
     """A bound below every completion of a label (scalars or arrays): the layers left take
     at least ``f`` forward and ``b`` backward per micro-batch, the next cut at least ``w``
     either way, and the busiest of the stages left at least ``busiest`` per micro-batch
-    (:meth:`partitioners.planner.bounds.PoolBounds.tail_stage_ms`, inf where they cannot);
-    0 each where nothing is left."""
+    (:meth:`partitioners.planner.bounds.PoolBounds.tail_stage_ms`); 0 each where nothing is
+    left; inf where the devices left cannot hold the layers left (any of them inf)."""
+    gone = np.isinf(busiest) | np.isinf(w) | np.isinf(f) | np.isinf(b)  # no device left holds the layers left
+    f, b, busiest, w = (np.where(gone, 0.0, x) for x in (f, b, busiest, w))
     if schedule == "sequential":
         low = value(schedule, M, d0 + M * f + (M - 1) * (b + w), d1, d2)
     elif schedule == "gpipe":
         n0 = d0 + f + b + w
-        low = np.maximum(value(schedule, M, n0, d1, d2), n0 + (M - 1) * np.where(np.isinf(busiest), 0.0, busiest))
+        low = np.maximum(value(schedule, M, n0, d1, d2), n0 + (M - 1) * busiest)
     else:
         low = value(schedule, M, d0 + f + b + w, np.maximum(d1, d0 + w + M * busiest), np.maximum(d2, w), rounds)
-    return np.where(np.isinf(busiest), np.inf, low)  # inf: the devices left cannot hold the layers left
+    return np.where(gone, np.inf, low)
 
 
 # the layers after each end of a stage: least forward, least backward, the busiest stage's
