@@ -27,6 +27,8 @@ from partitioners.planner.cuts import CutChoice, CutSearch, Tail, completed, rou
 from partitioners.planner.request import IDENTICAL_FIELDS, PlanRequest
 from partitioners.planner.tables import CostTables
 
+LARGE_POOL = 16  # past this many devices left, tail bounds take the whole pool (computed once)
+
 
 def device_class(req: PlanRequest, name: str) -> tuple:
     """What a device is to the planner: its figures, zone and data ownership; a device with
@@ -74,6 +76,7 @@ class DeviceSearch:
         for d in self.pool:
             self.classes.setdefault(device_class(req, d), []).append(d)
         self.rest = self._rest_table()
+        self._cache: dict[tuple, np.ndarray] = {}
 
     def _rest_table(self) -> tuple[np.ndarray, np.ndarray]:
         """Per cut position, the least forward and backward time the layers after it take:
@@ -108,22 +111,41 @@ class DeviceSearch:
             return lambda bs: (none[bs], none[bs], none[bs], none[bs])
         w = min(self.bounds.wire_ms(prefix[-1], d) for d in devs) / M  # per micro-batch, either way
         k = max(free, 1)
+        last = prefix[-1]
+        if len(devs) > LARGE_POOL:  # the whole pool instead of what is left (more devices: below), once
+            everyone = np.arange(self.req.n + 1)
+            if ("busiest", k) not in self._cache:
+                self._cache[("busiest", k)] = self.bounds.tail_stage_ms(everyone, self.pool, k)
+            if ("crossing", last) not in self._cache:
+                self._cache[("crossing", last)] = self.bounds.crossing_ms(last, self.pool, everyone)
+            lam, cross = self._cache[("busiest", k)], self._cache[("crossing", last)]
 
-        def after(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            def after(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                f, b = tail_f[bs], tail_b[bs]
+                return f, b, np.maximum(lam[bs], (f + b) / k), np.maximum(w, cross[bs] / M)
+
+            return after
+
+        def exact(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             f, b = tail_f[bs], tail_b[bs]
             busiest = np.maximum(self.bounds.tail_stage_ms(bs, devs, k), (f + b) / k)
-            crossing = self.bounds.crossing_ms(prefix[-1], devs, bs) / M  # some cut's slower wire
+            crossing = self.bounds.crossing_ms(last, devs, bs) / M  # some cut's slower wire
             return f, b, busiest, np.maximum(w, crossing)
 
-        return after
+        return exact
 
-    def node_low(self, frontier: dict[int, list[tuple]], free: int, prefix: list[str], S: int | None = None) -> float:
+    def node_low(
+        self, frontier: dict[int, list[tuple]], free: int, prefix: list[str], S: int | None = None, to: str = ""
+    ) -> float:
         """A bound below every plan that extends this frontier (``prefix`` placed) with at
-        most ``free`` more stages (:meth:`tail`)."""
+        most ``free`` more stages (:meth:`tail`); ``to``: the next stage's device, whose cut
+        from the last device is then known."""
         M, schedule = self.req.num_micro_batches, self.req.schedule
         rounds = rounds_of(schedule, M, S)
         positions = np.array(sorted(frontier))
         f, b, busiest, w = self.tail(prefix, free)(positions)
+        if to:
+            w = np.maximum(w, self.tables.link_table(prefix[-1], to)[positions].max(axis=1))
         best = float("inf")
         for i, a in enumerate(positions.tolist()):
             if busiest[i] == np.inf:
@@ -200,6 +222,8 @@ class DeviceSearch:
             return
         grown = []
         for d in kids:
+            if self.node_low(mid, free, prefix, S, to=d) >= self.step():  # its cut alone is too slow
+                continue
             after = self.tail([*prefix, d], free - 1)
             nxt = search.stage(mid, s, d, prefix[-1], False, self.step(), stages_left=left, tail=after)
             if nxt:
