@@ -113,15 +113,19 @@ class CutSearch:
     of devices, so that sequences sharing a prefix share its work.
 
     ``num_stages`` is the sequence's length when the memory of a stage depends on it (1F1B:
-    a stage holds ``S - s`` micro-batches), else None (any length)."""
+    a stage holds ``S - s`` micro-batches), else None (any length); with ``at_least`` it is
+    the least length, and the labels bound every longer sequence too (each stage at the
+    fewest micro-batches in flight it can hold, one 1F1B round): a relaxation whose plans
+    the caller must list again at their own length."""
 
-    def __init__(self, req: PlanRequest, tables: CostTables, num_stages: int | None):
+    def __init__(self, req: PlanRequest, tables: CostTables, num_stages: int | None, at_least: bool = False):
         self.req, self.tables = req, tables
         self.S = num_stages
+        self.at_least = at_least  # ``num_stages`` or more: a relaxation (less memory, one round)
         self.n, self.M = req.n, req.num_micro_batches
         self.schedule = req.schedule
         self.ushape = req.label_privacy
-        self.rounds = rounds_of(self.schedule, self.M, num_stages)
+        self.rounds = 1 if at_least else rounds_of(self.schedule, self.M, num_stages)
 
     def start(self) -> dict[int, list[tuple]]:
         return {0: [(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None)]}
@@ -149,7 +153,12 @@ class CutSearch:
         cap, hcap = tables.capacity(dev), tables.host_capacity(dev)
         opts = tables.options(s, dev)
         parts = [tables.parts(dev, o) for o in opts]
-        inflight = tables.inflight(s, self.S) if self.S is not None else tables.inflight(s, s + 1 + stages_left)
+        if self.S is None:
+            inflight = tables.inflight(s, s + 1 + stages_left)
+        elif self.at_least:  # at least this many stages: at least this many micro-batches in flight
+            inflight = tables.inflight(s, max(self.S, s + 1 + stages_left))
+        else:
+            inflight = tables.inflight(s, self.S)
         memtabs = [tables.dev_table(dev, inflight, o) for o in opts]
         hostcums = [tables.host_cum(dev, o) for o in opts]
         hi = n if last else n - stages_left

@@ -160,18 +160,25 @@ class DeviceSearch:
         owners = [d for d in self.pool if req.topology.device(d).owns_data]
         extra = 1 if req.label_privacy else 0
         longest = min(req.n, len(self.pool) + extra)
-        # under 1F1B a stage's memory depends on how many stages follow: one search per length
-        lengths: list[int | None] = list(range(1 + extra, longest + 1)) if req.schedule == "1f1b" else [None]
-        for S in lengths:
+        # under 1F1B a stage's memory depends on how many stages follow: one search per length,
+        # up to the micro-batches' count; past it one search for every longer length at once
+        # (its memory as the fewest stages hold, one round: a bound), whose sequences are then
+        # listed at their own length (``sequences``)
+        lengths: list[tuple[int | None, bool]] = [(None, False)]
+        if req.schedule == "1f1b":
+            cutoff = min(longest, req.num_micro_batches + 1 + extra)
+            lengths = [(S, False) for S in range(1 + extra, cutoff + 1)]
+            lengths += [(cutoff + 1, True)] if longest > cutoff else []
+        for S, at_least in lengths:
             for owner in owners:
-                search = CutSearch(req, self.tables, S)
+                search = CutSearch(req, self.tables, S, at_least)
                 start = search.start()
                 if not req.label_privacy and S in (None, 1):
                     self._close(search, [], start, owner, 0)
                 if S == 1 or req.n < 2:
                     continue
                 left = S - 1 if S is not None else 1
-                mid = search.stage(start, 0, owner, None, False, self.step(), stages_left=left)
+                mid = search.stage(start, 0, owner, None, False, self.step(), stages_left=min(left, req.n - 1))
                 if mid:
                     self._node(search, [owner], mid, S)
 
@@ -193,6 +200,8 @@ class DeviceSearch:
         if not finals:
             return
         self.sequences.append(FoundSequence(seq, finals[0][0]))
+        if search.at_least:  # relaxed labels: the plans are listed again at their own length
+            return
         step = self.step()
         self.check(seq, [search.choice(low, lab, seq) for low, lab in finals[: self.top] if low < step])
 
@@ -202,9 +211,11 @@ class DeviceSearch:
         it by one device of each class, the most promising first."""
         req = self.req
         s = len(prefix)  # the next stage's index
+        fixed = S is not None and not search.at_least  # the length, else at least S or any
         # stages still to come: all of them when the length is fixed, else at most every device left
-        free = S - len(prefix) if S is not None else len(self.pool) - len(prefix) + (1 if req.label_privacy else 0)
-        low = self.node_low(mid, free, prefix, S)
+        free = S - len(prefix) if fixed and S is not None else len(self.pool) - len(prefix) + req.label_privacy
+        R = S if fixed else None  # for 1F1B's rounds
+        low = self.node_low(mid, free, prefix, R)
         if low >= self.step():
             return
         if self.nodes_left <= 0 or time.monotonic() > self.deadline:
@@ -212,22 +223,23 @@ class DeviceSearch:
             return
         self.nodes_left -= 1
         kids = self._children(prefix)
-        if S is None or S == s + 1:
+        if S is None or S == s + 1 or (search.at_least and s + 1 >= S):
             for d in [prefix[0]] if req.label_privacy else kids:
                 self._close(search, prefix, mid, d, s)
-        if S is not None and s + 1 >= S:
+        if fixed and S is not None and s + 1 >= S:
             return
-        left = S - s - 1 if S is not None else 1
+        # stages after the next one (each needs a layer): all of them, or at least one
+        left = S - s - 1 if fixed and S is not None else max(S - s - 1, 1) if S is not None else 1
         if s + 1 + left > req.n:
             return
         grown = []
         for d in kids:
-            if self.node_low(mid, free, prefix, S, to=d) >= self.step():  # its cut alone is too slow
+            if self.node_low(mid, free, prefix, R, to=d) >= self.step():  # its cut alone is too slow
                 continue
             after = self.tail([*prefix, d], free - 1)
             nxt = search.stage(mid, s, d, prefix[-1], False, self.step(), stages_left=left, tail=after)
             if nxt:
-                grown.append((self.node_low(nxt, free - 1, [*prefix, d], S), d, nxt))
+                grown.append((self.node_low(nxt, free - 1, [*prefix, d], R), d, nxt))
         grown.sort(key=lambda x: x[0])
         for child_low, d, nxt in grown:
             if child_low < self.step():
