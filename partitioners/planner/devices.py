@@ -2,9 +2,12 @@
 
 Branch and bound over device sequences. A node is a prefix of devices (a data owner first)
 with the cut search's frontier after it (:class:`~partitioners.planner.cuts.CutSearch`):
-its labels' bounds only grow as stages are added, and the layers still to place take at
-least their fastest time on any device, so a node whose smallest such bound is not below
-the best step found is cut off with everything under it. Devices that cannot be told apart
+its labels' bounds only grow as stages are added, and what the stages still to come take
+at least (:meth:`DeviceSearch.tail`: the layers left at their fastest, the busiest stage on
+the devices left, the next cut and the slowest wire the layers left need,
+:mod:`partitioners.planner.bounds`) is added to them, so a node whose smallest such bound
+is not below the best step found is cut off with everything under it; so is a label whose
+every completion is (inside the cut search). Devices that cannot be told apart
 (the same kind, memory, speed and zone, and no link of their own) are interchangeable: a
 node tries one of each class. Children are tried in the order of their bounds, so a good
 plan is found early and prunes the rest.

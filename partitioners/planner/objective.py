@@ -166,8 +166,8 @@ def lower_bound(schedule: str, fig: StepFigures, M: int) -> float:
     the other; and stage 0's optimizer step after everything.
 
     The cut search (:mod:`partitioners.planner.cuts`) ranks by an incremental form of these
-    terms without the 1F1B round trip; this whole form is the reference the tests hold the
-    simulator above, and the term to add to the search's labels next (see docs/decisions.md)."""
+    terms with only stage 0's 1F1B round trips (and without its ``B`` and optimizer step
+    there); this whole form is the reference the tests hold the simulator above."""
     if any(r > 1 for r in fig.replicas):
         return 0.0
     closed = closed_form(schedule, dataclasses.replace(fig, shared=[], channels={}), M)  # unshared: below

@@ -148,13 +148,18 @@ def optimal(req: PlanRequest) -> Plan:
     """The plan with the smallest simulated step over every device sequence, cut and stage
     method.
 
-    The device search (:mod:`partitioners.planner.devices`, branch and bound over sequences
-    of device classes) hands each complete sequence's best-ranked plans to the simulator;
-    the cut search ranks plans by a bound below their step, exact for sequential and GPipe
-    plans with nothing shared. Then every plan whose bound is still below the best step is
-    simulated too, in the order of their bounds (within ``VERIFY_BUDGET`` simulations), all
-    within ``search_seconds``. The plan carries ``lower_bound_ms``: no plan without replicas steps faster (equal to its
-    step: proven optimal; below it when a budget stopped the search)."""
+    Seeds (prefixes of two device rankings, short ones first) give a first step; the
+    bounds valid for every plan (:mod:`partitioners.planner.bounds`) then leave out the
+    devices and links no faster plan can use. The device search
+    (:mod:`partitioners.planner.devices`, branch and bound over sequences of device
+    classes) hands each complete sequence's best-ranked plans to be checked; the cut search
+    ranks plans by a bound below their step, exact for sequential and GPipe plans with
+    nothing shared. Then every plan whose bound is still below the best step is checked
+    too: for a plain 1F1B sequence all of them at once (:func:`every_cut` lists them as
+    arrays, :func:`array_steps` replays the simulator on them), else by the simulator in the
+    order of their bounds (within ``VERIFY_BUDGET`` simulations), all within
+    ``search_seconds``. The plan carries ``lower_bound_ms``: no plan without replicas steps
+    faster (equal to its step: proven optimal; below it when a budget stopped the search)."""
     tables = CostTables(req)
     deadline = time.monotonic() + req.search_seconds
     limits = PoolBounds(req, tables)
