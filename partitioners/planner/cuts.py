@@ -68,8 +68,8 @@ def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest):
     if schedule == "sequential":
         low = value(schedule, M, d0 + M * f + (M - 1) * (b + w), d1, d2)
     elif schedule == "gpipe":
-        n0 = d0 + f + b + w
-        low = np.maximum(value(schedule, M, n0, d1, d2), n0 + (M - 1) * busiest)
+        n0 = d0 + f + b + w  # the slowest forward and backward resources: the wire is one of them
+        low = n0 + (M - 1) * np.maximum(np.maximum(d1 + d2, w), busiest)
     else:
         low = value(schedule, M, d0 + f + b + w, np.maximum(d1, d0 + w + M * busiest), np.maximum(d2, w), rounds)
     return np.where(gone, np.inf, low)
