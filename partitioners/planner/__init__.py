@@ -49,9 +49,11 @@ Partitioners: ``uniform`` (equal layer counts, devices in the order given), ``ba
 the sum), ``manual`` (cuts and devices from the config), ``exhaustive`` (every device
 sequence and every cut: the reference for tests), and ``optimal`` (the best plan over device
 choice, order, cuts and methods: a branch and bound over sequences of device classes around a
-Pareto dynamic programme over cuts, the simulator checking every plan whose bound is below the
-best step; within ``plan.search_seconds`` it proves the plan optimal, past it the plan carries
-the bound it reached: :mod:`partitioners.planner.optimal`).
+Pareto dynamic programme over cuts, pruned by bounds that hold for every plan
+(:mod:`partitioners.planner.bounds`), the simulator checking every plan whose bound is below
+the best step (replayed on arrays for all the plans of a plain 1F1B sequence at once); within
+``plan.search_seconds`` it proves the plan optimal, past it the plan carries the bound it
+reached: :mod:`partitioners.planner.optimal`).
 
 The predicted step of every plan is the simulator's (:mod:`partitioners.planner.objective`).
 """

@@ -12,9 +12,12 @@ another beats in every number can be dropped:
   resource and the slowest backward resource: ``total + (M - 1) (maxF + maxB)``, the
   forward and backward flow shops, exact unless a later stage's optimizer step ends after
   stage 0's;
-- ``1f1b``: the round trip so far, the largest ``path before s + M (F_s + B_s)`` and the
-  slowest wire: ``max(that, total + (M - 1) wire)``, a bound (1F1B has no closed form;
-  :func:`partitioners.planner.objective.lower_bound`).
+- ``1f1b``: the round trip so far (without stage 0's optimizer step), the largest ``path
+  before s + M (F_s + B_s)`` and the slowest wire: ``max(that, total + (M - 1) wire,
+  rounds total)``, a bound (1F1B has no closed form;
+  :func:`partitioners.planner.objective.lower_bound`). ``rounds``: stage 0 holds at most
+  ``S`` micro-batches, so micro-batch ``m + S`` starts after micro-batch ``m`` has come back:
+  ``(M - 1) // S + 1`` round trips one after the other.
 
 With ``label_privacy`` the data owner runs the first and the last stage: a label also
 carries the owner's first-stage work, memory and host memory, for the last stage to add.
@@ -23,6 +26,7 @@ carries the owner's first-stage work, memory and host memory, for the last stage
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,13 +47,46 @@ class CutChoice:
     opts: list[StageMethod]
 
 
-def value(schedule: str, M: int, d0, d1, d2):
-    """The bound of a label's numbers (scalars or arrays)."""
+def value(schedule: str, M: int, d0, d1, d2, rounds: int = 1):
+    """The bound of a label's numbers (scalars or arrays); ``rounds``: 1F1B's round trips
+    one after the other on stage 0 (:func:`rounds_of`)."""
     if schedule == "sequential":
         return d0 + d1
     if schedule == "gpipe":
         return d0 + (M - 1) * (d1 + d2)
-    return np.maximum(d1, d0 + (M - 1) * d2)
+    return np.maximum(np.maximum(d1, d0 + (M - 1) * d2), rounds * d0)
+
+
+def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest):
+    """A bound below every completion of a label (scalars or arrays): the layers left take
+    at least ``f`` forward and ``b`` backward per micro-batch, the next cut at least ``w``
+    either way, and the busiest of the stages left at least ``busiest`` per micro-batch
+    (:meth:`partitioners.planner.bounds.PoolBounds.tail_stage_ms`); 0 each where nothing is
+    left; inf where the devices left cannot hold the layers left (any of them inf)."""
+    gone = np.isinf(busiest) | np.isinf(w) | np.isinf(f) | np.isinf(b)  # no device left holds the layers left
+    f, b, busiest, w = (np.where(gone, 0.0, x) for x in (f, b, busiest, w))
+    if schedule == "sequential":
+        low = value(schedule, M, d0 + M * f + (M - 1) * (b + w), d1, d2)
+    elif schedule == "gpipe":
+        n0 = d0 + f + b + w  # the slowest forward and backward resources: the wire is one of them
+        low = n0 + (M - 1) * np.maximum(np.maximum(d1 + d2, w), busiest)
+    else:
+        low = value(schedule, M, d0 + f + b + w, np.maximum(d1, d0 + w + M * busiest), np.maximum(d2, w), rounds)
+    return np.where(gone, np.inf, low)
+
+
+# the layers after each end of a stage: least forward, least backward, the busiest stage's
+# least forward and backward, and the next cut's least transfer either way (each per end)
+Tail = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+
+
+def rounds_of(schedule: str, M: int, num_stages: int | None) -> int:
+    """Under 1F1B stage 0 holds at most ``S`` micro-batches: micro-batch ``m + S`` starts
+    after micro-batch ``m``'s whole round trip, so ``(M - 1) // S + 1`` round trips follow one
+    another (the term of :func:`partitioners.planner.objective.lower_bound` for stage 0)."""
+    if schedule != "1f1b" or not num_stages:
+        return 1
+    return (M - 1) // num_stages + 1
 
 
 def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la, lg) -> tuple:
@@ -63,8 +100,8 @@ def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la, lg) -> tupl
         if s == 0:
             return F + B + Op + 0.0 * d0, F + 0.0 * d0, B + 0.0 * d0
         return d0 + F + B + la + lg, np.maximum(np.maximum(d1, F), la), np.maximum(np.maximum(d2, B), lg)
-    if s == 0:
-        return F + B + Op + 0.0 * d0, M * (F + B) + Op + 0.0 * d0, 0.0 * (F + d0)
+    if s == 0:  # the round trip without the optimizer step (the rounds term repeats it)
+        return F + B + 0.0 * d0, M * (F + B) + Op + 0.0 * d0, 0.0 * (F + d0)
     base = d0 + la + lg
     return base + F + B, np.maximum(d1, base + M * (F + B)), np.maximum(np.maximum(d2, la), lg) + 0.0 * F
 
@@ -76,14 +113,19 @@ class CutSearch:
     of devices, so that sequences sharing a prefix share its work.
 
     ``num_stages`` is the sequence's length when the memory of a stage depends on it (1F1B:
-    a stage holds ``S - s`` micro-batches), else None (any length)."""
+    a stage holds ``S - s`` micro-batches), else None (any length); with ``at_least`` it is
+    the least length, and the labels bound every longer sequence too (each stage at the
+    fewest micro-batches in flight it can hold, one 1F1B round): a relaxation whose plans
+    the caller must list again at their own length."""
 
-    def __init__(self, req: PlanRequest, tables: CostTables, num_stages: int | None):
+    def __init__(self, req: PlanRequest, tables: CostTables, num_stages: int | None, at_least: bool = False):
         self.req, self.tables = req, tables
         self.S = num_stages
+        self.at_least = at_least  # ``num_stages`` or more: a relaxation (less memory, one round)
         self.n, self.M = req.n, req.num_micro_batches
         self.schedule = req.schedule
         self.ushape = req.label_privacy
+        self.rounds = 1 if at_least else rounds_of(self.schedule, self.M, num_stages)
 
     def start(self) -> dict[int, list[tuple]]:
         return {0: [(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None)]}
@@ -98,17 +140,25 @@ class CutSearch:
         bound: float,
         prune: bool = True,
         stages_left: int = 0,
+        tail: Tail | None = None,
     ) -> dict[int, list[tuple]]:
         """The frontier after stage ``s`` on ``dev`` (``prev`` runs stage ``s - 1``): every
         layer range and option that fits, below ``bound``; the last stage ends the chain.
-        ``stages_left``: stages still to come after this one (each needs a layer)."""
+        ``stages_left``: stages still to come after this one (each needs a layer); ``tail``:
+        what the stages after it take at least (:func:`completed`), so that a label none of
+        whose completions can beat ``bound`` is dropped."""
         tables, n, M, schedule = self.tables, self.n, self.M, self.schedule
         ushape = self.ushape and (s > 0 or not last)
         nxt: dict[int, list[tuple]] = {}
         cap, hcap = tables.capacity(dev), tables.host_capacity(dev)
         opts = tables.options(s, dev)
         parts = [tables.parts(dev, o) for o in opts]
-        inflight = tables.inflight(s, self.S) if self.S is not None else tables.inflight(s, s + 1 + stages_left)
+        if self.S is None:
+            inflight = tables.inflight(s, s + 1 + stages_left)
+        elif self.at_least:  # at least this many stages: at least this many micro-batches in flight
+            inflight = tables.inflight(s, max(self.S, s + 1 + stages_left))
+        else:
+            inflight = tables.inflight(s, self.S)
         memtabs = [tables.dev_table(dev, inflight, o) for o in opts]
         hostcums = [tables.host_cum(dev, o) for o in opts]
         hi = n if last else n - stages_left
@@ -133,6 +183,7 @@ class CutSearch:
         if ushape and last:  # and the U's last stage its minimum
             valid = valid & (n - A >= self.req.min_owner_tail)
         first = ushape and s == 0
+        after = tail(bs) if tail is not None and not last else None
         for k in range(len(opts)):
             f, bw, o = parts[k]
             F, B, Op = f[bs][None, :] - f[A], bw[bs][None, :] - bw[A], o[bs][None, :] - o[A]
@@ -143,11 +194,18 @@ class CutSearch:
             else:
                 ok = valid & (mem <= cap) & (host <= hcap)
             n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg), ok)[:3]
-            low = value(schedule, M, n0, n1, n2)
+            low = value(schedule, M, n0, n1, n2, self.rounds)
             own = M * (F + B) + Op
             if ushape and last:
                 low = np.maximum(low, cols[:, 3:4] + own)
-            rows, ends = np.nonzero(ok & (low < bound))
+            keep = ok & (low < bound)
+            if after is not None:
+                tf, tb, busy, w = after
+                low_c = completed(
+                    schedule, M, self.rounds, n0, n1, n2, tf[None, :], tb[None, :], w[None, :], busy[None, :]
+                )
+                keep &= low_c < bound
+            rows, ends = np.nonzero(keep)
             if not len(rows):
                 continue
             v0, v1, v2 = n0[rows, ends].tolist(), n1[rows, ends].tolist(), n2[rows, ends].tolist()
@@ -174,7 +232,7 @@ class CutSearch:
         S, n, M = len(seq), self.n, self.M
         out = []
         for lab in frontier.get(n, []):
-            low = float(value(self.schedule, M, lab[_D0], lab[_D1], lab[_D2]))
+            low = float(value(self.schedule, M, lab[_D0], lab[_D1], lab[_D2], self.rounds))
             if self.ushape and S > 1:
                 # the owner's two stages one after the other: the last one's work from its range
                 _, a, _, k = lab[_PREV]
@@ -201,20 +259,23 @@ def best_cuts(
     top: int = 1,
     prune: bool = True,
     max_labels: int = 0,
+    tail: Callable[[list[str], int], Tail] | None = None,
 ) -> list[CutChoice] | None:
     """Up to ``top`` choices of cuts and methods for ``seq`` with the smallest bound below
     ``bound``, smallest first (empty: nothing fits, or nothing beats ``bound``). Every option
     of every stage is tried for each of its layer ranges. ``prune`` off keeps every label
     below ``bound``, not only those no other beats: every plan of the sequence whose bound
     is below ``bound`` (the bound ranks plans; the step may rank them otherwise); None when
-    a stage has more than ``max_labels`` (0: no limit)."""
+    a stage has more than ``max_labels`` (0: no limit). ``tail(seq, s)``: what the stages
+    after stage ``s`` take at least (labels that cannot beat ``bound`` are dropped early)."""
     S = len(seq)
     search = CutSearch(req, tables, S)
     frontier = search.start()
     for s in range(S):
         last = s == S - 1
+        after = tail(seq, s) if tail is not None and not last else None
         frontier = search.stage(
-            frontier, s, seq[s], seq[s - 1] if s else None, last, bound, prune, stages_left=S - s - 1
+            frontier, s, seq[s], seq[s - 1] if s else None, last, bound, prune, stages_left=S - s - 1, tail=after
         )
         if max_labels and sum(len(v) for v in frontier.values()) > max_labels:
             return None
@@ -248,3 +309,87 @@ def _prune(labels: list[tuple], dims: int) -> list[tuple]:
         if not any(all(o[i] <= lab[i] for i in range(dims)) for o in out):
             out.append(lab)
     return out
+
+
+@dataclass
+class CutArrays:
+    """Plans of one sequence as arrays: per plan its bound, its stage bounds (``plans x
+    (S + 1)``) and each stage's option index (``plans x S``)."""
+
+    lower_ms: np.ndarray
+    bounds: np.ndarray
+    opts: np.ndarray
+
+    def choice(self, i: int, tables: CostTables, seq: list[str]) -> CutChoice:
+        opts = [tables.options(s, d)[int(k)] for s, (d, k) in enumerate(zip(seq, self.opts[i], strict=True))]
+        return CutChoice(float(self.lower_ms[i]), [int(b) for b in self.bounds[i]], opts)
+
+
+def every_cut(
+    req: PlanRequest,
+    tables: CostTables,
+    seq: list[str],
+    bound: float,
+    max_labels: int,
+    tail: Callable[[list[str], int], Tail] | None = None,
+) -> CutArrays | None:
+    """Every plan of ``seq`` (each device once: no U-shape) whose bound is below ``bound``,
+    as arrays (:class:`CutArrays`): the labels of :class:`CutSearch` without pruning, one
+    array each, so that nothing runs per plan in Python. None when a stage has more than
+    ``max_labels`` of them."""
+    assert len(set(seq)) == len(seq), "every_cut: a device runs one stage"
+    S, n, M, schedule = len(seq), req.n, req.num_micro_batches, req.schedule
+    rounds = rounds_of(schedule, M, S)
+    P = np.zeros(1, int)
+    D = np.zeros((3, 1))
+    Hist = np.zeros((1, 1), int)
+    Kopt = np.zeros((1, 0), int)
+    for s, dev in enumerate(seq):
+        last = s == S - 1
+        hi = n if last else n - (S - s - 1)
+        bs = np.arange(n if last or not len(P) else int(P.min()) + 1, hi + 1)
+        if not len(bs) or not len(P):
+            return CutArrays(np.zeros(0), np.zeros((0, S + 1), int), np.zeros((0, S), int))
+        A = P[:, None]
+        if s:
+            links = tables.link_table(seq[s - 1], dev)
+            la, lg = links[P, 0][:, None], links[P, 1][:, None]
+        else:
+            la = lg = np.zeros((len(P), 1))
+        valid = bs[None, :] > A
+        if s == 0 and not last:
+            valid = valid & (bs[None, :] >= req.min_owner_front)
+        cap, hcap = tables.capacity(dev), tables.host_capacity(dev)
+        inflight = tables.inflight(s, S)
+        after = tail(seq, s) if tail is not None and not last else None
+        parts_p, parts_d, parts_h, parts_o = [], [], [], []
+        for k, o in enumerate(tables.options(s, dev)):
+            f, bw, op = tables.parts(dev, o)
+            F, B, Op = f[bs][None, :] - f[A], bw[bs][None, :] - bw[A], op[bs][None, :] - op[A]
+            mem = tables.dev_table(dev, inflight, o)[A, bs[None, :]]
+            host_c = tables.host_cum(dev, o)
+            host = host_c[bs][None, :] - host_c[A]
+            ok = valid & (mem <= cap) & (host <= hcap)
+            d = (D[0][:, None], D[1][:, None], D[2][:, None])
+            n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg), ok)[:3]
+            keep = ok & (value(schedule, M, n0, n1, n2, rounds) < bound)
+            if after is not None:
+                tf, tb, busy, w = after(bs)
+                keep &= (
+                    completed(schedule, M, rounds, n0, n1, n2, tf[None, :], tb[None, :], w[None, :], busy[None, :])
+                    < bound
+                )
+            rows, ends = np.nonzero(keep)
+            parts_p.append(bs[ends])
+            parts_d.append(np.stack([n0[rows, ends], n1[rows, ends], n2[rows, ends]]))
+            parts_h.append(np.concatenate([Hist[rows], bs[ends][:, None]], axis=1))
+            parts_o.append(np.concatenate([Kopt[rows], np.full((len(rows), 1), k)], axis=1))
+        P = np.concatenate(parts_p)
+        D = np.concatenate(parts_d, axis=1)
+        Hist = np.concatenate(parts_h)
+        Kopt = np.concatenate(parts_o)
+        if len(P) > max_labels:
+            return None
+    low = value(schedule, M, D[0], D[1], D[2], rounds)
+    order = np.argsort(low, kind="stable")
+    return CutArrays(low[order], Hist[order], Kopt[order])

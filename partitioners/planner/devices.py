@@ -2,14 +2,17 @@
 
 Branch and bound over device sequences. A node is a prefix of devices (a data owner first)
 with the cut search's frontier after it (:class:`~partitioners.planner.cuts.CutSearch`):
-its labels' bounds only grow as stages are added, and the layers still to place take at
-least their fastest time on any device, so a node whose smallest such bound is not below
-the best step found is cut off with everything under it. Devices that cannot be told apart
+its labels' bounds only grow as stages are added, and what the stages still to come take
+at least (:meth:`DeviceSearch.tail`: the layers left at their fastest, the busiest stage on
+the devices left, the next cut and the slowest wire the layers left need,
+:mod:`partitioners.planner.bounds`) is added to them, so a node whose smallest such bound
+is not below the best step found is cut off with everything under it; so is a label whose
+every completion is (inside the cut search). Devices that cannot be told apart
 (the same kind, memory, speed and zone, and no link of their own) are interchangeable: a
 node tries one of each class. Children are tried in the order of their bounds, so a good
 plan is found early and prunes the rest.
 
-Each complete sequence hands its best-ranked plans to the simulator (``check``). When the
+Each complete sequence hands its best-ranked plans to be checked (``check``). When the
 node budget runs out, the nodes left unexpanded keep their bounds: no plan under them
 steps faster than the smallest (``open_low``); so do they past the deadline.
 """
@@ -22,9 +25,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from partitioners.planner.cuts import CutChoice, CutSearch, value
+from partitioners.planner.bounds import PoolBounds
+from partitioners.planner.cuts import CutChoice, CutSearch, Tail, completed, rounds_of
 from partitioners.planner.request import IDENTICAL_FIELDS, PlanRequest
 from partitioners.planner.tables import CostTables
+
+LARGE_POOL = 16  # past this many devices left, tail bounds take the whole pool (computed once)
 
 
 def device_class(req: PlanRequest, name: str) -> tuple:
@@ -45,15 +51,21 @@ class FoundSequence:
 
 
 class DeviceSearch:
+    """``pool``: the devices to search over (default: the request's); ``bounds`` leaves out
+    the devices and links that cannot take part in a plan faster than the best step
+    (:mod:`partitioners.planner.bounds`)."""
+
     def __init__(
         self,
         req: PlanRequest,
         tables: CostTables,
-        check: Callable[[list[str], CutChoice], None],
+        check: Callable[[list[str], list[CutChoice]], None],
         step: Callable[[], float],
         top: int,
         max_nodes: int,
         deadline: float = float("inf"),
+        bounds: PoolBounds | None = None,
+        pool: list[str] | None = None,
     ):
         self.req, self.tables = req, tables
         self.check, self.step, self.top = check, step, top
@@ -61,78 +73,125 @@ class DeviceSearch:
         self.deadline = deadline  # time.monotonic() past which no node is expanded
         self.open_low = float("inf")
         self.sequences: list[FoundSequence] = []
-        pool = req.pool
+        self.pool = list(pool if pool is not None else req.pool)
+        self.bounds = bounds or PoolBounds(req, tables, self.pool)
         self.classes: dict[tuple, list[str]] = {}
-        for d in pool:
+        for d in self.pool:
             self.classes.setdefault(device_class(req, d), []).append(d)
         self.rest = self._rest_table()
+        self._cache: dict[tuple, np.ndarray] = {}
 
     def _rest_table(self) -> tuple[np.ndarray, np.ndarray]:
         """Per cut position, the least forward and backward time the layers after it take:
         each layer at its fastest on any device of the pool, under any of its options."""
-        req, tables = self.req, self.tables
-        stages = {0, 1, *(k for k in ((req.finetune.by_stage if req.finetune else {}) or {}) if k < req.n)}
-        f_min = np.full(req.n, np.inf)
-        b_min = np.full(req.n, np.inf)
-        for d in req.pool:
-            for s in stages:
-                for o in tables.options(s, d):
-                    f, b, _ = tables.parts(d, o)
-                    f_min = np.minimum(f_min, np.diff(f))
-                    b_min = np.minimum(b_min, np.diff(b))
+        f_min = np.min([self.bounds.f[d] for d in self.pool], axis=0)
+        b_min = np.min([self.bounds.b[d] for d in self.pool], axis=0)
         tail_f = np.concatenate([np.cumsum(f_min[::-1])[::-1], [0.0]])
         tail_b = np.concatenate([np.cumsum(b_min[::-1])[::-1], [0.0]])
         return tail_f, tail_b
 
-    def node_low(self, frontier: dict[int, list[tuple]], free: int) -> float:
-        """A bound below every plan that extends this frontier with at most ``free`` more
-        stages: the layers left take at least their fastest time, and the busiest of those
-        stages at least an equal share of it."""
-        M, schedule = self.req.num_micro_batches, self.req.schedule
+    def _free(self, prefix: list[str]) -> list[str]:
+        """The devices the stages after ``prefix`` may run on (with ``label_privacy`` the
+        data owner's last stage too)."""
+        step, b = self.step(), self.bounds
+        out = [d for d in self.pool if d not in prefix and b.device_ms(d) < step]
+        if self.req.label_privacy and prefix:
+            out.append(prefix[0])
+        return out
+
+    def tail(self, prefix: list[str], free: int) -> Tail:
+        """What the at most ``free`` stages after ``prefix`` take at least, per position of
+        the cut after it (:func:`~partitioners.planner.cuts.completed`): the layers left at
+        their fastest; the busiest of those stages at least :meth:`PoolBounds.tail_stage_ms`
+        on the devices left; the next cut at least the cheapest wire from the last device to
+        one of them, and some cut at least :meth:`PoolBounds.crossing_ms` (the round trip
+        grows by one of the two, and the slowest wire is at least the larger)."""
+        M = self.req.num_micro_batches
         tail_f, tail_b = self.rest
+        devs = self._free(prefix)
+        if not devs:
+            none = np.full(self.req.n + 1, np.inf)
+            return lambda bs: (none[bs], none[bs], none[bs], none[bs])
+        w = min(self.bounds.wire_ms(prefix[-1], d) for d in devs) / M  # per micro-batch, either way
         k = max(free, 1)
+        last = prefix[-1]
+        if len(devs) > LARGE_POOL:  # the whole pool instead of what is left (more devices: below), once
+            everyone = np.arange(self.req.n + 1)
+            if ("busiest", k) not in self._cache:
+                self._cache[("busiest", k)] = self.bounds.tail_stage_ms(everyone, self.pool, k)
+            if ("crossing", last) not in self._cache:
+                self._cache[("crossing", last)] = self.bounds.crossing_ms(last, self.pool, everyone)
+            lam, cross = self._cache[("busiest", k)], self._cache[("crossing", last)]
+
+            def after(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                f, b = tail_f[bs], tail_b[bs]
+                return f, b, np.maximum(lam[bs], (f + b) / k), np.maximum(w, cross[bs] / M)
+
+            return after
+
+        def exact(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            f, b = tail_f[bs], tail_b[bs]
+            busiest = np.maximum(self.bounds.tail_stage_ms(bs, devs, k), (f + b) / k)
+            crossing = self.bounds.crossing_ms(last, devs, bs) / M  # some cut's slower wire
+            return f, b, busiest, np.maximum(w, crossing)
+
+        return exact
+
+    def node_low(
+        self, frontier: dict[int, list[tuple]], free: int, prefix: list[str], S: int | None = None, to: str = ""
+    ) -> float:
+        """A bound below every plan that extends this frontier (``prefix`` placed) with at
+        most ``free`` more stages (:meth:`tail`); ``to``: the next stage's device, whose cut
+        from the last device is then known."""
+        M, schedule = self.req.num_micro_batches, self.req.schedule
+        rounds = rounds_of(schedule, M, S)
+        positions = np.array(sorted(frontier))
+        f, b, busiest, w = self.tail(prefix, free)(positions)
+        if to:
+            w = np.maximum(w, self.tables.link_table(prefix[-1], to)[positions].max(axis=1))
         best = float("inf")
-        for a, labels in frontier.items():
-            f, b = float(tail_f[a]), float(tail_b[a])
-            for lab in labels:
-                d0, d1, d2 = lab[0], lab[1], lab[2]
-                if schedule == "sequential":
-                    d0 += M * f + (M - 1) * b
-                elif schedule == "gpipe":
-                    d0 += f + b
-                    d1, d2 = max(d1, f / k), max(d2, b / k)
-                else:
-                    d1 = max(d1, d0 + M * (f + b) / k)
-                    d0 += f + b
-                best = min(best, float(value(schedule, M, d0, d1, d2)))
+        for i, a in enumerate(positions.tolist()):
+            if busiest[i] == np.inf:
+                continue
+            labs = np.array([lab[:3] for lab in frontier[a]])
+            low = completed(schedule, M, rounds, labs[:, 0], labs[:, 1], labs[:, 2], f[i], b[i], w[i], busiest[i])
+            best = min(best, float(np.min(low)))
         return best
 
     def run(self) -> None:
         req = self.req
-        owners = [d for d in req.pool if req.topology.device(d).owns_data]
+        owners = [d for d in self.pool if req.topology.device(d).owns_data]
         extra = 1 if req.label_privacy else 0
-        longest = min(req.n, len(req.pool) + extra)
-        # under 1F1B a stage's memory depends on how many stages follow: one search per length
-        lengths: list[int | None] = list(range(1 + extra, longest + 1)) if req.schedule == "1f1b" else [None]
-        for S in lengths:
+        longest = min(req.n, len(self.pool) + extra)
+        # under 1F1B a stage's memory depends on how many stages follow: one search per length,
+        # up to the micro-batches' count; past it one search for every longer length at once
+        # (its memory as the fewest stages hold, one round: a bound), whose sequences are then
+        # listed at their own length (``sequences``)
+        lengths: list[tuple[int | None, bool]] = [(None, False)]
+        if req.schedule == "1f1b":
+            cutoff = min(longest, req.num_micro_batches + 1 + extra)
+            lengths = [(S, False) for S in range(1 + extra, cutoff + 1)]
+            lengths += [(cutoff + 1, True)] if longest > cutoff else []
+        for S, at_least in lengths:
             for owner in owners:
-                search = CutSearch(req, self.tables, S)
+                search = CutSearch(req, self.tables, S, at_least)
                 start = search.start()
                 if not req.label_privacy and S in (None, 1):
                     self._close(search, [], start, owner, 0)
                 if S == 1 or req.n < 2:
                     continue
                 left = S - 1 if S is not None else 1
-                mid = search.stage(start, 0, owner, None, False, self.step(), stages_left=left)
+                mid = search.stage(start, 0, owner, None, False, self.step(), stages_left=min(left, req.n - 1))
                 if mid:
                     self._node(search, [owner], mid, S)
 
     def _children(self, used: list[str]) -> list[str]:
-        """One unused device of each class."""
+        """One unused device of each class, where the bounds let it follow the last device."""
+        step, b = self.step(), self.bounds
         out = []
         for members in self.classes.values():
             free = [d for d in members if d not in used]
-            if free:
+            if free and b.device_ms(free[0]) < step and b.wire_ms(used[-1], free[0]) < step:
                 out.append(free[0])
         return out
 
@@ -144,10 +203,10 @@ class DeviceSearch:
         if not finals:
             return
         self.sequences.append(FoundSequence(seq, finals[0][0]))
-        for low, lab in finals[: self.top]:
-            if low >= self.step():
-                break
-            self.check(seq, search.choice(low, lab, seq))
+        if search.at_least:  # relaxed labels: the plans are listed again at their own length
+            return
+        step = self.step()
+        self.check(seq, [search.choice(low, lab, seq) for low, lab in finals[: self.top] if low < step])
 
     def _node(self, search: CutSearch, prefix: list[str], mid: dict[int, list[tuple]], S: int | None) -> None:
         """``mid``: the frontier with every device of ``prefix`` placed (none of them the
@@ -155,9 +214,11 @@ class DeviceSearch:
         it by one device of each class, the most promising first."""
         req = self.req
         s = len(prefix)  # the next stage's index
+        fixed = S is not None and not search.at_least  # the length, else at least S or any
         # stages still to come: all of them when the length is fixed, else at most every device left
-        free = S - len(prefix) if S is not None else len(req.pool) - len(prefix) + (1 if req.label_privacy else 0)
-        low = self.node_low(mid, free)
+        free = S - len(prefix) if fixed and S is not None else len(self.pool) - len(prefix) + req.label_privacy
+        R = S if fixed else None  # for 1F1B's rounds
+        low = self.node_low(mid, free, prefix, R)
         if low >= self.step():
             return
         if self.nodes_left <= 0 or time.monotonic() > self.deadline:
@@ -165,19 +226,23 @@ class DeviceSearch:
             return
         self.nodes_left -= 1
         kids = self._children(prefix)
-        if S is None or S == s + 1:
+        if S is None or S == s + 1 or (search.at_least and s + 1 >= S):
             for d in [prefix[0]] if req.label_privacy else kids:
                 self._close(search, prefix, mid, d, s)
-        if S is not None and s + 1 >= S:
+        if fixed and S is not None and s + 1 >= S:
             return
-        left = S - s - 1 if S is not None else 1
+        # stages after the next one (each needs a layer): all of them, or at least one
+        left = S - s - 1 if fixed and S is not None else max(S - s - 1, 1) if S is not None else 1
         if s + 1 + left > req.n:
             return
         grown = []
         for d in kids:
-            nxt = search.stage(mid, s, d, prefix[-1], False, self.step(), stages_left=left)
+            if self.node_low(mid, free, prefix, R, to=d) >= self.step():  # its cut alone is too slow
+                continue
+            after = self.tail([*prefix, d], free - 1)
+            nxt = search.stage(mid, s, d, prefix[-1], False, self.step(), stages_left=left, tail=after)
             if nxt:
-                grown.append((self.node_low(nxt, free - 1), d, nxt))
+                grown.append((self.node_low(nxt, free - 1, [*prefix, d], R), d, nxt))
         grown.sort(key=lambda x: x[0])
         for child_low, d, nxt in grown:
             if child_low < self.step():

@@ -30,6 +30,8 @@ import functools
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from partitioners.costmodel import PRECISIONS, StageMethod
 from partitioners.planner.feasibility import base_options
 from partitioners.planner.request import Groups, group_name, groups_of
@@ -164,8 +166,8 @@ def lower_bound(schedule: str, fig: StepFigures, M: int) -> float:
     the other; and stage 0's optimizer step after everything.
 
     The cut search (:mod:`partitioners.planner.cuts`) ranks by an incremental form of these
-    terms without the 1F1B round trip; this whole form is the reference the tests hold the
-    simulator above, and the term to add to the search's labels next (see docs/decisions.md)."""
+    terms with only stage 0's 1F1B round trips (and without its ``B`` and optimizer step
+    there); this whole form is the reference the tests hold the simulator above."""
     if any(r > 1 for r in fig.replicas):
         return 0.0
     closed = closed_form(schedule, dataclasses.replace(fig, shared=[], channels={}), M)  # unshared: below
@@ -292,3 +294,136 @@ def stage_load(tables: CostTables, group: tuple[str, ...], a: int, b: int, opt: 
     o = tables.opt_ms(group[0], a, b, opt)
     busy = effective_replicas(tables.req.schedule, len(group), S)
     return replica_load(ms - o / tables.M, o + tables.allreduce_ms(group, a, b, opt), busy, tables.M)
+
+
+@functools.lru_cache(maxsize=64)
+def _program(schedule: str, num_stages: int, num_micro_batches: int) -> tuple[tuple, ...]:
+    """The schedule's actions in an order the simulator could take them on a plain plan
+    (nothing shared or replicated): each stage as far as it can, again while any moved, as
+    :meth:`partitioners.simulation.Simulation.run` does. On a plain plan every resource has
+    one issuer, so the times do not depend on the order (the simulator's notes); the order
+    depends only on which transfers have been issued, not on any cost, so one order serves
+    every plan of this shape. Ops: ``(0, stage, kind)`` compute, ``(1, stage, wire, mb,
+    kind)`` send, ``(2, stage, wire, mb)`` receive; wires ``('a', s)`` stage s -> s + 1,
+    ``('g', s)`` back, ``('l',)`` the labels line."""
+    from partitioners.schedule import RECV_ACT, RECV_GRAD, RECV_LABELS, SEND_ACT, SEND_GRAD, SEND_LABELS
+
+    acts = _actions(schedule, num_stages, num_micro_batches)
+    last = num_stages - 1
+
+    def wire(kind, s: int) -> tuple:
+        if kind in (SEND_ACT,):
+            return ("a", s)
+        if kind == RECV_ACT:
+            return ("a", s - 1)
+        if kind == SEND_GRAD:
+            return ("g", s - 1)
+        if kind == RECV_GRAD:
+            return ("g", s)
+        return ("l",)
+
+    sends, recvs = (SEND_ACT, SEND_GRAD, SEND_LABELS), (RECV_ACT, RECV_GRAD, RECV_LABELS)
+    pc = [0] * num_stages
+    issued: set[tuple] = set()
+    out: list[tuple] = []
+    moved = True
+    while moved:
+        moved = False
+        for s in range(num_stages):
+            while pc[s] < len(acts[s]):
+                a = acts[s][pc[s]]
+                if a.kind in sends:
+                    if a.kind == SEND_LABELS and not 0 == s < last:
+                        raise ValueError(f"stage {s}: {a} has no wire")
+                    out.append((1, s, wire(a.kind, s), a.mb, str(a.kind)))
+                    issued.add((wire(a.kind, s), a.mb))
+                elif a.kind in recvs:
+                    key = (wire(a.kind, s), a.mb)
+                    if key not in issued:
+                        break
+                    issued.discard(key)
+                    out.append((2, s, key[0], a.mb))
+                else:
+                    out.append((0, s, str(a.kind)))
+                pc[s] += 1
+                moved = True
+    if any(pc[s] < len(acts[s]) for s in range(num_stages)):
+        raise ValueError(f"{schedule} on {num_stages} stages deadlocks")
+    return tuple(out)
+
+
+def plain_steps(
+    schedule: str,
+    M: int,
+    fwd: np.ndarray,
+    bwd: np.ndarray,
+    opt: np.ndarray,
+    act: np.ndarray,
+    grad: np.ndarray,
+) -> np.ndarray:
+    """The simulator's step of many plain plans of one shape at once (nothing shared or
+    replicated, no labels time): ``fwd``, ``bwd``, ``opt`` of shape (stages, plans), ``act``
+    and ``grad`` (stages - 1, plans). The same replay as :func:`simulated`, each clock an
+    array over the plans (the tests hold the two equal)."""
+    S, K = fwd.shape
+    clock = np.zeros((S, K))
+    free: dict[tuple, np.ndarray] = {}
+    pending: dict[tuple, np.ndarray] = {}
+    zero = np.zeros(K)
+    for op in _program(schedule, S, M):
+        if op[0] == 0:
+            _, s, kind = op
+            clock[s] += fwd[s] if kind == "F" else bwd[s] if kind == "B" else opt[s]
+        elif op[0] == 1:
+            _, s, w, mb, _kind = op
+            t = act[w[1]] if w[0] == "a" else grad[w[1]] if w[0] == "g" else zero
+            start = np.maximum(clock[s], free.get(w, zero))
+            free[w] = start + t
+            pending[(w, mb)] = free[w]
+        else:
+            _, s, w, mb = op
+            clock[s] = np.maximum(clock[s], pending.pop((w, mb)))
+    return clock.max(axis=0)
+
+
+def plain_sequence(tables: CostTables, seq: list[str]) -> bool:
+    """Whether every plan on ``seq`` without replicas is plain: no device runs two stages
+    and no two wires cross one zone uplink (:func:`figures`' ``shared`` and ``channels``)."""
+    if len(set(seq)) < len(seq):
+        return False
+    topo = tables.req.topology
+    keys = [topo.uplink(u, v) for x, y in zip(seq, seq[1:], strict=False) for u, v in ((x, y), (y, x))]
+    keys = [k for k in keys if k is not None]
+    return len(keys) == len(set(keys))
+
+
+def batch_steps(tables: CostTables, seq: list[str], choices: list) -> np.ndarray:
+    """The simulator's step of each plan of a plain sequence (:func:`plain_sequence`): one
+    per choice (``bounds``, ``opts``), replayed together (:func:`plain_steps`)."""
+    S = len(seq)
+    bounds = np.array([c.bounds for c in choices], dtype=int).reshape(len(choices), S + 1)
+    index = [{o: k for k, o in enumerate(tables.options(s, d))} for s, d in enumerate(seq)]
+    opts = np.array([[index[s][o] for s, o in enumerate(c.opts)] for c in choices], dtype=int).reshape(-1, S)
+    return array_steps(tables, seq, bounds, opts)
+
+
+def array_steps(tables: CostTables, seq: list[str], bounds: np.ndarray, opts: np.ndarray) -> np.ndarray:
+    """:func:`batch_steps` on arrays: per plan its stage bounds (``plans x (S + 1)``) and
+    each stage's option index (``plans x S``, into ``tables.options``)."""
+    S, K = len(seq), len(bounds)
+    fwd, bwd, opt = np.zeros((S, K)), np.zeros((S, K)), np.zeros((S, K))
+    for s, dev in enumerate(seq):
+        a, b = bounds[:, s], bounds[:, s + 1]
+        for k, o in enumerate(tables.options(s, dev)):
+            rows = np.nonzero(opts[:, s] == k)[0]
+            if not len(rows):
+                continue
+            f, bw, op = tables.parts(dev, o)
+            fwd[s, rows] = f[b[rows]] - f[a[rows]]
+            bwd[s, rows] = bw[b[rows]] - bw[a[rows]]
+            opt[s, rows] = op[b[rows]] - op[a[rows]]
+    act, grad = np.zeros((S - 1, K)), np.zeros((S - 1, K))
+    for s in range(S - 1):
+        links = tables.link_table(seq[s], seq[s + 1])
+        act[s], grad[s] = links[bounds[:, s + 1], 0], links[bounds[:, s + 1], 1]
+    return plain_steps(tables.req.schedule, tables.M, fwd, bwd, opt, act, grad)

@@ -5,17 +5,21 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
+
 from partitioners.costmodel import StageMethod
 from partitioners.plan import Plan
 from partitioners.planner.assemble import build_plan
-from partitioners.planner.cuts import CutChoice, best_cuts
+from partitioners.planner.bounds import PoolBounds
+from partitioners.planner.cuts import CutChoice, best_cuts, every_cut
 from partitioners.planner.devices import DeviceSearch
 from partitioners.planner.feasibility import infeasible_reason
-from partitioners.planner.objective import evaluate
+from partitioners.planner.objective import array_steps, batch_steps, evaluate, plain_sequence
 from partitioners.planner.replicas import add_replicas
 from partitioners.planner.request import PlanError, PlanRequest, closed_sequence
 from partitioners.planner.tables import CostTables
 
+SEED_TOP = 64  # per seed sequence, the plans with the smallest bounds checked (all at once where plain)
 VERIFY_PER_SEQUENCE = 4  # per device sequence, the plans with the smallest bounds the simulator checks first
 VERIFY_BUDGET = 2000  # then at most this many more plans, across sequences, in the order of their bounds
 MAX_NODES = 20_000  # device prefixes the branch and bound expands before it stops with a bound
@@ -37,26 +41,31 @@ def natural_orders(req: PlanRequest, owner: str) -> dict[str, list[str]]:
 def seed_sequences(req: PlanRequest) -> list[list[str]]:
     """Device sequences that often hold a good plan: each data owner, then prefixes of the
     other devices ranked by link from it and speed, or by speed alone."""
-    out: list[list[str]] = []
+    return [seq for _, seq in ranked_seeds(req)]
+
+
+def ranked_seeds(req: PlanRequest) -> list[tuple[int, list[str]]]:
+    """:func:`seed_sequences`, the short ones first, each with the ranking it is a prefix of."""
+    out: list[tuple[int, list[str]]] = []
     seen: set[tuple[str, ...]] = set()
-    for owner in [d for d in req.pool if req.topology.device(d).owns_data]:
-        orders = natural_orders(req, owner)
-        rest = len(req.pool) - 1
-        lengths = sorted({*range(0, min(rest, 8) + 1), *(k for k in (12, 16, 24, 32, 48, 64) if k <= rest)})
-        for order in (orders["link"], orders["speed"]):
-            for k in lengths:
-                seq = closed_sequence(req, order[: k + 1])
-                if len(seq) <= req.n and tuple(seq) not in seen:
-                    seen.add(tuple(seq))
-                    out.append(seq)
+    rest = len(req.pool) - 1
+    lengths = sorted({*range(0, min(rest, 8) + 1), *(k for k in (12, 16, 24, 32, 48, 64) if k <= rest)})
+    owners = [d for d in req.pool if req.topology.device(d).owns_data]
+    orders = [(o, order) for o in owners for order in (natural_orders(req, o)["link"], natural_orders(req, o)["speed"])]
+    for k in lengths:  # the short ones first: they are cheap, and their step bounds the long ones'
+        for i, (_, order) in enumerate(orders):
+            seq = closed_sequence(req, order[: k + 1])
+            if len(seq) <= req.n and tuple(seq) not in seen:
+                seen.add(tuple(seq))
+                out.append((i, seq))
     return out
 
 
 class _Search:
     """The best plan found so far by the simulator's step, and what is left unchecked."""
 
-    def __init__(self, req: PlanRequest, tables: CostTables, deadline: float = math.inf):
-        self.req, self.tables = req, tables
+    def __init__(self, req: PlanRequest, tables: CostTables, limits: PoolBounds, deadline: float = math.inf):
+        self.req, self.tables, self.limits = req, tables, limits
         self.deadline = deadline
         self.best: tuple[float, list[str], list[int], list[StageMethod]] | None = None
         self.budget = VERIFY_BUDGET
@@ -71,14 +80,55 @@ class _Search:
         if ev.step_ms < self.step - 1e-12:
             self.best = (ev.step_ms, seq, choice.bounds, choice.opts)
 
+    def check_all(self, seq: list[str], choices: list[CutChoice]) -> None:
+        """Check these plans of ``seq``: all at once where the sequence is plain and the
+        schedule 1F1B (:func:`batch_steps`, the simulator replayed on arrays), else the
+        first ``VERIFY_PER_SEQUENCE`` by the simulator."""
+        choices = [c for c in choices if c.lower_ms < self.step]
+        if not choices:
+            return
+        if self.req.schedule != "1f1b" or not plain_sequence(self.tables, seq):
+            for choice in choices[:VERIFY_PER_SEQUENCE]:
+                if choice.lower_ms >= self.step:
+                    break
+                self.check(seq, choice)
+            return
+        steps = batch_steps(self.tables, seq, choices)
+        i = int(np.argmin(steps))
+        if steps[i] < self.step:
+            self.check(seq, choices[i])  # the simulator's own figure for the plan kept
+
     def every_plan_below(self, seq: list[str], lowest: float) -> None:
         """Check the plans of ``seq`` whose bound is below the best step, smallest bound
         first, while the budget lasts (what is left keeps its bound in ``open_low``)."""
-        if self.budget <= 0 or time.monotonic() > self.deadline:
+        if time.monotonic() > self.deadline:
+            self.open_low = min(self.open_low, lowest)
+            return
+        if self.req.schedule == "1f1b" and plain_sequence(self.tables, seq):  # all at once, no budget
+            every = every_cut(self.req, self.tables, seq, self.step, MAX_LABELS, tail=self.limits.sequence_tail)
+            if every is None:  # too many to list
+                self.open_low = min(self.open_low, lowest)
+                return
+            if len(every.lower_ms):
+                steps = array_steps(self.tables, seq, every.bounds, every.opts)
+                i = int(np.argmin(steps))
+                if steps[i] < self.step:
+                    self.check(seq, every.choice(i, self.tables, seq))  # the simulator's own figure
+            return
+        if self.budget <= 0:
             self.open_low = min(self.open_low, lowest)
             return
         top = self.budget
-        choices = best_cuts(self.req, self.tables, seq, self.step, top=top, prune=False, max_labels=MAX_LABELS)
+        choices = best_cuts(
+            self.req,
+            self.tables,
+            seq,
+            self.step,
+            top=top,
+            prune=False,
+            max_labels=MAX_LABELS,
+            tail=self.limits.sequence_tail,
+        )
         if choices is None:  # too many plans below the bound to list
             self.open_low = min(self.open_low, lowest)
             return
@@ -98,26 +148,45 @@ def optimal(req: PlanRequest) -> Plan:
     """The plan with the smallest simulated step over every device sequence, cut and stage
     method.
 
-    The device search (:mod:`partitioners.planner.devices`, branch and bound over sequences
-    of device classes) hands each complete sequence's best-ranked plans to the simulator;
-    the cut search ranks plans by a bound below their step, exact for sequential and GPipe
-    plans with nothing shared. Then every plan whose bound is still below the best step is
-    simulated too, in the order of their bounds (within ``VERIFY_BUDGET`` simulations), all
-    within ``search_seconds``. The plan carries ``lower_bound_ms``: no plan without replicas steps faster (equal to its
-    step: proven optimal; below it when a budget stopped the search)."""
+    Seeds (prefixes of two device rankings, short ones first) give a first step; the
+    bounds valid for every plan (:mod:`partitioners.planner.bounds`) then leave out the
+    devices and links no faster plan can use. The device search
+    (:mod:`partitioners.planner.devices`, branch and bound over sequences of device
+    classes) hands each complete sequence's best-ranked plans to be checked; the cut search
+    ranks plans by a bound below their step, exact for sequential and GPipe plans with
+    nothing shared. Then every plan whose bound is still below the best step is checked
+    too: for a plain 1F1B sequence all of them at once (:func:`every_cut` lists them as
+    arrays, :func:`array_steps` replays the simulator on them), else by the simulator in the
+    order of their bounds (within ``VERIFY_BUDGET`` simulations), all within
+    ``search_seconds``. The plan carries ``lower_bound_ms``: no plan without replicas steps
+    faster (equal to its step: proven optimal; below it when a budget stopped the search)."""
     tables = CostTables(req)
     deadline = time.monotonic() + req.search_seconds
-    search = _Search(req, tables, deadline)
+    limits = PoolBounds(req, tables)
+    search = _Search(req, tables, limits, deadline)
     # a good plan first, from prefixes of two device rankings: the bound then prunes more
-    for seq in seed_sequences(req):
+    # (and leaves out the sequences whose devices or links cannot beat the best step); a
+    # ranking stops after two longer prefixes in a row found no better plan
+    misses: dict[int, int] = {}
+    for order, seq in ranked_seeds(req):
         if time.monotonic() > deadline and search.best is not None:
             break
-        for choice in best_cuts(req, tables, seq, search.step, top=VERIFY_PER_SEQUENCE) or []:
-            if choice.lower_ms >= search.step:
-                break
-            search.check(seq, choice)
+        if misses.get(order, 0) >= 2 or not limits.admits(seq, search.step):
+            continue
+        before = search.step
+        search.check_all(seq, best_cuts(req, tables, seq, search.step, top=SEED_TOP, tail=limits.sequence_tail) or [])
+        if search.best is not None:
+            misses[order] = 0 if search.step < before else misses.get(order, 0) + 1
     devices = DeviceSearch(
-        req, tables, search.check, lambda: search.step, top=VERIFY_PER_SEQUENCE, max_nodes=MAX_NODES, deadline=deadline
+        req,
+        tables,
+        search.check_all,
+        lambda: search.step,
+        top=SEED_TOP,
+        max_nodes=MAX_NODES,
+        deadline=deadline,
+        bounds=limits,
+        pool=limits.usable(search.step),
     )
     devices.run()
     # where a bound is below the best step, plans the bound ranks lower may step faster

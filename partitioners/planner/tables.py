@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from cluster.topology import Link
 from partitioners.costmodel import (
     PRECISIONS,
     StageMethod,
@@ -37,6 +38,8 @@ class CostTables:
         self._dev_mem: dict[tuple[str, int, StageMethod], np.ndarray] = {}
         self._host: dict[StageMethod, tuple[np.ndarray, np.ndarray]] = {}
         self._link: dict[tuple, tuple[float, float]] = {}
+        self._pair: dict[tuple[str, str], Link] = {}
+        self._link_tables: dict[tuple, np.ndarray] = {}
         self._opts: dict[tuple[int, str], list[StageMethod]] = {}
 
     def options(self, s: int, dev: str) -> list[StageMethod]:
@@ -225,9 +228,26 @@ class CostTables:
         key = (src, dst, cut)
         if key not in self._link:
             nbytes = self.cut_bytes[cut - 1]
-            topo = self.req.topology
-            self._link[key] = (topo.transfer_ms(src, dst, nbytes), topo.transfer_ms(dst, src, nbytes))
+            self._link[key] = (self.transfer_ms(src, dst, nbytes), self.transfer_ms(dst, src, nbytes))
         return self._link[key]
+
+    def link_table(self, src: str, dst: str) -> np.ndarray:
+        """``[cut]`` -> (activation ms, gradient ms) of :meth:`link`, for every cut (0 at 0)."""
+        key = ("table", src, dst)
+        if key not in self._link_tables:
+            rows = [(0.0, 0.0), *(self.link(src, dst, c) for c in range(1, self.req.n + 1))]
+            self._link_tables[key] = np.array(rows)
+        return self._link_tables[key]
+
+    def transfer_ms(self, src: str, dst: str, num_bytes: float) -> float:
+        """:meth:`cluster.topology.Topology.transfer_ms`, its link looked up once per pair."""
+        pair = (src, dst)
+        if pair not in self._pair:
+            self._pair[pair] = self.req.topology.link(src, dst)
+        link = self._pair[pair]
+        if math.isinf(link.bandwidth_mbps):
+            return 0.0
+        return link.latency_ms + num_bytes * 8 / (link.bandwidth_mbps * 1e6) * 1e3
 
     def capacity(self, dev: str) -> float:
         return self.dev[dev].memory_gb * GB
