@@ -276,6 +276,7 @@ def _waves(names: list[str], node_of: dict[str, str]) -> list[list[str]]:
 
 
 LINK_REPEATS = 5
+LINK_MIN_BYTES = 8 << 20  # a bandwidth is measured on at least this many bytes (a tiny cut's time is all latency)
 
 
 class _LinkEnd:
@@ -329,7 +330,7 @@ class _LinkEnd:
 
 def measure_links(pool: list[str], nbytes: int, log: Callable[[str], None] = print) -> dict[str, Any]:
     """``{"src->dst": Link}`` for every ordered pair of ``pool`` devices: what one transfer of
-    ``nbytes`` (a cut's activation) takes between their nodes over gloo, measured once per
+    ``nbytes`` (a cut's activation; at least ``LINK_MIN_BYTES``) takes between their nodes over gloo, once per
     pair of nodes (a rehearsal's devices share one host: its loopback). Ray must be up."""
     import ray
 
@@ -344,6 +345,7 @@ def measure_links(pool: list[str], nbytes: int, log: Callable[[str], None] = pri
                 pairs.setdefault(tuple(sorted((node_of[a], node_of[b]))), (a, b))  # type: ignore[arg-type]
     if not pairs:
         return {}
+    nbytes = max(nbytes, LINK_MIN_BYTES)
     log(f"measuring the transport between {len(pairs)} pair(s) of nodes ({nbytes / 1e6:.3g} MB per transfer)")
     end = ray.remote(_LinkEnd)
     found: dict[tuple[str, str], Any] = {}

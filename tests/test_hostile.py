@@ -245,6 +245,7 @@ handle.shutdown()
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_embedded_cluster_starts_its_own_next_to_a_ray_start_head(tmp_path: Path):
     """A head that `ray start` left on the machine (the one a plain ``ray.init()`` would attach
     to, with "num_cpus must not be provided"): the embedded cluster starts its own beside it."""

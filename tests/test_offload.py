@@ -227,7 +227,7 @@ def test_offloaded_stage_on_two_replicas(plain_run, tmp_path):
 @pytest.mark.parametrize(
     "devices, schedule",
     [
-        (["edge-a", "cloud-c", "mid-b"], "sequential"),  # one micro-batch at a time
+        pytest.param(["edge-a", "cloud-c", "mid-b"], "sequential", marks=pytest.mark.slow),  # one micro-batch at a time
         (["edge-a", "cloud-c+cloud-d", "mid-b"], "1f1b"),  # one micro-batch per replica
     ],
 )
@@ -247,7 +247,9 @@ def test_params_offloaded_middle_stage_tracks_the_plain_run(ray_cluster, tmp_pat
 
 @pytest.mark.ray
 @pytest.mark.deepspeed
-@pytest.mark.parametrize("offload, schedule", [("optimizer", "1f1b"), ("params", "sequential")])
+@pytest.mark.parametrize(
+    "offload, schedule", [("optimizer", "1f1b"), pytest.param("params", "sequential", marks=pytest.mark.slow)]
+)
 def test_offloaded_run_resumes_exactly(ray_cluster, tmp_path, offload, schedule):
     off = {"finetune__by_stage": {"1": {"offload": offload}}, "runtime__schedule": schedule}
     whole = run(tmp_path, raw_config(tmp_path, "whole", steps=8, checkpoint={"every_steps": 4, "keep": 3}, **off))
@@ -271,7 +273,9 @@ def test_offloaded_run_resumes_exactly(ray_cluster, tmp_path, offload, schedule)
 @pytest.mark.parametrize(
     "family, devices, schedule, mbs",
     [
-        ("llama", ["edge-a", "cloud-c+cloud-d", "mid-b"], "1f1b", 4),  # a middle stage replicated
+        pytest.param(
+            "llama", ["edge-a", "cloud-c+cloud-d", "mid-b"], "1f1b", 4, marks=pytest.mark.slow
+        ),  # a middle stage
         ("gpt2", ["edge-a", "mid-b", "cloud-c+cloud-d"], "gpipe", 2),  # the loss stage, with a tied head
     ],
 )

@@ -278,6 +278,7 @@ def assert_valid(plan: Plan, r: PlanRequest):
     assert plan.step_ms == pytest.approx(evaluate(tables, seq, bounds, opts, groups).step_ms, rel=1e-3)
 
 
+@pytest.mark.slow  # test_optimal_equals_a_brute_force_at_8_to_12_devices covers optimal in the default run
 def test_optimal_equals_exhaustive_on_random_instances():
     rng = random.Random(1234)
     checked = infeasible = offloaded = replicated = 0

@@ -125,6 +125,7 @@ def test_codec_round_trip(codec):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_int8_codec_quickstart_still_learns(tmp_path):
     """The quickstart with int8 on every link (activations and gradients): the loss still
     falls by at least half, and the links carry about a quarter of the fp32 bytes."""

@@ -117,6 +117,7 @@ def test_truncated_shard_falls_back_to_the_previous_checkpoint(ray_cluster, tmp_
     assert_same_params(final_state(result.run_dir), reference[1])
 
 
+@pytest.mark.slow
 def test_crash_during_a_checkpoint_write_keeps_the_previous_one(ray_cluster, tmp_path, reference):
     """The driver process is killed (SIGKILL) after the stages wrote step 4's files and
     before its manifest: step 4 is not whole, step 2 is intact, and a resumed run uses it
