@@ -275,6 +275,11 @@ def validate_topology(topo: Topology, source: str = "<inline>") -> None:
                     )
             _check_link(fail, k, e.bandwidth_mbps, e.latency_ms, e.reverse_bandwidth_mbps)
     _check_link(fail, "links.default", topo.links.default.bandwidth_mbps, topo.links.default.latency_ms, None)
+    for key, link in topo.measured.items():
+        ends = key.split("->")
+        if len(ends) != 2 or any(end not in seen for end in ends):
+            fail(f"measured.{key}", f"expected 'SRC->DST' naming two devices (known: {', '.join(sorted(seen))})")
+        _check_link(fail, f"measured.{key}", link.bandwidth_mbps, link.latency_ms, None)
 
 
 def _check_link(fail: Any, key: str, bandwidth_mbps: float, latency_ms: float, reverse_mbps: float | None) -> None:

@@ -67,6 +67,12 @@ def links(**default: Any) -> dict[str, Any]:
     return {"topology": {"inline": topo}}
 
 
+def measured(entries: dict[str, Any]) -> dict[str, Any]:
+    topo = inline_topology()
+    topo["measured"] = entries
+    return {"topology": {"inline": topo}}
+
+
 def v(id: str, *overrides: str, needle: str, **kw: Any) -> Case:
     """``splitlearn validate`` of the base config with ``overrides``."""
     return Case(id, ["validate", "{cfg}", *overrides], needle, **kw)
@@ -147,6 +153,16 @@ NUMBERS = [
     v("gpus-negative", needle="topology.devices[3].gpus", config=device(3, gpus=-1)),
     v("bandwidth-zero", needle="topology.links.default.bandwidth_mbps", config=links(bandwidth_mbps=0)),
     v("latency-nan", needle="topology.links.default.latency_ms", config=links(latency_ms=math.nan)),
+    v(
+        "measured-unknown-device",
+        needle="topology.measured.edge-a->nowhere: expected 'SRC->DST'",
+        config=measured({"edge-a->nowhere": {"bandwidth_mbps": 100, "latency_ms": 1}}),
+    ),
+    v(
+        "measured-bandwidth-zero",
+        needle="topology.measured.edge-a->mid-b.bandwidth_mbps",
+        config=measured({"edge-a->mid-b": {"bandwidth_mbps": 0, "latency_ms": 1}}),
+    ),
     v("memory-word", needle="topology.devices[0].memory_gb", config=device(0, memory_gb="lots")),
 ]
 
