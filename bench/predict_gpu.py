@@ -98,7 +98,12 @@ def run_case(args: argparse.Namespace, name: str, out_dir: Path, on_cluster: boo
         },  # fmt: skip
         "finetune": {"method": "full"},
         "runtime": runtime_section(
-            out_dir, f"{name}-{on_cluster}", "none", emulate_links=name == "E2-links", schedule="1f1b"
+            out_dir,
+            f"{name}-{on_cluster}",
+            "none",
+            emulate_links=name == "E2-links",
+            schedule="1f1b",
+            trace=args.trace,
         ),  # fmt: skip
     }
     cfg = config_from_container(raw, [], "predict_gpu", ROOT)
@@ -117,8 +122,17 @@ def run_case(args: argparse.Namespace, name: str, out_dir: Path, on_cluster: boo
         }
         for s, m in zip(result.plan.stages, measured, strict=False)
     ]
+    spans = []  # per traced step: the step as the driver timed it vs its first action's start to last action's end
+    for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()[1:]:
+        rec = json.loads(line)
+        marks = [t for st in rec.get("stages", []) for t in st.get("trace") or []]
+        if marks:
+            span = max(t[3] for t in marks) - min(t[2] for t in marks)
+            busy = sum(t[3] - t[2] for t in marks if t[0] in ("F", "B", "STEP"))
+            spans.append({"step_ms": rec["step_s"] * 1e3, "actions_span_ms": span, "actions_ms": busy})
     return {
         "case": name,
+        "traced_steps": spans,
         "on_cluster": on_cluster,
         "plan": [(s.index, s.devices, s.start, s.stop) for s in result.plan.stages],
         "predicted_ms": summary.get("simulated_step_ms"),
@@ -145,6 +159,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--accelerator", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a tiny shape, to check the script")
+    ap.add_argument("--trace", action="store_true", help="runtime.trace: each step's actions against the step")
     ap.add_argument("--shape", choices=sorted(LLAMA_SHAPES), help="a shape of bench/shapes.py instead")
     ap.add_argument("--cpu-threads", type=int, default=1, help="threads of each C2 stage")
     ap.add_argument("--cases", nargs="*", default=["E1:0", "E1:1", "E2:1", "E2-links:1"],
@@ -165,6 +180,11 @@ def main() -> None:
             r = rows[-1]
             print(f"{name:9s} on_cluster={r['on_cluster']!s:5s} predicted {r['predicted_ms']:9.1f} ms  "
                   f"measured {r['measured_ms']:9.1f} ms  x{r['ratio']:.3f}  plan {r['plan']}", flush=True)  # fmt: skip
+            if r["traced_steps"]:
+                import statistics
+
+                med = {k: statistics.median(t[k] for t in r["traced_steps"]) for k in r["traced_steps"][0]}
+                print("    traced: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()), flush=True)
             for st in r["stages"]:
                 p, m = st["predicted_ms"], st["measured_ms"]
                 print(f"    stage {st['stage']} {st['device']}: fwd/bwd/opt ms predicted "
