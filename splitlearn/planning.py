@@ -143,19 +143,20 @@ def measured_on_devices(cfg: LoadedConfig, counted: dict[str, list[LayerProfile]
     run = cfg.run
     connect(cfg.topology, run.ray.address, run.ray.num_cpus, timeout_s=run.ray.connect_timeout_s)
     logs.route_worker_output()  # the workers' warnings to the run's log, not the screen
-    pool = [d for entry in (run.plan.devices or cfg.topology.device_names) for d in entry.split("+")]
-    return device_profiles(cfg, counted, pool)
+    return device_profiles(cfg, counted, profile_pool(cfg))
+
+
+def profile_pool(cfg: LoadedConfig) -> list[str]:
+    """The devices ``plan.profile: on_cluster`` measures: the plan's (replicas split), or all."""
+    return [d for entry in (cfg.run.plan.devices or cfg.topology.device_names) for d in entry.split("+")]
 
 
 def measured_topology(cfg: LoadedConfig, layers: list[LayerProfile]) -> Topology:
-    """``plan.profile: on_cluster``: the topology with what a transfer of a cut's activation
-    measured between the pool devices' nodes (a link is no faster than that); else as given."""
-    if cfg.run.plan.profile != ON_CLUSTER:
-        return cfg.topology
+    """The topology with what a transfer of a cut's activation measured between the pool
+    devices' nodes (a link is no faster than that); Ray is up (:func:`measured_on_devices`)."""
     from splitlearn.device_profile import measure_links
 
-    run = cfg.run
-    pool = [d for entry in (run.plan.devices or cfg.topology.device_names) for d in entry.split("+")]
+    pool = profile_pool(cfg)
     nbytes = max((layer.out_bytes for layer in layers[:-1]), default=0)
     if len(set(pool)) < 2 or nbytes <= 0:
         return cfg.topology

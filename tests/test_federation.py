@@ -121,6 +121,15 @@ def test_federated_plan_shares_one_cut_paced_by_the_slowest_client(tmp_path):
     assert "federation: 3 clients share one cut" in table and "edge-e" in table and "round" in table
 
 
+def assert_same_run(result, steps: int, ref_model, ref_losses) -> None:
+    """The run's losses and its checkpoint after ``steps`` equal the reference's (1e-5, fp32)."""
+    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+    state, ref_state = checkpoint_state(result.run_dir, steps), ref_model.state_dict()
+    assert set(state) == {n for n, _ in ref_model.named_parameters()}
+    for k in state:
+        torch.testing.assert_close(state[k], ref_state[k], rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
 @pytest.mark.parametrize(
     "change, needle",
     [
@@ -162,11 +171,7 @@ def test_splitfed_every_step_equals_centralised_training_on_all_batches(ray_clus
     result = train(cfg, progress="none")
     assert result.plan.stages[0].devices == CLIENTS
     ref_model, ref_losses = centralised(cfg, paths, 3)
-    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
-    state, ref_state = checkpoint_state(result.run_dir, 3), ref_model.state_dict()
-    assert set(state) == {n for n, _ in ref_model.named_parameters()}
-    for k in state:
-        torch.testing.assert_close(state[k], ref_state[k], rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    assert_same_run(result, 3, ref_model, ref_losses)
 
     sent = transfers(result.stage_metrics)
     assert violations(result.plan, cfg.topology, sent) == []
@@ -287,11 +292,7 @@ def test_sequential_split_learning_equals_centralised_training_of_the_turns_in_o
         data = run.data.__class__(**{**run.data.__dict__, "path": p})
         sources.append(BatchSource(load_dataset(data)[0], run.train.batch_size, run.train.seed))
     ref_losses = [reference_step(model, sources[s % 3].batch(s // 3), run.train, opt, s)[0] for s in range(4)]
-    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
-    state, ref_state = checkpoint_state(result.run_dir, 4), model.state_dict()
-    assert set(state) == {n for n, _ in model.named_parameters()}
-    for k in state:
-        torch.testing.assert_close(state[k], ref_state[k], rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    assert_same_run(result, 4, model, ref_losses)
 
     sent = transfers(result.stage_metrics)
     assert violations(result.plan, cfg.topology, sent, sequential=True) == []

@@ -21,7 +21,8 @@ _COMPUTE = (ActionKind.F, ActionKind.B, ActionKind.STEP)
 @dataclass
 class StepTimes:
     """A step's seconds: compute (forwards, backwards, STEP's own work and what precedes the
-    first action: the batch, zeroed gradients), the forwards and backwards alone, and communication (transfers, and STEP's waits for sends and collectives)."""
+    first action: the batch, zeroed gradients), the forwards and backwards alone, and
+    communication (transfers, and STEP's waits for sends and collectives)."""
 
     compute_s: float = 0.0
     fwd_s: float = 0.0
