@@ -129,7 +129,24 @@ def run_case(args: argparse.Namespace, name: str, out_dir: Path, on_cluster: boo
         if marks:
             span = max(t[3] for t in marks) - min(t[2] for t in marks)
             busy = sum(t[3] - t[2] for t in marks if t[0] in ("F", "B", "STEP"))
-            spans.append({"step_ms": rec["step_s"] * 1e3, "actions_span_ms": span, "actions_ms": busy})
+            slow = max(rec["stages"], key=lambda st: st.get("run_s", 0))
+            spans.append(
+                {
+                    "step_ms": rec["step_s"] * 1e3,
+                    "actions_span_ms": span,
+                    "actions_ms": busy,
+                    "worker_exec_ms": slow.get("exec_s", 0) * 1e3,  # the slowest worker's step call
+                    "worker_run_ms": slow.get("run_s", 0) * 1e3,
+                    # per stage, the ms of each kind of action (transfers too)
+                    "by_kind_ms": [
+                        {
+                            k: sum(t[3] - t[2] for t in st.get("trace") or [] if t[0] == k)
+                            for k in dict.fromkeys(t[0] for t in st.get("trace") or [])
+                        }
+                        for st in rec["stages"]
+                    ],  # fmt: skip
+                }
+            )
     return {
         "case": name,
         "traced_steps": spans,
@@ -183,8 +200,13 @@ def main() -> None:
             if r["traced_steps"]:
                 import statistics
 
-                med = {k: statistics.median(t[k] for t in r["traced_steps"]) for k in r["traced_steps"][0]}
+                med = {k: statistics.median(t[k] for t in r["traced_steps"]) for k in r["traced_steps"][0]
+                       if k != "by_kind_ms"}  # fmt: skip
                 print("    traced: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()), flush=True)
+                for i, kinds in enumerate(r["traced_steps"][-1]["by_kind_ms"]):
+                    print(
+                        f"    stage {i} last step: " + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()), flush=True
+                    )
             for st in r["stages"]:
                 p, m = st["predicted_ms"], st["measured_ms"]
                 print(f"    stage {st['stage']} {st['device']}: fwd/bwd/opt ms predicted "

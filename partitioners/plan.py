@@ -233,6 +233,8 @@ class Plan:
             counted = sorted({d for s in self.stages for d in s.devices} - set(measured))
             footer += f"\ntimes: measured on {', '.join(measured) or 'no device'} (plan.profile: on_cluster)"
             footer += f"; counted (FLOPs over tflops) on {', '.join(counted)}" if counted else ""
+        if p.get("step_overhead_ms"):
+            footer += f"\nper step: {p['step_overhead_ms']:.2f} ms outside the stages (the runtime's call to each worker, measured)"
         if p.get("links_measured"):
             figs = ", ".join(f"{k} {v[0]:.0f} Mbit/s {v[1]:.2f} ms" for k, v in p["links_measured"].items())
             footer += f"\nlinks: measured {figs} (a transfer is no faster than this, whatever the topology says)"

@@ -5,9 +5,15 @@ runtime's own code: a segment holding only the embedding, one holding the first 
 one holding the head, each built in the run's dtype with the method that device's tier
 trains with, compiled as the runtime compiles it, under the run's autocast; forward,
 forward + backward, and the STEP (global-norm share, AdamW) over its trainable weights.
-Every block takes the first block's times (on the H200, a 16-block stage's forward and
-backward came out at 1.00x the measured from one block alone, 0.80x from a segment of two
-blocks less a segment of one). The planner then uses these milliseconds for that device (``PlanRequest.device_layers``) instead of FLOPs over the topology's ``tflops``.
+Every block takes the blocks' mean: on a CPU one block's times; on a GPU those of a segment
+of up to ``GPU_BLOCKS`` blocks over their count, because there the host launches a call's
+kernels while the device runs the previous ones, and a call of one block costs the host's
+per-call work (the segment's wrapper, autocast, autograd) more than the device's: one block
+alone measured 2.4 ms forward at 8x512 tokens and 2.1 ms at 4x512 on the H200, while a
+16-block stage ran 1.4 ms a block (a segment of two blocks less one of one, tried before,
+measures the host's marginal work instead, 0.72x). The planner then uses these
+milliseconds for that device (``PlanRequest.device_layers``) instead of FLOPs over the
+topology's ``tflops``.
 On a CUDA device the bytes each segment keeps for its backward are measured too (the
 allocator's count after a forward, less its output): a compiled block saves what its fused
 graph needs, not what the eager layers would, and the plan's memory takes that figure.
@@ -37,7 +43,8 @@ from partitioners.costmodel import StageMethod
 from partitioners.profile import LayerProfile
 
 REPEATS, WARMUP = 5, 2
-VERSION = 2  # of what a cached profile holds (2: saved bytes measured on CUDA)
+GPU_BLOCKS = 4  # blocks in the segment a GPU times (their mean is a block's figure)
+VERSION = 3  # of what a cached profile holds (2: saved bytes measured on CUDA; 3: GPU blocks' mean)
 
 
 def cache_dir() -> Path:
@@ -156,8 +163,9 @@ def time_layers(run_dict: dict[str, Any], device_name: str, method: dict[str, An
     compile_here = run.runtime.compile == "blocks" or (run.runtime.compile == "auto" and device.type == "cuda")
     out: dict[str, Any] = {}
     saved: dict[str, int] = {}
-    spans = {"embed": (0, 1), "block": (1, 2), "head": (n - 1, n)}
-    for kind, (a, b) in spans.items():
+
+    def measure(kind: str, a: int, b: int) -> None:
+        """Times (and saved bytes) of the segment ``[a, b)``, per layer of it."""
         seg = Segment(build_segment(run.model, run.train.seed, a, b, dtype=wdtype, device=device), a, b)
         apply_methods(seg.model, [(a, b, stage_method)], lora_spec(run), run.train.seed)
         seg.recompute = stage_method.recompute
@@ -171,10 +179,18 @@ def time_layers(run_dict: dict[str, Any], device_name: str, method: dict[str, An
             x = torch.randn(mb, seq, cfg.hidden_size, device=device, dtype=wdtype, requires_grad=True)
         labels = ids if kind == "head" else None
         items = count_items(ids) if labels is not None else None
-        out[kind] = _time_segment(seg, x, labels, items, opt, autocast, sync)
+        out[kind] = [t / (b - a) for t in _time_segment(seg, x, labels, items, opt, autocast, sync)]
         if device.type == "cuda" and not stage_method.recompute:
-            saved[kind] = _saved_bytes(seg, x, labels, items, autocast)
-        del seg, opt
+            saved[kind] = _saved_bytes(seg, x, labels, items, autocast) // (b - a)
+
+    measure("embed", 0, 1)
+    blocks = max(1, min(GPU_BLOCKS, n - 2)) if device.type == "cuda" else 1
+    try:
+        measure("block", 1, 1 + blocks)
+    except torch.cuda.OutOfMemoryError:  # a small GPU: one block, as on a CPU
+        torch.cuda.empty_cache()
+        measure("block", 1, 2)
+    measure("head", n - 1, n)
     if saved:
         out["saved"] = saved
     return out
@@ -281,7 +297,9 @@ LINK_MIN_BYTES = 8 << 20  # a bandwidth is measured on at least this many bytes 
 
 class _LinkEnd:
     """One end of a link measurement: a process on a device's node that joins a two-rank
-    gloo group and ping-pongs tensors with the other end, as the stage workers' transport does."""
+    gloo group and ping-pongs a tensor with the other end through the stage workers' own
+    transport (:class:`splitlearn.stage.transport.Transport`: its header, and on a CUDA end
+    the copy between the GPU and the host on either side of gloo)."""
 
     def endpoint(self) -> tuple[str, int]:
         import socket
@@ -293,82 +311,142 @@ class _LinkEnd:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def run(self, rank: int, ip: str, port: int, nbytes: int) -> dict[str, float]:
-        """Seconds of one transfer (half a round trip): ``small`` (4 bytes) and ``big`` (``nbytes``)."""
+    def run(self, rank: int, ip: str, port: int, nbytes: int, cuda: bool) -> dict[str, float]:
+        """Seconds of one transfer (half a round trip) from this end's device to the
+        other's: ``small`` (4 bytes) and ``big`` (``nbytes``)."""
         from datetime import timedelta
 
         import torch
-        import torch.distributed as dist
 
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://{ip}:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
-        )
-        try:
-            tensors = {"small": torch.zeros(1), "big": torch.zeros(max(1, nbytes // 4))}
+        from splitlearn.stage.fabric import Group, store_for
+        from splitlearn.stage.transport import Transport
 
-            def ping_pong(t: torch.Tensor) -> None:
-                if rank == 0:
-                    dist.send(t, 1)
-                    dist.recv(t, 1)
-                else:
-                    dist.recv(t, 0)
-                    dist.send(t, 0)
+        timeout = timedelta(seconds=120)
+        group = Group(store_for(ip, port, rank, 2, timeout), "link", [0, 1], rank, timeout)
+        device = torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
+        transport = Transport(device, None)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        tensors = {"small": torch.zeros(1, device=device), "big": torch.zeros(max(1, nbytes // 4), device=device)}
 
-            out = {}
-            for name, t in tensors.items():
-                ping_pong(t)  # warm-up: connections, buffers
-                runs = []
-                for _ in range(LINK_REPEATS):
-                    start = time.perf_counter()
-                    ping_pong(t)
-                    runs.append((time.perf_counter() - start) / 2)
-                out[name] = statistics.median(runs)
-            return out
-        finally:
-            dist.destroy_process_group()
+        def ping_pong(t: torch.Tensor) -> None:
+            if rank == 0:
+                transport.send(t, 1, group)
+                transport.wait_sends()
+                transport.recv(1, group)
+            else:
+                got, _ = transport.recv(0, group)
+                transport.send(got, 0, group)
+                transport.wait_sends()
+            sync()
+
+        out = {}
+        for name, t in tensors.items():
+            ping_pong(t)  # warm-up: connections, buffers
+            runs = []
+            for _ in range(LINK_REPEATS):
+                start = time.perf_counter()
+                ping_pong(t)
+                runs.append((time.perf_counter() - start) / 2)
+            out[name] = statistics.median(runs)
+        return out
 
 
-def measure_links(pool: list[str], nbytes: int, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """``{"src->dst": Link}`` for every ordered pair of ``pool`` devices: what one transfer of
-    ``nbytes`` (a cut's activation; at least ``LINK_MIN_BYTES``) takes between their nodes over gloo, once per
-    pair of nodes (a rehearsal's devices share one host: its loopback). Ray must be up."""
+def measure_links(
+    pool: list[str], nbytes: int, cuda: set[str] | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """``{"src->dst": Link}`` for the ordered pairs of ``pool`` devices the runtime connects
+    over gloo (at least one end off the GPU; ``cuda``: the devices that compute on one): what
+    one transfer of ``nbytes`` (a cut's activation; at least ``LINK_MIN_BYTES``) takes from one
+    device's tensor to the other's, once per pair of nodes and kinds of end (a rehearsal's
+    devices share one host: its loopback). Two CUDA devices exchange over NCCL, which this
+    does not measure: their declared link stands. Ray must be up."""
     import ray
 
     from cluster.topology import Link, device_resource
 
+    cuda = cuda or set()
     node_of = _node_of(pool)
     names = [n for n in pool if n in node_of]
-    pairs: dict[tuple[str, str], tuple[str, str]] = {}  # node pair -> a device on each
+
+    def kind(d: str) -> tuple[str, bool]:
+        return node_of[d], d in cuda
+
+    pairs: dict[tuple, tuple[str, str]] = {}  # (node, on GPU) of both ends, sorted -> a device at each
     for a in names:
         for b in names:
-            if a != b:
-                pairs.setdefault(tuple(sorted((node_of[a], node_of[b]))), (a, b))  # type: ignore[arg-type]
+            if a != b and not (a in cuda and b in cuda):
+                pairs.setdefault(tuple(sorted((kind(a), kind(b)))), (a, b))
     if not pairs:
         return {}
     nbytes = max(nbytes, LINK_MIN_BYTES)
     log(f"measuring the transport between {len(pairs)} pair(s) of nodes ({nbytes / 1e6:.3g} MB per transfer)")
     end = ray.remote(_LinkEnd)
-    found: dict[tuple[str, str], Any] = {}
+    found: dict[tuple, Any] = {}
     for key, (a, b) in pairs.items():
-        ends: list[Any] = [end.options(num_cpus=0, resources={device_resource(d): 0.001}).remote() for d in (a, b)]
+        ends: list[Any] = [
+            end.options(num_cpus=0, num_gpus=0.01 if d in cuda else 0, resources={device_resource(d): 0.001}).remote()
+            for d in (a, b)
+        ]
         try:
             ip, port = ray.get(ends[0].endpoint.remote(), timeout=120)
-            small, big = zip(
-                *(
-                    (r["small"], r["big"])
-                    for r in ray.get([e.run.remote(i, ip, port, nbytes) for i, e in enumerate(ends)], timeout=300)
-                ),
-                strict=True,
-            )
-            latency_s, per_s = max(small), max(big)
+            refs = [ends[i].run.remote(i, ip, port, nbytes, d in cuda) for i, d in enumerate((a, b))]
+            results = ray.get(refs, timeout=300)
+            latency_s, per_s = max(r["small"] for r in results), max(r["big"] for r in results)
             mbps = nbytes * 8 / 1e6 / max(per_s - latency_s, 1e-9)
             found[key] = Link(bandwidth_mbps=mbps, latency_ms=latency_s * 1e3)
         finally:
             for e in ends:
                 ray.kill(e)
     return {
-        f"{a}->{b}": found[tuple(sorted((node_of[a], node_of[b])))]  # type: ignore[index]
+        f"{a}->{b}": found[tuple(sorted((kind(a), kind(b))))]
         for a in names
         for b in names
-        if a != b
+        if a != b and not (a in cuda and b in cuda)
     }
+
+
+class _Probe:
+    """A stage worker's step call without its actions: the call through Ray and the
+    worker's memory readings around the step (:meth:`splitlearn.stage.worker.StageWorker.run_step`)."""
+
+    def step(self) -> int:
+        import torch
+
+        from splitlearn.rss import PeakRSS
+
+        with PeakRSS() as rss:
+            pass
+        if torch.cuda.is_available() and torch.cuda.device_count():
+            torch.cuda.max_memory_allocated()
+            torch.cuda.max_memory_reserved()
+        return rss.peak_bytes
+
+
+CALL_REPEATS = 20
+
+
+def measure_call_ms(pool: list[str], cuda: set[str] | None = None) -> float:
+    """Milliseconds a step costs the runtime outside the stages' actions: the driver calls
+    every worker at once and waits for all of them (median of ``CALL_REPEATS`` steps, one
+    probe per pool device, placed as its worker is). Ray must be up."""
+    import ray
+
+    from cluster.topology import device_resource
+
+    cuda = cuda or set()
+    probe = ray.remote(_Probe)
+    probes = [
+        probe.options(num_cpus=0, num_gpus=0.01 if d in cuda else 0, resources={device_resource(d): 0.001}).remote()
+        for d in pool
+    ]
+    try:
+        ray.get([p.step.remote() for p in probes], timeout=120)  # started, CUDA up
+        runs = []
+        for _ in range(CALL_REPEATS):
+            start = time.perf_counter()
+            ray.get([p.step.remote() for p in probes], timeout=60)
+            runs.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(runs)
+    finally:
+        for p in probes:
+            ray.kill(p)

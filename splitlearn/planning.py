@@ -160,7 +160,21 @@ def measured_topology(cfg: LoadedConfig, layers: list[LayerProfile]) -> Topology
     nbytes = max((layer.out_bytes for layer in layers[:-1]), default=0)
     if len(set(pool)) < 2 or nbytes <= 0:
         return cfg.topology
-    return dataclasses.replace(cfg.topology, measured=measure_links(pool, nbytes))
+    return dataclasses.replace(cfg.topology, measured=measure_links(pool, nbytes, gpu_devices(cfg, pool)))
+
+
+def gpu_devices(cfg: LoadedConfig, pool: list[str]) -> set[str]:
+    """The devices of ``pool`` Ray gives a GPU, whose workers compute there."""
+    return {d for d in pool if cfg.topology.device(d).accelerator == "cuda" and cfg.topology.device(d).gpus}
+
+
+def measured_overhead_ms(cfg: LoadedConfig) -> float:
+    """What a step costs the runtime outside the stages' actions on this cluster
+    (:func:`splitlearn.device_profile.measure_call_ms`); Ray is up (:func:`measured_on_devices`)."""
+    from splitlearn.device_profile import measure_call_ms
+
+    pool = list(dict.fromkeys(profile_pool(cfg)))
+    return measure_call_ms(pool, gpu_devices(cfg, pool))
 
 
 def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> PlanRequest:
@@ -192,6 +206,7 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
         search_seconds=run.plan.search_seconds,
         device_layers=layers,
         measured_on=frozenset(measured),
+        step_overhead_ms=measured_overhead_ms(cfg) if measured else 0.0,
         cpu_runtime_bytes=run.runtime.cpu_runtime_mb * 1e6,
     )
     from splitlearn.privacy.bound import apply
@@ -241,4 +256,5 @@ def check_offload_schedule(cfg: LoadedConfig, plan: Plan) -> None:
 
 def simulate_plan(plan: Plan) -> None:
     """Add the simulator's step time (same schedule data as the workers) to the plan."""
-    plan.predicted["simulated_step_ms"] = round(simulate(plan).step_ms, 4)
+    overhead = plan.predicted.get("step_overhead_ms", 0.0)
+    plan.predicted["simulated_step_ms"] = round(simulate(plan, step_overhead_ms=overhead).step_ms, 4)

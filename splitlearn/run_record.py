@@ -26,6 +26,8 @@ STAGE_METRICS = (
     "bwd_s",
     "micro_batches",
     "comm_s",
+    "exec_s",  # the worker's step (actions, batch, metrics)
+    "run_s",  # the worker's whole call (with its memory readings)
     "rss_peak_bytes",
     "rss_base_bytes",
     "cuda_peak_allocated_bytes",

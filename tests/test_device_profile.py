@@ -2,6 +2,8 @@
 layers in its own Ray worker, the planner uses those milliseconds for that device, and the
 figures are cached."""
 
+import dataclasses
+
 import pytest
 from conftest import inline_topology
 from test_cli import write_config
@@ -9,7 +11,7 @@ from test_cli import write_config
 from partitioners import partition
 from partitioners.costmodel import stage_time
 from splitlearn.config import load_config
-from splitlearn.planning import plan_request
+from splitlearn.planning import make_plan, plan_request
 
 
 @pytest.mark.ray
@@ -46,6 +48,16 @@ def test_devices_time_their_layers_and_the_plan_uses_them(ray_cluster, tmp_path,
     assert link.bandwidth_mbps == min(declared.bandwidth_mbps, got.bandwidth_mbps)
     assert link.latency_ms == max(declared.latency_ms, got.latency_ms)
     assert "links: measured edge-a->cloud-c" in plan.table()
+    # what a step costs the runtime outside the stages' actions (the call to each worker and
+    # back), measured, is in the plan's step and in the simulator's
+    assert 0 < req.step_overhead_ms < 1000
+    assert plan.predicted["step_overhead_ms"] == pytest.approx(req.step_overhead_ms, abs=1e-3)
+    bare = partition("manual", dataclasses.replace(req, step_overhead_ms=0.0))
+    assert plan.step_ms == pytest.approx(bare.step_ms + req.step_overhead_ms, abs=1e-3)
+    assert "outside the stages (the runtime's call to each worker, measured)" in plan.table()
+    made = make_plan(cfg)
+    assert made.predicted["simulated_step_ms"] == pytest.approx(made.step_ms, rel=0.02)
+    assert made.predicted["simulated_step_ms"] > made.predicted["step_overhead_ms"] > 0
     again = plan_request(cfg)  # from the cache: the same figures
     assert [x.fwd_ms for x in again.device_layers["cloud-c"]] == [x.fwd_ms for x in req.device_layers["cloud-c"]]
 

@@ -160,6 +160,7 @@ def build_plan(
             "flops_per_step": float(flops * req.num_micro_batches),
             "peak_tflops": float(peak),
             **({"times_measured_on": sorted(req.measured_on)} if req.measured_on else {}),
+            **({"step_overhead_ms": round(req.step_overhead_ms, 4)} if req.step_overhead_ms else {}),
             **({"links_measured": used_measured_links(req, stages)} if req.topology.measured else {}),
             **(
                 {"federation": federation_figures(req, tables, bounds, opts, ev.step_ms, stages)} if req.clients else {}

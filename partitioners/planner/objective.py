@@ -264,7 +264,7 @@ def evaluate(
             src_name, dst_name = group_name(groups[s]), group_name(groups[s + 1])
             worst = wire
             bottleneck = f"link {src_name}->{dst_name}" if act_ms >= grad_ms else f"link {dst_name}->{src_name}"
-    step = step_ms(schedule, fig, M)
+    step = step_ms(schedule, fig, M) + tables.req.step_overhead_ms
     return Evaluation(step, bottleneck, busy, stage_ms, links, fig.allreduce, fig.channels)
 
 

@@ -48,6 +48,9 @@ class PlanRequest:
     # runs them (``layers`` then count attention as CUDA runs it), or timed on the device
     device_layers: dict[str, list[LayerProfile]] | None = None
     measured_on: frozenset[str] = frozenset()  # devices whose ``device_layers`` times were measured there
+    # per step, what the runtime spends outside every stage's actions (the driver's call to
+    # each worker and back, the worker's memory readings): measured with ``measured_on``
+    step_overhead_ms: float = 0.0
     # counted on every CPU stage besides its tensors: what the workers' libraries keep
     # (splitlearn's runtime: costmodel.CPU_RUNTIME_BYTES)
     cpu_runtime_bytes: float = 0.0

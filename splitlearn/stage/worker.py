@@ -322,14 +322,17 @@ class StageWorker:
         above what was allocated when it began (torch's own accounting; see
         ``partitioners.profile.peak_allocated_bytes``)."""
         assert self.segment is not None and self.groups is not None, "prepare() and init_dist() first"
+        t_in = time.perf_counter()
         out: dict[str, Any] = {}
         with PeakRSS() as rss:
+            t_exec = time.perf_counter()
             if self.run.runtime.measure_memory:
                 from partitioners.profile import peak_allocated_bytes
 
                 out["peak_bytes"] = peak_allocated_bytes(lambda: out.update(self.executor.run(step)), self.device)
             else:
                 out.update(self.executor.run(step))
+            out["exec_s"] = time.perf_counter() - t_exec
         self.steps_done = step + 1
         out["rss_peak_bytes"], out["rss_base_bytes"] = rss.peak_bytes, self.rss_base
         if self.device.type == "cuda":
@@ -337,6 +340,10 @@ class StageWorker:
             out["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
         else:
             self._check_budget(step, rss.peak_bytes - self.rss_base)
+        # the call's seconds in this worker: with ``exec_s`` (the actions, the batch and the
+        # metrics), what the step costs here beyond its actions; the driver's step less this
+        # is the call's way through Ray
+        out["run_s"] = time.perf_counter() - t_in
         return out
 
     def run_eval(self, num_chunks: int) -> dict[str, Any]:
