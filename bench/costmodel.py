@@ -1,202 +1,262 @@
-"""Fidelity of the cost model: predicted vs measured peak memory and step time of a stage.
+"""Predicted vs measured step time and memory per stage, through the product's own CLI
+(``python -m splitlearn train CONFIG``), with the devices' own timings (``plan.profile:
+on_cluster``) and without (FLOPs over the topology's ``tflops``).
 
-For each case (model size, micro-batch size, sequence length, schedule) the script cuts a
-middle stage out of a Llama-family model, profiles its layers one by one (the profiler the
-planner uses), predicts the stage's peak memory and step time with the cost model, then
-runs that stage for real in this process: its schedule's forwards and backwards over M
-micro-batches (inputs and incoming gradients are random tensors standing in for its
-neighbours), and the AdamW step. Peak memory is measured with torch's own accounting
-(CPU: the profiler's allocation events; CUDA: max_memory_allocated) above the weights,
-gradients and optimizer state that exist between steps, which are counted exactly.
+Cases (``NAME:ON_CLUSTER``, ``--cases``), each on every shape of ``--shapes``:
 
-    python bench/costmodel.py                  # CPU, writes bench/results/costmodel-cpu.json
-    python bench/costmodel.py --device cuda    # on the GPU machine
+- ``E1``: one CUDA stage (the GPU owns the data);
+- ``E2``: an edge stage on the host CPU (the data owner) and the GPU, ``optimal`` plan, on
+  free links, and ``E2-links`` on emulated links (``--link-mbps``, ``--link-ms``);
+- ``C2`` / ``C3``: two / three CPU stages (``--cpu-threads`` each), the chain cut evenly, on
+  this machine's loopback (no GPU needed).
+
+Each run writes its run directory; the script reads the prediction (``plan.yaml``,
+``summary.json``: the simulator's step for the plan), the measured median step, each
+stage's predicted and measured forward, backward and optimizer step (``metrics.jsonl``),
+and memory held against the plan. Prints a table and writes JSON.
+
+    python bench/costmodel.py --shapes 1.1b 8b-8 --out bench/results/costmodel-h200.json   # the lent H200
+    python bench/costmodel.py --cases C2:1 C2:0 C3:1 --shapes small medium --seq 128 --batch 4 \\
+        --out bench/results/costmodel-cpu.json                                       # CPU stages here
+    python bench/costmodel.py --cases E1:1 --trace      # each step's actions against the driver's step
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-import torch  # noqa: E402
+from common import machine, runtime_section, write_record  # noqa: E402
+from shapes import LLAMA_SHAPES  # noqa: E402
+from stage_speed import SHAPE, TINY, gpu_device  # noqa: E402
 
-from cluster.topology import Device  # noqa: E402
-from partitioners import schedule as S  # noqa: E402
-from partitioners.costmodel import stage_memory, stage_time  # noqa: E402
-from partitioners.profile import peak_allocated_bytes, profile_chain  # noqa: E402
-from splitlearn.config import ModelConfig  # noqa: E402
-from splitlearn.models.build import build_model  # noqa: E402
-from splitlearn.models.chain import Segment, layer_views  # noqa: E402
-
-SIZES = {  # name: (hidden, intermediate, layers, heads)
-    "S": (128, 352, 8, 4),
-    "M": (256, 704, 8, 8),
-    "L": (512, 1376, 8, 8),
-    "XL": (1024, 2816, 8, 16),  # GPU cases
-    "XXL": (2048, 5632, 8, 16),
+SHAPES = {
+    **LLAMA_SHAPES,
+    "1.1b": SHAPE,  # bench/stage_speed.py's 1.1B shape (untied embeddings)
+    "8b-8": {**LLAMA_SHAPES["8b"], "num_hidden_layers": 8},  # Llama-3-8B's layers, 8 of them (2.8B)
+    "tiny": TINY,
 }
-CPU_CASES = [(s, mb, seq) for s in ("S", "M", "L") for mb, seq in ((1, 128), (4, 64), (4, 256))]
-GPU_CASES = [(s, mb, seq) for s in ("L", "XL", "XXL") for mb, seq in ((1, 512), (4, 256), (8, 1024))]
-NUM_STAGES, STAGE = 4, 1  # the stage measured: blocks 2..3 of 8, the second of four
 
 
-def model_cfg(size: str) -> ModelConfig:
-    h, i, n, heads = SIZES[size]
-    return ModelConfig(
-        family="llama",
-        config=dict(
-            hidden_size=h,
-            intermediate_size=i,
-            num_hidden_layers=n,
-            num_attention_heads=heads,
-            num_key_value_heads=heads,
-            vocab_size=512,
-            max_position_embeddings=1024,
-        ),
-    )
+def devices(args: argparse.Namespace, edge: bool) -> list[dict]:
+    gpu = gpu_device(args.accelerator, args.peak_tflops, owns_data=not edge)
+    if not edge:
+        return [gpu]
+    host = {"name": "edge", "tier": "edge", "accelerator": "cpu", "memory_gb": 60.0, "tflops": 1.0,
+            "owns_data": True, "cpu_threads": args.edge_threads, "zone": "edge"}  # fmt: skip
+    return [host, gpu]
 
 
-def stage_range() -> tuple[int, int]:
-    # chain of 10 (embed, 8 blocks, head); a middle stage of two blocks
-    return 3, 5
+def cpu_devices(args: argparse.Namespace, count: int) -> list[dict]:
+    return [
+        {"name": f"cpu-{k}", "tier": "edge" if k == 0 else "cloud", "accelerator": "cpu", "memory_gb": 12.0,
+         "tflops": 1.0, "owns_data": k == 0, "cpu_threads": args.cpu_threads, "zone": "here"}
+        for k in range(count)
+    ]  # fmt: skip
 
 
-def order(schedule: str, m: int) -> list[S.Action]:
-    acts = S.build(schedule, NUM_STAGES, m)[STAGE]
-    return [a for a in acts if a.kind in (S.F, S.B, S.STEP)]
-
-
-def run_stage(seg, opt, acts, mb, seq, hidden, device):
-    """One step of the stage in its schedule's order; neighbours replaced by random tensors."""
-    inputs, outputs = {}, {}
-    for a in acts:
-        if a.kind == S.F:
-            x = torch.randn(mb, seq, hidden, device=device, requires_grad=True)
-            inputs[a.mb] = x
-            outputs[a.mb] = seg(x)
-        elif a.kind == S.B:
-            out = outputs.pop(a.mb)
-            out.backward(torch.randn_like(out))
-            inputs.pop(a.mb)
-        else:
-            opt.step()
-            opt.zero_grad(set_to_none=False)
-
-
-def measure(size, mb, seq, schedule, m, device, steps):
-    cfg = model_cfg(size)
-    hidden = cfg.config["hidden_size"]
-    a, b = stage_range()
-    torch.manual_seed(0)
-    # profile the stage's layers one by one, as `splitlearn profile` does
-    whole = build_model(cfg, 0).to(device)
-    views = layer_views(whole)
-    x = torch.randn(mb, seq, hidden, device=device)
-    layers = profile_chain(views[a:b], x, [f"block_{i - 1}" for i in range(a, b)], repeats=7, warmup=3)
-    del whole, views
-    dev = Device(name="here", memory_gb=1e9, tflops=1.0)
-    pred_mem = stage_memory(layers, stage=STAGE, num_stages=NUM_STAGES, schedule=schedule, num_micro_batches=m)
-    pred_ms = stage_time(layers, dev, calibrated_tflops=1.0).step_ms(m)
-
-    seg = Segment(build_model(cfg, 0), a, b).to(device)
-    opt = torch.optim.AdamW(seg.parameters(), lr=1e-4, foreach=False)
-    acts = order(schedule, m)
-    run_stage(seg, opt, acts, mb, seq, hidden, device)  # allocates gradients and AdamW state
-    static = sum(p.numel() * p.element_size() for p in seg.parameters())
-    static += sum(p.grad.numel() * p.grad.element_size() for p in seg.parameters() if p.grad is not None)
-    static += sum(
-        t.numel() * t.element_size()
-        for st in opt.state.values()
-        for t in st.values()
-        if torch.is_tensor(t) and t.dim() > 0
-    )
-    peak = static + peak_allocated_bytes(lambda: run_stage(seg, opt, acts, mb, seq, hidden, device), device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = []
-    for _ in range(steps):
-        sync()
-        t0 = time.perf_counter()
-        run_stage(seg, opt, acts, mb, seq, hidden, device)
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    meas_ms = statistics.median(times)
+def run_config(args: argparse.Namespace, name: str, shape: dict, out_dir: Path, run_name: str, on_cluster: bool):
+    """The run config of one case, as a user writes it."""
+    edge = name.startswith("E2")
+    cpus = int(name[1:]) if name.startswith("C") else 0
+    chain = shape["num_hidden_layers"] + 2
     return {
-        "size": size,
-        "micro_batch": mb,
-        "seq_len": seq,
-        "schedule": schedule,
-        "micro_batches": m,
-        "pred_mem_mb": pred_mem.device_total / 1e6,
-        "meas_mem_mb": peak / 1e6,
-        "mem_ratio": pred_mem.device_total / peak,
-        "pred_ms": pred_ms,
-        "meas_ms": meas_ms,
-        "time_ratio": pred_ms / meas_ms,
-        "pred_breakdown_mb": {k: v * 1e3 for k, v in pred_mem.as_gb().items()},
+        "name": name,
+        "model": {"family": "llama", "config": shape},
+        "data": {"path": str(ROOT / "data" / "quickstart.txt"), "tokenizer": "byte", "seq_len": args.seq},
+        "topology": {
+            "inline": {
+                "devices": cpu_devices(args, cpus) if cpus else devices(args, edge),
+                "links": {
+                    # E2: a free link (what a run gets without emulation); E2-links: the emulated one
+                    "zones": [
+                        {
+                            "a": "edge",
+                            "b": "cloud",
+                            "bandwidth_mbps": args.link_mbps if name == "E2-links" else 1e6,
+                            "latency_ms": args.link_ms if name == "E2-links" else 0.01,
+                        }
+                    ]
+                }
+                if edge
+                else {"default": {"bandwidth_mbps": 1e6, "latency_ms": 0.01}},  # CPU stages: this host's loopback
+            }
+        },  # fmt: skip
+        "train": {
+            "steps": args.steps,
+            "batch_size": args.batch,
+            "micro_batches": 2 if edge or cpus else 1,
+            "lr": 1e-4,
+            "dtype": "fp32" if cpus else "bf16",
+        },  # fmt: skip
+        "plan": {
+            "partitioner": "optimal" if edge else "manual",
+            "devices": [f"cpu-{k}" for k in range(cpus)] if cpus else [] if edge else ["gpu"],
+            "cuts": [round(chain * k / cpus) for k in range(1, cpus)] if cpus else [],
+            "profile": "on_cluster" if on_cluster else None,
+            "search_seconds": 5,
+        },  # fmt: skip
+        "finetune": {"method": args.method},
+        "runtime": runtime_section(
+            out_dir, run_name, "none", emulate_links=name == "E2-links", schedule="1f1b", trace=args.trace
+        ),
     }
 
 
-def main() -> int:
+def stage_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Per stage, the plan's and the run's forward, backward and optimizer ms; per traced step,
+    the driver's step against the workers' actions."""
+    from partitioners.plan import Plan
+    from splitlearn.replay import measured_stage_costs
+
+    plan = Plan.from_yaml((run_dir / "plan.yaml").read_text())
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [rec for rec in steps if "stages" in rec]
+    measured = measured_stage_costs(plan, [rec["stages"] for rec in steps]) or []
+    stages = [
+        {
+            "stage": s.index,
+            "device": s.device,
+            "predicted_ms": {"fwd": s.fwd_ms, "bwd": s.bwd_ms, "opt": s.opt_ms},
+            "measured_ms": {"fwd": m.fwd_ms, "bwd": m.bwd_ms, "opt": m.step_ms},
+        }
+        for s, m in zip(plan.stages, measured, strict=False)
+    ]
+    spans = []
+    for rec in steps[1:]:  # the first step warms up
+        marks = [t for st in rec["stages"] for t in st.get("trace") or []]
+        slow = max(rec["stages"], key=lambda st: st.get("run_s", 0))
+        row = {
+            "step_ms": rec["step_s"] * 1e3,
+            "worker_exec_ms": slow.get("exec_s", 0) * 1e3,  # the slowest worker's step: actions, batch, metrics
+            "worker_run_ms": slow.get("run_s", 0) * 1e3,  # and its whole call, memory readings too
+        }
+        if marks:
+            row["actions_span_ms"] = max(t[3] for t in marks) - min(t[2] for t in marks)
+            row["actions_ms"] = sum(t[3] - t[2] for t in marks if t[0] in ("F", "B", "STEP"))
+            # per stage, the ms of each kind of action (transfers too)
+            row["by_kind_ms"] = [
+                {k: sum(t[3] - t[2] for t in st.get("trace") or [] if t[0] == k)
+                 for k in dict.fromkeys(t[0] for t in st.get("trace") or [])}
+                for st in rec["stages"]
+            ]  # fmt: skip
+        spans.append(row)
+    for rec, row in zip(steps[-2:], spans[-2:], strict=False):  # the last steps' timelines, whole
+        if any(st.get("trace") for st in rec["stages"]):
+            row["trace"] = [st.get("trace") for st in rec["stages"]]
+    return stages, spans
+
+
+def run_case(args: argparse.Namespace, name: str, shape_name: str, out_dir: Path, on_cluster: bool) -> dict:
+    run_name = f"{name}-{shape_name}-{int(on_cluster)}"
+    raw = run_config(args, name, SHAPES[shape_name], out_dir, run_name, on_cluster)
+    path = out_dir / f"{run_name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitlearn", "train", str(path), "--progress", "none"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - t0
+    found = sorted(out_dir.glob(f"**/{run_name}/summary.json"))
+    if proc.returncode != 0 or not found:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", file=sys.stderr)
+        raise SystemExit(f"{run_name}: splitlearn train exited {proc.returncode}")
+    run_dir = found[0].parent
+    summary = json.loads(found[0].read_text())
+    plan_text = (run_dir / "plan.yaml").read_text()
+    stages, spans = stage_rows(run_dir)
+    return {
+        "case": name,
+        "shape": shape_name,
+        "on_cluster": on_cluster,
+        "plan": summary["stages"],
+        "predicted_ms": summary.get("simulated_step_ms"),
+        "measured_ms": summary.get("measured_step_ms"),
+        "ratio": (summary.get("measured_step_ms") or 0) / (summary.get("simulated_step_ms") or 1),
+        "replayed_ms": summary.get("replayed_step_ms"),
+        "replayed_free_links_ms": summary.get("replayed_free_links_step_ms"),
+        "step_overhead_ms": yaml.safe_load(plan_text).get("predicted", {}).get("step_overhead_ms"),
+        "stages": stages,
+        "steps": spans,
+        "memory": summary.get("memory"),
+        "mfu": summary.get("mfu"),
+        "plan_table": proc.stdout[proc.stdout.find("stage  device") :].split("\nrun directory")[0],
+        "wall_s": wall,
+    }
+
+
+def show(r: dict) -> None:
+    print(f"{r['case']:9s} {r['shape']:6s} on_cluster={r['on_cluster']!s:5s} predicted {r['predicted_ms']:9.1f} ms  "
+          f"measured {r['measured_ms']:9.1f} ms  x{r['ratio']:.3f}  replayed {r['replayed_ms'] or 0:9.1f} ms", flush=True)  # fmt: skip
+    if r["steps"]:
+        keys = [k for k in r["steps"][0] if k not in ("by_kind_ms", "trace")]
+        med = {k: statistics.median(t[k] for t in r["steps"]) for k in keys}
+        print("    per step: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()), flush=True)
+        for i, kinds in enumerate(r["steps"][-1].get("by_kind_ms") or []):
+            print(f"    stage {i} last step: " + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()), flush=True)
+    for st in r["stages"]:
+        p, m = st["predicted_ms"], st["measured_ms"]
+        print(f"    stage {st['stage']} {st['device']}: fwd/bwd/opt ms predicted "
+              f"{p['fwd']:.1f}/{p['bwd']:.1f}/{p['opt']:.1f}, measured {m['fwd']:.1f}/{m['bwd']:.1f}/{m['opt']:.1f}",
+              flush=True)  # fmt: skip
+    for m in r["memory"] or []:
+        print(f"    stage {m['stage']} {m['device']}: planned {m['planned_gb']:.2f} GB, "
+              f"held {m['measured_gb']:.2f} GB ({m['measured_gb'] / m['planned_gb']:.2f}x)", flush=True)  # fmt: skip
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--micro-batches", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per case (median)")
-    ap.add_argument("--quick", action="store_true", help="a few cases only")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier on a shared box)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--method", default="full", help="finetune.method of every run")
+    ap.add_argument("--edge-threads", type=int, default=12)
+    ap.add_argument("--link-mbps", type=float, default=1000.0)
+    ap.add_argument("--link-ms", type=float, default=5.0)
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--accelerator", default="cuda")
+    ap.add_argument("--trace", action="store_true", help="runtime.trace: each step's actions against the step")
+    ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["1.1b"])
+    ap.add_argument("--cpu-threads", type=int, default=1, help="threads of each CPU stage (C2, C3)")
+    ap.add_argument("--cases", nargs="*", default=["E1:0", "E1:1", "E2:1", "E2-links:1"],
+                    help="NAME:ON_CLUSTER (0 or 1)")  # fmt: skip
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "costmodel-h200.json"))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    base = GPU_CASES if args.device == "cuda" else CPU_CASES
-    cases = [(s, mb, seq, sch) for s, mb, seq in base for sch in ("gpipe", "1f1b")]
-    if args.quick:
-        cases = cases[:4]
     rows = []
+    with tempfile.TemporaryDirectory(prefix="sl-costmodel-") as tmp:
+        os.environ["XDG_CACHE_HOME"] = str(Path(tmp) / "cache")  # measured here, now
+        for shape in args.shapes:
+            for case in args.cases:
+                name, flag = case.split(":")
+                rows.append(run_case(args, name, shape, Path(tmp), flag == "1"))
+                show(rows[-1])
+        cache = Path(os.environ["XDG_CACHE_HOME"]) / "splitlearn" / "profiles"
+        profiles = [json.loads(p.read_text()) for p in sorted(cache.glob("*.json"))]
     print(
-        f"{'size':4} {'mb':>3} {'seq':>4} {'sched':6} {'pred MB':>9} {'meas MB':>9} {'mem':>6} "
-        f"{'pred ms':>9} {'meas ms':>9} {'time':>6}"
+        f"\n{'case':9s} {'shape':6s} {'profile':9s} {'predicted':>10s} {'measured':>10s} {'ratio':>6s} {'memory held/planned'}"
     )
-    for size, mb, seq, sch in cases:
-        r = measure(size, mb, seq, sch, args.micro_batches, args.device, args.steps)
-        rows.append(r)
-        print(
-            f"{size:4} {mb:>3} {seq:>4} {sch:6} {r['pred_mem_mb']:9.2f} {r['meas_mem_mb']:9.2f} "
-            f"{r['mem_ratio']:6.3f} {r['pred_ms']:9.2f} {r['meas_ms']:9.2f} {r['time_ratio']:6.3f}",
-            flush=True,
-        )
-    mem_ok = all(0.9 <= r["mem_ratio"] <= 1.1 for r in rows)
-    time_ok = all(0.85 <= r["time_ratio"] <= 1.15 for r in rows)
-    print(f"memory within ±10%: {mem_ok}; time within ±15%: {time_ok}")
-    out = Path(args.out or ROOT / "bench" / "results" / f"costmodel-{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "device": args.device,
-                "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-                "host": platform.node(),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "num_stages": NUM_STAGES,
-                "stage": STAGE,
-                "micro_batches": args.micro_batches,
-                "rows": rows,
-                "memory_within_10pct": mem_ok,
-                "time_within_15pct": time_ok,
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {out}")
-    return 0
+    for r in rows:
+        mem = ", ".join(f"{m['measured_gb'] / m['planned_gb']:.2f}" for m in r["memory"] or [])
+        print(f"{r['case']:9s} {r['shape']:6s} {'on_cluster' if r['on_cluster'] else 'prior':9s} "
+              f"{r['predicted_ms']:10.1f} {r['measured_ms']:10.1f} {r['ratio']:6.3f} {mem}")  # fmt: skip
+    write_record(args.out, {"machine": machine(), "args": vars(args), "rows": rows, "device_profiles": profiles})
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

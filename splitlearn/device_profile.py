@@ -4,7 +4,7 @@ Each device of the plan's pool times the run's layers in its own Ray worker, wit
 runtime's own code: a segment holding only the embedding, one holding the first block and
 one holding the head, each built in the run's dtype with the method that device's tier
 trains with, compiled as the runtime compiles it, under the run's autocast; forward,
-forward + backward, and the STEP (global-norm share, AdamW) over its trainable weights.
+forward + backward, and the STEP (global-norm share, clipping, AdamW) over its trainable weights.
 Every block takes the blocks' mean: on a CPU one block's times; on a GPU those of a segment
 of up to ``GPU_BLOCKS`` blocks over their count, because there the host launches a call's
 kernels while the device runs the previous ones, and a call of one block costs the host's
@@ -44,7 +44,7 @@ from partitioners.profile import LayerProfile
 
 REPEATS, WARMUP = 5, 2
 GPU_BLOCKS = 4  # blocks in the segment a GPU times (their mean is a block's figure)
-VERSION = 3  # of what a cached profile holds (2: saved bytes measured on CUDA; 3: GPU blocks' mean)
+VERSION = 3  # of what a cached profile holds (2: saved bytes measured on CUDA; 3: GPU blocks' mean, clipping)
 
 
 def cache_dir() -> Path:
@@ -86,9 +86,10 @@ def _median_ms(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
 
 
 def _time_segment(
-    seg: Any, x: Any, labels: Any, items: Any, opt: Any, autocast: Any, sync: Callable[[], None]
+    seg: Any, x: Any, labels: Any, items: Any, opt: Any, autocast: Any, sync: Callable[[], None], clip: bool
 ) -> list[float]:
-    """``[fwd_ms, bwd_ms, opt_ms]`` of one segment on one input."""
+    """``[fwd_ms, bwd_ms, opt_ms]`` of one segment on one input; ``clip``: the step scales
+    the gradients by the clipping factor (``train.max_grad_norm``)."""
     import torch
 
     from partitioners.profile import sum_of_squares
@@ -102,8 +103,11 @@ def _time_segment(
         if y.requires_grad:
             y.backward(torch.ones_like(y) if y.dim() else None)
 
-    def step() -> None:  # as a step runs it: the norm, AdamW, and the gradients zeroed for the next
-        sum_of_squares(p.grad for p in seg.parameters() if p.grad is not None)
+    def step() -> None:  # as a step runs it: the norm, the clipping, AdamW, the gradients zeroed for the next
+        grads = [p.grad for p in seg.parameters() if p.grad is not None]
+        sum_of_squares(grads)
+        if clip and grads:  # a fine-tuning step's gradient norm is mostly above the limit: the step pays the scaling
+            torch._foreach_mul_(grads, 0.5)
         opt.step()
         opt.zero_grad(set_to_none=False)
 
@@ -179,7 +183,8 @@ def time_layers(run_dict: dict[str, Any], device_name: str, method: dict[str, An
             x = torch.randn(mb, seq, cfg.hidden_size, device=device, dtype=wdtype, requires_grad=True)
         labels = ids if kind == "head" else None
         items = count_items(ids) if labels is not None else None
-        out[kind] = [t / (b - a) for t in _time_segment(seg, x, labels, items, opt, autocast, sync)]
+        times = _time_segment(seg, x, labels, items, opt, autocast, sync, run.train.max_grad_norm > 0)
+        out[kind] = [t / (b - a) for t in times]
         if device.type == "cuda" and not stage_method.recompute:
             saved[kind] = _saved_bytes(seg, x, labels, items, autocast) // (b - a)
 
