@@ -25,7 +25,6 @@ carries the owner's first-stage work, memory and host memory, for the last stage
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,10 +33,6 @@ import numpy as np
 from partitioners.costmodel import StageMethod
 from partitioners.planner.request import PlanRequest
 from partitioners.planner.tables import CostTables
-
-# label fields: three numbers of the schedule's bound, the owner's first stage (U-shape:
-# its work, device bytes, host bytes), back-pointer (stage, start, previous label, option)
-_D0, _D1, _D2, _OWN, _FMEM, _FHOST, _PREV = range(7)
 
 
 @dataclass
@@ -106,9 +101,37 @@ def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la, lg) -> tupl
     return base + F + B, np.maximum(d1, base + M * (F + B)), np.maximum(np.maximum(d2, la), lg) + 0.0 * F
 
 
+# a label's numbers (rows of :attr:`Frontier.nums`): the three of the schedule's bound, then
+# the owner's first stage (U-shape: its work, device bytes, host bytes)
+_OWN, _FMEM, _FHOST = 3, 4, 5
+
+
+@dataclass
+class Frontier:
+    """The labels after some stages, one column each: the layers they place (where the next
+    stage starts), their numbers, and the way back to their plan: the label of the previous
+    frontier each extends and the option its last stage takes. Arrays, so that a stage
+    extends every label at once and nothing runs per label in Python."""
+
+    pos: np.ndarray  # int, per label
+    nums: np.ndarray  # (6, labels): _D0, _D1, _D2, _OWN, _FMEM, _FHOST
+    prev: Frontier | None = None  # the frontier before the last stage (None: nothing placed)
+    row: np.ndarray | None = None  # per label, its label in ``prev``
+    opt: np.ndarray | None = None  # per label, its last stage's option index
+    stage: int = -1  # the last stage's index
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+    def take(self, keep: np.ndarray) -> Frontier:
+        """The labels ``keep`` (indices or a mask) only."""
+        assert self.row is not None and self.opt is not None
+        return Frontier(self.pos[keep], self.nums[:, keep], self.prev, self.row[keep], self.opt[keep], self.stage)
+
+
 class CutSearch:
-    """The cut search one stage at a time: a frontier maps each cut position (the layers
-    placed so far) to its labels. :func:`best_cuts` runs it over a whole device sequence;
+    """The cut search one stage at a time: a :class:`Frontier` holds the labels after the
+    stages placed so far. :func:`best_cuts` runs it over a whole device sequence;
     the device search (:mod:`partitioners.planner.devices`) extends one frontier per prefix
     of devices, so that sequences sharing a prefix share its work.
 
@@ -127,12 +150,12 @@ class CutSearch:
         self.ushape = req.label_privacy
         self.rounds = 1 if at_least else rounds_of(self.schedule, self.M, num_stages)
 
-    def start(self) -> dict[int, list[tuple]]:
-        return {0: [(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None)]}
+    def start(self) -> Frontier:
+        return Frontier(np.zeros(1, int), np.zeros((6, 1)))
 
     def stage(
         self,
-        frontier: dict[int, list[tuple]],
+        frontier: Frontier,
         s: int,
         dev: str,
         prev: str | None,
@@ -141,7 +164,7 @@ class CutSearch:
         prune: bool = True,
         stages_left: int = 0,
         tail: Tail | None = None,
-    ) -> dict[int, list[tuple]]:
+    ) -> Frontier:
         """The frontier after stage ``s`` on ``dev`` (``prev`` runs stage ``s - 1``): every
         layer range and option that fits, below ``bound``; the last stage ends the chain.
         ``stages_left``: stages still to come after this one (each needs a layer); ``tail``:
@@ -149,55 +172,51 @@ class CutSearch:
         whose completions can beat ``bound`` is dropped."""
         tables, n, M, schedule = self.tables, self.n, self.M, self.schedule
         ushape = self.ushape and (s > 0 or not last)
-        nxt: dict[int, list[tuple]] = {}
         cap, hcap = tables.capacity(dev), tables.host_capacity(dev)
         opts = tables.options(s, dev)
-        parts = [tables.parts(dev, o) for o in opts]
         if self.S is None:
             inflight = tables.inflight(s, s + 1 + stages_left)
         elif self.at_least:  # at least this many stages: at least this many micro-batches in flight
             inflight = tables.inflight(s, max(self.S, s + 1 + stages_left))
         else:
             inflight = tables.inflight(s, self.S)
-        memtabs = [tables.dev_table(dev, inflight, o) for o in opts]
-        hostcums = [tables.host_cum(dev, o) for o in opts]
         hi = n if last else n - stages_left
-        # every (position, label) of the frontier is a row; every end of this stage a column
-        starts = [a for a in frontier if (n if last else a + 1) <= hi]
-        if not starts:
-            return nxt
-        row_labels = [lab for a in starts for lab in frontier[a]]
-        A = np.array([a for a in starts for _ in frontier[a]])[:, None]
-        cols = np.array([[lab[_D0], lab[_D1], lab[_D2], lab[_OWN], lab[_FMEM], lab[_FHOST]] for lab in row_labels])
-        d = (cols[:, 0:1], cols[:, 1:2], cols[:, 2:3])
+        # every label that leaves this stage a layer is a row; every end of this stage a column
+        rows_in = np.arange(len(frontier)) if last else np.nonzero(frontier.pos < hi)[0]
+        if not len(rows_in):
+            return self._empty(frontier, s)
+        A = frontier.pos[rows_in][:, None]
+        cols = frontier.nums[:, rows_in]
+        d = (cols[0][:, None], cols[1][:, None], cols[2][:, None])
         if prev is not None:
-            links = {a: tables.link(prev, dev, a) for a in starts}
-            la = np.array([links[a][0] for a in A[:, 0].tolist()])[:, None]
-            lg = np.array([links[a][1] for a in A[:, 0].tolist()])[:, None]
+            links = tables.link_table(prev, dev)[A[:, 0]]
+            la, lg = links[:, 0:1], links[:, 1:2]
         else:
-            la = lg = np.zeros((len(row_labels), 1))
-        bs = np.arange(n if last else min(starts) + 1, hi + 1)
-        valid = bs[None, :] > A if not last else np.ones((len(row_labels), len(bs)), bool)
+            la = lg = np.zeros((len(rows_in), 1))
+        bs = np.arange(n if last else int(A.min()) + 1, hi + 1)
+        valid = bs[None, :] > A if not last else np.ones((len(rows_in), len(bs)), bool)
         if s == 0 and not last:  # privacy: the owner's first stage keeps its minimum of layers
             valid = valid & (bs[None, :] >= self.req.min_owner_front)
         if ushape and last:  # and the U's last stage its minimum
             valid = valid & (n - A >= self.req.min_owner_tail)
         first = ushape and s == 0
         after = tail(bs) if tail is not None and not last else None
-        for k in range(len(opts)):
-            f, bw, o = parts[k]
-            F, B, Op = f[bs][None, :] - f[A], bw[bs][None, :] - bw[A], o[bs][None, :] - o[A]
-            mem = memtabs[k][A, bs[None, :]]
-            host = hostcums[k][bs][None, :] - hostcums[k][A]
+        out_pos, out_nums, out_row, out_opt = [], [], [], []
+        for k, o in enumerate(opts):
+            f, bw, op = tables.parts(dev, o)
+            F, B, Op = f[bs][None, :] - f[A], bw[bs][None, :] - bw[A], op[bs][None, :] - op[A]
+            mem = tables.dev_table(dev, inflight, o)[A, bs[None, :]]
+            host_c = tables.host_cum(dev, o)
+            host = host_c[bs][None, :] - host_c[A]
             if ushape and last:
-                ok = valid & (cols[:, 4:5] + mem <= cap) & (cols[:, 5:6] + host <= hcap)
+                ok = valid & (cols[_FMEM][:, None] + mem <= cap) & (cols[_FHOST][:, None] + host <= hcap)
             else:
                 ok = valid & (mem <= cap) & (host <= hcap)
             n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg), ok)[:3]
             low = value(schedule, M, n0, n1, n2, self.rounds)
             own = M * (F + B) + Op
             if ushape and last:
-                low = np.maximum(low, cols[:, 3:4] + own)
+                low = np.maximum(low, cols[_OWN][:, None] + own)
             keep = ok & (low < bound)
             if after is not None:
                 tf, tb, busy, w = after
@@ -208,47 +227,55 @@ class CutSearch:
             rows, ends = np.nonzero(keep)
             if not len(rows):
                 continue
-            v0, v1, v2 = n0[rows, ends].tolist(), n1[rows, ends].tolist(), n2[rows, ends].tolist()
-            at = A[rows, 0].tolist()
-            bl = bs[ends].tolist()
-            if first:
-                extra = list(
-                    zip(own[rows, ends].tolist(), mem[rows, ends].tolist(), host[rows, ends].tolist(), strict=True)
-                )
-            for x, (i, a, b, x0, x1, x2) in enumerate(zip(rows.tolist(), at, bl, v0, v1, v2, strict=True)):
-                lab = row_labels[i]
-                back = (s, a, lab, k)
-                if first:
-                    new = (x0, x1, x2, *extra[x], back)
-                else:
-                    new = (x0, x1, x2, lab[_OWN], lab[_FMEM], lab[_FHOST], back)
-                nxt.setdefault(b, []).append(new)
+            if first:  # the owner's first stage: its work and memory, for the U's last stage
+                owner = np.stack([np.broadcast_to(x, keep.shape)[rows, ends] for x in (own, mem, host)])
+            else:
+                owner = cols[_OWN:, rows]
+            out_pos.append(bs[ends])
+            out_nums.append(np.concatenate([np.stack([n0[rows, ends], n1[rows, ends], n2[rows, ends]]), owner]))
+            out_row.append(rows_in[rows])
+            out_opt.append(np.full(len(rows), k))
+        if not out_pos:
+            return self._empty(frontier, s)
+        nxt = Frontier(
+            np.concatenate(out_pos), np.concatenate(out_nums, axis=1), frontier,
+            np.concatenate(out_row), np.concatenate(out_opt), s,
+        )  # fmt: skip
         # the last stage's labels are final: ranked by their whole bound (with the owner's term)
-        dims = 6 if ushape else 3
-        return {b: _prune(labs, dims) for b, labs in nxt.items()} if prune and not last else nxt
+        return nxt.take(undominated(nxt.pos, nxt.nums[: 6 if ushape else 3])) if prune and not last else nxt
 
-    def finals(self, frontier: dict[int, list[tuple]], seq: list[str]) -> list[tuple[float, tuple]]:
-        """The complete labels of ``seq``, smallest bound first."""
+    @staticmethod
+    def _empty(frontier: Frontier, s: int) -> Frontier:
+        return Frontier(np.zeros(0, int), np.zeros((6, 0)), frontier, np.zeros(0, int), np.zeros(0, int), s)
+
+    def finals(self, frontier: Frontier, seq: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The complete labels of ``seq``: their bounds, smallest first, and their indices."""
         S, n, M = len(seq), self.n, self.M
-        out = []
-        for lab in frontier.get(n, []):
-            low = float(value(self.schedule, M, lab[_D0], lab[_D1], lab[_D2], self.rounds))
-            if self.ushape and S > 1:
-                # the owner's two stages one after the other: the last one's work from its range
-                _, a, _, k = lab[_PREV]
-                f_last, b_last, o_last = self.tables.fbo(seq[-1], a, n, self.tables.options(S - 1, seq[-1])[k])
-                low = max(low, lab[_OWN] + M * (f_last + b_last) + o_last)
-            out.append((low, lab))
-        out.sort(key=lambda x: x[0])
-        return out
+        rows = np.nonzero(frontier.pos == n)[0]
+        nums = frontier.nums[:, rows]
+        low = np.asarray(value(self.schedule, M, nums[0], nums[1], nums[2], self.rounds), float)
+        if self.ushape and S > 1 and len(rows):
+            # the owner's two stages one after the other: the last one's work from its range
+            assert frontier.prev is not None and frontier.row is not None and frontier.opt is not None
+            a = frontier.prev.pos[frontier.row[rows]]
+            for k, o in enumerate(self.tables.options(S - 1, seq[-1])):
+                f, b, op = self.tables.parts(seq[-1], o)
+                on = frontier.opt[rows] == k
+                work = nums[_OWN] + M * (f[n] - f[a] + b[n] - b[a]) + op[n] - op[a]
+                low = np.where(on, np.maximum(low, work), low)
+        order = np.argsort(low, kind="stable")
+        return low[order], rows[order]
 
-    def choice(self, low: float, lab: tuple, seq: list[str]) -> CutChoice:
+    def choice(self, low: float, i: int, frontier: Frontier, seq: list[str]) -> CutChoice:
+        """The plan of label ``i`` of ``frontier``, followed back to the first stage."""
         cuts, chosen = [], []
-        while lab[_PREV] is not None:
-            s, a, lab, k = lab[_PREV]
-            cuts.append(a)
+        while frontier.prev is not None:
+            assert frontier.row is not None and frontier.opt is not None
+            s, k, i = frontier.stage, int(frontier.opt[i]), int(frontier.row[i])
+            frontier = frontier.prev
+            cuts.append(int(frontier.pos[i]))
             chosen.append(self.tables.options(s, seq[s])[k])
-        return CutChoice(low, sorted({*cuts, self.n}), chosen[::-1])
+        return CutChoice(float(low), sorted({*cuts, self.n}), chosen[::-1])
 
 
 def best_cuts(
@@ -277,38 +304,50 @@ def best_cuts(
         frontier = search.stage(
             frontier, s, seq[s], seq[s - 1] if s else None, last, bound, prune, stages_left=S - s - 1, tail=after
         )
-        if max_labels and sum(len(v) for v in frontier.values()) > max_labels:
+        if max_labels and len(frontier) > max_labels:
             return None
-        if not frontier:
+        if not len(frontier):
             return []
-    return [search.choice(low, lab, seq) for low, lab in search.finals(frontier, seq)[:top]]
+    lows, rows = search.finals(frontier, seq)
+    return [
+        search.choice(low, i, frontier, seq) for low, i in zip(lows[:top].tolist(), rows[:top].tolist(), strict=True)
+    ]
 
 
-def _prune(labels: list[tuple], dims: int) -> list[tuple]:
-    """Drop the labels another beats (or equals) in each of the first ``dims`` numbers."""
-    labels.sort(key=lambda x: x[:dims])
-    out: list[tuple] = []
-    if dims == 3:
-        # sorted by the first number: a label is beaten iff a kept one is at or below it in
-        # the other two; the kept ones' lower-left staircase in those two answers that
-        stair_x: list[float] = []  # ascending second number
-        stair_y: list[float] = []  # descending third number
-        for lab in labels:
-            x, y = lab[_D1], lab[_D2]
-            i = bisect.bisect_right(stair_x, x)
-            if i and stair_y[i - 1] <= y:
-                continue
-            out.append(lab)
-            j = i
-            while j < len(stair_x) and stair_y[j] >= y:
-                j += 1
-            stair_x[i:j] = [x]
-            stair_y[i:j] = [y]
-        return out
-    for lab in labels:
-        if not any(all(o[i] <= lab[i] for i in range(dims)) for o in out):
-            out.append(lab)
-    return out
+WINDOW = 8  # each label is held against this many labels just before it (and two prefix bests)
+
+
+def undominated(pos: np.ndarray, nums: np.ndarray) -> np.ndarray:
+    """Indices of labels to keep: a label another of its position beats (or equals) in
+    every number is dropped where one of a few candidates shows it, the rest are kept (a
+    kept dominated label costs time, never a plan).
+
+    Sorted by position, then the numbers in order, a label can only be beaten by one
+    before it. The candidates: the ``WINDOW`` labels just before it, and those before it
+    with the least second and the least third number (a prefix minimum of their ranks,
+    all in arrays)."""
+    L = len(pos)
+    if L < 2:
+        return np.arange(L)
+    order = np.lexsort((*nums[::-1], pos))
+    v, p = nums[:, order], pos[order]
+    dominated = np.zeros(L, bool)
+
+    def beaten_by(j: np.ndarray, i: np.ndarray) -> np.ndarray:
+        return (p[j] == p[i]) & np.all(v[:, j] <= v[:, i], axis=0)
+
+    for k in range(1, min(WINDOW, L - 1) + 1):
+        dominated[k:] |= beaten_by(np.arange(L - k), np.arange(k, L))
+    group = np.cumsum(np.r_[True, p[1:] != p[:-1]])  # 1, 2, ... per position, ascending
+    offset = (group[-1] - group) * L  # earlier groups higher: a running minimum restarts per group
+    for dim in (1, 2):
+        ranked = np.lexsort((*[v[x] for x in range(len(v) - 1, -1, -1) if x != dim], v[dim]))
+        rank = np.empty(L, int)
+        rank[ranked] = np.arange(L)
+        best = np.minimum.accumulate(offset + rank)[:-1]  # the best up to the label before each
+        j = ranked[best % L]
+        dominated[1:] |= beaten_by(j, np.arange(1, L))
+    return np.sort(order[~dominated])
 
 
 @dataclass

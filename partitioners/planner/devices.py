@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from partitioners.planner.bounds import PoolBounds
-from partitioners.planner.cuts import CutChoice, CutSearch, Tail, completed, rounds_of
+from partitioners.planner.cuts import CutChoice, CutSearch, Frontier, Tail, completed, rounds_of
 from partitioners.planner.request import IDENTICAL_FIELDS, PlanRequest
 from partitioners.planner.tables import CostTables
 
@@ -137,26 +137,20 @@ class DeviceSearch:
 
         return exact
 
-    def node_low(
-        self, frontier: dict[int, list[tuple]], free: int, prefix: list[str], S: int | None = None, to: str = ""
-    ) -> float:
+    def node_low(self, frontier: Frontier, free: int, prefix: list[str], S: int | None = None, to: str = "") -> float:
         """A bound below every plan that extends this frontier (``prefix`` placed) with at
         most ``free`` more stages (:meth:`tail`); ``to``: the next stage's device, whose cut
         from the last device is then known."""
+        if not len(frontier):
+            return float("inf")
         M, schedule = self.req.num_micro_batches, self.req.schedule
-        rounds = rounds_of(schedule, M, S)
-        positions = np.array(sorted(frontier))
+        positions, at = np.unique(frontier.pos, return_inverse=True)
         f, b, busiest, w = self.tail(prefix, free)(positions)
         if to:
             w = np.maximum(w, self.tables.link_table(prefix[-1], to)[positions].max(axis=1))
-        best = float("inf")
-        for i, a in enumerate(positions.tolist()):
-            if busiest[i] == np.inf:
-                continue
-            labs = np.array([lab[:3] for lab in frontier[a]])
-            low = completed(schedule, M, rounds, labs[:, 0], labs[:, 1], labs[:, 2], f[i], b[i], w[i], busiest[i])
-            best = min(best, float(np.min(low)))
-        return best
+        d0, d1, d2 = frontier.nums[:3]
+        low = completed(schedule, M, rounds_of(schedule, M, S), d0, d1, d2, f[at], b[at], w[at], busiest[at])
+        return float(low.min())
 
     def run(self) -> None:
         req = self.req
@@ -195,20 +189,20 @@ class DeviceSearch:
                 out.append(free[0])
         return out
 
-    def _close(self, search: CutSearch, prefix: list[str], frontier: dict[int, list[tuple]], dev: str, s: int) -> None:
+    def _close(self, search: CutSearch, prefix: list[str], frontier: Frontier, dev: str, s: int) -> None:
         """``dev`` runs the last stage after ``prefix``: a complete sequence."""
         seq = [*prefix, dev]
         last = search.stage(frontier, s, dev, prefix[-1] if prefix else None, True, self.step())
-        finals = search.finals(last, seq)
-        if not finals:
+        lows, rows = search.finals(last, seq)
+        if not len(lows):
             return
-        self.sequences.append(FoundSequence(seq, finals[0][0]))
+        self.sequences.append(FoundSequence(seq, float(lows[0])))
         if search.at_least:  # relaxed labels: the plans are listed again at their own length
             return
-        step = self.step()
-        self.check(seq, [search.choice(low, lab, seq) for low, lab in finals[: self.top] if low < step])
+        top = np.nonzero(lows[: self.top] < self.step())[0]
+        self.check(seq, [search.choice(lows[i], rows[i], last, seq) for i in top.tolist()])
 
-    def _node(self, search: CutSearch, prefix: list[str], mid: dict[int, list[tuple]], S: int | None) -> None:
+    def _node(self, search: CutSearch, prefix: list[str], mid: Frontier, S: int | None) -> None:
         """``mid``: the frontier with every device of ``prefix`` placed (none of them the
         last stage). Close the sequence with one more device (the owner, for a U), then grow
         it by one device of each class, the most promising first."""
