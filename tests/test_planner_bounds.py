@@ -15,7 +15,15 @@ from partitioners import PlanRequest
 from partitioners.planner import CostTables, evaluate
 from partitioners.planner.bounds import PoolBounds
 from partitioners.planner.cuts import best_cuts, every_cut
-from partitioners.planner.objective import StepFigures, array_steps, plain_sequence, plain_steps, simulated
+from partitioners.planner.objective import (
+    StepFigures,
+    array_steps,
+    drained,
+    lower_bound,
+    plain_sequence,
+    plain_steps,
+    simulated,
+)
 
 
 def test_plain_steps_equal_the_simulator():
@@ -36,6 +44,44 @@ def test_plain_steps_equal_the_simulator():
                 list(F[:, k]), list(B[:, k]), list(Op[:, k]), [0.0] * S, [1] * S, list(A[:, k]), list(G[:, k])
             )
             assert got[k] == pytest.approx(simulated(schedule, fig, M), rel=1e-12, abs=1e-9)
+
+
+def test_drained_gradients_stay_below_the_simulator():
+    """1F1B: after the last activation reaches stage ``s + 1``, :func:`drained` gradients
+    still cross the wire back one after another. On random plans whose wires are often
+    far slower than the stages (one direction much slower than the other, as behind a thin
+    uplink), the bound with that term stays at or below the simulator's step, shared devices
+    and uplinks included; and it is the step itself on some of them (a term that matters)."""
+    rng = random.Random(13)
+    tight = 0
+    for i in range(400):
+        S, M = rng.randint(2, 8), rng.randint(1, 9)
+
+        def wire() -> float:
+            return rng.choice([0.0, rng.uniform(0, 5), rng.uniform(50, 500), rng.uniform(500, 5000)])
+
+        fig = StepFigures(
+            [rng.uniform(0, 10) for _ in range(S)],
+            [rng.uniform(0, 20) for _ in range(S)],
+            [rng.choice([0.0, rng.uniform(0, 5)]) for _ in range(S)],
+            [0.0] * S,
+            [1] * S,
+            [wire() for _ in range(S - 1)],
+            [wire() for _ in range(S - 1)],
+        )
+        if i % 4 == 0 and S > 2:  # the data owner's two stages (U-shape) share its device
+            fig = dataclasses.replace(fig, shared=[(0, S - 1)])
+        if i % 4 == 1 and S > 2:  # two wires through one uplink
+            fig = dataclasses.replace(fig, channels={"link 0->1": "up", "link 2->1": "up"})
+        sim = simulated("1f1b", fig, M)
+        assert lower_bound("1f1b", fig, M) <= sim * (1 + 1e-9) + 1e-9
+        F, B, a, g = fig.fwd, fig.bwd, fig.act, fig.grad
+        for s in range(S - 1):  # the term alone: the path to stage s, then the wire s <-> s + 1
+            path = sum(F[: s + 1]) + sum(B[: s + 1]) + sum(a[:s]) + sum(g[:s])
+            term = path + M * a[s] + F[s + 1] + B[s + 1] + drained(S, s + 1, M) * g[s] + fig.opt[0]
+            assert term <= sim * (1 + 1e-9) + 1e-9
+            tight += drained(S, s + 1, M) > 1 and term == pytest.approx(sim, rel=1e-9)
+    assert tight >= 5, tight
 
 
 def _sequences(rng: random.Random, r: PlanRequest, count: int) -> list[list[str]]:

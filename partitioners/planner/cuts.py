@@ -12,12 +12,17 @@ another beats in every number can be dropped:
   resource and the slowest backward resource: ``total + (M - 1) (maxF + maxB)``, the
   forward and backward flow shops, exact unless a later stage's optimizer step ends after
   stage 0's;
-- ``1f1b``: the round trip so far (without stage 0's optimizer step), the largest ``path
-  before s + M (F_s + B_s)`` and the slowest wire: ``max(that, total + (M - 1) wire,
-  rounds total)``, a bound (1F1B has no closed form;
+- ``1f1b``: the round trip so far (without stage 0's optimizer step), the largest of the
+  terms each stage fixes when it is placed (``path before s + M (F_s + B_s)``, and for its
+  cut ``path before + M act + drained grad + F_s + B_s``) and the slowest wire: ``max(that,
+  total + (M - 1) wire, rounds total)``, a bound (1F1B has no closed form;
   :func:`partitioners.planner.objective.lower_bound`). ``rounds``: stage 0 holds at most
   ``S`` micro-batches, so micro-batch ``m + S`` starts after micro-batch ``m`` has come back:
-  ``(M - 1) // S + 1`` round trips one after the other.
+  ``(M - 1) // S + 1`` round trips one after the other. ``drained``: stage ``s`` runs its
+  last ``min(S - s - 1, M - 1) + 1`` backwards after the last activation arrived, and their
+  gradients cross the wire back one after another
+  (:func:`partitioners.planner.objective.drained`); where that wire is slow (a data owner
+  behind a thin uplink) this is what the step is.
 
 With ``label_privacy`` the data owner runs the first and the last stage: a label also
 carries the owner's first-stage work, memory and host memory, for the last stage to add.
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from partitioners.costmodel import StageMethod
+from partitioners.planner.objective import drained
 from partitioners.planner.request import PlanRequest
 from partitioners.planner.tables import CostTables
 
@@ -84,8 +90,9 @@ def rounds_of(schedule: str, M: int, num_stages: int | None) -> int:
     return (M - 1) // num_stages + 1
 
 
-def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la, lg) -> tuple:
-    """The numbers after one more stage (arrays over its possible ends)."""
+def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la, lg, drain: int = 1) -> tuple:
+    """The numbers after one more stage (arrays over its possible ends); ``drain``: 1F1B's
+    gradients the stage sends back after its last forward (at least; :func:`drained`)."""
     d0, d1, d2 = lab  # each an array over the labels, (labels, 1): the results are (labels, ends)
     if schedule == "sequential":
         n0 = d0 + M * (F + la) + (M - 1) * (B + lg)
@@ -98,7 +105,8 @@ def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la, lg) -> tupl
     if s == 0:  # the round trip without the optimizer step (the rounds term repeats it)
         return F + B + 0.0 * d0, M * (F + B) + Op + 0.0 * d0, 0.0 * (F + d0)
     base = d0 + la + lg
-    return base + F + B, np.maximum(d1, base + M * (F + B)), np.maximum(np.maximum(d2, la), lg) + 0.0 * F
+    n1 = np.maximum(np.maximum(d1, base + M * (F + B)), d0 + M * la + drain * lg + F + B)
+    return base + F + B, n1, np.maximum(np.maximum(d2, la), lg) + 0.0 * F
 
 
 # a label's numbers (rows of :attr:`Frontier.nums`): the three of the schedule's bound, then
@@ -174,12 +182,13 @@ class CutSearch:
         ushape = self.ushape and (s > 0 or not last)
         cap, hcap = tables.capacity(dev), tables.host_capacity(dev)
         opts = tables.options(s, dev)
-        if self.S is None:
-            inflight = tables.inflight(s, s + 1 + stages_left)
-        elif self.at_least:  # at least this many stages: at least this many micro-batches in flight
-            inflight = tables.inflight(s, max(self.S, s + 1 + stages_left))
-        else:
-            inflight = tables.inflight(s, self.S)
+        # the sequence's length, or the least it can have (1F1B: the fewest micro-batches
+        # in flight, the fewest gradients drained: both only grow with the length)
+        length = s + 1 + stages_left if self.S is None else self.S
+        if self.at_least:
+            length = max(length, s + 1 + stages_left)
+        inflight = tables.inflight(s, length)
+        drain = drained(length, s, M) if s else 1
         hi = n if last else n - stages_left
         # every label that leaves this stage a layer is a row; every end of this stage a column
         rows_in = np.arange(len(frontier)) if last else np.nonzero(frontier.pos < hi)[0]
@@ -212,7 +221,7 @@ class CutSearch:
                 ok = valid & (cols[_FMEM][:, None] + mem <= cap) & (cols[_FHOST][:, None] + host <= hcap)
             else:
                 ok = valid & (mem <= cap) & (host <= hcap)
-            n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg), ok)[:3]
+            n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg, drain), ok)[:3]
             low = value(schedule, M, n0, n1, n2, self.rounds)
             own = M * (F + B) + Op
             if ushape and last:
@@ -400,6 +409,7 @@ def every_cut(
             valid = valid & (bs[None, :] >= req.min_owner_front)
         cap, hcap = tables.capacity(dev), tables.host_capacity(dev)
         inflight = tables.inflight(s, S)
+        drain = drained(S, s, M) if s else 1
         after = tail(seq, s) if tail is not None and not last else None
         parts_p, parts_d, parts_h, parts_o = [], [], [], []
         for k, o in enumerate(tables.options(s, dev)):
@@ -410,7 +420,7 @@ def every_cut(
             host = host_c[bs][None, :] - host_c[A]
             ok = valid & (mem <= cap) & (host <= hcap)
             d = (D[0][:, None], D[1][:, None], D[2][:, None])
-            n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg), ok)[:3]
+            n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg, drain), ok)[:3]
             keep = ok & (value(schedule, M, n0, n1, n2, rounds) < bound)
             if after is not None:
                 tf, tb, busy, w = after(bs)
