@@ -113,7 +113,7 @@ def test_pool_bounds_stay_below_every_plans_step():
     labels' bound (with 1F1B's rounds) and the completion bound, on every plan of random
     sequences of random instances; usable() keeps every device of a plan faster than a step."""
     rng = random.Random(5)
-    plans = 0
+    plans = every_checked = 0
     for r in _instances(90):
         tables = CostTables(r)
         limits = PoolBounds(r, tables)
@@ -144,7 +144,14 @@ def test_pool_bounds_stay_below_every_plans_step():
                 }
                 kept = best_cuts(r, tables, seq, bound, top=10**6, prune=False, tail=limits.sequence_tail) or []
                 assert faster <= {(tuple(c.bounds), tuple(c.opts)) for c in kept}
+                if len(set(seq)) == len(seq):  # and so does the listing as arrays
+                    every = every_cut(r, tables, seq, bound, 10**6, tail=limits.sequence_tail)
+                    assert every is not None
+                    listed_too = [every.choice(i, tables, seq) for i in range(len(every.lower_ms))]
+                    assert faster <= {(tuple(c.bounds), tuple(c.opts)) for c in listed_too}
+                    every_checked += 1
     assert plans >= 300, plans
+    assert every_checked >= 50, every_checked
 
 
 def test_every_cut_lists_what_best_cuts_lists_and_replays_the_simulator():

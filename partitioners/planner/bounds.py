@@ -71,6 +71,9 @@ class PoolBounds:
         self._wire: dict[tuple, float] = {}
         self._cap: dict[str, np.ndarray] = {}
         self._groups: dict[str, tuple] = {}
+        # per set of devices left (and the last device, or the stages left): the bound at every position
+        self._crossing: dict[tuple, np.ndarray] = {}
+        self._busiest: dict[tuple, np.ndarray] = {}
 
     # -- devices and links --------------------------------------------------------------
 
@@ -125,7 +128,14 @@ class PoolBounds:
         by memory, or some cut crosses a wire slower than ``t``: the bound is the smallest
         ``t`` whose reach holds them (inf: no reach does). Devices are taken by link group
         (a zone, or a device with links of its own); reaching one device of a group counts
-        as reaching all of it (more memory: the bound stays below)."""
+        as reaching all of it (more memory: the bound stays below). Computed at every
+        position once per ``last`` and ``free`` (the device search asks again and again)."""
+        key = (last, tuple(free))
+        if key not in self._crossing:
+            self._crossing[key] = self._crossing_at(last, free, np.arange(self.req.n + 1))
+        return self._crossing[key][positions]
+
+    def _crossing_at(self, last: str, free: list[str], positions: np.ndarray) -> np.ndarray:
         need = self.ref_tail[positions] * (1 - 1e-9)
         groups: dict[tuple, list[str]] = {}
         for d in free:  # ``last`` itself (the U's owner again) is a group alone: no wire to itself
@@ -188,7 +198,14 @@ class PoolBounds:
         ``w`` is at most ``capacity(d)``: if the busiest works ``lam``, the stages hold at most
         the sum over their devices of ``min(lam / slow[d], capacity(d))``, the ``stages``
         largest of them, which must reach the work left. The smallest such ``lam`` is found
-        by bisection (rounded down: the bound stays below)."""
+        by bisection (rounded down: the bound stays below), at every position once per
+        ``free`` and ``stages``."""
+        key = (tuple(free), stages)
+        if key not in self._busiest:
+            self._busiest[key] = self._busiest_at(np.arange(self.req.n + 1), free, stages)
+        return self._busiest[key][positions]
+
+    def _busiest_at(self, positions: np.ndarray, free: list[str], stages: int) -> np.ndarray:
         need = self.ref_tail[positions]
         if not free or stages <= 0:
             return np.where(need > 0, np.inf, 0.0)
@@ -228,19 +245,26 @@ class PoolBounds:
         """What the stages after stage ``s`` of ``seq`` take at least, per end of stage
         ``s`` (:func:`~partitioners.planner.cuts.completed`): the layers left at their
         fastest on those devices, the busiest of those stages at least
-        :meth:`tail_stage_ms` on them, and the cut to ``seq[s + 1]`` its slower transfer."""
+        :meth:`tail_stage_ms` on them, the cut to ``seq[s + 1]`` its slower transfer, and
+        the cuts left both ways: that cut's, then each later pair's cheapest cut's."""
         rest = list(dict.fromkeys(seq[s + 1 :]))
         f = np.min([self.f[d] for d in rest], axis=0)
         b = np.min([self.b[d] for d in rest], axis=0)
         tail_f = np.concatenate([np.cumsum(f[::-1])[::-1], [0.0]])
         tail_b = np.concatenate([np.cumsum(b[::-1])[::-1], [0.0]])
         k = len(seq) - s - 1
-        u, v = seq[s], seq[s + 1]
+        n = self.req.n
+        links = self.tables.link_table(seq[s], seq[s + 1])
+        wire, trip = links.max(axis=1), links.sum(axis=1)
+        later = sum(
+            float(self.tables.link_table(u, v)[1:n].sum(axis=1).min())
+            for u, v in zip(seq[s + 1 :], seq[s + 2 :], strict=False)
+        )
 
-        def after(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        def after(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             ft, bt = tail_f[bs], tail_b[bs]
             busiest = np.maximum(self.tail_stage_ms(bs, rest, k), (ft + bt) / k)
-            w = np.array([max(self.tables.link(u, v, c)) if 0 < c < self.req.n else 0.0 for c in bs.tolist()])
-            return ft, bt, busiest, w
+            inside = (bs > 0) & (bs < n)
+            return ft, bt, busiest, np.where(inside, wire[bs], 0.0), np.where(inside, trip[bs] + later, 0.0)
 
         return after

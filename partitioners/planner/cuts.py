@@ -58,27 +58,30 @@ def value(schedule: str, M: int, d0, d1, d2, rounds: int = 1):
     return np.maximum(np.maximum(d1, d0 + (M - 1) * d2), rounds * d0)
 
 
-def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest):
+def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest, trip=0.0):
     """A bound below every completion of a label (scalars or arrays): the layers left take
     at least ``f`` forward and ``b`` backward per micro-batch, the next cut at least ``w``
     either way, and the busiest of the stages left at least ``busiest`` per micro-batch
-    (:meth:`partitioners.planner.bounds.PoolBounds.tail_stage_ms`); 0 each where nothing is
+    (:meth:`partitioners.planner.bounds.PoolBounds.tail_stage_ms`); the cuts left at least
+    ``trip`` both ways together (under 1F1B: the round trip); 0 each where nothing is
     left; inf where the devices left cannot hold the layers left (any of them inf)."""
     gone = np.isinf(busiest) | np.isinf(w) | np.isinf(f) | np.isinf(b)  # no device left holds the layers left
-    f, b, busiest, w = (np.where(gone, 0.0, x) for x in (f, b, busiest, w))
+    f, b, busiest, w, trip = (np.where(gone, 0.0, x) for x in (f, b, busiest, w, trip))
     if schedule == "sequential":
         low = value(schedule, M, d0 + M * f + (M - 1) * (b + w), d1, d2)
     elif schedule == "gpipe":
         n0 = d0 + f + b + w  # the slowest forward and backward resources: the wire is one of them
         low = n0 + (M - 1) * np.maximum(np.maximum(d1 + d2, w), busiest)
     else:
-        low = value(schedule, M, d0 + f + b + w, np.maximum(d1, d0 + w + M * busiest), np.maximum(d2, w), rounds)
+        trip = np.maximum(w, trip)  # the cuts left, both ways: at least one way of one of them
+        low = value(schedule, M, d0 + f + b + trip, np.maximum(d1, d0 + w + M * busiest), np.maximum(d2, w), rounds)
     return np.where(gone, np.inf, low)
 
 
 # the layers after each end of a stage: least forward, least backward, the busiest stage's
-# least forward and backward, and the next cut's least transfer either way (each per end)
-Tail = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+# least forward and backward, the next cut's least transfer either way, and the cuts left's
+# least transfers both ways together (each per end)
+Tail = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
 
 def rounds_of(schedule: str, M: int, num_stages: int | None) -> int:
@@ -88,6 +91,17 @@ def rounds_of(schedule: str, M: int, num_stages: int | None) -> int:
     if schedule != "1f1b" or not num_stages:
         return 1
     return (M - 1) // num_stages + 1
+
+
+def held_back(M: int, K: int, before, beyond, B):
+    """1F1B: a stage holds at most ``K = S - s`` micro-batches, so every ``K``-th one waits
+    for the round trip beyond it (at least ``beyond``, the stage's own forward and backward
+    included): ``(M - 1) // K + 1`` of them one after the other, after the path ``before``
+    it, then the backwards of the micro-batches left (the term of
+    :func:`partitioners.planner.objective.lower_bound`). It needs the round trip still to
+    come, so a label cannot carry it: it only drops labels (with the completion bound)."""
+    r = (M - 1) // K
+    return before + (r + 1) * beyond + (M - 1 - r * K) * B
 
 
 def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la, lg, drain: int = 1) -> tuple:
@@ -228,10 +242,11 @@ class CutSearch:
                 low = np.maximum(low, cols[_OWN][:, None] + own)
             keep = ok & (low < bound)
             if after is not None:
-                tf, tb, busy, w = after
-                low_c = completed(
-                    schedule, M, self.rounds, n0, n1, n2, tf[None, :], tb[None, :], w[None, :], busy[None, :]
-                )
+                tf, tb, busy, w, trip = (x[None, :] for x in after)
+                low_c = completed(schedule, M, self.rounds, n0, n1, n2, tf, tb, w, busy, trip)
+                if schedule == "1f1b" and self.S is not None and not self.at_least:
+                    beyond = F + B + tf + tb + np.maximum(w, trip)  # the round trip from this stage on
+                    low_c = np.maximum(low_c, held_back(M, self.S - s, n0 - F - B, beyond, B))
                 keep &= low_c < bound
             rows, ends = np.nonzero(keep)
             if not len(rows):
@@ -423,11 +438,12 @@ def every_cut(
             n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg, drain), ok)[:3]
             keep = ok & (value(schedule, M, n0, n1, n2, rounds) < bound)
             if after is not None:
-                tf, tb, busy, w = after(bs)
-                keep &= (
-                    completed(schedule, M, rounds, n0, n1, n2, tf[None, :], tb[None, :], w[None, :], busy[None, :])
-                    < bound
-                )
+                tf, tb, busy, w, trip = (x[None, :] for x in after(bs))
+                low_c = completed(schedule, M, rounds, n0, n1, n2, tf, tb, w, busy, trip)
+                if schedule == "1f1b":
+                    beyond = F + B + tf + tb + np.maximum(w, trip)
+                    low_c = np.maximum(low_c, held_back(M, S - s, n0 - F - B, beyond, B))
+                keep &= low_c < bound
             rows, ends = np.nonzero(keep)
             parts_p.append(bs[ends])
             parts_d.append(np.stack([n0[rows, ends], n1[rows, ends], n2[rows, ends]]))

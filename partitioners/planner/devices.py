@@ -111,7 +111,7 @@ class DeviceSearch:
         devs = self._free(prefix)
         if not devs:
             none = np.full(self.req.n + 1, np.inf)
-            return lambda bs: (none[bs], none[bs], none[bs], none[bs])
+            return lambda bs: (none[bs], none[bs], none[bs], none[bs], none[bs])
         w = min(self.bounds.wire_ms(prefix[-1], d) for d in devs) / M  # per micro-batch, either way
         k = max(free, 1)
         last = prefix[-1]
@@ -123,17 +123,17 @@ class DeviceSearch:
                 self._cache[("crossing", last)] = self.bounds.crossing_ms(last, self.pool, everyone)
             lam, cross = self._cache[("busiest", k)], self._cache[("crossing", last)]
 
-            def after(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            def after(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
                 f, b = tail_f[bs], tail_b[bs]
-                return f, b, np.maximum(lam[bs], (f + b) / k), np.maximum(w, cross[bs] / M)
+                return f, b, np.maximum(lam[bs], (f + b) / k), np.maximum(w, cross[bs] / M), 0.0 * f
 
             return after
 
-        def exact(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        def exact(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             f, b = tail_f[bs], tail_b[bs]
             busiest = np.maximum(self.bounds.tail_stage_ms(bs, devs, k), (f + b) / k)
             crossing = self.bounds.crossing_ms(last, devs, bs) / M  # some cut's slower wire
-            return f, b, busiest, np.maximum(w, crossing)
+            return f, b, busiest, np.maximum(w, crossing), 0.0 * f
 
         return exact
 
@@ -145,11 +145,12 @@ class DeviceSearch:
             return float("inf")
         M, schedule = self.req.num_micro_batches, self.req.schedule
         positions, at = np.unique(frontier.pos, return_inverse=True)
-        f, b, busiest, w = self.tail(prefix, free)(positions)
+        f, b, busiest, w, trip = self.tail(prefix, free)(positions)
         if to:
             w = np.maximum(w, self.tables.link_table(prefix[-1], to)[positions].max(axis=1))
         d0, d1, d2 = frontier.nums[:3]
-        low = completed(schedule, M, rounds_of(schedule, M, S), d0, d1, d2, f[at], b[at], w[at], busiest[at])
+        rounds = rounds_of(schedule, M, S)
+        low = completed(schedule, M, rounds, d0, d1, d2, f[at], b[at], w[at], busiest[at], trip[at])
         return float(low.min())
 
     def run(self) -> None:
