@@ -109,8 +109,8 @@ def _instances(n: int) -> list[PlanRequest]:
 
 
 def test_pool_bounds_stay_below_every_plans_step():
-    """Each device's and link's bound, the busiest stage left, the crossing wire, the cut
-    labels' bound (with 1F1B's rounds) and the completion bound, on every plan of random
+    """Each device's and link's bound, the busiest stage left, the crossing wire, the
+    cheapest round trip of a cut left, the cut labels' bound (with 1F1B's rounds) and the completion bound, on every plan of random
     sequences of random instances; usable() keeps every device of a plan faster than a step."""
     rng = random.Random(5)
     plans = every_checked = 0
@@ -128,6 +128,7 @@ def test_pool_bounds_stay_below_every_plans_step():
                 assert set(seq) <= set(limits.usable(step * (1 + 1e-9) + 1e-6))
                 fb = [sum(tables.fbo(d, c.bounds[s], c.bounds[s + 1], c.opts[s])[:2]) for s, d in enumerate(seq)]
                 wires = [max(tables.link(seq[s], seq[s + 1], c.bounds[s + 1])) for s in range(S - 1)]
+                trips = [sum(tables.link(seq[s], seq[s + 1], c.bounds[s + 1])) for s in range(S - 1)]
                 for s in range(S - 1):
                     a = np.array([c.bounds[s + 1]])
                     free = [d for d in r.pool if d not in seq[: s + 1]] + ([seq[0]] if r.label_privacy else [])
@@ -135,6 +136,8 @@ def test_pool_bounds_stay_below_every_plans_step():
                     assert busiest <= max(fb[s + 1 :]) * (1 + 1e-9) + 1e-12
                     crossing = limits.crossing_ms(seq[s], free, a)[0]
                     assert crossing <= M * max(wires[s:]) * (1 + 1e-9) + 1e-9
+                    hop = limits.hop_ms(seq[s], free)  # each cut left, both ways
+                    assert (S - s - 1) * hop <= M * sum(trips[s:]) * (1 + 1e-9) + 1e-9
                 plans += 1
             # the completion bound keeps every plan faster than a bound
             if listed:

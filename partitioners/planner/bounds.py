@@ -74,6 +74,7 @@ class PoolBounds:
         # per set of devices left (and the last device, or the stages left): the bound at every position
         self._crossing: dict[tuple, np.ndarray] = {}
         self._busiest: dict[tuple, np.ndarray] = {}
+        self._hop: dict[tuple, float] = {}
 
     # -- devices and links --------------------------------------------------------------
 
@@ -98,6 +99,18 @@ class PoolBounds:
                 self._wire[key] = self.M * max(t.transfer_ms(u, v, nbytes), t.transfer_ms(v, u, nbytes))
             self._wire[pair] = self._wire[key]
         return self._wire[pair]
+
+    def hop_ms(self, last: str, free: list[str]) -> float:
+        """``M`` times the cheapest round trip (activation there, gradient back) of the
+        smallest activation any cut sends between two devices of ``free``, or from
+        ``last`` to one of them: below what each cut of a completion after ``last`` on
+        ``free`` adds to the round trip (once per ``last`` and ``free``)."""
+        key = (last, tuple(free))
+        if key not in self._hop:
+            t, nbytes = self.tables, self.min_cut_bytes
+            pairs = [(u, v) for u in dict.fromkeys([last, *free]) for v in free if u != v or u == last]
+            self._hop[key] = self.M * min(t.transfer_ms(u, v, nbytes) + t.transfer_ms(v, u, nbytes) for u, v in pairs)
+        return self._hop[key]
 
     def usable(self, step: float) -> list[str]:
         """The devices a plan stepping below ``step`` may use: those whose cheapest layer

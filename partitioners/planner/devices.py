@@ -99,13 +99,15 @@ class DeviceSearch:
             out.append(prefix[0])
         return out
 
-    def tail(self, prefix: list[str], free: int) -> Tail:
+    def tail(self, prefix: list[str], free: int, least: int = 1) -> Tail:
         """What the at most ``free`` stages after ``prefix`` take at least, per position of
         the cut after it (:func:`~partitioners.planner.cuts.completed`): the layers left at
         their fastest; the busiest of those stages at least :meth:`PoolBounds.tail_stage_ms`
         on the devices left; the next cut at least the cheapest wire from the last device to
         one of them, and some cut at least :meth:`PoolBounds.crossing_ms` (the round trip
-        grows by one of the two, and the slowest wire is at least the larger)."""
+        grows by one of the two, and the slowest wire is at least the larger); and where
+        few devices are left, each of the at least ``least`` cuts still to come at least the
+        cheapest round trip between two of them (or from the last device)."""
         M = self.req.num_micro_batches
         tail_f, tail_b = self.rest
         devs = self._free(prefix)
@@ -129,11 +131,14 @@ class DeviceSearch:
 
             return after
 
+        hop = self.bounds.hop_ms(last, devs) / M  # per micro-batch, both ways
+        n = self.req.n
+
         def exact(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             f, b = tail_f[bs], tail_b[bs]
             busiest = np.maximum(self.bounds.tail_stage_ms(bs, devs, k), (f + b) / k)
             crossing = self.bounds.crossing_ms(last, devs, bs) / M  # some cut's slower wire
-            return f, b, busiest, np.maximum(w, crossing), 0.0 * f
+            return f, b, busiest, np.maximum(w, crossing), np.where(bs < n, least * hop, 0.0)
 
         return exact
 
@@ -145,7 +150,7 @@ class DeviceSearch:
             return float("inf")
         M, schedule = self.req.num_micro_batches, self.req.schedule
         positions, at = np.unique(frontier.pos, return_inverse=True)
-        f, b, busiest, w, trip = self.tail(prefix, free)(positions)
+        f, b, busiest, w, trip = self.tail(prefix, free, free if S else 1)(positions)
         if to:
             w = np.maximum(w, self.tables.link_table(prefix[-1], to)[positions].max(axis=1))
         d0, d1, d2 = frontier.nums[:3]
@@ -234,7 +239,7 @@ class DeviceSearch:
         for d in kids:
             if self.node_low(mid, free, prefix, R, to=d) >= self.step():  # its cut alone is too slow
                 continue
-            after = self.tail([*prefix, d], free - 1)
+            after = self.tail([*prefix, d], free - 1, free - 1 if fixed else 1)
             nxt = search.stage(mid, s, d, prefix[-1], False, self.step(), stages_left=left, tail=after)
             if nxt:
                 grown.append((self.node_low(nxt, free - 1, [*prefix, d], R), d, nxt))
