@@ -110,8 +110,10 @@ def _instances(n: int) -> list[PlanRequest]:
 
 def test_pool_bounds_stay_below_every_plans_step():
     """Each device's and link's bound, the busiest stage left, the crossing wire, the
-    cheapest round trip of a cut left, the cut labels' bound (with 1F1B's rounds) and the completion bound, on every plan of random
-    sequences of random instances; usable() keeps every device of a plan faster than a step."""
+    cheapest round trip of a cut left, the cut labels' bound (with 1F1B's rounds) and the
+    completion bound (with 1F1B's held-back round trips, in best_cuts and every_cut), on
+    every plan of random sequences of random instances; usable() keeps every device of a
+    plan faster than a step."""
     rng = random.Random(5)
     plans = every_checked = 0
     for r in _instances(90):
