@@ -80,6 +80,8 @@ class DeviceSearch:
             self.classes.setdefault(device_class(req, d), []).append(d)
         self.rest = self._rest_table()
         self._cache: dict[tuple, np.ndarray] = {}
+        self._fast: dict[float, list[str]] = {}
+        self._tails: dict[tuple, Tail] = {}
 
     def _rest_table(self) -> tuple[np.ndarray, np.ndarray]:
         """Per cut position, the least forward and backward time the layers after it take:
@@ -93,13 +95,24 @@ class DeviceSearch:
     def _free(self, prefix: list[str]) -> list[str]:
         """The devices the stages after ``prefix`` may run on (with ``label_privacy`` the
         data owner's last stage too)."""
-        step, b = self.step(), self.bounds
-        out = [d for d in self.pool if d not in prefix and b.device_ms(d) < step]
+        step = self.step()
+        if step not in self._fast:  # the devices fast enough alone, once per best step
+            self._fast = {step: [d for d in self.pool if self.bounds.device_ms(d) < step]}
+        placed = set(prefix)
+        out = [d for d in self._fast[step] if d not in placed]
         if self.req.label_privacy and prefix:
             out.append(prefix[0])
         return out
 
     def tail(self, prefix: list[str], free: int, least: int = 1) -> Tail:
+        """:meth:`_tail`, once per prefix (and best step): a node, each of its children's
+        cuts and each child's own bound ask for the same one."""
+        key = (tuple(prefix), free, least, self.step())
+        if key not in self._tails:
+            self._tails[key] = self._tail(prefix, free, least)
+        return self._tails[key]
+
+    def _tail(self, prefix: list[str], free: int, least: int) -> Tail:
         """What the at most ``free`` stages after ``prefix`` take at least, per position of
         the cut after it (:func:`~partitioners.planner.cuts.completed`): the layers left at
         their fastest; the busiest of those stages at least :meth:`PoolBounds.tail_stage_ms`
