@@ -83,10 +83,10 @@ class PoolBounds:
         return self.M * self.cheapest[d]
 
     def _link_key(self, u: str, v: str) -> tuple:
-        topo = self.req.topology
-        if any(x in (e.a, e.b) for e in topo.links.pairs for x in (u, v)):
+        gu, gv = self._group(u), self._group(v)
+        if gu[0] == "device" or gv[0] == "device":  # a link of its own: this pair alone
             return (u, v)
-        return (topo.device(u).zone, topo.device(v).zone, u == v)
+        return (gu[1], gv[1], u == v)
 
     def wire_ms(self, u: str, v: str) -> float:
         """A bound below the step of every plan with a cut from ``u`` to ``v``: ``M``
