@@ -338,6 +338,16 @@ def best_cuts(
     ]
 
 
+def spans(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every ``(row, end)`` with ``lo[row] <= end <= hi[row]``, as two flat arrays: a
+    label's ends as far as its stage can reach, and no further (the searches compute on
+    these pairs, not on every label against every end)."""
+    counts = np.maximum(hi - lo + 1, 0)
+    rows = np.repeat(np.arange(len(lo)), counts)
+    first = np.cumsum(counts) - counts
+    return rows, lo[rows] + np.arange(len(rows)) - first[rows]
+
+
 WINDOW = 8  # each label is held against this many labels just before it (and two prefix bests)
 
 
@@ -410,44 +420,40 @@ def every_cut(
     for s, dev in enumerate(seq):
         last = s == S - 1
         hi = n if last else n - (S - s - 1)
-        bs = np.arange(n if last or not len(P) else int(P.min()) + 1, hi + 1)
-        if not len(bs) or not len(P):
+        if not len(P):
             return CutArrays(np.zeros(0), np.zeros((0, S + 1), int), np.zeros((0, S), int))
-        A = P[:, None]
-        if s:
-            links = tables.link_table(seq[s - 1], dev)
-            la, lg = links[P, 0][:, None], links[P, 1][:, None]
-        else:
-            la = lg = np.zeros((len(P), 1))
-        valid = bs[None, :] > A
-        if s == 0 and not last:
-            valid = valid & (bs[None, :] >= req.min_owner_front)
+        links = tables.link_table(seq[s - 1], dev) if s else np.zeros((n + 1, 2))
         cap, hcap = tables.capacity(dev), tables.host_capacity(dev)
         inflight = tables.inflight(s, S)
         drain = drained(S, s, M) if s else 1
-        after = tail(seq, s) if tail is not None and not last else None
+        after = tail(seq, s)(np.arange(n + 1)) if tail is not None and not last else None
+        # the first end each label may take (the last stage: only the whole model's end)
+        lo = np.full(len(P), n) if last else P + 1
+        if s == 0 and not last:  # privacy: the owner's first stage keeps its minimum of layers
+            lo = np.maximum(lo, req.min_owner_front)
         parts_p, parts_d, parts_h, parts_o = [], [], [], []
         for k, o in enumerate(tables.options(s, dev)):
+            rows, ends = spans(lo, np.minimum(tables.reach(dev, inflight, o)[P], hi))
+            a = P[rows]
             f, bw, op = tables.parts(dev, o)
-            F, B, Op = f[bs][None, :] - f[A], bw[bs][None, :] - bw[A], op[bs][None, :] - op[A]
-            mem = tables.dev_table(dev, inflight, o)[A, bs[None, :]]
+            F, B, Op = f[ends] - f[a], bw[ends] - bw[a], op[ends] - op[a]
             host_c = tables.host_cum(dev, o)
-            host = host_c[bs][None, :] - host_c[A]
-            ok = valid & (mem <= cap) & (host <= hcap)
-            d = (D[0][:, None], D[1][:, None], D[2][:, None])
+            ok = (tables.dev_table(dev, inflight, o)[a, ends] <= cap) & (host_c[ends] - host_c[a] <= hcap)
+            d = (D[0][rows], D[1][rows], D[2][rows])
+            la, lg = links[a, 0], links[a, 1]
             n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg, drain), ok)[:3]
             keep = ok & (value(schedule, M, n0, n1, n2, rounds) < bound)
             if after is not None:
-                tf, tb, busy, w, trip = (x[None, :] for x in after(bs))
+                tf, tb, busy, w, trip = (x[ends] for x in after)
                 low_c = completed(schedule, M, rounds, n0, n1, n2, tf, tb, w, busy, trip)
                 if schedule == "1f1b":
                     beyond = F + B + tf + tb + np.maximum(w, trip)
                     low_c = np.maximum(low_c, held_back(M, S - s, n0 - F - B, beyond, B))
                 keep &= low_c < bound
-            rows, ends = np.nonzero(keep)
-            parts_p.append(bs[ends])
-            parts_d.append(np.stack([n0[rows, ends], n1[rows, ends], n2[rows, ends]]))
-            parts_h.append(np.concatenate([Hist[rows], bs[ends][:, None]], axis=1))
+            rows, ends, n0, n1, n2 = (x[keep] for x in (rows, ends, n0, n1, n2))
+            parts_p.append(ends)
+            parts_d.append(np.stack([n0, n1, n2]))
+            parts_h.append(np.concatenate([Hist[rows], ends[:, None]], axis=1))
             parts_o.append(np.concatenate([Kopt[rows], np.full((len(rows), 1), k)], axis=1))
         P = np.concatenate(parts_p)
         D = np.concatenate(parts_d, axis=1)

@@ -36,7 +36,7 @@ class CostTables:
         ratio = CODEC_BYTES[req.codec]
         self.cut_bytes = [layer.out_bytes * ratio for layer in L]  # after layer i
         self._mem: dict[tuple[int, float, int, StageMethod], np.ndarray] = {}
-        self._dev_mem: dict[tuple[str, int, StageMethod], np.ndarray] = {}
+        self._dev_mem: dict[tuple, np.ndarray] = {}
         self._host: dict[StageMethod, tuple[np.ndarray, np.ndarray]] = {}
         self._link: dict[tuple, tuple[float, float]] = {}
         self._pair: dict[tuple[str, str], Link] = {}
@@ -214,6 +214,21 @@ class CostTables:
                 h = self._host_cums(opt)[0]
                 table = table + (h[None, :] - h[:, None])
             self._dev_mem[key] = table
+        return self._dev_mem[key]
+
+    def reach(self, dev: str, inflight: int, opt: StageMethod) -> np.ndarray:
+        """``[a]`` -> the last end ``b`` of a stage from layer ``a`` that fits ``dev`` (device
+        memory and host budget; ``a`` where none does): the searches try the ends up to it
+        only (memory need not grow with every layer, so each end is still checked)."""
+        key = ("reach", dev, inflight, opt)
+        if key not in self._dev_mem:
+            host = self.host_cum(dev, opt)
+            fits = (self.dev_table(dev, inflight, opt) <= self.capacity(dev)) & (
+                host[None, :] - host[:, None] <= self.host_capacity(dev)
+            )
+            n = self.req.n
+            last = n - np.argmax(fits[:, ::-1], axis=1)
+            self._dev_mem[key] = np.where(fits.any(axis=1), last, np.arange(n + 1))
         return self._dev_mem[key]
 
     def host_cum(self, dev: str, opt: StageMethod | None = None) -> np.ndarray:
