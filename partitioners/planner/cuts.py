@@ -204,61 +204,59 @@ class CutSearch:
         inflight = tables.inflight(s, length)
         drain = drained(length, s, M) if s else 1
         hi = n if last else n - stages_left
-        # every label that leaves this stage a layer is a row; every end of this stage a column
+        # every label that leaves this stage a layer, with each end its stage can reach
         rows_in = np.arange(len(frontier)) if last else np.nonzero(frontier.pos < hi)[0]
         if not len(rows_in):
             return self._empty(frontier, s)
-        A = frontier.pos[rows_in][:, None]
+        A = frontier.pos[rows_in]
         cols = frontier.nums[:, rows_in]
-        d = (cols[0][:, None], cols[1][:, None], cols[2][:, None])
-        if prev is not None:
-            links = tables.link_table(prev, dev)[A[:, 0]]
-            la, lg = links[:, 0:1], links[:, 1:2]
-        else:
-            la = lg = np.zeros((len(rows_in), 1))
-        bs = np.arange(n if last else int(A.min()) + 1, hi + 1)
-        valid = bs[None, :] > A if not last else np.ones((len(rows_in), len(bs)), bool)
+        links = tables.link_table(prev, dev) if prev is not None else np.zeros((n + 1, 2))
+        lo = np.full(len(A), n) if last else A + 1  # the first end each label may take
         if s == 0 and not last:  # privacy: the owner's first stage keeps its minimum of layers
-            valid = valid & (bs[None, :] >= self.req.min_owner_front)
+            lo = np.maximum(lo, self.req.min_owner_front)
         if ushape and last:  # and the U's last stage its minimum
-            valid = valid & (n - A >= self.req.min_owner_tail)
+            lo = np.where(n - A >= self.req.min_owner_tail, lo, n + 1)
         first = ushape and s == 0
-        after = tail(bs) if tail is not None and not last else None
+        after = tail(np.arange(n + 1)) if tail is not None and not last else None
         out_pos, out_nums, out_row, out_opt = [], [], [], []
         for k, o in enumerate(opts):
+            rows, ends = spans(lo, np.minimum(tables.reach(dev, inflight, o)[A], hi))
+            a = A[rows]
             f, bw, op = tables.parts(dev, o)
-            F, B, Op = f[bs][None, :] - f[A], bw[bs][None, :] - bw[A], op[bs][None, :] - op[A]
-            mem = tables.dev_table(dev, inflight, o)[A, bs[None, :]]
+            F, B, Op = f[ends] - f[a], bw[ends] - bw[a], op[ends] - op[a]
+            mem = tables.dev_table(dev, inflight, o)[a, ends]
             host_c = tables.host_cum(dev, o)
-            host = host_c[bs][None, :] - host_c[A]
+            host = host_c[ends] - host_c[a]
             if ushape and last:
-                ok = valid & (cols[_FMEM][:, None] + mem <= cap) & (cols[_FHOST][:, None] + host <= hcap)
+                ok = (cols[_FMEM][rows] + mem <= cap) & (cols[_FHOST][rows] + host <= hcap)
             else:
-                ok = valid & (mem <= cap) & (host <= hcap)
-            n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg, drain), ok)[:3]
+                ok = (mem <= cap) & (host <= hcap)
+            d = (cols[0][rows], cols[1][rows], cols[2][rows])
+            n0, n1, n2 = np.broadcast_arrays(
+                *_extend(schedule, M, s, d, F, B, Op, links[a, 0], links[a, 1], drain), ok
+            )[:3]
             low = value(schedule, M, n0, n1, n2, self.rounds)
             own = M * (F + B) + Op
             if ushape and last:
-                low = np.maximum(low, cols[_OWN][:, None] + own)
+                low = np.maximum(low, cols[_OWN][rows] + own)
             keep = ok & (low < bound)
             if after is not None:
-                tf, tb, busy, w, trip = (x[None, :] for x in after)
+                tf, tb, busy, w, trip = (x[ends] for x in after)
                 low_c = completed(schedule, M, self.rounds, n0, n1, n2, tf, tb, w, busy, trip)
                 if schedule == "1f1b" and self.S is not None and not self.at_least:
                     beyond = F + B + tf + tb + np.maximum(w, trip)  # the round trip from this stage on
                     low_c = np.maximum(low_c, held_back(M, self.S - s, n0 - F - B, beyond, B))
                 keep &= low_c < bound
-            rows, ends = np.nonzero(keep)
-            if not len(rows):
+            if not keep.any():
                 continue
             if first:  # the owner's first stage: its work and memory, for the U's last stage
-                owner = np.stack([np.broadcast_to(x, keep.shape)[rows, ends] for x in (own, mem, host)])
+                owner = np.stack([own[keep], mem[keep], host[keep]])
             else:
-                owner = cols[_OWN:, rows]
-            out_pos.append(bs[ends])
-            out_nums.append(np.concatenate([np.stack([n0[rows, ends], n1[rows, ends], n2[rows, ends]]), owner]))
-            out_row.append(rows_in[rows])
-            out_opt.append(np.full(len(rows), k))
+                owner = cols[_OWN:, rows[keep]]
+            out_pos.append(ends[keep])
+            out_nums.append(np.concatenate([np.stack([n0[keep], n1[keep], n2[keep]]), owner]))
+            out_row.append(rows_in[rows[keep]])
+            out_opt.append(np.full(int(keep.sum()), k))
         if not out_pos:
             return self._empty(frontier, s)
         nxt = Frontier(
