@@ -66,7 +66,8 @@ def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest, 
     ``trip`` both ways together (under 1F1B: the round trip); 0 each where nothing is
     left; inf where the devices left cannot hold the layers left (any of them inf)."""
     gone = np.isinf(busiest) | np.isinf(w) | np.isinf(f) | np.isinf(b)  # no device left holds the layers left
-    f, b, busiest, w, trip = (np.where(gone, 0.0, x) for x in (f, b, busiest, w, trip))
+    if np.any(gone):  # (0 there, so that no inf meets a 0 factor)
+        f, b, busiest, w, trip = (np.where(gone, 0.0, x) for x in (f, b, busiest, w, trip))
     if schedule == "sequential":
         low = value(schedule, M, d0 + M * f + (M - 1) * (b + w), d1, d2)
     elif schedule == "gpipe":
@@ -75,7 +76,7 @@ def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest, 
     else:
         trip = np.maximum(w, trip)  # the cuts left, both ways: at least one way of one of them
         low = value(schedule, M, d0 + f + b + trip, np.maximum(d1, d0 + w + M * busiest), np.maximum(d2, w), rounds)
-    return np.where(gone, np.inf, low)
+    return np.where(gone, np.inf, low) if np.any(gone) else low
 
 
 # the layers after each end of a stage: least forward, least backward, the busiest stage's
