@@ -12,6 +12,8 @@ does,
 - a cut between two devices puts ``M`` activations on one wire and ``M`` gradients on the
   other: the step is at least ``M`` times the slower of the two transfers of the smallest
   activation any cut sends;
+- each cut still to come adds both its transfers to a micro-batch's round trip: at least the
+  cheapest round trip between two of the devices left (:meth:`PoolBounds.hop_ms`);
 - the layers after a cut need at least their fastest time on the devices left, and the
   busiest of those devices works at least ``lam`` per micro-batch, the smallest figure for
   which the devices left can take those layers: each at most ``lam`` of work (counted at the

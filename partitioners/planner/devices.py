@@ -4,10 +4,10 @@ Branch and bound over device sequences. A node is a prefix of devices (a data ow
 with the cut search's frontier after it (:class:`~partitioners.planner.cuts.CutSearch`):
 its labels' bounds only grow as stages are added, and what the stages still to come take
 at least (:meth:`DeviceSearch.tail`: the layers left at their fastest, the busiest stage on
-the devices left, the next cut and the slowest wire the layers left need,
-:mod:`partitioners.planner.bounds`) is added to them, so a node whose smallest such bound
-is not below the best step found is cut off with everything under it; so is a label whose
-every completion is (inside the cut search). Devices that cannot be told apart
+the devices left, the next cut, the slowest wire the layers left need and the round trip of
+the cuts left, :mod:`partitioners.planner.bounds`) is added to them, so a node whose
+smallest such bound is not below the best step found is cut off with everything under it;
+so is a label whose every completion is (inside the cut search). Devices that cannot be told apart
 (the same kind, memory, speed and zone, and no link of their own) are interchangeable: a
 node tries one of each class. Children are tried in the order of their bounds, so a good
 plan is found early and prunes the rest.
