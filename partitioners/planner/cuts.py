@@ -18,7 +18,8 @@ another beats in every number can be dropped:
   total + (M - 1) wire, rounds total)``, a bound (1F1B has no closed form;
   :func:`partitioners.planner.objective.lower_bound`). ``rounds``: stage 0 holds at most
   ``S`` micro-batches, so micro-batch ``m + S`` starts after micro-batch ``m`` has come back:
-  ``(M - 1) // S + 1`` round trips one after the other. ``drained``: stage ``s`` runs its
+  ``(M - 1) // S + 1`` round trips one after the other, then stage 0's backwards of the
+  micro-batches left (a fourth number: they depend on stage 0's range). ``drained``: stage ``s`` runs its
   last ``min(S - s - 1, M - 1) + 1`` backwards after the last activation arrived, and their
   gradients cross the wire back one after another
   (:func:`partitioners.planner.objective.drained`); where that wire is slow (a data owner
@@ -48,23 +49,25 @@ class CutChoice:
     opts: list[StageMethod]
 
 
-def value(schedule: str, M: int, d0, d1, d2, rounds: int = 1):
+def value(schedule: str, M: int, d0, d1, d2, rounds: int = 1, back0=0.0):
     """The bound of a label's numbers (scalars or arrays); ``rounds``: 1F1B's round trips
-    one after the other on stage 0 (:func:`rounds_of`)."""
+    one after the other on stage 0 (:func:`rounds_of`), then ``back0``: stage 0's backwards
+    of the micro-batches left after the last round (:func:`back_rounds`)."""
     if schedule == "sequential":
         return d0 + d1
     if schedule == "gpipe":
         return d0 + (M - 1) * (d1 + d2)
-    return np.maximum(np.maximum(d1, d0 + (M - 1) * d2), rounds * d0)
+    return np.maximum(np.maximum(d1, d0 + (M - 1) * d2), rounds * d0 + back0)
 
 
-def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest, trip=0.0):
+def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest, trip=0.0, back0=0.0):
     """A bound below every completion of a label (scalars or arrays): the layers left take
     at least ``f`` forward and ``b`` backward per micro-batch, the next cut at least ``w``
     either way, and the busiest of the stages left at least ``busiest`` per micro-batch
     (:meth:`partitioners.planner.bounds.PoolBounds.tail_stage_ms`); the cuts left at least
     ``trip`` both ways together (under 1F1B: the round trip); 0 each where nothing is
-    left; inf where the devices left cannot hold the layers left (any of them inf)."""
+    left; inf where the devices left cannot hold the layers left (any of them inf).
+    ``back0``: the label's fourth number (:func:`value`)."""
     gone = np.isinf(busiest) | np.isinf(w) | np.isinf(f) | np.isinf(b)  # no device left holds the layers left
     if np.any(gone):  # (0 there, so that no inf meets a 0 factor)
         f, b, busiest, w, trip = (np.where(gone, 0.0, x) for x in (f, b, busiest, w, trip))
@@ -75,7 +78,9 @@ def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest, 
         low = n0 + (M - 1) * np.maximum(np.maximum(d1 + d2, w), busiest)
     else:
         trip = np.maximum(w, trip)  # the cuts left, both ways: at least one way of one of them
-        low = value(schedule, M, d0 + f + b + trip, np.maximum(d1, d0 + w + M * busiest), np.maximum(d2, w), rounds)
+        low = value(
+            schedule, M, d0 + f + b + trip, np.maximum(d1, d0 + w + M * busiest), np.maximum(d2, w), rounds, back0
+        )
     return np.where(gone, np.inf, low) if np.any(gone) else low
 
 
@@ -83,6 +88,16 @@ def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest, 
 # least forward and backward, the next cut's least transfer either way, and the cuts left's
 # least transfers both ways together (each per end)
 Tail = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+
+
+def back_rounds(schedule: str, M: int, rounds: int, num_stages: int | None) -> int:
+    """Under 1F1B, how many of stage 0's backwards follow its last round trip: ``M - 1 - (R -
+    1) S`` with ``R = rounds`` (``M - 1`` where the rounds are one: ``S >= M``). Times stage
+    0's backward, a label's fourth number (0 for the other schedules, or an unknown
+    length). The term of :func:`partitioners.planner.objective.lower_bound` for stage 0."""
+    if schedule != "1f1b" or not num_stages:
+        return 0
+    return M - 1 - (rounds - 1) * num_stages if rounds > 1 else M - 1
 
 
 def rounds_of(schedule: str, M: int, num_stages: int | None) -> int:
@@ -126,7 +141,7 @@ def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la, lg, drain: 
 
 # a label's numbers (rows of :attr:`Frontier.nums`): the three of the schedule's bound, then
 # the owner's first stage (U-shape: its work, device bytes, host bytes)
-_OWN, _FMEM, _FHOST = 3, 4, 5
+_BACK0, _OWN, _FMEM, _FHOST = 3, 4, 5, 6
 
 
 @dataclass
@@ -137,7 +152,7 @@ class Frontier:
     extends every label at once and nothing runs per label in Python."""
 
     pos: np.ndarray  # int, per label
-    nums: np.ndarray  # (6, labels): _D0, _D1, _D2, _OWN, _FMEM, _FHOST
+    nums: np.ndarray  # (7, labels): _D0, _D1, _D2, _BACK0, _OWN, _FMEM, _FHOST
     prev: Frontier | None = None  # the frontier before the last stage (None: nothing placed)
     row: np.ndarray | None = None  # per label, its label in ``prev``
     opt: np.ndarray | None = None  # per label, its last stage's option index
@@ -172,9 +187,10 @@ class CutSearch:
         self.schedule = req.schedule
         self.ushape = req.label_privacy
         self.rounds = 1 if at_least else rounds_of(self.schedule, self.M, num_stages)
+        self.back0 = back_rounds(self.schedule, self.M, self.rounds, num_stages)
 
     def start(self) -> Frontier:
-        return Frontier(np.zeros(1, int), np.zeros((6, 1)))
+        return Frontier(np.zeros(1, int), np.zeros((7, 1)))
 
     def stage(
         self,
@@ -236,14 +252,15 @@ class CutSearch:
             n0, n1, n2 = np.broadcast_arrays(
                 *_extend(schedule, M, s, d, F, B, Op, links[a, 0], links[a, 1], drain), ok
             )[:3]
-            low = value(schedule, M, n0, n1, n2, self.rounds)
+            back0 = self.back0 * B if s == 0 else cols[_BACK0][rows]
+            low = value(schedule, M, n0, n1, n2, self.rounds, back0)
             own = M * (F + B) + Op
             if ushape and last:
                 low = np.maximum(low, cols[_OWN][rows] + own)
             keep = ok & (low < bound)
             if after is not None:
                 tf, tb, busy, w, trip = (x[ends] for x in after)
-                low_c = completed(schedule, M, self.rounds, n0, n1, n2, tf, tb, w, busy, trip)
+                low_c = completed(schedule, M, self.rounds, n0, n1, n2, tf, tb, w, busy, trip, back0)
                 if schedule == "1f1b" and self.S is not None and not self.at_least:
                     beyond = F + B + tf + tb + np.maximum(w, trip)  # the round trip from this stage on
                     low_c = np.maximum(low_c, held_back(M, self.S - s, n0 - F - B, beyond, B))
@@ -255,7 +272,7 @@ class CutSearch:
             else:
                 owner = cols[_OWN:, rows[keep]]
             out_pos.append(ends[keep])
-            out_nums.append(np.concatenate([np.stack([n0[keep], n1[keep], n2[keep]]), owner]))
+            out_nums.append(np.concatenate([np.stack([n0[keep], n1[keep], n2[keep], back0[keep]]), owner]))
             out_row.append(rows_in[rows[keep]])
             out_opt.append(np.full(int(keep.sum()), k))
         if not out_pos:
@@ -265,18 +282,18 @@ class CutSearch:
             np.concatenate(out_row), np.concatenate(out_opt), s,
         )  # fmt: skip
         # the last stage's labels are final: ranked by their whole bound (with the owner's term)
-        return nxt.take(undominated(nxt.pos, nxt.nums[: 6 if ushape else 3])) if prune and not last else nxt
+        return nxt.take(undominated(nxt.pos, nxt.nums[: 7 if ushape else 4])) if prune and not last else nxt
 
     @staticmethod
     def _empty(frontier: Frontier, s: int) -> Frontier:
-        return Frontier(np.zeros(0, int), np.zeros((6, 0)), frontier, np.zeros(0, int), np.zeros(0, int), s)
+        return Frontier(np.zeros(0, int), np.zeros((7, 0)), frontier, np.zeros(0, int), np.zeros(0, int), s)
 
     def finals(self, frontier: Frontier, seq: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """The complete labels of ``seq``: their bounds, smallest first, and their indices."""
         S, n, M = len(seq), self.n, self.M
         rows = np.nonzero(frontier.pos == n)[0]
         nums = frontier.nums[:, rows]
-        low = np.asarray(value(self.schedule, M, nums[0], nums[1], nums[2], self.rounds), float)
+        low = np.asarray(value(self.schedule, M, nums[0], nums[1], nums[2], self.rounds, nums[_BACK0]), float)
         if self.ushape and S > 1 and len(rows):
             # the owner's two stages one after the other: the last one's work from its range
             assert frontier.prev is not None and frontier.row is not None and frontier.opt is not None
@@ -412,8 +429,9 @@ def every_cut(
     assert len(set(seq)) == len(seq), "every_cut: a device runs one stage"
     S, n, M, schedule = len(seq), req.n, req.num_micro_batches, req.schedule
     rounds = rounds_of(schedule, M, S)
+    back = back_rounds(schedule, M, rounds, S)
     P = np.zeros(1, int)
-    D = np.zeros((3, 1))
+    D = np.zeros((4, 1))
     Hist = np.zeros((1, 1), int)
     Kopt = np.zeros((1, 0), int)
     for s, dev in enumerate(seq):
@@ -441,17 +459,18 @@ def every_cut(
             d = (D[0][rows], D[1][rows], D[2][rows])
             la, lg = links[a, 0], links[a, 1]
             n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg, drain), ok)[:3]
-            keep = ok & (value(schedule, M, n0, n1, n2, rounds) < bound)
+            back0 = back * B if s == 0 else D[3][rows]
+            keep = ok & (value(schedule, M, n0, n1, n2, rounds, back0) < bound)
             if after is not None:
                 tf, tb, busy, w, trip = (x[ends] for x in after)
-                low_c = completed(schedule, M, rounds, n0, n1, n2, tf, tb, w, busy, trip)
+                low_c = completed(schedule, M, rounds, n0, n1, n2, tf, tb, w, busy, trip, back0)
                 if schedule == "1f1b":
                     beyond = F + B + tf + tb + np.maximum(w, trip)
                     low_c = np.maximum(low_c, held_back(M, S - s, n0 - F - B, beyond, B))
                 keep &= low_c < bound
-            rows, ends, n0, n1, n2 = (x[keep] for x in (rows, ends, n0, n1, n2))
+            rows, ends, n0, n1, n2, back0 = (x[keep] for x in (rows, ends, n0, n1, n2, back0))
             parts_p.append(ends)
-            parts_d.append(np.stack([n0, n1, n2]))
+            parts_d.append(np.stack([n0, n1, n2, back0]))
             parts_h.append(np.concatenate([Hist[rows], ends[:, None]], axis=1))
             parts_o.append(np.concatenate([Kopt[rows], np.full((len(rows), 1), k)], axis=1))
         P = np.concatenate(parts_p)
@@ -460,6 +479,6 @@ def every_cut(
         Kopt = np.concatenate(parts_o)
         if len(P) > max_labels:
             return None
-    low = value(schedule, M, D[0], D[1], D[2], rounds)
+    low = value(schedule, M, D[0], D[1], D[2], rounds, D[3])
     order = np.argsort(low, kind="stable")
     return CutArrays(low[order], Hist[order], Kopt[order])

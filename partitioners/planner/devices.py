@@ -166,9 +166,9 @@ class DeviceSearch:
         f, b, busiest, w, trip = self.tail(prefix, free, free if S else 1)(positions)
         if to:
             w = np.maximum(w, self.tables.link_table(prefix[-1], to)[positions].max(axis=1))
-        d0, d1, d2 = frontier.nums[:3]
+        d0, d1, d2, back0 = frontier.nums[:4]
         rounds = rounds_of(schedule, M, S)
-        low = completed(schedule, M, rounds, d0, d1, d2, f[at], b[at], w[at], busiest[at], trip[at])
+        low = completed(schedule, M, rounds, d0, d1, d2, f[at], b[at], w[at], busiest[at], trip[at], back0)
         return float(low.min())
 
     def run(self) -> None:
