@@ -241,7 +241,8 @@ class PoolBounds:
         todo = live & np.isfinite(out)
         if not todo.any():
             return out
-        lo = np.zeros(len(positions))
+        # below this lam even the k fastest devices at their pace, memory aside, hold too little
+        lo = np.where(todo, need / np.sort(inv[:, 0])[-k:].sum(), 0.0)
         # at this lam every device could do all the work by pace; grow it where memory binds
         hi = np.where(todo, need * max(self.slow[d] for d in free), 0.0)
         for _ in range(60):
@@ -250,6 +251,8 @@ class PoolBounds:
                 break
             hi = np.where(short, hi * 2, hi)
         for _ in range(40):
+            if np.all(hi - lo <= 1e-9 * hi):
+                break
             mid = (lo + hi) / 2
             enough = held(mid) >= need
             hi = np.where(enough, mid, hi)
