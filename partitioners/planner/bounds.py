@@ -51,15 +51,19 @@ class PoolBounds:
         kinds = stage_kinds(req)
         self.f: dict[str, np.ndarray] = {}  # per device: each layer's least forward (any option)
         self.b: dict[str, np.ndarray] = {}
+        least: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # devices of one kind share theirs
         for d in self.pool:
-            f = np.full(req.n, np.inf)
-            b = np.full(req.n, np.inf)
-            for s in kinds:
-                for o in tables.options(s, d):
+            opts = tuple(o for s in kinds for o in tables.options(s, d))
+            key = (tables.kind(d), opts)
+            if key not in least:
+                f = np.full(req.n, np.inf)
+                b = np.full(req.n, np.inf)
+                for o in opts:
                     pf, pb, _ = tables.parts(d, o)
                     f = np.minimum(f, np.diff(pf))
                     b = np.minimum(b, np.diff(pb))
-            self.f[d], self.b[d] = f, b
+                least[key] = f, b
+            self.f[d], self.b[d] = least[key]
         self.cheapest = {d: float(np.min(self.f[d] + self.b[d])) if req.n else 0.0 for d in self.pool}
         # the reference: each layer at its fastest on any device of the pool
         fb = np.array([self.f[d] + self.b[d] for d in self.pool]) if self.pool else np.zeros((1, req.n))

@@ -364,7 +364,7 @@ def spans(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, lo[rows] + np.arange(len(rows)) - first[rows]
 
 
-WINDOW = 8  # each label is held against this many labels just before it (and two prefix bests)
+WINDOW = 4  # each label is held against this many labels just before it (and two prefix bests)
 
 
 def undominated(pos: np.ndarray, nums: np.ndarray) -> np.ndarray:

@@ -53,7 +53,7 @@ class CostTables:
     def _times(self, dev: str, opt: StageMethod | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Prefix sums over the layers on ``dev`` under ``opt``: per micro-batch compute (the
         step spread over the micro-batches), forward, backward, and the optimizer step."""
-        key = (self._kind(dev), opt or StageMethod())
+        key = (self.kind(dev), opt or StageMethod())
         if key not in self._cum:
             d = self.dev[dev]
             per = [
@@ -72,7 +72,7 @@ class CostTables:
             )
         return self._cum[key]
 
-    def _kind(self, dev: str) -> tuple:
+    def kind(self, dev: str) -> tuple:
         """What a layer's time on ``dev`` depends on: every figure of the device but its
         name, zone and data, the FLOP/s its layers were measured at and which layers it
         runs. Devices of one kind share their prefix sums (a large pool has few kinds)."""
