@@ -220,7 +220,7 @@ class CostTables:
         """``[a]`` -> the last end ``b`` of a stage from layer ``a`` that fits ``dev`` (device
         memory and host budget; ``a`` where none does): the searches try the ends up to it
         only (memory need not grow with every layer, so each end is still checked)."""
-        key = ("reach", dev, inflight, opt)
+        key = ("reach", self.kind(dev), inflight, opt)  # its figures hold its memory
         if key not in self._dev_mem:
             host = self.host_cum(dev, opt)
             fits = (self.dev_table(dev, inflight, opt) <= self.capacity(dev)) & (
