@@ -15,7 +15,15 @@ from partitioners import PlanRequest
 from partitioners.planner import CostTables, evaluate
 from partitioners.planner.bounds import PoolBounds
 from partitioners.planner.cuts import best_cuts, every_cut
-from partitioners.planner.objective import StepFigures, array_steps, plain_sequence, plain_steps, simulated
+from partitioners.planner.objective import (
+    StepFigures,
+    array_steps,
+    drained,
+    lower_bound,
+    plain_sequence,
+    plain_steps,
+    simulated,
+)
 
 
 def test_plain_steps_equal_the_simulator():
@@ -36,6 +44,44 @@ def test_plain_steps_equal_the_simulator():
                 list(F[:, k]), list(B[:, k]), list(Op[:, k]), [0.0] * S, [1] * S, list(A[:, k]), list(G[:, k])
             )
             assert got[k] == pytest.approx(simulated(schedule, fig, M), rel=1e-12, abs=1e-9)
+
+
+def test_drained_gradients_stay_below_the_simulator():
+    """1F1B: after the last activation reaches stage ``s + 1``, :func:`drained` gradients
+    still cross the wire back one after another. On random plans whose wires are often
+    far slower than the stages (one direction much slower than the other, as behind a thin
+    uplink), the bound with that term stays at or below the simulator's step, shared devices
+    and uplinks included; and it is the step itself on some of them (a term that matters)."""
+    rng = random.Random(13)
+    tight = 0
+    for i in range(400):
+        S, M = rng.randint(2, 8), rng.randint(1, 9)
+
+        def wire() -> float:
+            return rng.choice([0.0, rng.uniform(0, 5), rng.uniform(50, 500), rng.uniform(500, 5000)])
+
+        fig = StepFigures(
+            [rng.uniform(0, 10) for _ in range(S)],
+            [rng.uniform(0, 20) for _ in range(S)],
+            [rng.choice([0.0, rng.uniform(0, 5)]) for _ in range(S)],
+            [0.0] * S,
+            [1] * S,
+            [wire() for _ in range(S - 1)],
+            [wire() for _ in range(S - 1)],
+        )
+        if i % 4 == 0 and S > 2:  # the data owner's two stages (U-shape) share its device
+            fig = dataclasses.replace(fig, shared=[(0, S - 1)])
+        if i % 4 == 1 and S > 2:  # two wires through one uplink
+            fig = dataclasses.replace(fig, channels={"link 0->1": "up", "link 2->1": "up"})
+        sim = simulated("1f1b", fig, M)
+        assert lower_bound("1f1b", fig, M) <= sim * (1 + 1e-9) + 1e-9
+        F, B, a, g = fig.fwd, fig.bwd, fig.act, fig.grad
+        for s in range(S - 1):  # the term alone: the path to stage s, then the wire s <-> s + 1
+            path = sum(F[: s + 1]) + sum(B[: s + 1]) + sum(a[:s]) + sum(g[:s])
+            term = path + M * a[s] + F[s + 1] + B[s + 1] + drained(S, s + 1, M) * g[s] + fig.opt[0]
+            assert term <= sim * (1 + 1e-9) + 1e-9
+            tight += drained(S, s + 1, M) > 1 and term == pytest.approx(sim, rel=1e-9)
+    assert tight >= 5, tight
 
 
 def _sequences(rng: random.Random, r: PlanRequest, count: int) -> list[list[str]]:
@@ -63,11 +109,13 @@ def _instances(n: int) -> list[PlanRequest]:
 
 
 def test_pool_bounds_stay_below_every_plans_step():
-    """Each device's and link's bound, the busiest stage left, the crossing wire, the cut
-    labels' bound (with 1F1B's rounds) and the completion bound, on every plan of random
-    sequences of random instances; usable() keeps every device of a plan faster than a step."""
+    """Each device's and link's bound, the busiest stage left, the crossing wire, the
+    cheapest round trip of a cut left, the cut labels' bound (with 1F1B's rounds) and the
+    completion bound (with 1F1B's held-back round trips, in best_cuts and every_cut), on
+    every plan of random sequences of random instances; usable() keeps every device of a
+    plan faster than a step."""
     rng = random.Random(5)
-    plans = 0
+    plans = every_checked = 0
     for r in _instances(90):
         tables = CostTables(r)
         limits = PoolBounds(r, tables)
@@ -82,6 +130,7 @@ def test_pool_bounds_stay_below_every_plans_step():
                 assert set(seq) <= set(limits.usable(step * (1 + 1e-9) + 1e-6))
                 fb = [sum(tables.fbo(d, c.bounds[s], c.bounds[s + 1], c.opts[s])[:2]) for s, d in enumerate(seq)]
                 wires = [max(tables.link(seq[s], seq[s + 1], c.bounds[s + 1])) for s in range(S - 1)]
+                trips = [sum(tables.link(seq[s], seq[s + 1], c.bounds[s + 1])) for s in range(S - 1)]
                 for s in range(S - 1):
                     a = np.array([c.bounds[s + 1]])
                     free = [d for d in r.pool if d not in seq[: s + 1]] + ([seq[0]] if r.label_privacy else [])
@@ -89,6 +138,8 @@ def test_pool_bounds_stay_below_every_plans_step():
                     assert busiest <= max(fb[s + 1 :]) * (1 + 1e-9) + 1e-12
                     crossing = limits.crossing_ms(seq[s], free, a)[0]
                     assert crossing <= M * max(wires[s:]) * (1 + 1e-9) + 1e-9
+                    hop = limits.hop_ms(seq[s], free)  # each cut left, both ways
+                    assert (S - s - 1) * hop <= M * sum(trips[s:]) * (1 + 1e-9) + 1e-9
                 plans += 1
             # the completion bound keeps every plan faster than a bound
             if listed:
@@ -98,7 +149,14 @@ def test_pool_bounds_stay_below_every_plans_step():
                 }
                 kept = best_cuts(r, tables, seq, bound, top=10**6, prune=False, tail=limits.sequence_tail) or []
                 assert faster <= {(tuple(c.bounds), tuple(c.opts)) for c in kept}
+                if len(set(seq)) == len(seq):  # and so does the listing as arrays
+                    every = every_cut(r, tables, seq, bound, 10**6, tail=limits.sequence_tail)
+                    assert every is not None
+                    listed_too = [every.choice(i, tables, seq) for i in range(len(every.lower_ms))]
+                    assert faster <= {(tuple(c.bounds), tuple(c.opts)) for c in listed_too}
+                    every_checked += 1
     assert plans >= 300, plans
+    assert every_checked >= 50, every_checked
 
 
 def test_every_cut_lists_what_best_cuts_lists_and_replays_the_simulator():

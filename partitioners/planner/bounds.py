@@ -12,6 +12,8 @@ does,
 - a cut between two devices puts ``M`` activations on one wire and ``M`` gradients on the
   other: the step is at least ``M`` times the slower of the two transfers of the smallest
   activation any cut sends;
+- each cut still to come adds both its transfers to a micro-batch's round trip: at least the
+  cheapest round trip between two of the devices left (:meth:`PoolBounds.hop_ms`);
 - the layers after a cut need at least their fastest time on the devices left, and the
   busiest of those devices works at least ``lam`` per micro-batch, the smallest figure for
   which the devices left can take those layers: each at most ``lam`` of work (counted at the
@@ -49,15 +51,19 @@ class PoolBounds:
         kinds = stage_kinds(req)
         self.f: dict[str, np.ndarray] = {}  # per device: each layer's least forward (any option)
         self.b: dict[str, np.ndarray] = {}
+        least: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # devices of one kind share theirs
         for d in self.pool:
-            f = np.full(req.n, np.inf)
-            b = np.full(req.n, np.inf)
-            for s in kinds:
-                for o in tables.options(s, d):
+            opts = tuple(o for s in kinds for o in tables.options(s, d))
+            key = (tables.kind(d), opts)
+            if key not in least:
+                f = np.full(req.n, np.inf)
+                b = np.full(req.n, np.inf)
+                for o in opts:
                     pf, pb, _ = tables.parts(d, o)
                     f = np.minimum(f, np.diff(pf))
                     b = np.minimum(b, np.diff(pb))
-            self.f[d], self.b[d] = f, b
+                least[key] = f, b
+            self.f[d], self.b[d] = least[key]
         self.cheapest = {d: float(np.min(self.f[d] + self.b[d])) if req.n else 0.0 for d in self.pool}
         # the reference: each layer at its fastest on any device of the pool
         fb = np.array([self.f[d] + self.b[d] for d in self.pool]) if self.pool else np.zeros((1, req.n))
@@ -71,6 +77,10 @@ class PoolBounds:
         self._wire: dict[tuple, float] = {}
         self._cap: dict[str, np.ndarray] = {}
         self._groups: dict[str, tuple] = {}
+        # per set of devices left (and the last device, or the stages left): the bound at every position
+        self._crossing: dict[tuple, np.ndarray] = {}
+        self._busiest: dict[tuple, np.ndarray] = {}
+        self._hop: dict[tuple, float] = {}
 
     # -- devices and links --------------------------------------------------------------
 
@@ -79,10 +89,10 @@ class PoolBounds:
         return self.M * self.cheapest[d]
 
     def _link_key(self, u: str, v: str) -> tuple:
-        topo = self.req.topology
-        if any(x in (e.a, e.b) for e in topo.links.pairs for x in (u, v)):
+        gu, gv = self._group(u), self._group(v)
+        if gu[0] == "device" or gv[0] == "device":  # a link of its own: this pair alone
             return (u, v)
-        return (topo.device(u).zone, topo.device(v).zone, u == v)
+        return (gu[1], gv[1], u == v)
 
     def wire_ms(self, u: str, v: str) -> float:
         """A bound below the step of every plan with a cut from ``u`` to ``v``: ``M``
@@ -95,6 +105,18 @@ class PoolBounds:
                 self._wire[key] = self.M * max(t.transfer_ms(u, v, nbytes), t.transfer_ms(v, u, nbytes))
             self._wire[pair] = self._wire[key]
         return self._wire[pair]
+
+    def hop_ms(self, last: str, free: list[str]) -> float:
+        """``M`` times the cheapest round trip (activation there, gradient back) of the
+        smallest activation any cut sends between two devices of ``free``, or from
+        ``last`` to one of them: below what each cut of a completion after ``last`` on
+        ``free`` adds to the round trip (once per ``last`` and ``free``)."""
+        key = (last, tuple(free))
+        if key not in self._hop:
+            t, nbytes = self.tables, self.min_cut_bytes
+            pairs = [(u, v) for u in dict.fromkeys([last, *free]) for v in free if u != v or u == last]
+            self._hop[key] = self.M * min(t.transfer_ms(u, v, nbytes) + t.transfer_ms(v, u, nbytes) for u, v in pairs)
+        return self._hop[key]
 
     def usable(self, step: float) -> list[str]:
         """The devices a plan stepping below ``step`` may use: those whose cheapest layer
@@ -125,7 +147,14 @@ class PoolBounds:
         by memory, or some cut crosses a wire slower than ``t``: the bound is the smallest
         ``t`` whose reach holds them (inf: no reach does). Devices are taken by link group
         (a zone, or a device with links of its own); reaching one device of a group counts
-        as reaching all of it (more memory: the bound stays below)."""
+        as reaching all of it (more memory: the bound stays below). Computed at every
+        position once per ``last`` and ``free`` (the device search asks again and again)."""
+        key = (last, tuple(free))
+        if key not in self._crossing:
+            self._crossing[key] = self._crossing_at(last, free, np.arange(self.req.n + 1))
+        return self._crossing[key][positions]
+
+    def _crossing_at(self, last: str, free: list[str], positions: np.ndarray) -> np.ndarray:
         need = self.ref_tail[positions] * (1 - 1e-9)
         groups: dict[tuple, list[str]] = {}
         for d in free:  # ``last`` itself (the U's owner again) is a group alone: no wire to itself
@@ -188,7 +217,14 @@ class PoolBounds:
         ``w`` is at most ``capacity(d)``: if the busiest works ``lam``, the stages hold at most
         the sum over their devices of ``min(lam / slow[d], capacity(d))``, the ``stages``
         largest of them, which must reach the work left. The smallest such ``lam`` is found
-        by bisection (rounded down: the bound stays below)."""
+        by bisection (rounded down: the bound stays below), at every position once per
+        ``free`` and ``stages``."""
+        key = (tuple(free), stages)
+        if key not in self._busiest:
+            self._busiest[key] = self._busiest_at(np.arange(self.req.n + 1), free, stages)
+        return self._busiest[key][positions]
+
+    def _busiest_at(self, positions: np.ndarray, free: list[str], stages: int) -> np.ndarray:
         need = self.ref_tail[positions]
         if not free or stages <= 0:
             return np.where(need > 0, np.inf, 0.0)
@@ -209,7 +245,8 @@ class PoolBounds:
         todo = live & np.isfinite(out)
         if not todo.any():
             return out
-        lo = np.zeros(len(positions))
+        # below this lam even the k fastest devices at their pace, memory aside, hold too little
+        lo = np.where(todo, need / np.sort(inv[:, 0])[-k:].sum(), 0.0)
         # at this lam every device could do all the work by pace; grow it where memory binds
         hi = np.where(todo, need * max(self.slow[d] for d in free), 0.0)
         for _ in range(60):
@@ -218,6 +255,8 @@ class PoolBounds:
                 break
             hi = np.where(short, hi * 2, hi)
         for _ in range(40):
+            if np.all(hi - lo <= 1e-9 * hi):
+                break
             mid = (lo + hi) / 2
             enough = held(mid) >= need
             hi = np.where(enough, mid, hi)
@@ -228,19 +267,26 @@ class PoolBounds:
         """What the stages after stage ``s`` of ``seq`` take at least, per end of stage
         ``s`` (:func:`~partitioners.planner.cuts.completed`): the layers left at their
         fastest on those devices, the busiest of those stages at least
-        :meth:`tail_stage_ms` on them, and the cut to ``seq[s + 1]`` its slower transfer."""
+        :meth:`tail_stage_ms` on them, the cut to ``seq[s + 1]`` its slower transfer, and
+        the cuts left both ways: that cut's, then each later pair's cheapest cut's."""
         rest = list(dict.fromkeys(seq[s + 1 :]))
         f = np.min([self.f[d] for d in rest], axis=0)
         b = np.min([self.b[d] for d in rest], axis=0)
         tail_f = np.concatenate([np.cumsum(f[::-1])[::-1], [0.0]])
         tail_b = np.concatenate([np.cumsum(b[::-1])[::-1], [0.0]])
         k = len(seq) - s - 1
-        u, v = seq[s], seq[s + 1]
+        n = self.req.n
+        links = self.tables.link_table(seq[s], seq[s + 1])
+        wire, trip = links.max(axis=1), links.sum(axis=1)
+        later = sum(
+            float(self.tables.link_table(u, v)[1:n].sum(axis=1).min())
+            for u, v in zip(seq[s + 1 :], seq[s + 2 :], strict=False)
+        )
 
-        def after(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        def after(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             ft, bt = tail_f[bs], tail_b[bs]
             busiest = np.maximum(self.tail_stage_ms(bs, rest, k), (ft + bt) / k)
-            w = np.array([max(self.tables.link(u, v, c)) if 0 < c < self.req.n else 0.0 for c in bs.tolist()])
-            return ft, bt, busiest, w
+            inside = (bs > 0) & (bs < n)
+            return ft, bt, busiest, np.where(inside, wire[bs], 0.0), np.where(inside, trip[bs] + later, 0.0)
 
         return after

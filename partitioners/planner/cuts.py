@@ -12,12 +12,18 @@ another beats in every number can be dropped:
   resource and the slowest backward resource: ``total + (M - 1) (maxF + maxB)``, the
   forward and backward flow shops, exact unless a later stage's optimizer step ends after
   stage 0's;
-- ``1f1b``: the round trip so far (without stage 0's optimizer step), the largest ``path
-  before s + M (F_s + B_s)`` and the slowest wire: ``max(that, total + (M - 1) wire,
-  rounds total)``, a bound (1F1B has no closed form;
+- ``1f1b``: the round trip so far (without stage 0's optimizer step), the largest of the
+  terms each stage fixes when it is placed (``path before s + M (F_s + B_s)``, and for its
+  cut ``path before + M act + drained grad + F_s + B_s``) and the slowest wire: ``max(that,
+  total + (M - 1) wire, rounds total)``, a bound (1F1B has no closed form;
   :func:`partitioners.planner.objective.lower_bound`). ``rounds``: stage 0 holds at most
   ``S`` micro-batches, so micro-batch ``m + S`` starts after micro-batch ``m`` has come back:
-  ``(M - 1) // S + 1`` round trips one after the other.
+  ``(M - 1) // S + 1`` round trips one after the other, then stage 0's backwards of the
+  micro-batches left (a fourth number: they depend on stage 0's range). ``drained``: stage ``s`` runs its
+  last ``min(S - s - 1, M - 1) + 1`` backwards after the last activation arrived, and their
+  gradients cross the wire back one after another
+  (:func:`partitioners.planner.objective.drained`); where that wire is slow (a data owner
+  behind a thin uplink) this is what the step is.
 
 With ``label_privacy`` the data owner runs the first and the last stage: a label also
 carries the owner's first-stage work, memory and host memory, for the last stage to add.
@@ -25,19 +31,15 @@ carries the owner's first-stage work, memory and host memory, for the last stage
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from partitioners.costmodel import StageMethod
+from partitioners.planner.objective import drained
 from partitioners.planner.request import PlanRequest
 from partitioners.planner.tables import CostTables
-
-# label fields: three numbers of the schedule's bound, the owner's first stage (U-shape:
-# its work, device bytes, host bytes), back-pointer (stage, start, previous label, option)
-_D0, _D1, _D2, _OWN, _FMEM, _FHOST, _PREV = range(7)
 
 
 @dataclass
@@ -47,37 +49,55 @@ class CutChoice:
     opts: list[StageMethod]
 
 
-def value(schedule: str, M: int, d0, d1, d2, rounds: int = 1):
+def value(schedule: str, M: int, d0, d1, d2, rounds: int = 1, back0=0.0):
     """The bound of a label's numbers (scalars or arrays); ``rounds``: 1F1B's round trips
-    one after the other on stage 0 (:func:`rounds_of`)."""
+    one after the other on stage 0 (:func:`rounds_of`), then ``back0``: stage 0's backwards
+    of the micro-batches left after the last round (:func:`back_rounds`)."""
     if schedule == "sequential":
         return d0 + d1
     if schedule == "gpipe":
         return d0 + (M - 1) * (d1 + d2)
-    return np.maximum(np.maximum(d1, d0 + (M - 1) * d2), rounds * d0)
+    return np.maximum(np.maximum(d1, d0 + (M - 1) * d2), rounds * d0 + back0)
 
 
-def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest):
+def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest, trip=0.0, back0=0.0):
     """A bound below every completion of a label (scalars or arrays): the layers left take
     at least ``f`` forward and ``b`` backward per micro-batch, the next cut at least ``w``
     either way, and the busiest of the stages left at least ``busiest`` per micro-batch
-    (:meth:`partitioners.planner.bounds.PoolBounds.tail_stage_ms`); 0 each where nothing is
-    left; inf where the devices left cannot hold the layers left (any of them inf)."""
+    (:meth:`partitioners.planner.bounds.PoolBounds.tail_stage_ms`); the cuts left at least
+    ``trip`` both ways together (under 1F1B: the round trip); 0 each where nothing is
+    left; inf where the devices left cannot hold the layers left (any of them inf).
+    ``back0``: the label's fourth number (:func:`value`)."""
     gone = np.isinf(busiest) | np.isinf(w) | np.isinf(f) | np.isinf(b)  # no device left holds the layers left
-    f, b, busiest, w = (np.where(gone, 0.0, x) for x in (f, b, busiest, w))
+    if np.any(gone):  # (0 there, so that no inf meets a 0 factor)
+        f, b, busiest, w, trip = (np.where(gone, 0.0, x) for x in (f, b, busiest, w, trip))
     if schedule == "sequential":
         low = value(schedule, M, d0 + M * f + (M - 1) * (b + w), d1, d2)
     elif schedule == "gpipe":
         n0 = d0 + f + b + w  # the slowest forward and backward resources: the wire is one of them
         low = n0 + (M - 1) * np.maximum(np.maximum(d1 + d2, w), busiest)
     else:
-        low = value(schedule, M, d0 + f + b + w, np.maximum(d1, d0 + w + M * busiest), np.maximum(d2, w), rounds)
-    return np.where(gone, np.inf, low)
+        trip = np.maximum(w, trip)  # the cuts left, both ways: at least one way of one of them
+        low = value(
+            schedule, M, d0 + f + b + trip, np.maximum(d1, d0 + w + M * busiest), np.maximum(d2, w), rounds, back0
+        )
+    return np.where(gone, np.inf, low) if np.any(gone) else low
 
 
 # the layers after each end of a stage: least forward, least backward, the busiest stage's
-# least forward and backward, and the next cut's least transfer either way (each per end)
-Tail = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+# least forward and backward, the next cut's least transfer either way, and the cuts left's
+# least transfers both ways together (each per end)
+Tail = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+
+
+def back_rounds(schedule: str, M: int, rounds: int, num_stages: int | None) -> int:
+    """Under 1F1B, how many of stage 0's backwards follow its last round trip: ``M - 1 - (R -
+    1) S`` with ``R = rounds`` (``M - 1`` where the rounds are one: ``S >= M``). Times stage
+    0's backward, a label's fourth number (0 for the other schedules, or an unknown
+    length). The term of :func:`partitioners.planner.objective.lower_bound` for stage 0."""
+    if schedule != "1f1b" or not num_stages:
+        return 0
+    return M - 1 - (rounds - 1) * num_stages if rounds > 1 else M - 1
 
 
 def rounds_of(schedule: str, M: int, num_stages: int | None) -> int:
@@ -89,8 +109,20 @@ def rounds_of(schedule: str, M: int, num_stages: int | None) -> int:
     return (M - 1) // num_stages + 1
 
 
-def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la, lg) -> tuple:
-    """The numbers after one more stage (arrays over its possible ends)."""
+def held_back(M: int, K: int, before, beyond, B):
+    """1F1B: a stage holds at most ``K = S - s`` micro-batches, so every ``K``-th one waits
+    for the round trip beyond it (at least ``beyond``, the stage's own forward and backward
+    included): ``(M - 1) // K + 1`` of them one after the other, after the path ``before``
+    it, then the backwards of the micro-batches left (the term of
+    :func:`partitioners.planner.objective.lower_bound`). It needs the round trip still to
+    come, so a label cannot carry it: it only drops labels (with the completion bound)."""
+    r = (M - 1) // K
+    return before + (r + 1) * beyond + (M - 1 - r * K) * B
+
+
+def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la, lg, drain: int = 1) -> tuple:
+    """The numbers after one more stage (arrays over its possible ends); ``drain``: 1F1B's
+    gradients the stage sends back after its last forward (at least; :func:`drained`)."""
     d0, d1, d2 = lab  # each an array over the labels, (labels, 1): the results are (labels, ends)
     if schedule == "sequential":
         n0 = d0 + M * (F + la) + (M - 1) * (B + lg)
@@ -103,12 +135,41 @@ def _extend(schedule: str, M: int, s: int, lab: tuple, F, B, Op, la, lg) -> tupl
     if s == 0:  # the round trip without the optimizer step (the rounds term repeats it)
         return F + B + 0.0 * d0, M * (F + B) + Op + 0.0 * d0, 0.0 * (F + d0)
     base = d0 + la + lg
-    return base + F + B, np.maximum(d1, base + M * (F + B)), np.maximum(np.maximum(d2, la), lg) + 0.0 * F
+    n1 = np.maximum(np.maximum(d1, base + M * (F + B)), d0 + M * la + drain * lg + F + B)
+    return base + F + B, n1, np.maximum(np.maximum(d2, la), lg) + 0.0 * F
+
+
+# a label's numbers (rows of :attr:`Frontier.nums`): the three of the schedule's bound, then
+# the owner's first stage (U-shape: its work, device bytes, host bytes)
+_BACK0, _OWN, _FMEM, _FHOST = 3, 4, 5, 6
+
+
+@dataclass
+class Frontier:
+    """The labels after some stages, one column each: the layers they place (where the next
+    stage starts), their numbers, and the way back to their plan: the label of the previous
+    frontier each extends and the option its last stage takes. Arrays, so that a stage
+    extends every label at once and nothing runs per label in Python."""
+
+    pos: np.ndarray  # int, per label
+    nums: np.ndarray  # (7, labels): _D0, _D1, _D2, _BACK0, _OWN, _FMEM, _FHOST
+    prev: Frontier | None = None  # the frontier before the last stage (None: nothing placed)
+    row: np.ndarray | None = None  # per label, its label in ``prev``
+    opt: np.ndarray | None = None  # per label, its last stage's option index
+    stage: int = -1  # the last stage's index
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+    def take(self, keep: np.ndarray) -> Frontier:
+        """The labels ``keep`` (indices or a mask) only."""
+        assert self.row is not None and self.opt is not None
+        return Frontier(self.pos[keep], self.nums[:, keep], self.prev, self.row[keep], self.opt[keep], self.stage)
 
 
 class CutSearch:
-    """The cut search one stage at a time: a frontier maps each cut position (the layers
-    placed so far) to its labels. :func:`best_cuts` runs it over a whole device sequence;
+    """The cut search one stage at a time: a :class:`Frontier` holds the labels after the
+    stages placed so far. :func:`best_cuts` runs it over a whole device sequence;
     the device search (:mod:`partitioners.planner.devices`) extends one frontier per prefix
     of devices, so that sequences sharing a prefix share its work.
 
@@ -126,13 +187,14 @@ class CutSearch:
         self.schedule = req.schedule
         self.ushape = req.label_privacy
         self.rounds = 1 if at_least else rounds_of(self.schedule, self.M, num_stages)
+        self.back0 = back_rounds(self.schedule, self.M, self.rounds, num_stages)
 
-    def start(self) -> dict[int, list[tuple]]:
-        return {0: [(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None)]}
+    def start(self) -> Frontier:
+        return Frontier(np.zeros(1, int), np.zeros((7, 1)))
 
     def stage(
         self,
-        frontier: dict[int, list[tuple]],
+        frontier: Frontier,
         s: int,
         dev: str,
         prev: str | None,
@@ -141,7 +203,7 @@ class CutSearch:
         prune: bool = True,
         stages_left: int = 0,
         tail: Tail | None = None,
-    ) -> dict[int, list[tuple]]:
+    ) -> Frontier:
         """The frontier after stage ``s`` on ``dev`` (``prev`` runs stage ``s - 1``): every
         layer range and option that fits, below ``bound``; the last stage ends the chain.
         ``stages_left``: stages still to come after this one (each needs a layer); ``tail``:
@@ -149,106 +211,111 @@ class CutSearch:
         whose completions can beat ``bound`` is dropped."""
         tables, n, M, schedule = self.tables, self.n, self.M, self.schedule
         ushape = self.ushape and (s > 0 or not last)
-        nxt: dict[int, list[tuple]] = {}
         cap, hcap = tables.capacity(dev), tables.host_capacity(dev)
         opts = tables.options(s, dev)
-        parts = [tables.parts(dev, o) for o in opts]
-        if self.S is None:
-            inflight = tables.inflight(s, s + 1 + stages_left)
-        elif self.at_least:  # at least this many stages: at least this many micro-batches in flight
-            inflight = tables.inflight(s, max(self.S, s + 1 + stages_left))
-        else:
-            inflight = tables.inflight(s, self.S)
-        memtabs = [tables.dev_table(dev, inflight, o) for o in opts]
-        hostcums = [tables.host_cum(dev, o) for o in opts]
+        # the sequence's length, or the least it can have (1F1B: the fewest micro-batches
+        # in flight, the fewest gradients drained: both only grow with the length)
+        length = s + 1 + stages_left if self.S is None else self.S
+        if self.at_least:
+            length = max(length, s + 1 + stages_left)
+        inflight = tables.inflight(s, length)
+        drain = drained(length, s, M) if s else 1
         hi = n if last else n - stages_left
-        # every (position, label) of the frontier is a row; every end of this stage a column
-        starts = [a for a in frontier if (n if last else a + 1) <= hi]
-        if not starts:
-            return nxt
-        row_labels = [lab for a in starts for lab in frontier[a]]
-        A = np.array([a for a in starts for _ in frontier[a]])[:, None]
-        cols = np.array([[lab[_D0], lab[_D1], lab[_D2], lab[_OWN], lab[_FMEM], lab[_FHOST]] for lab in row_labels])
-        d = (cols[:, 0:1], cols[:, 1:2], cols[:, 2:3])
-        if prev is not None:
-            links = {a: tables.link(prev, dev, a) for a in starts}
-            la = np.array([links[a][0] for a in A[:, 0].tolist()])[:, None]
-            lg = np.array([links[a][1] for a in A[:, 0].tolist()])[:, None]
-        else:
-            la = lg = np.zeros((len(row_labels), 1))
-        bs = np.arange(n if last else min(starts) + 1, hi + 1)
-        valid = bs[None, :] > A if not last else np.ones((len(row_labels), len(bs)), bool)
+        # every label that leaves this stage a layer, with each end its stage can reach
+        rows_in = np.arange(len(frontier)) if last else np.nonzero(frontier.pos < hi)[0]
+        if not len(rows_in):
+            return self._empty(frontier, s)
+        A = frontier.pos[rows_in]
+        cols = frontier.nums[:, rows_in]
+        links = tables.link_table(prev, dev) if prev is not None else np.zeros((n + 1, 2))
+        lo = np.full(len(A), n) if last else A + 1  # the first end each label may take
         if s == 0 and not last:  # privacy: the owner's first stage keeps its minimum of layers
-            valid = valid & (bs[None, :] >= self.req.min_owner_front)
+            lo = np.maximum(lo, self.req.min_owner_front)
         if ushape and last:  # and the U's last stage its minimum
-            valid = valid & (n - A >= self.req.min_owner_tail)
+            lo = np.where(n - A >= self.req.min_owner_tail, lo, n + 1)
         first = ushape and s == 0
-        after = tail(bs) if tail is not None and not last else None
-        for k in range(len(opts)):
-            f, bw, o = parts[k]
-            F, B, Op = f[bs][None, :] - f[A], bw[bs][None, :] - bw[A], o[bs][None, :] - o[A]
-            mem = memtabs[k][A, bs[None, :]]
-            host = hostcums[k][bs][None, :] - hostcums[k][A]
+        after = tail(np.arange(n + 1)) if tail is not None and not last else None
+        out_pos, out_nums, out_row, out_opt = [], [], [], []
+        for k, o in enumerate(opts):
+            rows, ends = spans(lo, np.minimum(tables.reach(dev, inflight, o)[A], hi))
+            a = A[rows]
+            f, bw, op = tables.parts(dev, o)
+            F, B, Op = f[ends] - f[a], bw[ends] - bw[a], op[ends] - op[a]
+            mem = tables.dev_table(dev, inflight, o)[a, ends]
+            host_c = tables.host_cum(dev, o)
+            host = host_c[ends] - host_c[a]
             if ushape and last:
-                ok = valid & (cols[:, 4:5] + mem <= cap) & (cols[:, 5:6] + host <= hcap)
+                ok = (cols[_FMEM][rows] + mem <= cap) & (cols[_FHOST][rows] + host <= hcap)
             else:
-                ok = valid & (mem <= cap) & (host <= hcap)
-            n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg), ok)[:3]
-            low = value(schedule, M, n0, n1, n2, self.rounds)
+                ok = (mem <= cap) & (host <= hcap)
+            d = (cols[0][rows], cols[1][rows], cols[2][rows])
+            n0, n1, n2 = np.broadcast_arrays(
+                *_extend(schedule, M, s, d, F, B, Op, links[a, 0], links[a, 1], drain), ok
+            )[:3]
+            back0 = self.back0 * B if s == 0 else cols[_BACK0][rows]
+            low = value(schedule, M, n0, n1, n2, self.rounds, back0)
             own = M * (F + B) + Op
             if ushape and last:
-                low = np.maximum(low, cols[:, 3:4] + own)
+                low = np.maximum(low, cols[_OWN][rows] + own)
             keep = ok & (low < bound)
             if after is not None:
-                tf, tb, busy, w = after
-                low_c = completed(
-                    schedule, M, self.rounds, n0, n1, n2, tf[None, :], tb[None, :], w[None, :], busy[None, :]
-                )
+                tf, tb, busy, w, trip = (x[ends] for x in after)
+                low_c = completed(schedule, M, self.rounds, n0, n1, n2, tf, tb, w, busy, trip, back0)
+                if schedule == "1f1b" and self.S is not None and not self.at_least:
+                    beyond = F + B + tf + tb + np.maximum(w, trip)  # the round trip from this stage on
+                    low_c = np.maximum(low_c, held_back(M, self.S - s, n0 - F - B, beyond, B))
                 keep &= low_c < bound
-            rows, ends = np.nonzero(keep)
-            if not len(rows):
+            if not keep.any():
                 continue
-            v0, v1, v2 = n0[rows, ends].tolist(), n1[rows, ends].tolist(), n2[rows, ends].tolist()
-            at = A[rows, 0].tolist()
-            bl = bs[ends].tolist()
-            if first:
-                extra = list(
-                    zip(own[rows, ends].tolist(), mem[rows, ends].tolist(), host[rows, ends].tolist(), strict=True)
-                )
-            for x, (i, a, b, x0, x1, x2) in enumerate(zip(rows.tolist(), at, bl, v0, v1, v2, strict=True)):
-                lab = row_labels[i]
-                back = (s, a, lab, k)
-                if first:
-                    new = (x0, x1, x2, *extra[x], back)
-                else:
-                    new = (x0, x1, x2, lab[_OWN], lab[_FMEM], lab[_FHOST], back)
-                nxt.setdefault(b, []).append(new)
+            if first:  # the owner's first stage: its work and memory, for the U's last stage
+                owner = np.stack([own[keep], mem[keep], host[keep]])
+            else:
+                owner = cols[_OWN:, rows[keep]]
+            out_pos.append(ends[keep])
+            out_nums.append(np.concatenate([np.stack([n0[keep], n1[keep], n2[keep], back0[keep]]), owner]))
+            out_row.append(rows_in[rows[keep]])
+            out_opt.append(np.full(int(keep.sum()), k))
+        if not out_pos:
+            return self._empty(frontier, s)
+        nxt = Frontier(
+            np.concatenate(out_pos), np.concatenate(out_nums, axis=1), frontier,
+            np.concatenate(out_row), np.concatenate(out_opt), s,
+        )  # fmt: skip
         # the last stage's labels are final: ranked by their whole bound (with the owner's term)
-        dims = 6 if ushape else 3
-        return {b: _prune(labs, dims) for b, labs in nxt.items()} if prune and not last else nxt
+        return nxt.take(undominated(nxt.pos, nxt.nums[: 7 if ushape else 4])) if prune and not last else nxt
 
-    def finals(self, frontier: dict[int, list[tuple]], seq: list[str]) -> list[tuple[float, tuple]]:
-        """The complete labels of ``seq``, smallest bound first."""
+    @staticmethod
+    def _empty(frontier: Frontier, s: int) -> Frontier:
+        return Frontier(np.zeros(0, int), np.zeros((7, 0)), frontier, np.zeros(0, int), np.zeros(0, int), s)
+
+    def finals(self, frontier: Frontier, seq: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The complete labels of ``seq``: their bounds, smallest first, and their indices."""
         S, n, M = len(seq), self.n, self.M
-        out = []
-        for lab in frontier.get(n, []):
-            low = float(value(self.schedule, M, lab[_D0], lab[_D1], lab[_D2], self.rounds))
-            if self.ushape and S > 1:
-                # the owner's two stages one after the other: the last one's work from its range
-                _, a, _, k = lab[_PREV]
-                f_last, b_last, o_last = self.tables.fbo(seq[-1], a, n, self.tables.options(S - 1, seq[-1])[k])
-                low = max(low, lab[_OWN] + M * (f_last + b_last) + o_last)
-            out.append((low, lab))
-        out.sort(key=lambda x: x[0])
-        return out
+        rows = np.nonzero(frontier.pos == n)[0]
+        nums = frontier.nums[:, rows]
+        low = np.asarray(value(self.schedule, M, nums[0], nums[1], nums[2], self.rounds, nums[_BACK0]), float)
+        if self.ushape and S > 1 and len(rows):
+            # the owner's two stages one after the other: the last one's work from its range
+            assert frontier.prev is not None and frontier.row is not None and frontier.opt is not None
+            a = frontier.prev.pos[frontier.row[rows]]
+            for k, o in enumerate(self.tables.options(S - 1, seq[-1])):
+                f, b, op = self.tables.parts(seq[-1], o)
+                on = frontier.opt[rows] == k
+                work = nums[_OWN] + M * (f[n] - f[a] + b[n] - b[a]) + op[n] - op[a]
+                low = np.where(on, np.maximum(low, work), low)
+        order = np.argsort(low, kind="stable")
+        return low[order], rows[order]
 
-    def choice(self, low: float, lab: tuple, seq: list[str]) -> CutChoice:
+    def choice(self, low: float, i: int, frontier: Frontier, seq: list[str]) -> CutChoice:
+        """The plan of label ``i`` of ``frontier``, followed back to the first stage."""
         cuts, chosen = [], []
-        while lab[_PREV] is not None:
-            s, a, lab, k = lab[_PREV]
-            cuts.append(a)
+        while frontier.prev is not None:
+            assert frontier.row is not None and frontier.opt is not None
+            s, k, i = frontier.stage, int(frontier.opt[i]), int(frontier.row[i])
+            frontier = frontier.prev
+            cuts.append(int(frontier.pos[i]))
             chosen.append(self.tables.options(s, seq[s])[k])
-        return CutChoice(low, sorted({*cuts, self.n}), chosen[::-1])
+        return CutChoice(float(low), sorted({*cuts, self.n}), chosen[::-1])
 
 
 def best_cuts(
@@ -277,38 +344,60 @@ def best_cuts(
         frontier = search.stage(
             frontier, s, seq[s], seq[s - 1] if s else None, last, bound, prune, stages_left=S - s - 1, tail=after
         )
-        if max_labels and sum(len(v) for v in frontier.values()) > max_labels:
+        if max_labels and len(frontier) > max_labels:
             return None
-        if not frontier:
+        if not len(frontier):
             return []
-    return [search.choice(low, lab, seq) for low, lab in search.finals(frontier, seq)[:top]]
+    lows, rows = search.finals(frontier, seq)
+    return [
+        search.choice(low, i, frontier, seq) for low, i in zip(lows[:top].tolist(), rows[:top].tolist(), strict=True)
+    ]
 
 
-def _prune(labels: list[tuple], dims: int) -> list[tuple]:
-    """Drop the labels another beats (or equals) in each of the first ``dims`` numbers."""
-    labels.sort(key=lambda x: x[:dims])
-    out: list[tuple] = []
-    if dims == 3:
-        # sorted by the first number: a label is beaten iff a kept one is at or below it in
-        # the other two; the kept ones' lower-left staircase in those two answers that
-        stair_x: list[float] = []  # ascending second number
-        stair_y: list[float] = []  # descending third number
-        for lab in labels:
-            x, y = lab[_D1], lab[_D2]
-            i = bisect.bisect_right(stair_x, x)
-            if i and stair_y[i - 1] <= y:
-                continue
-            out.append(lab)
-            j = i
-            while j < len(stair_x) and stair_y[j] >= y:
-                j += 1
-            stair_x[i:j] = [x]
-            stair_y[i:j] = [y]
-        return out
-    for lab in labels:
-        if not any(all(o[i] <= lab[i] for i in range(dims)) for o in out):
-            out.append(lab)
-    return out
+def spans(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every ``(row, end)`` with ``lo[row] <= end <= hi[row]``, as two flat arrays: a
+    label's ends as far as its stage can reach, and no further (the searches compute on
+    these pairs, not on every label against every end)."""
+    counts = np.maximum(hi - lo + 1, 0)
+    rows = np.repeat(np.arange(len(lo)), counts)
+    first = np.cumsum(counts) - counts
+    return rows, lo[rows] + np.arange(len(rows)) - first[rows]
+
+
+WINDOW = 4  # each label is held against this many labels just before it (and two prefix bests)
+
+
+def undominated(pos: np.ndarray, nums: np.ndarray) -> np.ndarray:
+    """Indices of labels to keep: a label another of its position beats (or equals) in
+    every number is dropped where one of a few candidates shows it, the rest are kept (a
+    kept dominated label costs time, never a plan).
+
+    Sorted by position, then the numbers in order, a label can only be beaten by one
+    before it. The candidates: the ``WINDOW`` labels just before it, and those before it
+    with the least second and the least third number (a prefix minimum of their ranks,
+    all in arrays)."""
+    L = len(pos)
+    if L < 2:
+        return np.arange(L)
+    order = np.lexsort((*nums[::-1], pos))
+    v, p = nums[:, order], pos[order]
+    dominated = np.zeros(L, bool)
+
+    def beaten_by(j: np.ndarray, i: np.ndarray) -> np.ndarray:
+        return (p[j] == p[i]) & np.all(v[:, j] <= v[:, i], axis=0)
+
+    for k in range(1, min(WINDOW, L - 1) + 1):
+        dominated[k:] |= beaten_by(np.arange(L - k), np.arange(k, L))
+    group = np.cumsum(np.r_[True, p[1:] != p[:-1]])  # 1, 2, ... per position, ascending
+    offset = (group[-1] - group) * L  # earlier groups higher: a running minimum restarts per group
+    for dim in (1, 2):
+        ranked = np.lexsort((*[v[x] for x in range(len(v) - 1, -1, -1) if x != dim], v[dim]))
+        rank = np.empty(L, int)
+        rank[ranked] = np.arange(L)
+        best = np.minimum.accumulate(offset + rank)[:-1]  # the best up to the label before each
+        j = ranked[best % L]
+        dominated[1:] |= beaten_by(j, np.arange(1, L))
+    return np.sort(order[~dominated])
 
 
 @dataclass
@@ -340,49 +429,49 @@ def every_cut(
     assert len(set(seq)) == len(seq), "every_cut: a device runs one stage"
     S, n, M, schedule = len(seq), req.n, req.num_micro_batches, req.schedule
     rounds = rounds_of(schedule, M, S)
+    back = back_rounds(schedule, M, rounds, S)
     P = np.zeros(1, int)
-    D = np.zeros((3, 1))
+    D = np.zeros((4, 1))
     Hist = np.zeros((1, 1), int)
     Kopt = np.zeros((1, 0), int)
     for s, dev in enumerate(seq):
         last = s == S - 1
         hi = n if last else n - (S - s - 1)
-        bs = np.arange(n if last or not len(P) else int(P.min()) + 1, hi + 1)
-        if not len(bs) or not len(P):
+        if not len(P):
             return CutArrays(np.zeros(0), np.zeros((0, S + 1), int), np.zeros((0, S), int))
-        A = P[:, None]
-        if s:
-            links = tables.link_table(seq[s - 1], dev)
-            la, lg = links[P, 0][:, None], links[P, 1][:, None]
-        else:
-            la = lg = np.zeros((len(P), 1))
-        valid = bs[None, :] > A
-        if s == 0 and not last:
-            valid = valid & (bs[None, :] >= req.min_owner_front)
+        links = tables.link_table(seq[s - 1], dev) if s else np.zeros((n + 1, 2))
         cap, hcap = tables.capacity(dev), tables.host_capacity(dev)
         inflight = tables.inflight(s, S)
-        after = tail(seq, s) if tail is not None and not last else None
+        drain = drained(S, s, M) if s else 1
+        after = tail(seq, s)(np.arange(n + 1)) if tail is not None and not last else None
+        # the first end each label may take (the last stage: only the whole model's end)
+        lo = np.full(len(P), n) if last else P + 1
+        if s == 0 and not last:  # privacy: the owner's first stage keeps its minimum of layers
+            lo = np.maximum(lo, req.min_owner_front)
         parts_p, parts_d, parts_h, parts_o = [], [], [], []
         for k, o in enumerate(tables.options(s, dev)):
+            rows, ends = spans(lo, np.minimum(tables.reach(dev, inflight, o)[P], hi))
+            a = P[rows]
             f, bw, op = tables.parts(dev, o)
-            F, B, Op = f[bs][None, :] - f[A], bw[bs][None, :] - bw[A], op[bs][None, :] - op[A]
-            mem = tables.dev_table(dev, inflight, o)[A, bs[None, :]]
+            F, B, Op = f[ends] - f[a], bw[ends] - bw[a], op[ends] - op[a]
             host_c = tables.host_cum(dev, o)
-            host = host_c[bs][None, :] - host_c[A]
-            ok = valid & (mem <= cap) & (host <= hcap)
-            d = (D[0][:, None], D[1][:, None], D[2][:, None])
-            n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg), ok)[:3]
-            keep = ok & (value(schedule, M, n0, n1, n2, rounds) < bound)
+            ok = (tables.dev_table(dev, inflight, o)[a, ends] <= cap) & (host_c[ends] - host_c[a] <= hcap)
+            d = (D[0][rows], D[1][rows], D[2][rows])
+            la, lg = links[a, 0], links[a, 1]
+            n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg, drain), ok)[:3]
+            back0 = back * B if s == 0 else D[3][rows]
+            keep = ok & (value(schedule, M, n0, n1, n2, rounds, back0) < bound)
             if after is not None:
-                tf, tb, busy, w = after(bs)
-                keep &= (
-                    completed(schedule, M, rounds, n0, n1, n2, tf[None, :], tb[None, :], w[None, :], busy[None, :])
-                    < bound
-                )
-            rows, ends = np.nonzero(keep)
-            parts_p.append(bs[ends])
-            parts_d.append(np.stack([n0[rows, ends], n1[rows, ends], n2[rows, ends]]))
-            parts_h.append(np.concatenate([Hist[rows], bs[ends][:, None]], axis=1))
+                tf, tb, busy, w, trip = (x[ends] for x in after)
+                low_c = completed(schedule, M, rounds, n0, n1, n2, tf, tb, w, busy, trip, back0)
+                if schedule == "1f1b":
+                    beyond = F + B + tf + tb + np.maximum(w, trip)
+                    low_c = np.maximum(low_c, held_back(M, S - s, n0 - F - B, beyond, B))
+                keep &= low_c < bound
+            rows, ends, n0, n1, n2, back0 = (x[keep] for x in (rows, ends, n0, n1, n2, back0))
+            parts_p.append(ends)
+            parts_d.append(np.stack([n0, n1, n2, back0]))
+            parts_h.append(np.concatenate([Hist[rows], ends[:, None]], axis=1))
             parts_o.append(np.concatenate([Kopt[rows], np.full((len(rows), 1), k)], axis=1))
         P = np.concatenate(parts_p)
         D = np.concatenate(parts_d, axis=1)
@@ -390,6 +479,6 @@ def every_cut(
         Kopt = np.concatenate(parts_o)
         if len(P) > max_labels:
             return None
-    low = value(schedule, M, D[0], D[1], D[2], rounds)
+    low = value(schedule, M, D[0], D[1], D[2], rounds, D[3])
     order = np.argsort(low, kind="stable")
     return CutArrays(low[order], Hist[order], Kopt[order])

@@ -4,10 +4,10 @@ Branch and bound over device sequences. A node is a prefix of devices (a data ow
 with the cut search's frontier after it (:class:`~partitioners.planner.cuts.CutSearch`):
 its labels' bounds only grow as stages are added, and what the stages still to come take
 at least (:meth:`DeviceSearch.tail`: the layers left at their fastest, the busiest stage on
-the devices left, the next cut and the slowest wire the layers left need,
-:mod:`partitioners.planner.bounds`) is added to them, so a node whose smallest such bound
-is not below the best step found is cut off with everything under it; so is a label whose
-every completion is (inside the cut search). Devices that cannot be told apart
+the devices left, the next cut, the slowest wire the layers left need and the round trip of
+the cuts left, :mod:`partitioners.planner.bounds`) is added to them, so a node whose
+smallest such bound is not below the best step found is cut off with everything under it;
+so is a label whose every completion is (inside the cut search). Devices that cannot be told apart
 (the same kind, memory, speed and zone, and no link of their own) are interchangeable: a
 node tries one of each class. Children are tried in the order of their bounds, so a good
 plan is found early and prunes the rest.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from partitioners.planner.bounds import PoolBounds
-from partitioners.planner.cuts import CutChoice, CutSearch, Tail, completed, rounds_of
+from partitioners.planner.cuts import CutChoice, CutSearch, Frontier, Tail, completed, rounds_of
 from partitioners.planner.request import IDENTICAL_FIELDS, PlanRequest
 from partitioners.planner.tables import CostTables
 
@@ -80,6 +80,8 @@ class DeviceSearch:
             self.classes.setdefault(device_class(req, d), []).append(d)
         self.rest = self._rest_table()
         self._cache: dict[tuple, np.ndarray] = {}
+        self._fast: dict[float, list[str]] = {}
+        self._tails: dict[tuple, Tail] = {}
 
     def _rest_table(self) -> tuple[np.ndarray, np.ndarray]:
         """Per cut position, the least forward and backward time the layers after it take:
@@ -93,25 +95,38 @@ class DeviceSearch:
     def _free(self, prefix: list[str]) -> list[str]:
         """The devices the stages after ``prefix`` may run on (with ``label_privacy`` the
         data owner's last stage too)."""
-        step, b = self.step(), self.bounds
-        out = [d for d in self.pool if d not in prefix and b.device_ms(d) < step]
+        step = self.step()
+        if step not in self._fast:  # the devices fast enough alone, once per best step
+            self._fast = {step: [d for d in self.pool if self.bounds.device_ms(d) < step]}
+        placed = set(prefix)
+        out = [d for d in self._fast[step] if d not in placed]
         if self.req.label_privacy and prefix:
             out.append(prefix[0])
         return out
 
-    def tail(self, prefix: list[str], free: int) -> Tail:
+    def tail(self, prefix: list[str], free: int, least: int = 1) -> Tail:
+        """:meth:`_tail`, once per prefix (and best step): a node, each of its children's
+        cuts and each child's own bound ask for the same one."""
+        key = (tuple(prefix), free, least, self.step())
+        if key not in self._tails:
+            self._tails[key] = self._tail(prefix, free, least)
+        return self._tails[key]
+
+    def _tail(self, prefix: list[str], free: int, least: int) -> Tail:
         """What the at most ``free`` stages after ``prefix`` take at least, per position of
         the cut after it (:func:`~partitioners.planner.cuts.completed`): the layers left at
         their fastest; the busiest of those stages at least :meth:`PoolBounds.tail_stage_ms`
         on the devices left; the next cut at least the cheapest wire from the last device to
         one of them, and some cut at least :meth:`PoolBounds.crossing_ms` (the round trip
-        grows by one of the two, and the slowest wire is at least the larger)."""
+        grows by one of the two, and the slowest wire is at least the larger); and where
+        few devices are left, each of the at least ``least`` cuts still to come at least the
+        cheapest round trip between two of them (or from the last device)."""
         M = self.req.num_micro_batches
         tail_f, tail_b = self.rest
         devs = self._free(prefix)
         if not devs:
             none = np.full(self.req.n + 1, np.inf)
-            return lambda bs: (none[bs], none[bs], none[bs], none[bs])
+            return lambda bs: (none[bs], none[bs], none[bs], none[bs], none[bs])
         w = min(self.bounds.wire_ms(prefix[-1], d) for d in devs) / M  # per micro-batch, either way
         k = max(free, 1)
         last = prefix[-1]
@@ -123,40 +138,38 @@ class DeviceSearch:
                 self._cache[("crossing", last)] = self.bounds.crossing_ms(last, self.pool, everyone)
             lam, cross = self._cache[("busiest", k)], self._cache[("crossing", last)]
 
-            def after(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            def after(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
                 f, b = tail_f[bs], tail_b[bs]
-                return f, b, np.maximum(lam[bs], (f + b) / k), np.maximum(w, cross[bs] / M)
+                return f, b, np.maximum(lam[bs], (f + b) / k), np.maximum(w, cross[bs] / M), 0.0 * f
 
             return after
 
-        def exact(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        hop = self.bounds.hop_ms(last, devs) / M  # per micro-batch, both ways
+        n = self.req.n
+
+        def exact(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             f, b = tail_f[bs], tail_b[bs]
             busiest = np.maximum(self.bounds.tail_stage_ms(bs, devs, k), (f + b) / k)
             crossing = self.bounds.crossing_ms(last, devs, bs) / M  # some cut's slower wire
-            return f, b, busiest, np.maximum(w, crossing)
+            return f, b, busiest, np.maximum(w, crossing), np.where(bs < n, least * hop, 0.0)
 
         return exact
 
-    def node_low(
-        self, frontier: dict[int, list[tuple]], free: int, prefix: list[str], S: int | None = None, to: str = ""
-    ) -> float:
+    def node_low(self, frontier: Frontier, free: int, prefix: list[str], S: int | None = None, to: str = "") -> float:
         """A bound below every plan that extends this frontier (``prefix`` placed) with at
         most ``free`` more stages (:meth:`tail`); ``to``: the next stage's device, whose cut
         from the last device is then known."""
+        if not len(frontier):
+            return float("inf")
         M, schedule = self.req.num_micro_batches, self.req.schedule
-        rounds = rounds_of(schedule, M, S)
-        positions = np.array(sorted(frontier))
-        f, b, busiest, w = self.tail(prefix, free)(positions)
+        positions, at = np.unique(frontier.pos, return_inverse=True)
+        f, b, busiest, w, trip = self.tail(prefix, free, free if S else 1)(positions)
         if to:
             w = np.maximum(w, self.tables.link_table(prefix[-1], to)[positions].max(axis=1))
-        best = float("inf")
-        for i, a in enumerate(positions.tolist()):
-            if busiest[i] == np.inf:
-                continue
-            labs = np.array([lab[:3] for lab in frontier[a]])
-            low = completed(schedule, M, rounds, labs[:, 0], labs[:, 1], labs[:, 2], f[i], b[i], w[i], busiest[i])
-            best = min(best, float(np.min(low)))
-        return best
+        d0, d1, d2, back0 = frontier.nums[:4]
+        rounds = rounds_of(schedule, M, S)
+        low = completed(schedule, M, rounds, d0, d1, d2, f[at], b[at], w[at], busiest[at], trip[at], back0)
+        return float(low.min())
 
     def run(self) -> None:
         req = self.req
@@ -195,20 +208,20 @@ class DeviceSearch:
                 out.append(free[0])
         return out
 
-    def _close(self, search: CutSearch, prefix: list[str], frontier: dict[int, list[tuple]], dev: str, s: int) -> None:
+    def _close(self, search: CutSearch, prefix: list[str], frontier: Frontier, dev: str, s: int) -> None:
         """``dev`` runs the last stage after ``prefix``: a complete sequence."""
         seq = [*prefix, dev]
         last = search.stage(frontier, s, dev, prefix[-1] if prefix else None, True, self.step())
-        finals = search.finals(last, seq)
-        if not finals:
+        lows, rows = search.finals(last, seq)
+        if not len(lows):
             return
-        self.sequences.append(FoundSequence(seq, finals[0][0]))
+        self.sequences.append(FoundSequence(seq, float(lows[0])))
         if search.at_least:  # relaxed labels: the plans are listed again at their own length
             return
-        step = self.step()
-        self.check(seq, [search.choice(low, lab, seq) for low, lab in finals[: self.top] if low < step])
+        top = np.nonzero(lows[: self.top] < self.step())[0]
+        self.check(seq, [search.choice(lows[i], rows[i], last, seq) for i in top.tolist()])
 
-    def _node(self, search: CutSearch, prefix: list[str], mid: dict[int, list[tuple]], S: int | None) -> None:
+    def _node(self, search: CutSearch, prefix: list[str], mid: Frontier, S: int | None) -> None:
         """``mid``: the frontier with every device of ``prefix`` placed (none of them the
         last stage). Close the sequence with one more device (the owner, for a U), then grow
         it by one device of each class, the most promising first."""
@@ -239,7 +252,7 @@ class DeviceSearch:
         for d in kids:
             if self.node_low(mid, free, prefix, R, to=d) >= self.step():  # its cut alone is too slow
                 continue
-            after = self.tail([*prefix, d], free - 1)
+            after = self.tail([*prefix, d], free - 1, free - 1 if fixed else 1)
             nxt = search.stage(mid, s, d, prefix[-1], False, self.step(), stages_left=left, tail=after)
             if nxt:
                 grown.append((self.node_low(nxt, free - 1, [*prefix, d], R), d, nxt))

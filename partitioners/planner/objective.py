@@ -162,8 +162,11 @@ def lower_bound(schedule: str, fig: StepFigures, M: int) -> float:
     own work ``M (F + B)`` after the first micro-batch reaches it and before the last one's
     gradient returns to stage 0; each wire's ``M`` transfers within the round trip; under
     1F1B, stage ``s`` holds at most ``S - s`` micro-batches, so every ``S - s``-th one
-    waits for a whole round trip beyond it; the data owner's two stages (U-shape) one after
-    the other; and stage 0's optimizer step after everything.
+    waits for a whole round trip beyond it, and stage ``s + 1`` runs its last
+    :func:`drained` backwards after its last forward, so their gradients cross the wire back
+    one after another after the last activation arrived (:func:`drained`); the data owner's
+    two stages (U-shape) one after the other; and stage 0's optimizer step after
+    everything.
 
     The cut search (:mod:`partitioners.planner.cuts`) ranks by an incremental form of these
     terms with only stage 0's 1F1B round trips (and without its ``B`` and optimizer step
@@ -185,11 +188,25 @@ def lower_bound(schedule: str, fig: StepFigures, M: int) -> float:
             best = max(best, head + (rounds + 1) * rt + (M - 1 - rounds * K) * B[s] + Opt[0])
         if s < S - 1:
             best = max(best, P + (M - 1) * max(a[s], g[s]) + Opt[0])
+            if schedule == "1f1b":
+                back = drained(S, s + 1, M)
+                best = max(best, head + F[s] + B[s] + M * a[s] + F[s + 1] + B[s + 1] + back * g[s] + Opt[0])
             head += F[s] + B[s] + a[s] + g[s]
             ahead += F[s] + a[s]
     for group in fig.shared:
         best = max(best, sum(M * (F[s] + B[s]) + Opt[s] for s in group))
     return best
+
+
+def drained(num_stages: int, s: int, M: int) -> int:
+    """Under 1F1B, how many backwards stage ``s`` (``s >= 1``) runs after its last forward:
+    it warms up with ``S - s - 1`` forwards, then each forward is followed by the backward
+    that many micro-batches behind it, so the last forward is followed by that backward and
+    the ones still in flight (every one, where it holds all ``M``). Each sends its gradient
+    to stage ``s - 1`` over one wire, so after the last activation reaches stage ``s`` (``M``
+    transfers after the first) that wire still carries this many gradients, after at least
+    one forward and one backward of stage ``s``; then the backwards run down to stage 0."""
+    return min(num_stages - s - 1, M - 1) + 1
 
 
 @functools.lru_cache(maxsize=256)

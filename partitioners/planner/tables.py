@@ -3,6 +3,7 @@ stage (a layer range on a device) and any cut costs O(1)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -31,16 +32,17 @@ class CostTables:
         topo = req.topology
         self.M = req.num_micro_batches
         self.dev = {d.name: d for d in topo.devices}
-        self._cum: dict[tuple[str, StageMethod], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._cum: dict[tuple[tuple, StageMethod], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
         ratio = CODEC_BYTES[req.codec]
         self.cut_bytes = [layer.out_bytes * ratio for layer in L]  # after layer i
         self._mem: dict[tuple[int, float, int, StageMethod], np.ndarray] = {}
-        self._dev_mem: dict[tuple[str, int, StageMethod], np.ndarray] = {}
+        self._dev_mem: dict[tuple, np.ndarray] = {}
         self._host: dict[StageMethod, tuple[np.ndarray, np.ndarray]] = {}
         self._link: dict[tuple, tuple[float, float]] = {}
         self._pair: dict[tuple[str, str], Link] = {}
         self._link_tables: dict[tuple, np.ndarray] = {}
         self._opts: dict[tuple[int, str], list[StageMethod]] = {}
+        self._kinds: dict[str, tuple] = {}
 
     def options(self, s: int, dev: str) -> list[StageMethod]:
         key = (s, dev)
@@ -51,7 +53,7 @@ class CostTables:
     def _times(self, dev: str, opt: StageMethod | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Prefix sums over the layers on ``dev`` under ``opt``: per micro-batch compute (the
         step spread over the micro-batches), forward, backward, and the optimizer step."""
-        key = (dev, opt or StageMethod())
+        key = (self.kind(dev), opt or StageMethod())
         if key not in self._cum:
             d = self.dev[dev]
             per = [
@@ -69,6 +71,18 @@ class CostTables:
                 prefix([t.opt_ms for t in per]),
             )
         return self._cum[key]
+
+    def kind(self, dev: str) -> tuple:
+        """What a layer's time on ``dev`` depends on: every figure of the device but its
+        name, zone and data, the FLOP/s its layers were measured at and which layers it
+        runs. Devices of one kind share their prefix sums (a large pool has few kinds)."""
+        if dev not in self._kinds:
+            d = self.dev[dev]
+            figures = tuple(
+                getattr(d, f.name) for f in dataclasses.fields(d) if f.name not in ("name", "zone", "owns_data")
+            )
+            self._kinds[dev] = (figures, self.req.calibrated_for(dev), id(self.req.layers_on(dev)))
+        return self._kinds[dev]
 
     def cum(self, dev: str, opt: StageMethod | None = None) -> np.ndarray:
         """Prefix sums of each layer's per-micro-batch compute on ``dev`` under ``opt``
@@ -202,6 +216,21 @@ class CostTables:
             self._dev_mem[key] = table
         return self._dev_mem[key]
 
+    def reach(self, dev: str, inflight: int, opt: StageMethod) -> np.ndarray:
+        """``[a]`` -> the last end ``b`` of a stage from layer ``a`` that fits ``dev`` (device
+        memory and host budget; ``a`` where none does): the searches try the ends up to it
+        only (memory need not grow with every layer, so each end is still checked)."""
+        key = ("reach", self.kind(dev), inflight, opt)  # its figures hold its memory
+        if key not in self._dev_mem:
+            host = self.host_cum(dev, opt)
+            fits = (self.dev_table(dev, inflight, opt) <= self.capacity(dev)) & (
+                host[None, :] - host[:, None] <= self.host_capacity(dev)
+            )
+            n = self.req.n
+            last = n - np.argmax(fits[:, ::-1], axis=1)
+            self._dev_mem[key] = np.where(fits.any(axis=1), last, np.arange(n + 1))
+        return self._dev_mem[key]
+
     def host_cum(self, dev: str, opt: StageMethod | None = None) -> np.ndarray:
         """Prefix sums of the host bytes that count against ``dev``'s host budget (none on
         a cpu device: :meth:`dev_table` counts them)."""
@@ -235,18 +264,21 @@ class CostTables:
         """``[cut]`` -> (activation ms, gradient ms) of :meth:`link`, for every cut (0 at 0)."""
         key = ("table", src, dst)
         if key not in self._link_tables:
-            rows = [(0.0, 0.0), *(self.link(src, dst, c) for c in range(1, self.req.n + 1))]
-            self._link_tables[key] = np.array(rows)
+            nbytes = np.array([0.0, *self.cut_bytes[: self.req.n]])
+            table = np.stack([self.transfer_ms(src, dst, nbytes), self.transfer_ms(dst, src, nbytes)], axis=1)
+            table[0] = 0.0
+            self._link_tables[key] = table
         return self._link_tables[key]
 
-    def transfer_ms(self, src: str, dst: str, num_bytes: float) -> float:
-        """:meth:`cluster.topology.Topology.transfer_ms`, its link looked up once per pair."""
+    def transfer_ms(self, src: str, dst: str, num_bytes):
+        """:meth:`cluster.topology.Topology.transfer_ms`, its link looked up once per pair
+        (``num_bytes`` a number or an array)."""
         pair = (src, dst)
         if pair not in self._pair:
             self._pair[pair] = self.req.topology.link(src, dst)
         link = self._pair[pair]
         if math.isinf(link.bandwidth_mbps):
-            return 0.0
+            return 0.0 * num_bytes
         return link.latency_ms + num_bytes * 8 / (link.bandwidth_mbps * 1e6) * 1e3
 
     def capacity(self, dev: str) -> float:
