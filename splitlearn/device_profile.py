@@ -284,6 +284,24 @@ def _node_of(pool: list[str]) -> dict[str, str]:
     return where
 
 
+def crowded_hosts(pool: list[str], threads: dict[str, int]) -> list[tuple[list[str], int, int]]:
+    """The Ray nodes whose pool devices ask for more threads (``threads``: each device's
+    ``cpu_threads``) than the node has CPUs: ``(devices, threads, cpus)`` each. Their
+    devices are timed one at a time but compute at once in a run, sharing the cores, so the
+    run's compute there is slower than timed; the plan does not model that. Ray must be up."""
+    import ray
+
+    node_of = _node_of(pool)
+    cpus = {n["NodeID"]: int((n.get("Resources") or {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")}
+    out = []
+    for node, count in cpus.items():
+        devs = [d for d in dict.fromkeys(pool) if node_of.get(d) == node]
+        asked = sum(threads[d] for d in devs)
+        if len(devs) > 1 and count and asked > count:
+            out.append((devs, asked, count))
+    return out
+
+
 def _waves(names: list[str], node_of: dict[str, str]) -> list[list[str]]:
     """``names`` in waves with at most one device per node in each: devices that share a
     host are timed one after another."""

@@ -138,12 +138,20 @@ def measured_on_devices(cfg: LoadedConfig, counted: dict[str, list[LayerProfile]
         return {}
     from cluster.ray_cluster import connect
     from splitlearn import logs
-    from splitlearn.device_profile import device_profiles
+    from splitlearn.device_profile import crowded_hosts, device_profiles
 
     run = cfg.run
     connect(cfg.topology, run.ray.address, run.ray.num_cpus, timeout_s=run.ray.connect_timeout_s)
     logs.route_worker_output()  # the workers' warnings to the run's log, not the screen
-    return device_profiles(cfg, counted, profile_pool(cfg))
+    pool = profile_pool(cfg)
+    found = device_profiles(cfg, counted, pool)
+    for devs, asked, cpus in crowded_hosts(pool, {d: cfg.topology.device(d).cpu_threads for d in pool}):
+        print(
+            f"note: {', '.join(devs)} share a host of {cpus} CPUs and ask {asked} threads between them: "
+            "timed one at a time, they will compute slower when the run overlaps them (not in the plan)",
+            flush=True,
+        )
+    return found
 
 
 def profile_pool(cfg: LoadedConfig) -> list[str]:

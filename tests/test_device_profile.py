@@ -15,13 +15,15 @@ from splitlearn.planning import make_plan, plan_request
 
 
 @pytest.mark.ray
-def test_devices_time_their_layers_and_the_plan_uses_them(ray_cluster, tmp_path, monkeypatch):
+def test_devices_time_their_layers_and_the_plan_uses_them(ray_cluster, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     topo = inline_topology(["edge-a", "cloud-c", "cloud-d"])
     topo["devices"][0]["tflops"] = 50.0  # a prior far from what this CPU does: the measured times replace it
     path = write_config(tmp_path, topology={"inline": topo}, plan={"devices": ["edge-a", "cloud-c", "cloud-d"]})
     cfg = load_config(path, ["plan.profile=on_cluster", "plan.partitioner=manual", "plan.cuts=[2,4]"])
     req = plan_request(cfg)
+    # three one-thread devices on the test cluster's one node of 2 CPUs: said, not hidden
+    assert "edge-a, cloud-c, cloud-d share a host of 2 CPUs and ask 3 threads" in capsys.readouterr().out
     assert req.measured_on == {"edge-a", "cloud-c", "cloud-d"} and set(req.device_layers or {}) == req.measured_on
     edge = req.device_layers["edge-a"]
     assert all(layer.fwd_ms > 0 and layer.bwd_ms > 0 for layer in edge[1:])  # blocks and head, timed
