@@ -230,8 +230,12 @@ class Plan:
                 footer += "\n" + note
         measured = p.get("times_measured_on")
         if measured is not None:
-            counted = sorted({d for s in self.stages for d in s.devices} - set(measured))
+            like = p.get("times_measured_like") or {}
+            used = {d for s in self.stages for d in s.devices}
+            counted = sorted(used - set(measured) - set(like))
             footer += f"\ntimes: measured on {', '.join(measured) or 'no device'} (plan.profile: on_cluster)"
+            scaled = [f"{d} from {r}'s" for d, r in like.items() if d in used]
+            footer += f"; not on the cluster, scaled by tflops: {', '.join(scaled)}" if scaled else ""
             footer += f"; counted (FLOPs over tflops) on {', '.join(counted)}" if counted else ""
         if p.get("step_overhead_ms"):
             footer += f"\nper step: {p['step_overhead_ms']:.2f} ms outside the stages (the runtime's call to each worker, measured)"

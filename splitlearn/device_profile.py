@@ -228,7 +228,8 @@ def device_profiles(
     cfg: Any, layers: dict[str, list[LayerProfile]], pool: list[str], log: Callable[[str], None] = print
 ) -> dict[str, list[LayerProfile]]:
     """Each pool device's ``layers`` (as counted for it) with the times measured there
-    (cached); Ray must be up."""
+    (cached); a device no live Ray node holds, and whose kind is not cached, is left out
+    (the caller gives it a measured device's times, :func:`measured_like`). Ray must be up."""
     import ray
 
     from cluster.topology import device_resource
@@ -246,12 +247,16 @@ def device_profiles(
         path = cache_dir() / f"{key}.json"
         if key not in found and path.is_file():
             found[key] = json.loads(path.read_text())["times"]
-    todo = {key: (name, method) for name, (key, method) in keys.items() if key not in found}
+    node_of = _node_of(pool)
+    todo = {key: (name, method) for name, (key, method) in keys.items() if key not in found and name in node_of}
+    absent = [name for name, (key, _) in keys.items() if key not in found and name not in node_of]
+    if absent:
+        log(f"not on the cluster, not timed: {', '.join(absent)}")
     if todo:
         log(f"profiling the layers on {', '.join(n for n, _ in todo.values())} (in each device's own worker; cached)")
         task = ray.remote(time_layers)
         resolved = cfg.resolved_dict()
-        for wave in _waves([name for name, _ in todo.values()], _node_of(pool)):
+        for wave in _waves([name for name, _ in todo.values()], node_of):
             refs = {}
             for name in wave:
                 key, method = keys[name]
@@ -266,7 +271,25 @@ def device_profiles(
                 path = cache_dir() / f"{key}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps({"device": todo[key][0], "times": found[key]}))
-    return {name: measured_layers(layers[name], found[key], method) for name, (key, method) in keys.items()}
+    return {
+        name: measured_layers(layers[name], found[key], method) for name, (key, method) in keys.items() if key in found
+    }
+
+
+def measured_like(topology: Any, measured: list[str], names: list[str]) -> dict[str, str]:
+    """For each of ``names`` not measured, the measured device whose times it takes (scaled
+    by the ratio of their ``tflops``): one of the same accelerator, of the same tier where
+    there is one, the nearest ``tflops``; none where no device of its accelerator was measured."""
+    out = {}
+    for name in names:
+        if name in measured:
+            continue
+        dev = topology.device(name)
+        alike = [topology.device(m) for m in measured if topology.device(m).accelerator == dev.accelerator]
+        if alike:
+            best = min(alike, key=lambda m: (m.tier != dev.tier, abs(m.tflops - dev.tflops), m.name))
+            out[name] = best.name
+    return out
 
 
 def _node_of(pool: list[str]) -> dict[str, str]:
@@ -451,17 +474,21 @@ CALL_REPEATS = 20
 def measure_call_ms(pool: list[str], cuda: set[str] | None = None) -> float:
     """Milliseconds a step costs the runtime outside the stages' actions: the driver calls
     every worker at once and waits for all of them (median of ``CALL_REPEATS`` steps, one
-    probe per pool device, placed as its worker is). Ray must be up."""
+    probe per pool device on the cluster, placed as its worker is). Ray must be up."""
     import ray
 
     from cluster.topology import device_resource
 
     cuda = cuda or set()
+    node_of = _node_of(pool)
     probe = ray.remote(_Probe)
     probes = [
         probe.options(num_cpus=0, num_gpus=0.01 if d in cuda else 0, resources={device_resource(d): 0.001}).remote()
         for d in pool
+        if d in node_of
     ]
+    if not probes:
+        return 0.0
     try:
         ray.get([p.step.remote() for p in probes], timeout=120)  # started, CUDA up
         runs = []

@@ -195,7 +195,11 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
         raise ConfigError(f"plan.profile: it has {n} layers but the model's chain has {len(meta_chain_names(cfg))}")
     counted = counted_on_devices(cfg, profile)
     measured = measured_on_devices(cfg, {d: counted.get(d, profile.layers) for d in cfg.topology.device_names})
-    layers = {**counted, **measured} or None
+    from splitlearn.device_profile import measured_like
+
+    # a device not on the cluster: a measured one's times, scaled by tflops
+    like = measured_like(cfg.topology, list(measured), profile_pool(cfg)) if measured else {}
+    layers = {**counted, **measured, **{d: measured[r] for d, r in like.items()}} or None
     req = PlanRequest(
         layers=profile.layers,
         topology=measured_topology(cfg, profile.layers) if measured else cfg.topology,
@@ -214,6 +218,7 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
         search_seconds=run.plan.search_seconds,
         device_layers=layers,
         measured_on=frozenset(measured),
+        measured_like=like,
         step_overhead_ms=measured_overhead_ms(cfg) if measured else 0.0,
         cpu_runtime_bytes=run.runtime.cpu_runtime_mb * 1e6,
     )

@@ -87,3 +87,40 @@ def test_saved_bytes_measured_on_a_device_replace_the_counted_ones():
     got = measured_layers(layers, {**times, "saved": {"block": 600, "head": 50}}, StageMethod())
     assert [x.saved_bytes for x in got] == [1000, 600, 600, 50]
     assert [(x.fwd_ms, x.bwd_ms, x.opt_ms) for x in got][1:3] == [(4.0, 5.0, 6.0)] * 2
+
+
+@pytest.mark.ray
+def test_a_device_not_on_the_cluster_takes_a_measured_devices_times_scaled_by_tflops(
+    ray_cluster, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    topo = inline_topology(["edge-a", "cloud-x"])  # no node of the test cluster holds cloud-x
+    topo["devices"][1]["tflops"] = 0.04  # twice edge-a's
+    path = write_config(tmp_path, topology={"inline": topo}, plan={"devices": ["edge-a", "cloud-x"]})
+    cfg = load_config(path, ["plan.profile=on_cluster", "plan.partitioner=manual", "plan.cuts=[2]"])
+    req = plan_request(cfg)
+    assert "not on the cluster, not timed: cloud-x" in capsys.readouterr().out
+    assert req.measured_on == {"edge-a"} and req.measured_like == {"cloud-x": "edge-a"}
+    plan = partition("manual", req)
+    edge = req.device_layers["edge-a"]
+    # edge-a's own times for the layers cloud-x runs, at its 0.02 TFLOPS against cloud-x's 0.04
+    assert plan.stages[1].fwd_ms == pytest.approx(sum(x.fwd_ms for x in edge[2:]) * 0.5, rel=1e-3)
+    assert plan.stages[1].bwd_ms == pytest.approx(sum(x.bwd_ms for x in edge[2:]) * 0.5, rel=1e-3)
+    assert "not on the cluster, scaled by tflops: cloud-x from edge-a's" in plan.table()
+    assert req.topology.measured == {}  # no link to measure: one end is not there
+
+
+def test_the_measured_device_an_absent_one_takes_is_of_its_kind_and_tier_nearest_in_speed():
+    from cluster.topology import topology_from_container
+    from splitlearn.device_profile import measured_like
+
+    topo = inline_topology(["edge-a", "edge-b", "cloud-c", "cloud-d", "cloud-e"])
+    speeds = {"edge-a": 1.0, "edge-b": 3.0, "cloud-c": 10.0, "cloud-d": 40.0, "cloud-e": 30.0}
+    for d in topo["devices"]:
+        d["tflops"] = speeds[d["name"]]
+    topo["devices"][3]["accelerator"] = "cuda"  # cloud-d: a GPU
+    t = topology_from_container(topo, "test")
+    got = measured_like(t, ["edge-a", "cloud-c", "cloud-d"], ["edge-a", "edge-b", "cloud-e"])
+    # cloud-e (a CPU) takes the CPU cloud device, not the faster GPU; edge-b its tier's
+    assert got == {"edge-b": "edge-a", "cloud-e": "cloud-c"}
+    assert measured_like(t, ["cloud-d"], ["edge-a"]) == {}  # no CPU measured: the FLOPs prior

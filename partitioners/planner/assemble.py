@@ -160,6 +160,7 @@ def build_plan(
             "flops_per_step": float(flops * req.num_micro_batches),
             "peak_tflops": float(peak),
             **({"times_measured_on": sorted(req.measured_on)} if req.measured_on else {}),
+            **({"times_measured_like": dict(sorted(req.measured_like.items()))} if req.measured_like else {}),
             **({"step_overhead_ms": round(req.step_overhead_ms, 4)} if req.step_overhead_ms else {}),
             **({"links_measured": used_measured_links(req, stages)} if req.topology.measured else {}),
             **(

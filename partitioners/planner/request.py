@@ -3,7 +3,7 @@ choices a partitioner may make; the names and groups shared by every search."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cluster.errors import UserError
 from cluster.topology import Device, Topology
@@ -48,6 +48,9 @@ class PlanRequest:
     # runs them (``layers`` then count attention as CUDA runs it), or timed on the device
     device_layers: dict[str, list[LayerProfile]] | None = None
     measured_on: frozenset[str] = frozenset()  # devices whose ``device_layers`` times were measured there
+    # devices not measured that take a measured one's times (``device_layers``) scaled by
+    # the ratio of their ``tflops``: the prior, at the efficiency the measured device achieved
+    measured_like: dict[str, str] = field(default_factory=dict)
     # per step, what the runtime spends outside every stage's actions (the driver's call to
     # each worker and back, the worker's memory readings): measured with ``measured_on``
     step_overhead_ms: float = 0.0
@@ -86,9 +89,12 @@ class PlanRequest:
 
     def calibrated_for(self, device: str) -> float | None:
         """The FLOP/s the layers' times were measured at, as seen from ``device``: its own
-        ``tflops`` where they were measured on it (the times count as they are)."""
+        ``tflops`` where they were measured on it (the times count as they are), the measured
+        device's it takes its times from (``measured_like``)."""
         if device in self.measured_on:
             return self.topology.device(device).tflops
+        if device in self.measured_like:
+            return self.topology.device(self.measured_like[device]).tflops
         return self.calibrated_tflops
 
     def runtime_bytes(self, device: str) -> float:
