@@ -339,6 +339,7 @@ def _waves(names: list[str], node_of: dict[str, str]) -> list[list[str]]:
 
 LINK_REPEATS = 5
 LINK_MIN_BYTES = 8 << 20  # a bandwidth is measured on at least this many bytes (a tiny cut's time is all latency)
+LINK_ROW = 1024  # values per row of the measured tensor (int8 packs one scale per row)
 
 
 class _LinkEnd:
@@ -357,9 +358,10 @@ class _LinkEnd:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def run(self, rank: int, ip: str, port: int, nbytes: int, cuda: bool) -> dict[str, float]:
+    def run(self, rank: int, ip: str, port: int, nbytes: int, cuda: bool, codec: str) -> dict[str, float]:
         """Seconds of one transfer (half a round trip) from this end's device to the
-        other's: ``small`` (4 bytes) and ``big`` (``nbytes``)."""
+        other's, packed with ``codec`` (its encoding and decoding in the time): ``small`` (4
+        bytes) and ``big`` (``nbytes`` of fp32, rows of ``LINK_ROW`` values)."""
         from datetime import timedelta
 
         import torch
@@ -372,16 +374,17 @@ class _LinkEnd:
         device = torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
         transport = Transport(device, None)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        tensors = {"small": torch.zeros(1, device=device), "big": torch.zeros(max(1, nbytes // 4), device=device)}
+        rows = max(1, nbytes // 4 // LINK_ROW)
+        tensors = {"small": torch.zeros(1, device=device), "big": torch.randn(rows, LINK_ROW, device=device)}
 
         def ping_pong(t: torch.Tensor) -> None:
             if rank == 0:
-                transport.send(t, 1, group)
+                transport.send(t, 1, group, codec)
                 transport.wait_sends()
                 transport.recv(1, group)
             else:
                 got, _ = transport.recv(0, group)
-                transport.send(got, 0, group)
+                transport.send(got, 0, group, codec)
                 transport.wait_sends()
             sync()
 
@@ -398,17 +401,24 @@ class _LinkEnd:
 
 
 def measure_links(
-    pool: list[str], nbytes: int, cuda: set[str] | None = None, log: Callable[[str], None] = print
+    pool: list[str],
+    nbytes: int,
+    cuda: set[str] | None = None,
+    codec: str = "none",
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """``{"src->dst": Link}`` for the ordered pairs of ``pool`` devices the runtime connects
     over gloo (at least one end off the GPU; ``cuda``: the devices that compute on one): what
     one transfer of ``nbytes`` (a cut's activation; at least ``LINK_MIN_BYTES``) takes from one
     device's tensor to the other's, once per pair of nodes and kinds of end (a rehearsal's
-    devices share one host: its loopback). Two CUDA devices exchange over NCCL, which this
-    does not measure: their declared link stands. Ray must be up."""
+    devices share one host: its loopback). With a ``codec`` the transfer is packed as a run
+    packs it, and the bandwidth is over the packed bytes (what the plan divides by it), so
+    the encoding and decoding are in the figure. Two CUDA devices exchange over NCCL, which
+    this does not measure: their declared link stands. Ray must be up."""
     import ray
 
     from cluster.topology import Link, device_resource
+    from partitioners.planner.request import CODEC_BYTES
 
     cuda = cuda or set()
     node_of = _node_of(pool)
@@ -435,10 +445,10 @@ def measure_links(
         ]
         try:
             ip, port = ray.get(ends[0].endpoint.remote(), timeout=120)
-            refs = [ends[i].run.remote(i, ip, port, nbytes, d in cuda) for i, d in enumerate((a, b))]
+            refs = [ends[i].run.remote(i, ip, port, nbytes, d in cuda, codec) for i, d in enumerate((a, b))]
             results = ray.get(refs, timeout=300)
             latency_s, per_s = max(r["small"] for r in results), max(r["big"] for r in results)
-            mbps = nbytes * 8 / 1e6 / max(per_s - latency_s, 1e-9)
+            mbps = nbytes * CODEC_BYTES[codec] * 8 / 1e6 / max(per_s - latency_s, 1e-9)
             found[key] = Link(bandwidth_mbps=mbps, latency_ms=latency_s * 1e3)
         finally:
             for e in ends:

@@ -168,7 +168,8 @@ def measured_topology(cfg: LoadedConfig, layers: list[LayerProfile]) -> Topology
     nbytes = max((layer.out_bytes for layer in layers[:-1]), default=0)
     if len(set(pool)) < 2 or nbytes <= 0:
         return cfg.topology
-    return dataclasses.replace(cfg.topology, measured=measure_links(pool, nbytes, gpu_devices(cfg, pool)))
+    links = measure_links(pool, nbytes, gpu_devices(cfg, pool), cfg.run.plan.codec)
+    return dataclasses.replace(cfg.topology, measured=links)
 
 
 def gpu_devices(cfg: LoadedConfig, pool: list[str]) -> set[str]:

@@ -124,3 +124,14 @@ def test_the_measured_device_an_absent_one_takes_is_of_its_kind_and_tier_nearest
     # cloud-e (a CPU) takes the CPU cloud device, not the faster GPU; edge-b its tier's
     assert got == {"edge-b": "edge-a", "cloud-e": "cloud-c"}
     assert measured_like(t, ["cloud-d"], ["edge-a"]) == {}  # no CPU measured: the FLOPs prior
+
+
+@pytest.mark.ray
+def test_a_link_is_measured_with_the_runs_codec(ray_cluster):
+    from splitlearn.device_profile import measure_links
+
+    links = measure_links(["edge-a", "cloud-c"], 8 << 20, codec="int8", log=lambda _: None)
+    assert set(links) == {"edge-a->cloud-c", "cloud-c->edge-a"}
+    got = links["edge-a->cloud-c"]
+    # the bandwidth is over the packed bytes (a quarter of fp32's), what the plan divides by it
+    assert 0 < got.bandwidth_mbps < 1e6 and 0 < got.latency_ms < 1000
