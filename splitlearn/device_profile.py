@@ -106,8 +106,9 @@ def _time_segment(
     def step() -> None:  # as a step runs it: the norm, the clipping, AdamW, the gradients zeroed for the next
         grads = [p.grad for p in seg.parameters() if p.grad is not None]
         sum_of_squares(grads)
-        if clip and grads:  # a fine-tuning step's gradient norm is mostly above the limit: the step pays the scaling
-            torch._foreach_mul_(grads, 0.5)
+        if clip:  # a fine-tuning step's gradient norm is mostly above the limit: the step pays the scaling
+            for g in grads:  # one tensor at a time, as the runtime scales (a bf16 _foreach_mul_ rounds otherwise)
+                g.mul_(0.5)
         opt.step()
         opt.zero_grad(set_to_none=False)
 

@@ -90,8 +90,9 @@ class OptimizerStep:
             sync += time.perf_counter() - t_sync
         norm = float(local.sqrt())
         coef = clip_coefficient(norm, self.max_grad_norm)
-        if coef < 1.0 and grads:
-            torch._foreach_mul_(grads, coef)  # one fused kernel per device and dtype
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
         (self.engine if self.engine is not None else self.optimizer).step()
         return norm, sync
 
@@ -142,8 +143,9 @@ class OptimizerStep:
             local = local + own
         norm = float(local.sqrt())
         coef = clip_coefficient(norm, self.max_grad_norm)
-        if coef < 1.0 and grads:
-            torch._foreach_mul_(grads, coef)  # one fused kernel per device and dtype
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
         self.optimizer.step()
         if fed.role == CLIENT:
             fed.weights([p for p in params if p.requires_grad], step)
@@ -169,8 +171,9 @@ class OptimizerStep:
         norm = float(local.sqrt())
         coef = clip_coefficient(norm, self.max_grad_norm)
         if turn:
-            if coef < 1.0 and grads:
-                torch._foreach_mul_(grads, coef)
+            if coef < 1.0:
+                for g in grads:
+                    g.mul_(coef)
             self.optimizer.step()
         fed.hand_on([p for p in params if p.requires_grad], self.optimizer, step)
         return norm, time.perf_counter() - t_sync
