@@ -33,6 +33,34 @@ from partitioners.planner.request import PlanRequest
 from partitioners.planner.tables import CostTables
 
 
+EXACT_DEVICES = 6  # up to this many devices left, the busiest stage's bound is solved exactly (else bisection)
+
+
+def _least_lam(need: np.ndarray, inv: np.ndarray, cap: np.ndarray, k: int) -> np.ndarray:
+    """Per position (a column of ``cap``): the smallest ``lam`` at which the ``k`` largest of
+    ``min(lam inv[d], cap[d])`` sum to ``need`` (where they can: the caller checks). That sum
+    is piecewise linear in ``lam``: it bends only where one device's line meets another's
+    memory, ``lam = cap[e] / inv[d]`` (its own cap: where it stops growing; another's: where
+    the ``k`` largest may change), so it is evaluated at those points and solved on the
+    piece between the two that straddle ``need``."""
+    m, P = cap.shape
+    cand = cap[None, :, :] / inv[:, None, None] if k < m else cap / inv[:, None]
+    cand = np.sort(np.where(np.isfinite(cand), cand, 0.0).reshape(-1, P), axis=0)  # (candidates, positions), ascending per position
+    per = np.minimum(cand[:, None, :] * inv[None, :, None], cap[None, :, :])  # (candidates, devices, positions)
+    if k < m:
+        per = -np.partition(-per, k - 1, axis=1)[:, :k]
+    held = per.sum(axis=1)  # nondecreasing along the candidates
+    j = (held < need[None, :]).sum(axis=0)  # the first candidate holding the need (<= its count: checked)
+    j = np.minimum(j, len(cand) - 1)
+    cols = np.arange(P)
+    hi_lam, hi_held = cand[j, cols], held[j, cols]
+    lo_lam = np.where(j > 0, cand[np.maximum(j - 1, 0), cols], 0.0)
+    lo_held = np.where(j > 0, held[np.maximum(j - 1, 0), cols], 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = np.where(hi_held > lo_held, (need - lo_held) / (hi_held - lo_held), 1.0)
+    return lo_lam + np.clip(frac, 0.0, 1.0) * (hi_lam - lo_lam)
+
+
 def stage_kinds(req: PlanRequest) -> set[int]:
     """Stage indices whose options cover every stage's: stage 0, stage 1 (any stage the
     policy names not), and those ``finetune.by_stage`` names."""
@@ -245,6 +273,8 @@ class PoolBounds:
         todo = live & np.isfinite(out)
         if not todo.any():
             return out
+        if len(free) <= EXACT_DEVICES:
+            return np.where(todo, _least_lam(need, inv[:, 0], cap, k) * (1 - 1e-9), out)
         # below this lam even the k fastest devices at their pace, memory aside, hold too little
         lo = np.where(todo, need / np.sort(inv[:, 0])[-k:].sum(), 0.0)
         # at this lam every device could do all the work by pace; grow it where memory binds
