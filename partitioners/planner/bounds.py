@@ -32,7 +32,6 @@ from partitioners.planner.cuts import Tail
 from partitioners.planner.request import PlanRequest
 from partitioners.planner.tables import CostTables
 
-
 EXACT_DEVICES = 6  # up to this many devices left, the busiest stage's bound is solved exactly (else bisection)
 
 
@@ -45,7 +44,9 @@ def _least_lam(need: np.ndarray, inv: np.ndarray, cap: np.ndarray, k: int) -> np
     piece between the two that straddle ``need``."""
     m, P = cap.shape
     cand = cap[None, :, :] / inv[:, None, None] if k < m else cap / inv[:, None]
-    cand = np.sort(np.where(np.isfinite(cand), cand, 0.0).reshape(-1, P), axis=0)  # (candidates, positions), ascending per position
+    cand = np.sort(
+        np.where(np.isfinite(cand), cand, 0.0).reshape(-1, P), axis=0
+    )  # (candidates, positions), ascending per position
     per = np.minimum(cand[:, None, :] * inv[None, :, None], cap[None, :, :])  # (candidates, devices, positions)
     if k < m:
         per = -np.partition(-per, k - 1, axis=1)[:, :k]
