@@ -235,9 +235,14 @@ class CutSearch:
             lo = np.where(n - A >= self.req.min_owner_tail, lo, n + 1)
         first = ushape and s == 0
         after = tail(np.arange(n + 1)) if tail is not None and not last else None
+        ends_ok = None
+        if after is not None:  # ends none of whose completions fit (a tail figure inf) are left out first
+            lo, ends_ok = _finite_ends(after, lo)
         out_pos, out_nums, out_row, out_opt = [], [], [], []
         for k, o in enumerate(opts):
             rows, ends = spans(lo, np.minimum(tables.reach(dev, inflight, o)[A], hi))
+            if ends_ok is not None:
+                rows, ends = rows[ends_ok[ends]], ends[ends_ok[ends]]
             a = A[rows]
             f, bw, op = tables.parts(dev, o)
             F, B, Op = f[ends] - f[a], bw[ends] - bw[a], op[ends] - op[a]
@@ -354,6 +359,18 @@ def best_cuts(
     ]
 
 
+def _finite_ends(after: tuple, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ends whose tail figures (:data:`Tail`, each over every end) are all finite: a
+    label's first end moved up to the first such end, and a mask of them where some later
+    end is not (None: all are). An end with an inf figure has every completion's bound inf
+    (:func:`completed`), so it would be dropped anyway."""
+    ok = np.isfinite(after[0] + after[1] + after[2] + after[3] + after[4])
+    if not ok.any():
+        return np.maximum(lo, len(ok)), None
+    first = int(np.argmax(ok))
+    return np.maximum(lo, first), None if ok[first:].all() else ok
+
+
 def spans(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every ``(row, end)`` with ``lo[row] <= end <= hi[row]``, as two flat arrays: a
     label's ends as far as its stage can reach, and no further (the searches compute on
@@ -448,9 +465,14 @@ def every_cut(
         lo = np.full(len(P), n) if last else P + 1
         if s == 0 and not last:  # privacy: the owner's first stage keeps its minimum of layers
             lo = np.maximum(lo, req.min_owner_front)
+        ends_ok = None
+        if after is not None:  # ends none of whose completions fit (a tail figure inf) are left out first
+            lo, ends_ok = _finite_ends(after, lo)
         parts_p, parts_d, parts_h, parts_o = [], [], [], []
         for k, o in enumerate(tables.options(s, dev)):
             rows, ends = spans(lo, np.minimum(tables.reach(dev, inflight, o)[P], hi))
+            if ends_ok is not None:
+                rows, ends = rows[ends_ok[ends]], ends[ends_ok[ends]]
             a = P[rows]
             f, bw, op = tables.parts(dev, o)
             F, B, Op = f[ends] - f[a], bw[ends] - bw[a], op[ends] - op[a]
