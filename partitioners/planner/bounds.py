@@ -109,6 +109,8 @@ class PoolBounds:
         # per set of devices left (and the last device, or the stages left): the bound at every position
         self._crossing: dict[tuple, np.ndarray] = {}
         self._busiest: dict[tuple, np.ndarray] = {}
+        self._sig: dict[str, int] = {}  # per device, the id of its pace and capacity (:meth:`signature`)
+        self._sig_ids: dict[tuple, int] = {}
         self._hop: dict[tuple, float] = {}
 
     # -- devices and links --------------------------------------------------------------
@@ -248,10 +250,20 @@ class PoolBounds:
         largest of them, which must reach the work left. The smallest such ``lam`` is found
         by bisection (rounded down: the bound stays below), at every position once per
         ``free`` and ``stages``."""
-        key = (tuple(free), stages)
+        key = (self.signature(free), stages)
         if key not in self._busiest:
             self._busiest[key] = self._busiest_at(np.arange(self.req.n + 1), free, stages)
         return self._busiest[key][positions]
+
+    def signature(self, free: list[str]) -> tuple[int, ...]:
+        """What :meth:`tail_stage_ms` reads of ``free``: per device its pace and its
+        capacity (devices that agree on both count alike), in no order."""
+        sig = self._sig
+        for d in free:
+            if d not in sig:
+                figures = (self.slow[d], self.capacity(d).tobytes())
+                sig[d] = self._sig_ids.setdefault(figures, len(self._sig_ids))
+        return tuple(sorted(sig[d] for d in free))
 
     def _busiest_at(self, positions: np.ndarray, free: list[str], stages: int) -> np.ndarray:
         need = self.ref_tail[positions]

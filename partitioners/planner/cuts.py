@@ -399,21 +399,16 @@ def undominated(pos: np.ndarray, nums: np.ndarray) -> np.ndarray:
     order = np.lexsort((*nums[::-1], pos))
     v, p = nums[:, order], pos[order]
     dominated = np.zeros(L, bool)
-
-    def beaten_by(j: np.ndarray, i: np.ndarray) -> np.ndarray:
-        return (p[j] == p[i]) & np.all(v[:, j] <= v[:, i], axis=0)
-
-    for k in range(1, min(WINDOW, L - 1) + 1):
-        dominated[k:] |= beaten_by(np.arange(L - k), np.arange(k, L))
+    for k in range(1, min(WINDOW, L - 1) + 1):  # each label against the one k before it (views, no copies)
+        dominated[k:] |= (p[:-k] == p[k:]) & (v[:, :-k] <= v[:, k:]).all(axis=0)
     group = np.cumsum(np.r_[True, p[1:] != p[:-1]])  # 1, 2, ... per position, ascending
     offset = (group[-1] - group) * L  # earlier groups higher: a running minimum restarts per group
     for dim in (1, 2):
         ranked = np.lexsort((*[v[x] for x in range(len(v) - 1, -1, -1) if x != dim], v[dim]))
         rank = np.empty(L, int)
         rank[ranked] = np.arange(L)
-        best = np.minimum.accumulate(offset + rank)[:-1]  # the best up to the label before each
-        j = ranked[best % L]
-        dominated[1:] |= beaten_by(j, np.arange(1, L))
+        j = ranked[np.minimum.accumulate(offset + rank)[:-1] % L]  # the best up to the label before each
+        dominated[1:] |= (p[j] == p[1:]) & (v[:, j] <= v[:, 1:]).all(axis=0)
     return np.sort(order[~dominated])
 
 
