@@ -42,6 +42,19 @@ def device_class(req: PlanRequest, name: str) -> tuple:
     return (*(getattr(d, f) for f in IDENTICAL_FIELDS), d.zone, d.owns_data, name if own_links else "")
 
 
+def _everywhere(tail: Tail, n: int) -> Tail:
+    """``tail`` computed at every position once, the first time it is asked, then looked up."""
+    full: list[tuple[np.ndarray, ...]] = []
+
+    def at(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if not full:
+            full.append(tuple(np.broadcast_to(x, (n + 1,)) for x in tail(np.arange(n + 1))))
+        f, b, busiest, w, trip = full[0]
+        return f[bs], b[bs], busiest[bs], w[bs], trip[bs]
+
+    return at
+
+
 @dataclass
 class FoundSequence:
     """A complete device sequence and the smallest bound of its plans."""
@@ -109,7 +122,7 @@ class DeviceSearch:
         cuts and each child's own bound ask for the same one."""
         key = (tuple(prefix), free, least, self.step())
         if key not in self._tails:
-            self._tails[key] = self._tail(prefix, free, least)
+            self._tails[key] = _everywhere(self._tail(prefix, free, least), self.req.n)
         return self._tails[key]
 
     def _tail(self, prefix: list[str], free: int, least: int) -> Tail:
@@ -162,13 +175,13 @@ class DeviceSearch:
         if not len(frontier):
             return float("inf")
         M, schedule = self.req.num_micro_batches, self.req.schedule
-        positions, at = np.unique(frontier.pos, return_inverse=True)
-        f, b, busiest, w, trip = self.tail(prefix, free, free if S else 1)(positions)
+        pos = frontier.pos
+        f, b, busiest, w, trip = self.tail(prefix, free, free if S else 1)(pos)  # looked up per label
         if to:
-            w = np.maximum(w, self.tables.link_table(prefix[-1], to)[positions].max(axis=1))
+            w = np.maximum(w, self.tables.link_table(prefix[-1], to)[pos].max(axis=1))
         d0, d1, d2, back0 = frontier.nums[:4]
         rounds = rounds_of(schedule, M, S)
-        low = completed(schedule, M, rounds, d0, d1, d2, f[at], b[at], w[at], busiest[at], trip[at], back0)
+        low = completed(schedule, M, rounds, d0, d1, d2, f, b, w, busiest, trip, back0)
         return float(low.min())
 
     def run(self) -> None:
