@@ -60,15 +60,16 @@ def value(schedule: str, M: int, d0, d1, d2, rounds: int = 1, back0=0.0):
     return np.maximum(np.maximum(d1, d0 + (M - 1) * d2), rounds * d0 + back0)
 
 
-def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest, trip=0.0, back0=0.0):
+def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest, trip=0.0, back0=0.0, finite=False):
     """A bound below every completion of a label (scalars or arrays): the layers left take
     at least ``f`` forward and ``b`` backward per micro-batch, the next cut at least ``w``
     either way, and the busiest of the stages left at least ``busiest`` per micro-batch
     (:meth:`partitioners.planner.bounds.PoolBounds.tail_stage_ms`); the cuts left at least
     ``trip`` both ways together (under 1F1B: the round trip); 0 each where nothing is
     left; inf where the devices left cannot hold the layers left (any of them inf).
-    ``back0``: the label's fourth number (:func:`value`)."""
-    gone = np.isinf(busiest) | np.isinf(w) | np.isinf(f) | np.isinf(b)  # no device left holds the layers left
+    ``back0``: the label's fourth number (:func:`value`). ``finite``: the caller left out
+    every end where one of the tail figures is inf (:func:`_finite_ends`)."""
+    gone = False if finite else np.isinf(busiest) | np.isinf(w) | np.isinf(f) | np.isinf(b)  # none left holds them
     if np.any(gone):  # (0 there, so that no inf meets a 0 factor)
         f, b, busiest, w, trip = (np.where(gone, 0.0, x) for x in (f, b, busiest, w, trip))
     if schedule == "sequential":
@@ -248,38 +249,37 @@ class CutSearch:
             F, B, Op = f[ends] - f[a], bw[ends] - bw[a], op[ends] - op[a]
             mem = tables.dev_table(dev, inflight, o)[a, ends]
             host_c = tables.host_cum(dev, o)
-            host = host_c[ends] - host_c[a]
+            host = host_c[ends] - host_c[a] if ushape or host_c.any() else None  # None: no host bytes
             if ushape and last:
                 ok = (cols[_FMEM][rows] + mem <= cap) & (cols[_FHOST][rows] + host <= hcap)
             else:
-                ok = (mem <= cap) & (host <= hcap)
+                ok = mem <= cap if host is None else (mem <= cap) & (host <= hcap)
             d = (cols[0][rows], cols[1][rows], cols[2][rows])
-            n0, n1, n2 = np.broadcast_arrays(
-                *_extend(schedule, M, s, d, F, B, Op, links[a, 0], links[a, 1], drain), ok
-            )[:3]
+            n0, n1, n2 = _pairs(_extend(schedule, M, s, d, F, B, Op, links[a, 0], links[a, 1], drain), ok)
             back0 = self.back0 * B if s == 0 else cols[_BACK0][rows]
-            low = value(schedule, M, n0, n1, n2, self.rounds, back0)
-            own = M * (F + B) + Op
-            if ushape and last:
-                low = np.maximum(low, cols[_OWN][rows] + own)
-            keep = ok & (low < bound)
-            if after is not None:
+            own = M * (F + B) + Op if ushape else None
+            if after is not None:  # the completions' bound: at least the labels' own (each term only grows)
                 tf, tb, busy, w, trip = (x[ends] for x in after)
-                low_c = completed(schedule, M, self.rounds, n0, n1, n2, tf, tb, w, busy, trip, back0)
+                low = completed(schedule, M, self.rounds, n0, n1, n2, tf, tb, w, busy, trip, back0, finite=True)
                 if schedule == "1f1b" and self.S is not None and not self.at_least:
                     beyond = F + B + tf + tb + np.maximum(w, trip)  # the round trip from this stage on
-                    low_c = np.maximum(low_c, held_back(M, self.S - s, n0 - F - B, beyond, B))
-                keep &= low_c < bound
-            if not keep.any():
+                    low = np.maximum(low, held_back(M, self.S - s, n0 - F - B, beyond, B))
+            else:
+                low = value(schedule, M, n0, n1, n2, self.rounds, back0)
+                if ushape and last:
+                    low = np.maximum(low, cols[_OWN][rows] + own)
+            keep = np.flatnonzero(ok & (low < bound))
+            if not len(keep):
                 continue
             if first:  # the owner's first stage: its work and memory, for the U's last stage
+                assert own is not None and host is not None
                 owner = np.stack([own[keep], mem[keep], host[keep]])
             else:
                 owner = cols[_OWN:, rows[keep]]
             out_pos.append(ends[keep])
             out_nums.append(np.concatenate([np.stack([n0[keep], n1[keep], n2[keep], back0[keep]]), owner]))
             out_row.append(rows_in[rows[keep]])
-            out_opt.append(np.full(int(keep.sum()), k))
+            out_opt.append(np.full(len(keep), k))
         if not out_pos:
             return self._empty(frontier, s)
         nxt = Frontier(
@@ -357,6 +357,13 @@ def best_cuts(
     return [
         search.choice(low, i, frontier, seq) for low, i in zip(lows[:top].tolist(), rows[:top].tolist(), strict=True)
     ]
+
+
+def _pairs(numbers: tuple, like: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A stage's three new numbers, each an array shaped as ``like`` (one per pair)."""
+    if all(isinstance(x, np.ndarray) and x.shape == like.shape for x in numbers):
+        return numbers
+    return tuple(np.broadcast_arrays(*numbers, like)[:3])
 
 
 def _finite_ends(after: tuple, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -472,19 +479,22 @@ def every_cut(
             f, bw, op = tables.parts(dev, o)
             F, B, Op = f[ends] - f[a], bw[ends] - bw[a], op[ends] - op[a]
             host_c = tables.host_cum(dev, o)
-            ok = (tables.dev_table(dev, inflight, o)[a, ends] <= cap) & (host_c[ends] - host_c[a] <= hcap)
+            ok = tables.dev_table(dev, inflight, o)[a, ends] <= cap
+            if host_c.any():
+                ok &= host_c[ends] - host_c[a] <= hcap
             d = (D[0][rows], D[1][rows], D[2][rows])
             la, lg = links[a, 0], links[a, 1]
-            n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg, drain), ok)[:3]
+            n0, n1, n2 = _pairs(_extend(schedule, M, s, d, F, B, Op, la, lg, drain), ok)
             back0 = back * B if s == 0 else D[3][rows]
-            keep = ok & (value(schedule, M, n0, n1, n2, rounds, back0) < bound)
-            if after is not None:
+            if after is not None:  # the completions' bound: at least the labels' own (each term only grows)
                 tf, tb, busy, w, trip = (x[ends] for x in after)
-                low_c = completed(schedule, M, rounds, n0, n1, n2, tf, tb, w, busy, trip, back0)
+                low = completed(schedule, M, rounds, n0, n1, n2, tf, tb, w, busy, trip, back0, finite=True)
                 if schedule == "1f1b":
                     beyond = F + B + tf + tb + np.maximum(w, trip)
-                    low_c = np.maximum(low_c, held_back(M, S - s, n0 - F - B, beyond, B))
-                keep &= low_c < bound
+                    low = np.maximum(low, held_back(M, S - s, n0 - F - B, beyond, B))
+            else:
+                low = value(schedule, M, n0, n1, n2, rounds, back0)
+            keep = np.flatnonzero(ok & (low < bound))
             rows, ends, n0, n1, n2, back0 = (x[keep] for x in (rows, ends, n0, n1, n2, back0))
             parts_p.append(ends)
             parts_d.append(np.stack([n0, n1, n2, back0]))
