@@ -311,6 +311,21 @@ class CutSearch:
         order = np.argsort(low, kind="stable")
         return low[order], rows[order]
 
+    def arrays(self, lows: np.ndarray, rows: np.ndarray, frontier: Frontier) -> CutArrays:
+        """The plans of labels ``rows`` of ``frontier`` (bounds ``lows``) as arrays, each
+        followed back to the first stage at once (:meth:`choice`, for many)."""
+        starts, opts = [], []
+        i = rows
+        while frontier.prev is not None:
+            assert frontier.row is not None and frontier.opt is not None
+            opts.append(frontier.opt[i])
+            i = frontier.row[i]
+            frontier = frontier.prev
+            starts.append(frontier.pos[i])
+        K = len(rows)
+        bounds = np.concatenate([np.stack(starts[::-1], axis=1), np.full((K, 1), self.n)], axis=1)
+        return CutArrays(np.asarray(lows, float), bounds.astype(int), np.stack(opts[::-1], axis=1).astype(int))
+
     def choice(self, low: float, i: int, frontier: Frontier, seq: list[str]) -> CutChoice:
         """The plan of label ``i`` of ``frontier``, followed back to the first stage."""
         cuts, chosen = [], []

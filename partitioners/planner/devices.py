@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from partitioners.planner.bounds import PoolBounds
-from partitioners.planner.cuts import CutChoice, CutSearch, Frontier, Tail, completed, rounds_of
+from partitioners.planner.cuts import CutArrays, CutChoice, CutSearch, Frontier, Tail, completed, rounds_of
 from partitioners.planner.request import IDENTICAL_FIELDS, PlanRequest
 from partitioners.planner.tables import CostTables
 
@@ -72,7 +72,7 @@ class DeviceSearch:
         self,
         req: PlanRequest,
         tables: CostTables,
-        check: Callable[[list[str], list[CutChoice]], None],
+        check: Callable[[list[str], list[CutChoice] | CutArrays], None],
         step: Callable[[], float],
         top: int,
         max_nodes: int,
@@ -232,7 +232,8 @@ class DeviceSearch:
         if search.at_least:  # relaxed labels: the plans are listed again at their own length
             return
         top = np.nonzero(lows[: self.top] < self.step())[0]
-        self.check(seq, [search.choice(lows[i], rows[i], last, seq) for i in top.tolist()])
+        if len(top):
+            self.check(seq, search.arrays(lows[top], rows[top], last))
 
     def _node(self, search: CutSearch, prefix: list[str], mid: Frontier, S: int | None) -> None:
         """``mid``: the frontier with every device of ``prefix`` placed (none of them the
