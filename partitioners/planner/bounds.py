@@ -48,9 +48,14 @@ def _least_lam(need: np.ndarray, inv: np.ndarray, cap: np.ndarray, k: int) -> np
         np.where(np.isfinite(cand), cand, 0.0).reshape(-1, P), axis=0
     )  # (candidates, positions), ascending per position
     per = np.minimum(cand[:, None, :] * inv[None, :, None], cap[None, :, :])  # (candidates, devices, positions)
-    if k < m:
-        per = -np.partition(-per, k - 1, axis=1)[:, :k]
-    held = per.sum(axis=1)  # nondecreasing along the candidates
+    if k == 1:  # the k largest: the largest, all but the least, or a partition
+        held = per.max(axis=1)
+    elif k == m - 1:
+        held = per.sum(axis=1) - per.min(axis=1)
+    elif k < m:
+        held = (-np.partition(-per, k - 1, axis=1)[:, :k]).sum(axis=1)
+    else:
+        held = per.sum(axis=1)  # nondecreasing along the candidates
     j = (held < need[None, :]).sum(axis=0)  # the first candidate holding the need (<= its count: checked)
     j = np.minimum(j, len(cand) - 1)
     cols = np.arange(P)
