@@ -13,7 +13,7 @@ from test_partitioners import many_device_instance, random_instance
 
 from partitioners import PlanRequest
 from partitioners.planner import CostTables, evaluate
-from partitioners.planner.bounds import PoolBounds
+from partitioners.planner.bounds import PoolBounds, _least_lam
 from partitioners.planner.cuts import best_cuts, every_cut
 from partitioners.planner.objective import (
     StepFigures,
@@ -106,6 +106,34 @@ def _instances(n: int) -> list[PlanRequest]:
         r = many_device_instance(rng) if rng.random() < 0.5 else random_instance(rng)
         out.append(dataclasses.replace(r, replicate=False))
     return out
+
+
+def test_busiest_stage_solved_on_its_breakpoints():
+    """The busiest stage's ``lam`` (:func:`_least_lam`: the ``k`` largest of ``min(lam /
+    slow, capacity)`` reach the work left) equals a plain bisection's, and never exceeds
+    the smallest ``lam`` that holds the work (the bound stays below), ties, zero capacities
+    and equal paces included."""
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        m, P = int(rng.integers(1, 7)), 9
+        k = int(rng.integers(1, m + 1))
+        inv = rng.choice([0.25, 0.5, 1.0, 1.0], size=m) * rng.uniform(0.5, 1.0, size=m)
+        cap = rng.uniform(0, 10, size=(m, P)) * (rng.random((m, P)) < 0.8)
+
+        def held(lam: np.ndarray, inv: np.ndarray = inv, cap: np.ndarray = cap, k: int = k) -> np.ndarray:
+            per = np.minimum(lam[None, :] * inv[:, None], cap)
+            return -np.sort(-per, axis=0)[:k].sum(axis=0)
+
+        most = held(np.full(P, 1e12))
+        need = most * rng.uniform(0.05, 1.0, size=P)
+        got = _least_lam(need, inv, cap, k)
+        assert np.all(held(got * (1 - 1e-9)) <= need * (1 + 1e-12))  # not above the least lam
+        lo, hi = np.zeros(P), np.full(P, 1e6)
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            enough = held(mid) >= need
+            hi, lo = np.where(enough, mid, hi), np.where(enough, lo, mid)
+        assert got == pytest.approx(hi, rel=1e-9, abs=1e-9)
 
 
 def test_pool_bounds_stay_below_every_plans_step():

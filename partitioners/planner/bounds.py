@@ -32,6 +32,40 @@ from partitioners.planner.cuts import Tail
 from partitioners.planner.request import PlanRequest
 from partitioners.planner.tables import CostTables
 
+EXACT_DEVICES = 6  # up to this many devices left, the busiest stage's bound is solved exactly (else bisection)
+
+
+def _least_lam(need: np.ndarray, inv: np.ndarray, cap: np.ndarray, k: int) -> np.ndarray:
+    """Per position (a column of ``cap``): the smallest ``lam`` at which the ``k`` largest of
+    ``min(lam inv[d], cap[d])`` sum to ``need`` (where they can: the caller checks). That sum
+    is piecewise linear in ``lam``: it bends only where one device's line meets another's
+    memory, ``lam = cap[e] / inv[d]`` (its own cap: where it stops growing; another's: where
+    the ``k`` largest may change), so it is evaluated at those points and solved on the
+    piece between the two that straddle ``need``."""
+    m, P = cap.shape
+    cand = cap[None, :, :] / inv[:, None, None] if k < m else cap / inv[:, None]
+    cand = np.sort(
+        np.where(np.isfinite(cand), cand, 0.0).reshape(-1, P), axis=0
+    )  # (candidates, positions), ascending per position
+    per = np.minimum(cand[:, None, :] * inv[None, :, None], cap[None, :, :])  # (candidates, devices, positions)
+    if k == 1:  # the k largest: the largest, all but the least, or a partition
+        held = per.max(axis=1)
+    elif k == m - 1:
+        held = per.sum(axis=1) - per.min(axis=1)
+    elif k < m:
+        held = (-np.partition(-per, k - 1, axis=1)[:, :k]).sum(axis=1)
+    else:
+        held = per.sum(axis=1)  # nondecreasing along the candidates
+    j = (held < need[None, :]).sum(axis=0)  # the first candidate holding the need (<= its count: checked)
+    j = np.minimum(j, len(cand) - 1)
+    cols = np.arange(P)
+    hi_lam, hi_held = cand[j, cols], held[j, cols]
+    lo_lam = np.where(j > 0, cand[np.maximum(j - 1, 0), cols], 0.0)
+    lo_held = np.where(j > 0, held[np.maximum(j - 1, 0), cols], 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = np.where(hi_held > lo_held, (need - lo_held) / (hi_held - lo_held), 1.0)
+    return lo_lam + np.clip(frac, 0.0, 1.0) * (hi_lam - lo_lam)
+
 
 def stage_kinds(req: PlanRequest) -> set[int]:
     """Stage indices whose options cover every stage's: stage 0, stage 1 (any stage the
@@ -80,6 +114,8 @@ class PoolBounds:
         # per set of devices left (and the last device, or the stages left): the bound at every position
         self._crossing: dict[tuple, np.ndarray] = {}
         self._busiest: dict[tuple, np.ndarray] = {}
+        self._sig: dict[str, int] = {}  # per device, the id of its pace and capacity (:meth:`signature`)
+        self._sig_ids: dict[tuple, int] = {}
         self._hop: dict[tuple, float] = {}
 
     # -- devices and links --------------------------------------------------------------
@@ -219,10 +255,20 @@ class PoolBounds:
         largest of them, which must reach the work left. The smallest such ``lam`` is found
         by bisection (rounded down: the bound stays below), at every position once per
         ``free`` and ``stages``."""
-        key = (tuple(free), stages)
+        key = (self.signature(free), stages)
         if key not in self._busiest:
             self._busiest[key] = self._busiest_at(np.arange(self.req.n + 1), free, stages)
         return self._busiest[key][positions]
+
+    def signature(self, free: list[str]) -> tuple[int, ...]:
+        """What :meth:`tail_stage_ms` reads of ``free``: per device its pace and its
+        capacity (devices that agree on both count alike), in no order."""
+        sig = self._sig
+        for d in free:
+            if d not in sig:
+                figures = (self.slow[d], self.capacity(d).tobytes())
+                sig[d] = self._sig_ids.setdefault(figures, len(self._sig_ids))
+        return tuple(sorted(sig[d] for d in free))
 
     def _busiest_at(self, positions: np.ndarray, free: list[str], stages: int) -> np.ndarray:
         need = self.ref_tail[positions]
@@ -245,6 +291,8 @@ class PoolBounds:
         todo = live & np.isfinite(out)
         if not todo.any():
             return out
+        if len(free) <= EXACT_DEVICES:
+            return np.where(todo, _least_lam(need, inv[:, 0], cap, k) * (1 - 1e-9), out)
         # below this lam even the k fastest devices at their pace, memory aside, hold too little
         lo = np.where(todo, need / np.sort(inv[:, 0])[-k:].sum(), 0.0)
         # at this lam every device could do all the work by pace; grow it where memory binds

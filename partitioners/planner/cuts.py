@@ -60,15 +60,16 @@ def value(schedule: str, M: int, d0, d1, d2, rounds: int = 1, back0=0.0):
     return np.maximum(np.maximum(d1, d0 + (M - 1) * d2), rounds * d0 + back0)
 
 
-def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest, trip=0.0, back0=0.0):
+def completed(schedule: str, M: int, rounds: int, d0, d1, d2, f, b, w, busiest, trip=0.0, back0=0.0, finite=False):
     """A bound below every completion of a label (scalars or arrays): the layers left take
     at least ``f`` forward and ``b`` backward per micro-batch, the next cut at least ``w``
     either way, and the busiest of the stages left at least ``busiest`` per micro-batch
     (:meth:`partitioners.planner.bounds.PoolBounds.tail_stage_ms`); the cuts left at least
     ``trip`` both ways together (under 1F1B: the round trip); 0 each where nothing is
     left; inf where the devices left cannot hold the layers left (any of them inf).
-    ``back0``: the label's fourth number (:func:`value`)."""
-    gone = np.isinf(busiest) | np.isinf(w) | np.isinf(f) | np.isinf(b)  # no device left holds the layers left
+    ``back0``: the label's fourth number (:func:`value`). ``finite``: the caller left out
+    every end where one of the tail figures is inf (:func:`_finite_ends`)."""
+    gone = False if finite else np.isinf(busiest) | np.isinf(w) | np.isinf(f) | np.isinf(b)  # none left holds them
     if np.any(gone):  # (0 there, so that no inf meets a 0 factor)
         f, b, busiest, w, trip = (np.where(gone, 0.0, x) for x in (f, b, busiest, w, trip))
     if schedule == "sequential":
@@ -235,46 +236,50 @@ class CutSearch:
             lo = np.where(n - A >= self.req.min_owner_tail, lo, n + 1)
         first = ushape and s == 0
         after = tail(np.arange(n + 1)) if tail is not None and not last else None
+        ends_ok = None
+        if after is not None:  # ends none of whose completions fit (a tail figure inf) are left out first
+            lo, ends_ok = _finite_ends(after, lo)
         out_pos, out_nums, out_row, out_opt = [], [], [], []
         for k, o in enumerate(opts):
             rows, ends = spans(lo, np.minimum(tables.reach(dev, inflight, o)[A], hi))
+            if ends_ok is not None:
+                rows, ends = rows[ends_ok[ends]], ends[ends_ok[ends]]
             a = A[rows]
             f, bw, op = tables.parts(dev, o)
             F, B, Op = f[ends] - f[a], bw[ends] - bw[a], op[ends] - op[a]
             mem = tables.dev_table(dev, inflight, o)[a, ends]
             host_c = tables.host_cum(dev, o)
-            host = host_c[ends] - host_c[a]
+            host = host_c[ends] - host_c[a] if ushape or host_c.any() else None  # None: no host bytes
             if ushape and last:
                 ok = (cols[_FMEM][rows] + mem <= cap) & (cols[_FHOST][rows] + host <= hcap)
             else:
-                ok = (mem <= cap) & (host <= hcap)
+                ok = mem <= cap if host is None else (mem <= cap) & (host <= hcap)
             d = (cols[0][rows], cols[1][rows], cols[2][rows])
-            n0, n1, n2 = np.broadcast_arrays(
-                *_extend(schedule, M, s, d, F, B, Op, links[a, 0], links[a, 1], drain), ok
-            )[:3]
+            n0, n1, n2 = _pairs(_extend(schedule, M, s, d, F, B, Op, links[a, 0], links[a, 1], drain), ok)
             back0 = self.back0 * B if s == 0 else cols[_BACK0][rows]
-            low = value(schedule, M, n0, n1, n2, self.rounds, back0)
-            own = M * (F + B) + Op
-            if ushape and last:
-                low = np.maximum(low, cols[_OWN][rows] + own)
-            keep = ok & (low < bound)
-            if after is not None:
+            own = M * (F + B) + Op if ushape else None
+            if after is not None:  # the completions' bound: at least the labels' own (each term only grows)
                 tf, tb, busy, w, trip = (x[ends] for x in after)
-                low_c = completed(schedule, M, self.rounds, n0, n1, n2, tf, tb, w, busy, trip, back0)
+                low = completed(schedule, M, self.rounds, n0, n1, n2, tf, tb, w, busy, trip, back0, finite=True)
                 if schedule == "1f1b" and self.S is not None and not self.at_least:
                     beyond = F + B + tf + tb + np.maximum(w, trip)  # the round trip from this stage on
-                    low_c = np.maximum(low_c, held_back(M, self.S - s, n0 - F - B, beyond, B))
-                keep &= low_c < bound
-            if not keep.any():
+                    low = np.maximum(low, held_back(M, self.S - s, n0 - F - B, beyond, B))
+            else:
+                low = value(schedule, M, n0, n1, n2, self.rounds, back0)
+                if ushape and last:
+                    low = np.maximum(low, cols[_OWN][rows] + own)
+            keep = np.flatnonzero(ok & (low < bound))
+            if not len(keep):
                 continue
             if first:  # the owner's first stage: its work and memory, for the U's last stage
+                assert own is not None and host is not None
                 owner = np.stack([own[keep], mem[keep], host[keep]])
             else:
                 owner = cols[_OWN:, rows[keep]]
             out_pos.append(ends[keep])
             out_nums.append(np.concatenate([np.stack([n0[keep], n1[keep], n2[keep], back0[keep]]), owner]))
             out_row.append(rows_in[rows[keep]])
-            out_opt.append(np.full(int(keep.sum()), k))
+            out_opt.append(np.full(len(keep), k))
         if not out_pos:
             return self._empty(frontier, s)
         nxt = Frontier(
@@ -305,6 +310,21 @@ class CutSearch:
                 low = np.where(on, np.maximum(low, work), low)
         order = np.argsort(low, kind="stable")
         return low[order], rows[order]
+
+    def arrays(self, lows: np.ndarray, rows: np.ndarray, frontier: Frontier) -> CutArrays:
+        """The plans of labels ``rows`` of ``frontier`` (bounds ``lows``) as arrays, each
+        followed back to the first stage at once (:meth:`choice`, for many)."""
+        starts, opts = [], []
+        i = rows
+        while frontier.prev is not None:
+            assert frontier.row is not None and frontier.opt is not None
+            opts.append(frontier.opt[i])
+            i = frontier.row[i]
+            frontier = frontier.prev
+            starts.append(frontier.pos[i])
+        K = len(rows)
+        bounds = np.concatenate([np.stack(starts[::-1], axis=1), np.full((K, 1), self.n)], axis=1)
+        return CutArrays(np.asarray(lows, float), bounds.astype(int), np.stack(opts[::-1], axis=1).astype(int))
 
     def choice(self, low: float, i: int, frontier: Frontier, seq: list[str]) -> CutChoice:
         """The plan of label ``i`` of ``frontier``, followed back to the first stage."""
@@ -354,6 +374,25 @@ def best_cuts(
     ]
 
 
+def _pairs(numbers: tuple, like: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A stage's three new numbers, each an array shaped as ``like`` (one per pair)."""
+    if all(isinstance(x, np.ndarray) and x.shape == like.shape for x in numbers):
+        return numbers
+    return tuple(np.broadcast_arrays(*numbers, like)[:3])
+
+
+def _finite_ends(after: tuple, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ends whose tail figures (:data:`Tail`, each over every end) are all finite: a
+    label's first end moved up to the first such end, and a mask of them where some later
+    end is not (None: all are). An end with an inf figure has every completion's bound inf
+    (:func:`completed`), so it would be dropped anyway."""
+    ok = np.isfinite(after[0] + after[1] + after[2] + after[3] + after[4])
+    if not ok.any():
+        return np.maximum(lo, len(ok)), None
+    first = int(np.argmax(ok))
+    return np.maximum(lo, first), None if ok[first:].all() else ok
+
+
 def spans(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every ``(row, end)`` with ``lo[row] <= end <= hi[row]``, as two flat arrays: a
     label's ends as far as its stage can reach, and no further (the searches compute on
@@ -382,21 +421,16 @@ def undominated(pos: np.ndarray, nums: np.ndarray) -> np.ndarray:
     order = np.lexsort((*nums[::-1], pos))
     v, p = nums[:, order], pos[order]
     dominated = np.zeros(L, bool)
-
-    def beaten_by(j: np.ndarray, i: np.ndarray) -> np.ndarray:
-        return (p[j] == p[i]) & np.all(v[:, j] <= v[:, i], axis=0)
-
-    for k in range(1, min(WINDOW, L - 1) + 1):
-        dominated[k:] |= beaten_by(np.arange(L - k), np.arange(k, L))
+    for k in range(1, min(WINDOW, L - 1) + 1):  # each label against the one k before it (views, no copies)
+        dominated[k:] |= (p[:-k] == p[k:]) & (v[:, :-k] <= v[:, k:]).all(axis=0)
     group = np.cumsum(np.r_[True, p[1:] != p[:-1]])  # 1, 2, ... per position, ascending
     offset = (group[-1] - group) * L  # earlier groups higher: a running minimum restarts per group
     for dim in (1, 2):
         ranked = np.lexsort((*[v[x] for x in range(len(v) - 1, -1, -1) if x != dim], v[dim]))
         rank = np.empty(L, int)
         rank[ranked] = np.arange(L)
-        best = np.minimum.accumulate(offset + rank)[:-1]  # the best up to the label before each
-        j = ranked[best % L]
-        dominated[1:] |= beaten_by(j, np.arange(1, L))
+        j = ranked[np.minimum.accumulate(offset + rank)[:-1] % L]  # the best up to the label before each
+        dominated[1:] |= (p[j] == p[1:]) & (v[:, j] <= v[:, 1:]).all(axis=0)
     return np.sort(order[~dominated])
 
 
@@ -448,26 +482,34 @@ def every_cut(
         lo = np.full(len(P), n) if last else P + 1
         if s == 0 and not last:  # privacy: the owner's first stage keeps its minimum of layers
             lo = np.maximum(lo, req.min_owner_front)
+        ends_ok = None
+        if after is not None:  # ends none of whose completions fit (a tail figure inf) are left out first
+            lo, ends_ok = _finite_ends(after, lo)
         parts_p, parts_d, parts_h, parts_o = [], [], [], []
         for k, o in enumerate(tables.options(s, dev)):
             rows, ends = spans(lo, np.minimum(tables.reach(dev, inflight, o)[P], hi))
+            if ends_ok is not None:
+                rows, ends = rows[ends_ok[ends]], ends[ends_ok[ends]]
             a = P[rows]
             f, bw, op = tables.parts(dev, o)
             F, B, Op = f[ends] - f[a], bw[ends] - bw[a], op[ends] - op[a]
             host_c = tables.host_cum(dev, o)
-            ok = (tables.dev_table(dev, inflight, o)[a, ends] <= cap) & (host_c[ends] - host_c[a] <= hcap)
+            ok = tables.dev_table(dev, inflight, o)[a, ends] <= cap
+            if host_c.any():
+                ok &= host_c[ends] - host_c[a] <= hcap
             d = (D[0][rows], D[1][rows], D[2][rows])
             la, lg = links[a, 0], links[a, 1]
-            n0, n1, n2 = np.broadcast_arrays(*_extend(schedule, M, s, d, F, B, Op, la, lg, drain), ok)[:3]
+            n0, n1, n2 = _pairs(_extend(schedule, M, s, d, F, B, Op, la, lg, drain), ok)
             back0 = back * B if s == 0 else D[3][rows]
-            keep = ok & (value(schedule, M, n0, n1, n2, rounds, back0) < bound)
-            if after is not None:
+            if after is not None:  # the completions' bound: at least the labels' own (each term only grows)
                 tf, tb, busy, w, trip = (x[ends] for x in after)
-                low_c = completed(schedule, M, rounds, n0, n1, n2, tf, tb, w, busy, trip, back0)
+                low = completed(schedule, M, rounds, n0, n1, n2, tf, tb, w, busy, trip, back0, finite=True)
                 if schedule == "1f1b":
                     beyond = F + B + tf + tb + np.maximum(w, trip)
-                    low_c = np.maximum(low_c, held_back(M, S - s, n0 - F - B, beyond, B))
-                keep &= low_c < bound
+                    low = np.maximum(low, held_back(M, S - s, n0 - F - B, beyond, B))
+            else:
+                low = value(schedule, M, n0, n1, n2, rounds, back0)
+            keep = np.flatnonzero(ok & (low < bound))
             rows, ends, n0, n1, n2, back0 = (x[keep] for x in (rows, ends, n0, n1, n2, back0))
             parts_p.append(ends)
             parts_d.append(np.stack([n0, n1, n2, back0]))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from partitioners.planner.bounds import PoolBounds
-from partitioners.planner.cuts import CutChoice, CutSearch, Frontier, Tail, completed, rounds_of
+from partitioners.planner.cuts import CutArrays, CutChoice, CutSearch, Frontier, Tail, completed, rounds_of
 from partitioners.planner.request import IDENTICAL_FIELDS, PlanRequest
 from partitioners.planner.tables import CostTables
 
@@ -40,6 +40,19 @@ def device_class(req: PlanRequest, name: str) -> tuple:
     d = topo.device(name)
     own_links = any(name in (e.a, e.b) for e in topo.links.pairs)
     return (*(getattr(d, f) for f in IDENTICAL_FIELDS), d.zone, d.owns_data, name if own_links else "")
+
+
+def _everywhere(tail: Tail, n: int) -> Tail:
+    """``tail`` computed at every position once, the first time it is asked, then looked up."""
+    full: list[tuple[np.ndarray, ...]] = []
+
+    def at(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if not full:
+            full.append(tuple(np.broadcast_to(x, (n + 1,)) for x in tail(np.arange(n + 1))))
+        f, b, busiest, w, trip = full[0]
+        return f[bs], b[bs], busiest[bs], w[bs], trip[bs]
+
+    return at
 
 
 @dataclass
@@ -59,7 +72,7 @@ class DeviceSearch:
         self,
         req: PlanRequest,
         tables: CostTables,
-        check: Callable[[list[str], list[CutChoice]], None],
+        check: Callable[[list[str], list[CutChoice] | CutArrays], None],
         step: Callable[[], float],
         top: int,
         max_nodes: int,
@@ -109,7 +122,7 @@ class DeviceSearch:
         cuts and each child's own bound ask for the same one."""
         key = (tuple(prefix), free, least, self.step())
         if key not in self._tails:
-            self._tails[key] = self._tail(prefix, free, least)
+            self._tails[key] = _everywhere(self._tail(prefix, free, least), self.req.n)
         return self._tails[key]
 
     def _tail(self, prefix: list[str], free: int, least: int) -> Tail:
@@ -162,13 +175,13 @@ class DeviceSearch:
         if not len(frontier):
             return float("inf")
         M, schedule = self.req.num_micro_batches, self.req.schedule
-        positions, at = np.unique(frontier.pos, return_inverse=True)
-        f, b, busiest, w, trip = self.tail(prefix, free, free if S else 1)(positions)
+        pos = frontier.pos
+        f, b, busiest, w, trip = self.tail(prefix, free, free if S else 1)(pos)  # looked up per label
         if to:
-            w = np.maximum(w, self.tables.link_table(prefix[-1], to)[positions].max(axis=1))
+            w = np.maximum(w, self.tables.link_table(prefix[-1], to)[pos].max(axis=1))
         d0, d1, d2, back0 = frontier.nums[:4]
         rounds = rounds_of(schedule, M, S)
-        low = completed(schedule, M, rounds, d0, d1, d2, f[at], b[at], w[at], busiest[at], trip[at], back0)
+        low = completed(schedule, M, rounds, d0, d1, d2, f, b, w, busiest, trip, back0)
         return float(low.min())
 
     def run(self) -> None:
@@ -219,7 +232,8 @@ class DeviceSearch:
         if search.at_least:  # relaxed labels: the plans are listed again at their own length
             return
         top = np.nonzero(lows[: self.top] < self.step())[0]
-        self.check(seq, [search.choice(lows[i], rows[i], last, seq) for i in top.tolist()])
+        if len(top):
+            self.check(seq, search.arrays(lows[top], rows[top], last))
 
     def _node(self, search: CutSearch, prefix: list[str], mid: Frontier, S: int | None) -> None:
         """``mid``: the frontier with every device of ``prefix`` placed (none of them the

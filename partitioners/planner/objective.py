@@ -369,6 +369,29 @@ def _program(schedule: str, num_stages: int, num_micro_batches: int) -> tuple[tu
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled(schedule: str, num_stages: int, num_micro_batches: int) -> tuple[tuple, tuple]:
+    """:func:`_program` as integer instructions ``(kind, stage, x, y)``: compute
+    ``(0, s, 0|1|2, 0)`` (forward, backward, optimizer step), send ``(1, s, wire, message)``,
+    receive ``(2, s, 0, message)``; and the wires, ``(kind, index)`` (``('l', 0)``: the labels)."""
+    wires: dict[tuple, int] = {}
+    messages: dict[tuple, int] = {}
+    code = []
+    for op in _program(schedule, num_stages, num_micro_batches):
+        if op[0] == 0:
+            code.append((0, op[1], {"F": 0, "B": 1}.get(op[2], 2), 0))
+        elif op[0] == 1:
+            _, s, w, mb, _kind = op
+            wid = wires.setdefault(w, len(wires))
+            messages[(w, mb)] = len(code)
+            code.append((1, s, wid, len(code)))
+        else:
+            _, s, w, mb = op
+            code.append((2, s, 0, messages.pop((w, mb))))
+    kinds = [(w[0], w[1] if len(w) > 1 else 0) for w in wires]
+    return tuple(code), tuple(kinds)
+
+
 def plain_steps(
     schedule: str,
     M: int,
@@ -383,24 +406,23 @@ def plain_steps(
     and ``grad`` (stages - 1, plans). The same replay as :func:`simulated`, each clock an
     array over the plans (the tests hold the two equal)."""
     S, K = fwd.shape
-    clock = np.zeros((S, K))
-    free: dict[tuple, np.ndarray] = {}
-    pending: dict[tuple, np.ndarray] = {}
+    code, wires = _compiled(schedule, S, M)
     zero = np.zeros(K)
-    for op in _program(schedule, S, M):
-        if op[0] == 0:
-            _, s, kind = op
-            clock[s] += fwd[s] if kind == "F" else bwd[s] if kind == "B" else opt[s]
-        elif op[0] == 1:
-            _, s, w, mb, _kind = op
-            t = act[w[1]] if w[0] == "a" else grad[w[1]] if w[0] == "g" else zero
-            start = np.maximum(clock[s], free.get(w, zero))
-            free[w] = start + t
-            pending[(w, mb)] = free[w]
-        else:
-            _, s, w, mb = op
-            clock[s] = np.maximum(clock[s], pending.pop((w, mb)))
-    return clock.max(axis=0)
+    clock = [np.zeros(K) for _ in range(S)]  # per stage its clock, changed in place (never shared)
+    times = [list(fwd), list(bwd), list(opt)]  # [kind][stage]: rows, split once
+    wire_ms = [act[i] if w == "a" else grad[i] if w == "g" else zero for w, i in wires]
+    free = [zero] * len(wires)  # per wire, when its last transfer arrives (each send a new array)
+    pending: list[np.ndarray] = [zero] * len(code)
+    for kind, s, x, y in code:
+        if kind == 0:  # compute: x indexes fwd, bwd, opt
+            clock[s] += times[x][s]
+        elif kind == 1:  # send on wire x, arriving as message y
+            arrive = np.maximum(clock[s], free[x])
+            arrive += wire_ms[x]
+            free[x] = pending[y] = arrive
+        else:  # receive message y
+            np.maximum(clock[s], pending[y], out=clock[s])
+    return np.max(clock, axis=0)
 
 
 def plain_sequence(tables: CostTables, seq: list[str]) -> bool:

@@ -11,7 +11,7 @@ from partitioners.costmodel import StageMethod
 from partitioners.plan import Plan
 from partitioners.planner.assemble import build_plan
 from partitioners.planner.bounds import PoolBounds
-from partitioners.planner.cuts import CutChoice, best_cuts, every_cut
+from partitioners.planner.cuts import CutArrays, CutChoice, best_cuts, every_cut
 from partitioners.planner.devices import DeviceSearch
 from partitioners.planner.feasibility import infeasible_reason
 from partitioners.planner.objective import array_steps, batch_steps, evaluate, plain_sequence
@@ -80,10 +80,21 @@ class _Search:
         if ev.step_ms < self.step - 1e-12:
             self.best = (ev.step_ms, seq, choice.bounds, choice.opts)
 
-    def check_all(self, seq: list[str], choices: list[CutChoice]) -> None:
-        """Check these plans of ``seq``: all at once where the sequence is plain and the
-        schedule 1F1B (:func:`batch_steps`, the simulator replayed on arrays), else the
-        first ``VERIFY_PER_SEQUENCE`` by the simulator."""
+    def check_all(self, seq: list[str], choices: list[CutChoice] | CutArrays) -> None:
+        """Check these plans of ``seq`` (smallest bound first): all at once where the
+        sequence is plain and the schedule 1F1B (:func:`array_steps`, the simulator
+        replayed on arrays), else the first ``VERIFY_PER_SEQUENCE`` by the simulator."""
+        if isinstance(choices, CutArrays):
+            below = np.flatnonzero(choices.lower_ms < self.step)
+            if not len(below):
+                return
+            if self.req.schedule == "1f1b" and plain_sequence(self.tables, seq):
+                steps = array_steps(self.tables, seq, choices.bounds[below], choices.opts[below])
+                i = int(np.argmin(steps))
+                if steps[i] < self.step:
+                    self.check(seq, choices.choice(int(below[i]), self.tables, seq))  # the simulator's own figure
+                return
+            choices = [choices.choice(int(i), self.tables, seq) for i in below[:VERIFY_PER_SEQUENCE]]
         choices = [c for c in choices if c.lower_ms < self.step]
         if not choices:
             return

@@ -22,6 +22,16 @@ from partitioners.costmodel import (
 from partitioners.planner.request import CODEC_BYTES, GB, PlanRequest
 
 
+def running_max(x: np.ndarray) -> np.ndarray:
+    """``[a, b]`` -> the largest of ``x[a..b-1]`` (0 where ``b <= a``), every range at once."""
+    n = len(x)
+    upper = np.arange(n)[None, :] >= np.arange(n + 1)[:, None]  # [a, j]: layer j is at or after a
+    acc = np.maximum.accumulate(np.where(upper, x[None, :], -np.inf), axis=1)
+    out = np.zeros((n + 1, n + 1))
+    out[:, 1:] = np.where(upper, acc, 0.0)
+    return out
+
+
 class CostTables:
     """Per-device (and per fine-tuning method) prefix sums so that any stage and any cut
     costs O(1)."""
@@ -37,6 +47,7 @@ class CostTables:
         self.cut_bytes = [layer.out_bytes * ratio for layer in L]  # after layer i
         self._mem: dict[tuple[int, float, int, StageMethod], np.ndarray] = {}
         self._dev_mem: dict[tuple, np.ndarray] = {}
+        self._parts: dict[tuple, dict[str, np.ndarray]] = {}
         self._host: dict[StageMethod, tuple[np.ndarray, np.ndarray]] = {}
         self._link: dict[tuple, tuple[float, float]] = {}
         self._pair: dict[tuple[str, str], Link] = {}
@@ -150,6 +161,38 @@ class CostTables:
         key = (id(base), runtime, inflight, opt)
         if key not in self._mem:
             n = len(base)
+            parts = self._mem_parts(base, opt)
+            a = np.arange(n + 1)[:, None]
+            b = np.arange(n + 1)[None, :]
+            out_last, in_first = parts["out_last"], parts["in_first"]
+            if opt.recompute:  # inputs held; one layer's saved activations while it is recomputed
+                cum_held = parts["cum_held"]
+                acts = inflight * (cum_held[b] - cum_held[a] + out_last) + parts["saved"]
+            else:
+                cum_saved = parts["cum_saved"]
+                acts = inflight * (cum_saved[b] - cum_saved[a] + out_last)
+            act_phase = acts + in_first + out_last + parts["trans"]
+            if self.M > 1:  # a later micro-batch's gradient of a tensor, before it is added in
+                act_phase = act_phase + parts["grad"]
+            if "weights" in parts:  # the largest layer's weights, fetched while it runs
+                act_phase = act_phase + parts["weights"]
+            if (
+                "step" in parts
+            ):  # AdamW's temporaries over the largest trainable tensor, after the activations are freed
+                act_phase = np.maximum(act_phase, parts["step"])
+            cum_static = parts["cum_static"]
+            table = (cum_static[b] - cum_static[a]) + act_phase + runtime
+            table[b <= a] = np.inf
+            self._mem[key] = table
+        return self._mem[key]
+
+    def _mem_parts(self, base: list, opt: StageMethod) -> dict[str, np.ndarray]:
+        """What :meth:`mem_table` adds up that does not depend on the micro-batches in
+        flight, once per set of layers and method: prefix sums, and per range ``[a, b]`` the
+        largest of a per-layer figure over layers ``a..b-1``."""
+        key = (id(base), opt)
+        if key not in self._parts:
+            n = len(base)
             L = [effective_layer(layer, opt) for layer in base]
             w, g, master, moments = PRECISIONS[self.req.precision]
             keep_opt = opt.offload == "none"  # offload moves the optimizer state to the host
@@ -163,38 +206,29 @@ class CostTables:
                 float,
             )
             saved = np.array([layer.saved_bytes for layer in L], float)
-            cum_static = np.concatenate([[0.0], np.cumsum(static)])
             a = np.arange(n + 1)[:, None]
             b = np.arange(n + 1)[None, :]
-            out_last = np.array([0.0, *[layer.out_bytes for layer in L]])[b]  # out of layer b-1
-            in_first = np.array([*[layer.in_bytes for layer in L], 0.0])[a]
-
-            def running_max(x: np.ndarray) -> np.ndarray:  # [a, b] -> max of x[a..b-1]
-                out = np.zeros((n + 1, n + 1))
-                for i in range(n):
-                    out[i, i + 1 :] = np.maximum.accumulate(x[i:])
-                return out
-
-            trans = running_max(np.array([layer.bwd_transient_bytes for layer in L], float))
-            if opt.recompute:  # inputs held; one layer's saved activations while it is recomputed
+            parts = {
+                "cum_static": np.concatenate([[0.0], np.cumsum(static)]),
+                "out_last": np.array([0.0, *[layer.out_bytes for layer in L]])[b],  # out of layer b-1
+                "in_first": np.array([*[layer.in_bytes for layer in L], 0.0])[a],
+                "trans": running_max(np.array([layer.bwd_transient_bytes for layer in L], float)),
+            }
+            if opt.recompute:
                 held = np.array([layer.in_bytes for layer in L], float)
-                cum_held = np.concatenate([[0.0], np.cumsum(held)])
-                acts = inflight * (cum_held[b] - cum_held[a] + out_last) + running_max(saved)
+                parts["cum_held"] = np.concatenate([[0.0], np.cumsum(held)])
+                parts["saved"] = running_max(saved)
             else:
-                cum_saved = np.concatenate([[0.0], np.cumsum(saved)])
-                acts = inflight * (cum_saved[b] - cum_saved[a] + out_last)
-            act_phase = acts + in_first + out_last + trans
-            if self.M > 1:  # a later micro-batch's gradient of a tensor, before it is added in
-                act_phase = act_phase + g * running_max(np.array([layer.max_trainable_params for layer in L], float))
-            if not keep_weights:  # the largest layer's weights, fetched while it runs
-                act_phase = act_phase + running_max(np.array([layer.params * w for layer in L], float))
-            if keep_opt:  # AdamW's temporaries over the largest trainable tensor, after the activations are freed
-                step_tmp = running_max(np.array([step_temporaries([layer], self.req.precision) for layer in L], float))
-                act_phase = np.maximum(act_phase, step_tmp)
-            table = (cum_static[b] - cum_static[a]) + act_phase + runtime
-            table[b <= a] = np.inf
-            self._mem[key] = table
-        return self._mem[key]
+                parts["cum_saved"] = np.concatenate([[0.0], np.cumsum(saved)])
+            parts["grad"] = g * running_max(np.array([layer.max_trainable_params for layer in L], float))
+            if not keep_weights:
+                parts["weights"] = running_max(np.array([layer.params * w for layer in L], float))
+            if keep_opt:
+                parts["step"] = running_max(
+                    np.array([step_temporaries([layer], self.req.precision) for layer in L], float)
+                )
+            self._parts[key] = parts
+        return self._parts[key]
 
     def inflight(self, s: int, S: int) -> int:
         return micro_batches_in_flight(self.req.schedule, s, S, self.M)
