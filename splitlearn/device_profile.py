@@ -21,8 +21,14 @@ graph needs, not what the eager layers would, and the plan's memory takes that f
 Devices on one Ray node are timed one after another (a rehearsal's devices share one
 host: timed together, each would see the others' load); devices on different nodes at once.
 
+Each is timed in the stage workers' environment (:func:`splitlearn.runtime.worker_env`: glibc's
+malloc maps each allocation of 128 KB and up on its own and returns it when freed, so a step
+writes fresh pages): on this project's 2-core machine that costs a CPU block 25% of its
+forward, 37% of its backward and 57% of its AdamW step, and a profile timed without it
+predicted two CPU stages 1.26x short.
+
 Figures are cached by what they depend on (the device's fields, the model's config, the
-micro-batch shape, the dtype, the method, the compile mode) under
+micro-batch shape, the dtype, the method, the compile mode, the malloc setting) under
 ``$XDG_CACHE_HOME/splitlearn/profiles`` (default ``~/.cache``), so a run measures each
 device once.
 """
@@ -44,7 +50,9 @@ from partitioners.profile import LayerProfile
 
 REPEATS, WARMUP = 5, 2
 GPU_BLOCKS = 4  # blocks in the segment a GPU times (their mean is a block's figure)
-VERSION = 3  # of what a cached profile holds (2: saved bytes measured on CUDA; 3: GPU blocks' mean, clipping)
+# of what a cached profile holds (2: saved bytes measured on CUDA; 3: GPU blocks' mean,
+# clipping; 4: timed under the stage workers' malloc settings)
+VERSION = 4
 
 
 def cache_dir() -> Path:
@@ -64,6 +72,7 @@ def profile_key(run: Any, device: Any, method: StageMethod) -> str:
         if method.method == "lora"
         else None,
         "compile": run.runtime.compile,
+        "malloc_mmap_threshold_kb": run.runtime.malloc_mmap_threshold_kb,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -199,6 +208,7 @@ def time_layers(run_dict: dict[str, Any], device_name: str, method: dict[str, An
     measure("head", n - 1, n)
     if saved:
         out["saved"] = saved
+    out["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")  # as the stage workers'
     return out
 
 
@@ -235,6 +245,7 @@ def device_profiles(
 
     from cluster.topology import device_resource
     from splitlearn.method_policy import policy
+    from splitlearn.runtime import worker_env
 
     run = cfg.run
     fin = policy(run)
@@ -257,12 +268,15 @@ def device_profiles(
         log(f"profiling the layers on {', '.join(n for n, _ in todo.values())} (in each device's own worker; cached)")
         task = ray.remote(time_layers)
         resolved = cfg.resolved_dict()
+        env = worker_env(resolved)
         for wave in _waves([name for name, _ in todo.values()], node_of):
             refs = {}
             for name in wave:
                 key, method = keys[name]
                 dev = cfg.topology.device(name)
                 opts: dict[str, Any] = {"num_cpus": 0, "resources": {device_resource(name): 0.001}}
+                if env:  # the stage workers' malloc settings: they cost a CPU step 25-55% (fresh pages)
+                    opts["runtime_env"] = {"env_vars": env}
                 if dev.gpus:
                     opts["num_gpus"] = min(1.0, dev.gpus)
                 m = {"method": method.method, "recompute": method.recompute, "frozen_dtype": method.frozen_dtype}
@@ -407,6 +421,7 @@ def measure_links(
     cuda: set[str] | None = None,
     codec: str = "none",
     log: Callable[[str], None] = print,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """``{"src->dst": Link}`` for the ordered pairs of ``pool`` devices the runtime connects
     over gloo (at least one end off the GPU; ``cuda``: the devices that compute on one): what
@@ -415,7 +430,8 @@ def measure_links(
     devices share one host: its loopback). With a ``codec`` the transfer is packed as a run
     packs it, and the bandwidth is over the packed bytes (what the plan divides by it), so
     the encoding and decoding are in the figure. Two CUDA devices exchange over NCCL, which
-    this does not measure: their declared link stands. Ray must be up."""
+    this does not measure: their declared link stands. ``env``: the stage workers' environment
+    variables (their malloc settings: a receive into fresh pages costs more). Ray must be up."""
     import ray
 
     from cluster.topology import Link, device_resource
@@ -441,7 +457,12 @@ def measure_links(
     found: dict[tuple, Any] = {}
     for key, (a, b) in pairs.items():
         ends: list[Any] = [
-            end.options(num_cpus=0, num_gpus=0.01 if d in cuda else 0, resources={device_resource(d): 0.001}).remote()
+            end.options(
+                num_cpus=0,
+                num_gpus=0.01 if d in cuda else 0,
+                resources={device_resource(d): 0.001},
+                **({"runtime_env": {"env_vars": env}} if env else {}),
+            ).remote()
             for d in (a, b)
         ]
         try:
@@ -482,7 +503,7 @@ class _Probe:
 CALL_REPEATS = 20
 
 
-def measure_call_ms(pool: list[str], cuda: set[str] | None = None) -> float:
+def measure_call_ms(pool: list[str], cuda: set[str] | None = None, env: dict[str, str] | None = None) -> float:
     """Milliseconds a step costs the runtime outside the stages' actions: the driver calls
     every worker at once and waits for all of them (median of ``CALL_REPEATS`` steps, one
     probe per pool device on the cluster, placed as its worker is). Ray must be up."""
@@ -494,7 +515,12 @@ def measure_call_ms(pool: list[str], cuda: set[str] | None = None) -> float:
     node_of = _node_of(pool)
     probe = ray.remote(_Probe)
     probes = [
-        probe.options(num_cpus=0, num_gpus=0.01 if d in cuda else 0, resources={device_resource(d): 0.001}).remote()
+        probe.options(
+            num_cpus=0,
+            num_gpus=0.01 if d in cuda else 0,
+            resources={device_resource(d): 0.001},
+            **({"runtime_env": {"env_vars": env}} if env else {}),
+        ).remote()
         for d in pool
         if d in node_of
     ]

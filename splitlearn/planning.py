@@ -168,7 +168,10 @@ def measured_topology(cfg: LoadedConfig, layers: list[LayerProfile]) -> Topology
     nbytes = max((layer.out_bytes for layer in layers[:-1]), default=0)
     if len(set(pool)) < 2 or nbytes <= 0:
         return cfg.topology
-    links = measure_links(pool, nbytes, gpu_devices(cfg, pool), cfg.run.plan.codec)
+    from splitlearn.runtime import worker_env
+
+    env = worker_env(cfg.resolved_dict())
+    links = measure_links(pool, nbytes, gpu_devices(cfg, pool), cfg.run.plan.codec, env=env)
     return dataclasses.replace(cfg.topology, measured=links)
 
 
@@ -183,7 +186,9 @@ def measured_overhead_ms(cfg: LoadedConfig) -> float:
     from splitlearn.device_profile import measure_call_ms
 
     pool = list(dict.fromkeys(profile_pool(cfg)))
-    return measure_call_ms(pool, gpu_devices(cfg, pool))
+    from splitlearn.runtime import worker_env
+
+    return measure_call_ms(pool, gpu_devices(cfg, pool), worker_env(cfg.resolved_dict()))
 
 
 def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> PlanRequest:

@@ -3,6 +3,7 @@ layers in its own Ray worker, the planner uses those milliseconds for that devic
 figures are cached."""
 
 import dataclasses
+import json
 
 import pytest
 from conftest import inline_topology
@@ -31,6 +32,9 @@ def test_devices_time_their_layers_and_the_plan_uses_them(ray_cluster, tmp_path,
     assert edge[0].opt_ms > 0  # the embedding's AdamW step, which FLOPs do not see
     cached = sorted((tmp_path / "cache" / "splitlearn" / "profiles").glob("*.json"))
     assert len(cached) == 2  # one measurement per kind of device: cloud-c and cloud-d are alike
+    # timed in the stage workers' environment: their malloc settings (runtime.malloc_mmap_threshold_kb)
+    kb = cfg.run.runtime.malloc_mmap_threshold_kb
+    assert kb and all(json.loads(p.read_text())["times"]["malloc_mmap_threshold"] == str(kb * 1024) for p in cached)
     assert req.device_layers["cloud-c"] == req.device_layers["cloud-d"]
     plan = partition("manual", req)
     dev = cfg.topology.device("edge-a")
