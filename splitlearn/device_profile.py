@@ -513,8 +513,8 @@ def measure_call_ms(pool: list[str], cuda: set[str] | None = None, env: dict[str
 
     cuda = cuda or set()
     node_of = _node_of(pool)
-    probe = ray.remote(_Probe)
-    probes = [
+    probe: Any = ray.remote(_Probe)
+    probes: list[Any] = [
         probe.options(
             num_cpus=0,
             num_gpus=0.01 if d in cuda else 0,

@@ -378,7 +378,8 @@ def _pairs(numbers: tuple, like: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     """A stage's three new numbers, each an array shaped as ``like`` (one per pair)."""
     if all(isinstance(x, np.ndarray) and x.shape == like.shape for x in numbers):
         return numbers
-    return tuple(np.broadcast_arrays(*numbers, like)[:3])
+    a, b, c = np.broadcast_arrays(*numbers, like)[:3]
+    return a, b, c
 
 
 def _finite_ends(after: tuple, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
