@@ -434,7 +434,7 @@ def measure_links(
     variables (their malloc settings: a receive into fresh pages costs more). Ray must be up."""
     import ray
 
-    from cluster.topology import Link, device_resource
+    from cluster.topology import Link
     from partitioners.planner.request import CODEC_BYTES
 
     cuda = cuda or set()
@@ -453,18 +453,9 @@ def measure_links(
         return {}
     nbytes = max(nbytes, LINK_MIN_BYTES)
     log(f"measuring the transport between {len(pairs)} pair(s) of nodes ({nbytes / 1e6:.3g} MB per transfer)")
-    end = ray.remote(_LinkEnd)
     found: dict[tuple, Any] = {}
     for key, (a, b) in pairs.items():
-        ends: list[Any] = [
-            end.options(
-                num_cpus=0,
-                num_gpus=0.01 if d in cuda else 0,
-                resources={device_resource(d): 0.001},
-                **({"runtime_env": {"env_vars": env}} if env else {}),
-            ).remote()
-            for d in (a, b)
-        ]
+        ends = [_beside(_LinkEnd, d, d in cuda, env) for d in (a, b)]
         try:
             ip, port = ray.get(ends[0].endpoint.remote(), timeout=120)
             refs = [ends[i].run.remote(i, ip, port, nbytes, d in cuda, codec) for i, d in enumerate((a, b))]
@@ -481,6 +472,21 @@ def measure_links(
         for b in names
         if a != b and not (a in cuda and b in cuda)
     }
+
+
+def _beside(cls: type, device: str, gpu: bool, env: dict[str, str] | None) -> Any:
+    """An actor of ``cls`` where ``device``'s worker runs: on its node, with a sliver of a GPU
+    where the worker has one (so CUDA is visible), in the workers' environment."""
+    import ray
+
+    from cluster.topology import device_resource
+
+    opts: dict[str, Any] = {"num_cpus": 0, "resources": {device_resource(device): 0.001}}
+    if gpu:
+        opts["num_gpus"] = 0.01
+    if env:
+        opts["runtime_env"] = {"env_vars": env}
+    return ray.remote(cls).options(**opts).remote()
 
 
 class _Probe:
@@ -509,21 +515,9 @@ def measure_call_ms(pool: list[str], cuda: set[str] | None = None, env: dict[str
     probe per pool device on the cluster, placed as its worker is). Ray must be up."""
     import ray
 
-    from cluster.topology import device_resource
-
     cuda = cuda or set()
     node_of = _node_of(pool)
-    probe: Any = ray.remote(_Probe)
-    probes: list[Any] = [
-        probe.options(
-            num_cpus=0,
-            num_gpus=0.01 if d in cuda else 0,
-            resources={device_resource(d): 0.001},
-            **({"runtime_env": {"env_vars": env}} if env else {}),
-        ).remote()
-        for d in pool
-        if d in node_of
-    ]
+    probes = [_beside(_Probe, d, d in cuda, env) for d in pool if d in node_of]
     if not probes:
         return 0.0
     try:

@@ -241,12 +241,7 @@ class CutSearch:
             lo, ends_ok = _finite_ends(after, lo)
         out_pos, out_nums, out_row, out_opt = [], [], [], []
         for k, o in enumerate(opts):
-            rows, ends = spans(lo, np.minimum(tables.reach(dev, inflight, o)[A], hi))
-            if ends_ok is not None:
-                rows, ends = rows[ends_ok[ends]], ends[ends_ok[ends]]
-            a = A[rows]
-            f, bw, op = tables.parts(dev, o)
-            F, B, Op = f[ends] - f[a], bw[ends] - bw[a], op[ends] - op[a]
+            rows, ends, a, F, B, Op = _option_pairs(tables, dev, inflight, o, A, lo, hi, ends_ok)
             mem = tables.dev_table(dev, inflight, o)[a, ends]
             host_c = tables.host_cum(dev, o)
             host = host_c[ends] - host_c[a] if ushape or host_c.any() else None  # None: no host bytes
@@ -394,6 +389,27 @@ def _finite_ends(after: tuple, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray |
     return np.maximum(lo, first), None if ok[first:].all() else ok
 
 
+def _option_pairs(
+    tables: CostTables,
+    dev: str,
+    inflight: int,
+    o: StageMethod,
+    starts: np.ndarray,
+    lo: np.ndarray,
+    hi: int | np.ndarray,
+    ends_ok: np.ndarray | None,
+) -> tuple[np.ndarray, ...]:
+    """A stage on ``dev`` under option ``o``: its (label row, end) pairs within the stage's
+    reach (and, with ``ends_ok``, only ends some completion can follow), each pair's start
+    and its forward, backward and optimizer times per micro-batch."""
+    rows, ends = spans(lo, np.minimum(tables.reach(dev, inflight, o)[starts], hi))
+    if ends_ok is not None:
+        rows, ends = rows[ends_ok[ends]], ends[ends_ok[ends]]
+    a = starts[rows]
+    f, bw, op = tables.parts(dev, o)
+    return rows, ends, a, f[ends] - f[a], bw[ends] - bw[a], op[ends] - op[a]
+
+
 def spans(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every ``(row, end)`` with ``lo[row] <= end <= hi[row]``, as two flat arrays: a
     label's ends as far as its stage can reach, and no further (the searches compute on
@@ -488,12 +504,7 @@ def every_cut(
             lo, ends_ok = _finite_ends(after, lo)
         parts_p, parts_d, parts_h, parts_o = [], [], [], []
         for k, o in enumerate(tables.options(s, dev)):
-            rows, ends = spans(lo, np.minimum(tables.reach(dev, inflight, o)[P], hi))
-            if ends_ok is not None:
-                rows, ends = rows[ends_ok[ends]], ends[ends_ok[ends]]
-            a = P[rows]
-            f, bw, op = tables.parts(dev, o)
-            F, B, Op = f[ends] - f[a], bw[ends] - bw[a], op[ends] - op[a]
+            rows, ends, a, F, B, Op = _option_pairs(tables, dev, inflight, o, P, lo, hi, ends_ok)
             host_c = tables.host_cum(dev, o)
             ok = tables.dev_table(dev, inflight, o)[a, ends] <= cap
             if host_c.any():
