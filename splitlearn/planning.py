@@ -159,7 +159,7 @@ def profile_pool(cfg: LoadedConfig) -> list[str]:
     return [d for entry in (cfg.run.plan.devices or cfg.topology.device_names) for d in entry.split("+")]
 
 
-def measured_topology(cfg: LoadedConfig, layers: list[LayerProfile]) -> Topology:
+def measured_topology(cfg: LoadedConfig, layers: list[LayerProfile], env: dict[str, str]) -> Topology:
     """The topology with what a transfer of a cut's activation measured between the pool
     devices' nodes (a link is no faster than that); Ray is up (:func:`measured_on_devices`)."""
     from splitlearn.device_profile import measure_links
@@ -168,9 +168,6 @@ def measured_topology(cfg: LoadedConfig, layers: list[LayerProfile]) -> Topology
     nbytes = max((layer.out_bytes for layer in layers[:-1]), default=0)
     if len(set(pool)) < 2 or nbytes <= 0:
         return cfg.topology
-    from splitlearn.runtime import worker_env
-
-    env = worker_env(cfg.resolved_dict())
     links = measure_links(pool, nbytes, gpu_devices(cfg, pool), cfg.run.plan.codec, env=env)
     return dataclasses.replace(cfg.topology, measured=links)
 
@@ -180,15 +177,13 @@ def gpu_devices(cfg: LoadedConfig, pool: list[str]) -> set[str]:
     return {d for d in pool if cfg.topology.device(d).accelerator == "cuda" and cfg.topology.device(d).gpus}
 
 
-def measured_overhead_ms(cfg: LoadedConfig) -> float:
+def measured_overhead_ms(cfg: LoadedConfig, env: dict[str, str]) -> float:
     """What a step costs the runtime outside the stages' actions on this cluster
     (:func:`splitlearn.device_profile.measure_call_ms`); Ray is up (:func:`measured_on_devices`)."""
     from splitlearn.device_profile import measure_call_ms
 
     pool = list(dict.fromkeys(profile_pool(cfg)))
-    from splitlearn.runtime import worker_env
-
-    return measure_call_ms(pool, gpu_devices(cfg, pool), worker_env(cfg.resolved_dict()))
+    return measure_call_ms(pool, gpu_devices(cfg, pool), env)
 
 
 def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> PlanRequest:
@@ -202,13 +197,15 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
     counted = counted_on_devices(cfg, profile)
     measured = measured_on_devices(cfg, {d: counted.get(d, profile.layers) for d in cfg.topology.device_names})
     from splitlearn.device_profile import measured_like
+    from splitlearn.runtime import worker_env
 
+    env = worker_env(cfg.resolved_dict()) if measured else {}  # the measurements run as the stage workers do
     # a device not on the cluster: a measured one's times, scaled by tflops
     like = measured_like(cfg.topology, list(measured), profile_pool(cfg)) if measured else {}
     layers = {**counted, **measured, **{d: measured[r] for d, r in like.items()}} or None
     req = PlanRequest(
         layers=profile.layers,
-        topology=measured_topology(cfg, profile.layers) if measured else cfg.topology,
+        topology=measured_topology(cfg, profile.layers, env) if measured else cfg.topology,
         num_micro_batches=run.train.micro_batches,
         schedule=run.runtime.schedule,
         devices=federation.plan_devices(cfg) or None,
@@ -225,7 +222,7 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
         device_layers=layers,
         measured_on=frozenset(measured),
         measured_like=like,
-        step_overhead_ms=measured_overhead_ms(cfg) if measured else 0.0,
+        step_overhead_ms=measured_overhead_ms(cfg, env) if measured else 0.0,
         cpu_runtime_bytes=run.runtime.cpu_runtime_mb * 1e6,
     )
     from splitlearn.privacy.bound import apply
