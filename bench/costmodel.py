@@ -68,7 +68,9 @@ def cpu_devices(args: argparse.Namespace, count: int) -> list[dict]:
     ]  # fmt: skip
 
 
-def run_config(args: argparse.Namespace, name: str, shape: dict, out_dir: Path, run_name: str, on_cluster: bool):
+def run_config(
+    args: argparse.Namespace, name: str, shape: dict, out_dir: Path, run_name: str, on_cluster: bool, prepost: bool
+):
     """The run config of one case, as a user writes it."""
     edge = name.startswith("E2")
     cpus = int(name[1:]) if name.startswith("C") else 0
@@ -111,7 +113,13 @@ def run_config(args: argparse.Namespace, name: str, shape: dict, out_dir: Path, 
         },  # fmt: skip
         "finetune": {"method": args.method},
         "runtime": runtime_section(
-            out_dir, run_name, "none", emulate_links=name == "E2-links", schedule="1f1b", trace=args.trace
+            out_dir,
+            run_name,
+            "none",
+            emulate_links=name == "E2-links",
+            schedule="1f1b",
+            trace=args.trace,
+            prepost_receives=prepost,
         ),
     }
 
@@ -160,9 +168,11 @@ def stage_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return stages, spans
 
 
-def run_case(args: argparse.Namespace, name: str, shape_name: str, out_dir: Path, on_cluster: bool) -> dict:
-    run_name = f"{name}-{shape_name}-{int(on_cluster)}"
-    raw = run_config(args, name, SHAPES[shape_name], out_dir, run_name, on_cluster)
+def run_case(
+    args: argparse.Namespace, name: str, shape_name: str, out_dir: Path, on_cluster: bool, prepost: bool
+) -> dict:
+    run_name = f"{name}-{shape_name}-{int(on_cluster)}-{'pre' if prepost else 'late'}"
+    raw = run_config(args, name, SHAPES[shape_name], out_dir, run_name, on_cluster, prepost)
     path = out_dir / f"{run_name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     t0 = time.perf_counter()
@@ -185,6 +195,7 @@ def run_case(args: argparse.Namespace, name: str, shape_name: str, out_dir: Path
         "case": name,
         "shape": shape_name,
         "on_cluster": on_cluster,
+        "prepost_receives": prepost,
         "plan": summary["stages"],
         "predicted_ms": summary.get("simulated_step_ms"),
         "measured_ms": summary.get("measured_step_ms"),
@@ -202,7 +213,8 @@ def run_case(args: argparse.Namespace, name: str, shape_name: str, out_dir: Path
 
 
 def show(r: dict) -> None:
-    print(f"{r['case']:9s} {r['shape']:6s} on_cluster={r['on_cluster']!s:5s} predicted {r['predicted_ms']:9.1f} ms  "
+    print(f"{r['case']:9s} {r['shape']:6s} on_cluster={r['on_cluster']!s:5s} "
+          f"receives={'pre' if r['prepost_receives'] else 'late'} predicted {r['predicted_ms']:9.1f} ms  "
           f"measured {r['measured_ms']:9.1f} ms  x{r['ratio']:.3f}  replayed {r['replayed_ms'] or 0:9.1f} ms", flush=True)  # fmt: skip
     if r["steps"]:
         keys = [k for k in r["steps"][0] if k not in ("by_kind_ms", "trace")]
@@ -236,6 +248,8 @@ def main() -> None:
     ap.add_argument("--cpu-threads", type=int, default=1, help="threads of each CPU stage (C2, C3)")
     ap.add_argument("--cases", nargs="*", default=["E1:0", "E1:1", "E2:1", "E2-links:1"],
                     help="NAME:ON_CLUSTER (0 or 1)")  # fmt: skip
+    ap.add_argument("--receives", choices=["pre", "late", "both"], default="pre",
+                    help="runtime.prepost_receives: posted when the step starts (pre), at their actions (late)")  # fmt: skip
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "costmodel-h200.json"))
     args = ap.parse_args()
     rows = []
@@ -244,16 +258,18 @@ def main() -> None:
         for shape in args.shapes:
             for case in args.cases:
                 name, flag = case.split(":")
-                rows.append(run_case(args, name, shape, Path(tmp), flag == "1"))
-                show(rows[-1])
+                for prepost in {"pre": [True], "late": [False], "both": [True, False]}[args.receives]:
+                    rows.append(run_case(args, name, shape, Path(tmp), flag == "1", prepost))
+                    show(rows[-1])
         cache = Path(os.environ["XDG_CACHE_HOME"]) / "splitlearn" / "profiles"
         profiles = [json.loads(p.read_text()) for p in sorted(cache.glob("*.json"))]
     print(
-        f"\n{'case':9s} {'shape':6s} {'profile':9s} {'predicted':>10s} {'measured':>10s} {'ratio':>6s} {'memory held/planned'}"
+        f"\n{'case':9s} {'shape':6s} {'profile':9s} {'receives':8s} {'predicted':>10s} {'measured':>10s} {'ratio':>6s} {'memory held/planned'}"
     )
     for r in rows:
         mem = ", ".join(f"{m['measured_gb'] / m['planned_gb']:.2f}" for m in r["memory"] or [])
         print(f"{r['case']:9s} {r['shape']:6s} {'on_cluster' if r['on_cluster'] else 'prior':9s} "
+              f"{'pre' if r['prepost_receives'] else 'late':8s} "
               f"{r['predicted_ms']:10.1f} {r['measured_ms']:10.1f} {r['ratio']:6.3f} {mem}")  # fmt: skip
     write_record(args.out, {"machine": machine(), "args": vars(args), "rows": rows, "device_profiles": profiles})
 

@@ -172,6 +172,9 @@ class RuntimeConfig:
     logger: str = "auto"
     max_restarts: int = 2  # after a lost worker or a failed step: place again, resume from the last checkpoint
     replan_on_failure: bool = False  # a device gone for good: plan again on the devices that remain
+    # post a step's receives over host memory when it starts (a gloo transfer moves only once
+    # its receive is posted); false: each at its action, as before
+    prepost_receives: bool = True
     emulate_links: bool = False  # each transfer takes at least its link's latency + bytes / bandwidth
     measure_memory: bool = False  # record each stage's peak memory per step (slower: profiler on CPU)
     trace: bool = False  # record each action's start and end per stage and step (metrics.jsonl "trace")

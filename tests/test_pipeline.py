@@ -53,10 +53,12 @@ def whole_batch_reference(cfg):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-@pytest.mark.parametrize("m", [1, 2, 4])
-def test_pipelined_step_equals_whole_batch(ray_cluster, tmp_path, schedule, m):
-    cfg = cfg_for(tmp_path, schedule, m)
+@pytest.mark.parametrize(
+    "schedule,m,prepost",
+    [(s, m, True) for s in ("gpipe", "1f1b") for m in (1, 2, 4)] + [("1f1b", 4, False)],  # receives at their actions
+)
+def test_pipelined_step_equals_whole_batch(ray_cluster, tmp_path, schedule, m, prepost):
+    cfg = cfg_for(tmp_path, schedule, m, prepost_receives=prepost)
     plan = make_plan(cfg)
     group = StageGroup(plan, cfg.topology, cfg.resolved_dict(), str(tmp_path), 30, 30)
     try:

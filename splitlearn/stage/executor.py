@@ -98,6 +98,8 @@ class Executor:
         # the batch and the zeroed gradients are the step's work too (a CPU stage's zeroing of
         # a large embedding's gradient takes milliseconds): counted as compute, outside any action
         timer.prep_s = time.perf_counter() - t0
+        if w.run.runtime.prepost_receives:
+            w.transport.prepost([(src, self.groups.link(w.rank, src)) for src in self._peers(actions, step)])
         for i, act in enumerate(actions):
             timer.start(act)
             try:
@@ -191,8 +193,19 @@ class Executor:
         )
         return 0.0
 
+    def _peer(self, act: Action, step: int) -> int:
+        """The rank a receive of an activation or a gradient comes from."""
+        w = self.w
+        if act.kind == ActionKind.RECV_ACT:
+            return self._client_rank(w.stage - 1, act.mb, step)
+        return w.layout.rank_of(w.stage + 1, act.mb)
+
+    def _peers(self, actions: list[Action], step: int) -> list[int]:
+        """Where the step's activations and gradients come from, in the order it takes them."""
+        return [self._peer(a, step) for a in actions if a.kind in (ActionKind.RECV_ACT, ActionKind.RECV_GRAD)]
+
     def _recv_act(self, state: StepState, act: Action) -> float:
-        src = self._client_rank(self.w.stage - 1, act.mb, state.step)
+        src = self._peer(act, state.step)
         x, mask = self.w.transport.recv(src, self.groups.link(self.w.rank, src))
         state.inputs[act.mb] = x.requires_grad_(True)
         state.masks[act.mb] = mask
@@ -232,7 +245,7 @@ class Executor:
         return 0.0
 
     def _recv_grad(self, state: StepState, act: Action) -> float:
-        src = self.w.layout.rank_of(self.w.stage + 1, act.mb)
+        src = self._peer(act, state.step)
         state.grads_in[act.mb], _ = self.w.transport.recv(src, self.groups.link(self.w.rank, src))
         return 0.0
 

@@ -13,6 +13,8 @@ next), and the receiver does not hand it over before then.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +73,7 @@ class Transport:
     def __init__(self, device: torch.device, clock: LinkClock | None):
         self.device, self.clock = device, clock
         self._pending: list[tuple[Any, torch.Tensor]] = []  # (work, tensor) of sends posted this step
+        self._inboxes: dict[tuple[int, int], _Inbox] = {}  # (id of group, src): receives posted ahead
 
     def _on_gpu(self, group: Any) -> bool:
         return self.device.type == "cuda" and group.backend == "nccl"
@@ -96,12 +99,28 @@ class Transport:
             work.wait()
         self._pending.clear()
 
-    def recv(self, src: int, group: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The next tensor (and mask) from rank ``src``, decoded, on this worker's device."""
+    def prepost(self, wanted: list[tuple[int, Any]]) -> None:
+        """Post now the receives ``wanted`` (``(src, group)``, in the order :meth:`recv` will
+        take them); each peer's messages are received in a thread of their own, in order.
+        NCCL groups are left out (their receives run on the GPU's stream, at the action)."""
+        counts: dict[tuple[int, int], tuple[int, Any, int]] = {}
+        for src, group in wanted:
+            if self._on_gpu(group):
+                continue
+            key = (id(group), src)
+            assert key not in self._inboxes, "prepost() again before the last posted receives were taken"
+            n = counts[key][2] if key in counts else 0
+            counts[key] = (src, group, n + 1)
+        for key, (src, group, n) in counts.items():
+            self._inboxes[key] = _Inbox(self, src, group, n)
+
+    def _receive(self, src: int, group: Any) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """The next message's header, encoded parts and mask, as they arrived."""
         where = self.device if self._on_gpu(group) else torch.device("cpu")
         h = torch.empty(HEADER_LEN, dtype=torch.int64, device=where)
         group.recv(h, src)
-        shape, dtype, has_mask, codec, arrival = parse_header(h.cpu())
+        h = h.cpu()
+        shape, dtype, has_mask, codec, _ = parse_header(h)
         parts = codecs.payload_like(shape, dtype, codec, where)
         for part in parts:
             group.recv(part, src)
@@ -109,9 +128,53 @@ class Transport:
         if has_mask:
             mask = torch.empty(shape[:2], dtype=torch.int64, device=where)
             group.recv(mask, src)
+        return h, parts, mask
+
+    def recv(self, src: int, group: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next tensor (and mask) from rank ``src``, decoded, on this worker's device."""
+        key = (id(group), src)
+        inbox = self._inboxes.get(key)
+        if inbox is not None:
+            try:
+                h, parts, mask = inbox.take()
+            finally:
+                if inbox.left == 0:  # all taken, or failed
+                    del self._inboxes[key]
+        else:
+            h, parts, mask = self._receive(src, group)
+        shape, dtype, has_mask, codec, arrival = parse_header(h)
         if arrival:  # link rehearsal: the transfer is not here before the real link would deliver it
             wait = (arrival - time.time_ns()) / 1e9
             if wait > 0:
                 time.sleep(wait)
         t = codecs.decode(parts, dtype, codec).to(self.device)
         return t, (None if mask is None else mask.to(self.device))
+
+
+class _Inbox:
+    """``count`` messages from ``src`` over ``group``, received in a thread as they come."""
+
+    def __init__(self, transport: Transport, src: int, group: Any, count: int):
+        self.left = count
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._run, args=(transport, src, group, count), name=f"splitlearn-recv-{src}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, transport: Transport, src: int, group: Any, count: int) -> None:
+        try:
+            for _ in range(count):
+                self._q.put(transport._receive(src, group))
+        except BaseException as e:  # handed to the action that waits for the message
+            self._q.put(e)
+
+    def take(self) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            self.left = 0
+            raise item
+        self.left -= 1
+        if self.left == 0:
+            self._thread.join()
+        return item
