@@ -239,6 +239,12 @@ class Plan:
             footer += f"; counted (FLOPs over tflops) on {', '.join(counted)}" if counted else ""
         if p.get("step_overhead_ms"):
             footer += f"\nper step: {p['step_overhead_ms']:.2f} ms outside the stages (the runtime's call to each worker, measured)"
+        for host in p.get("shared_cpus") or []:
+            devs = ", ".join(host["threads"])
+            footer += (
+                f"\ncores shared: {devs} ask {sum(host['threads'].values())} threads of a host's {host['cpus']} "
+                "CPUs; the simulated step stretches their compute where it overlaps"
+            )
         if p.get("links_measured"):
             figs = ", ".join(f"{k} {v[0]:.0f} Mbit/s {v[1]:.2f} ms" for k, v in p["links_measured"].items())
             footer += f"\nlinks: measured {figs} (a transfer is no faster than this, whatever the topology says)"

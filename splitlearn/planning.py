@@ -131,11 +131,14 @@ def counted_on_devices(cfg: LoadedConfig, profile: ModelProfile) -> dict[str, li
     return {d.name: layers for d in cfg.topology.devices if d.accelerator == "cpu"}
 
 
-def measured_on_devices(cfg: LoadedConfig, counted: dict[str, list[LayerProfile]]) -> dict[str, list[LayerProfile]]:
+def measured_on_devices(
+    cfg: LoadedConfig, counted: dict[str, list[LayerProfile]]
+) -> tuple[dict[str, list[LayerProfile]], list[dict]]:
     """``plan.profile: on_cluster``: each pool device's layers (``counted``) with the times
-    measured there, in its own Ray worker (attached to, or started as the run would be)."""
+    measured there, in its own Ray worker (attached to, or started as the run would be); and
+    the hosts whose devices ask for more threads than they have CPUs (``PlanRequest.shared_cpus``)."""
     if cfg.run.plan.profile != ON_CLUSTER:
-        return {}
+        return {}, []
     from cluster.ray_cluster import connect
     from splitlearn import logs
     from splitlearn.device_profile import crowded_hosts, device_profiles
@@ -145,13 +148,17 @@ def measured_on_devices(cfg: LoadedConfig, counted: dict[str, list[LayerProfile]
     logs.route_worker_output()  # the workers' warnings to the run's log, not the screen
     pool = profile_pool(cfg)
     found = device_profiles(cfg, counted, pool)
-    for devs, asked, cpus in crowded_hosts(pool, {d: cfg.topology.device(d).cpu_threads for d in pool}):
+    threads = {d: cfg.topology.device(d).cpu_threads for d in pool}
+    shared = []
+    for devs, asked, cpus in crowded_hosts(pool, threads):
         print(
             f"note: {', '.join(devs)} share a host of {cpus} CPUs and ask {asked} threads between them: "
-            "timed one at a time, they will compute slower when the run overlaps them (not in the plan)",
+            "timed one at a time, they compute slower where the run overlaps them (the simulated step shares "
+            "the cores; the plan's search does not)",
             flush=True,
         )
-    return found
+        shared.append({"cpus": cpus, "threads": {d: threads[d] for d in devs}})
+    return found, shared
 
 
 def profile_pool(cfg: LoadedConfig) -> list[str]:
@@ -195,7 +202,9 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
     if run.plan.profile and n != len(meta_chain_names(cfg)):
         raise ConfigError(f"plan.profile: it has {n} layers but the model's chain has {len(meta_chain_names(cfg))}")
     counted = counted_on_devices(cfg, profile)
-    measured = measured_on_devices(cfg, {d: counted.get(d, profile.layers) for d in cfg.topology.device_names})
+    measured, shared_cpus = measured_on_devices(
+        cfg, {d: counted.get(d, profile.layers) for d in cfg.topology.device_names}
+    )
     from splitlearn.device_profile import measured_like
     from splitlearn.runtime import worker_env
 
@@ -223,6 +232,7 @@ def plan_request(cfg: LoadedConfig, profile: ModelProfile | None = None) -> Plan
         measured_on=frozenset(measured),
         measured_like=like,
         step_overhead_ms=measured_overhead_ms(cfg, env) if measured else 0.0,
+        shared_cpus=shared_cpus,
         cpu_runtime_bytes=run.runtime.cpu_runtime_mb * 1e6,
     )
     from splitlearn.privacy.bound import apply
@@ -273,4 +283,7 @@ def check_offload_schedule(cfg: LoadedConfig, plan: Plan) -> None:
 def simulate_plan(plan: Plan) -> None:
     """Add the simulator's step time (same schedule data as the workers) to the plan."""
     overhead = plan.predicted.get("step_overhead_ms", 0.0)
-    plan.predicted["simulated_step_ms"] = round(simulate(plan, step_overhead_ms=overhead).step_ms, 4)
+    shared = plan.predicted.get("shared_cpus")
+    plan.predicted["simulated_step_ms"] = round(
+        simulate(plan, step_overhead_ms=overhead, shared_cpus=shared).step_ms, 4
+    )

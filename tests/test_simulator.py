@@ -534,3 +534,37 @@ def test_wires_on_one_uplink_carry_one_transfer_at_a_time():
     assert up.step_ms > own.step_ms
     with pytest.raises(ValueError, match="no wire 'link 5->6'"):
         simulate(sch.build("1f1b", 3, 4), stages, links, channels={"link 5->6": "x"})
+
+
+def test_devices_sharing_a_host_stretch_their_overlapping_compute():
+    """``shared_cpus``: a host whose devices ask more threads than it has CPUs stretches the
+    compute that overlaps there (mean-field processor sharing), and nothing else."""
+    from partitioners.planner import simulate_plan
+
+    plan = uniform_gpipe_plan()
+    devs = [s.device for s in plan.stages]
+    n = plan.num_stages
+    free = dict(free_links=True)
+    # every stage only STEPs (10 ms), all at once after instant forwards and backwards
+    steps = [StageCosts(0.0, 0.0, 10.0)] * n
+    alone = simulate_plan(plan, stage_costs=steps, **free)
+    assert alone.step_ms == pytest.approx(10.0)
+    one_core = [{"cpus": 1, "threads": {d: 1 for d in devs}}]
+    # n one-thread STEPs on one core at once: each takes n times as long, as processor sharing has it
+    assert simulate_plan(plan, stage_costs=steps, shared_cpus=one_core, **free).step_ms == pytest.approx(
+        10.0 * n, rel=0.02
+    )
+    # enough cores, or a device whose own threads exceed the cores (timed so alone): no stretch
+    enough = [{"cpus": n, "threads": {d: 1 for d in devs}}]
+    assert simulate_plan(plan, stage_costs=steps, shared_cpus=enough, **free).step_ms == pytest.approx(10.0)
+    wide = [{"cpus": 2, "threads": {devs[0]: 4}}]
+    assert simulate_plan(plan, stage_costs=steps, shared_cpus=wide, **free).step_ms == pytest.approx(10.0)
+    # GPipe's forwards and backwards follow each other across stages; only what overlaps stretches
+    chain = [StageCosts(10.0, 20.0, 0.0)] * n
+    base = simulate_plan(plan, stage_costs=chain, **free)
+    shared = simulate_plan(plan, stage_costs=chain, shared_cpus=one_core, **free)
+    assert base.step_ms < shared.step_ms < base.step_ms * n
+    # on one core the host's compute cannot take less than all of it, one action after another
+    total = sum(2 * (c.fwd_ms + c.bwd_ms) for c in chain)
+    assert shared.step_ms >= total * 0.98
+    assert shared.step_ms == pytest.approx(total, rel=0.15)

@@ -4,6 +4,7 @@ choices a partitioner may make; the names and groups shared by every search."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from cluster.errors import UserError
 from cluster.topology import Device, Topology
@@ -54,6 +55,9 @@ class PlanRequest:
     # per step, what the runtime spends outside every stage's actions (the driver's call to
     # each worker and back, the worker's memory readings): measured with ``measured_on``
     step_overhead_ms: float = 0.0
+    # hosts whose devices ask for more threads than it has CPUs (measured with ``measured_on``):
+    # ``{"cpus": n, "threads": {device: cpu_threads}}`` each; the simulated step shares their cores
+    shared_cpus: list[dict[str, Any]] = field(default_factory=list)
     # counted on every CPU stage besides its tensors: what the workers' libraries keep
     # (splitlearn's runtime: costmodel.CPU_RUNTIME_BYTES)
     cpu_runtime_bytes: float = 0.0
