@@ -175,8 +175,10 @@ class Simulation:
         replicas: list[int],
         wires: dict[str, Wire],
         shared: Sequence[Sequence[int]] = (),
+        step_barrier: bool = False,
     ) -> None:
         self.stages = stages
+        self.step_barrier = step_barrier
         self.replicas = replicas
         self.wires = wires
         self.workers = [(s, r) for s in range(len(schedule)) for r in range(replicas[s])]
@@ -197,6 +199,8 @@ class Simulation:
                 self.device_of[self.index[(s, 0)]] = self.index[(group[0], 0)]
         self.device_free = [0.0] * W
         self.ordered = bool(shared) or any(wr.channel is not None for wr in wires.values())
+        # ``step_barrier``: every timeline with a STEP steps together (the global gradient norm)
+        self.stepping = [w for w in range(W) if any(a.kind == STEP for a in self.acts_of[w])]
 
     def run(self) -> None:
         """Advance every timeline as far as it can, again while any of them moved (in time
@@ -229,12 +233,9 @@ class Simulation:
     def _ready_at(self, w: int, a: Action) -> float | None:
         """When timeline ``w`` could start ``a``, or None while it cannot."""
         s, r = self.workers[w]
-        if a.kind == STEP and self.replicas[s] > 1:
-            siblings = [self.index[(s, q)] for q in range(self.replicas[s])]
-            pc, acts_of = self.pc, self.acts_of
-            if not all(pc[x] < len(acts_of[x]) and acts_of[x][pc[x]].kind == STEP for x in siblings):
-                return None
-            return max(self.clock[x] for x in siblings)
+        if a.kind == STEP and (self.step_barrier or self.replicas[s] > 1):
+            group = self._step_group(s)
+            return None if group is None else min(self._step_starts(group).values())
         if a.kind in RECV_KINDS:
             if any(a.mb not in self._wire(name, w, a).pending for name in wires_of(a, s, r, self.replicas)):
                 return None
@@ -246,8 +247,8 @@ class Simulation:
     def _take(self, w: int, a: Action) -> bool:
         """Run ``a``, the next action of timeline ``w``; False when it has to wait."""
         s = self.workers[w][0]
-        if a.kind == STEP and self.replicas[s] > 1:
-            return self._replicated_step(s)
+        if a.kind == STEP and (self.step_barrier or self.replicas[s] > 1):
+            return self._joint_step(s)
         if a.kind in (F, B, STEP):
             self._compute(w, a)
         elif a.kind in TRANSFER_KINDS:
@@ -271,24 +272,60 @@ class Simulation:
         self.clock[w] = self.device_free[self.device_of[w]] = start + ms
         self.busy[w] += ms
 
-    def _replicated_step(self, s: int) -> bool:
-        """``STEP`` of a replicated stage: once every replica has reached it, all of them
-        all-reduce from the latest one's clock, then step. False while some replica has not."""
-        siblings = [self.index[(s, q)] for q in range(self.replicas[s])]
+    def _step_group(self, s: int) -> list[int] | None:
+        """The timelines that step together with stage ``s`` (its replicas; under
+        ``step_barrier`` every timeline that steps), or None while some of them has not
+        reached its ``STEP``."""
+        group = self.stepping if self.step_barrier else [self.index[(s, q)] for q in range(self.replicas[s])]
         pc, acts_of = self.pc, self.acts_of
-        if not all(pc[x] < len(acts_of[x]) and acts_of[x][pc[x]].kind == STEP for x in siblings):
-            return False  # the all-reduce waits for every replica
-        start = max(self.clock[x] for x in siblings)
-        cost = self.stages[s]
-        for x in siblings:
-            q = self.workers[x][1]
-            res = stage_resource(s, q, self.replicas[s])
-            mid = start + cost.allreduce_ms
-            self.timeline.append(Interval(s, ALLREDUCE, -1, start, mid, res, q))
-            self.timeline.append(Interval(s, STEP, -1, mid, mid + cost.step_ms, res, q))
-            self.clock[x] = mid + cost.step_ms
-            self.busy[x] += cost.allreduce_ms + cost.step_ms
-            pc[x] += 1
+        if not all(pc[x] < len(acts_of[x]) and acts_of[x][pc[x]].kind == STEP for x in group):
+            return None
+        return group
+
+    def _step_starts(self, group: list[int]) -> dict[int, float]:
+        """When each timeline of ``group`` starts its optimizer step: a replicated stage's
+        replicas all-reduce from the latest one's clock; under ``step_barrier`` every step
+        then waits for the last of them (and a shared device's stages step one after another)."""
+        reduced: dict[int, float] = {}
+        for x in group:
+            s = self.workers[x][0]
+            if s not in reduced:
+                siblings = [self.index[(s, q)] for q in range(self.replicas[s])]
+                ar = self.stages[s].allreduce_ms if self.replicas[s] > 1 else 0.0  # as an unreplicated STEP
+                reduced[s] = max(self.clock[y] for y in siblings) + ar
+        together = max(reduced.values()) if self.step_barrier else None
+        starts = {}
+        for x in group:
+            s = self.workers[x][0]
+            start = reduced[s] if together is None else together
+            starts[x] = max(start, self.device_free[self.device_of[x]]) if self.step_barrier else start
+        return starts
+
+    def _joint_step(self, s: int) -> bool:
+        """``STEP`` of a replicated stage, or of every stage under ``step_barrier``: once all of
+        its group have reached it, the replicas all-reduce, then (together, under the barrier)
+        each steps. False while some of the group has not."""
+        group = self._step_group(s)
+        if group is None:
+            return False
+        ready = {x: self.clock[x] for x in group}
+        starts = self._step_starts(group)
+        for x in group:
+            t, q = self.workers[x]
+            cost = self.stages[t]
+            res = stage_resource(t, q, self.replicas[t])
+            if self.replicas[t] > 1:
+                begin = max(ready[self.index[(t, p)]] for p in range(self.replicas[t]))
+                self.timeline.append(Interval(t, ALLREDUCE, -1, begin, begin + cost.allreduce_ms, res, q))
+            start = starts[x]
+            if self.step_barrier:  # a shared device's stages step one after another
+                start = max(start, self.device_free[self.device_of[x]])
+            self.timeline.append(Interval(t, STEP, -1, start, start + cost.step_ms, res, q))
+            self.clock[x] = start + cost.step_ms
+            if self.step_barrier:
+                self.device_free[self.device_of[x]] = self.clock[x]
+            self.busy[x] += (cost.allreduce_ms if self.replicas[t] > 1 else 0.0) + cost.step_ms
+            self.pc[x] += 1
         return True
 
     def _send(self, w: int, a: Action) -> None:
@@ -353,7 +390,12 @@ class Simulation:
         me = node_name(s, r, replicas[s])
         a = acts_of[w][pc[w]]
         if a.kind == STEP:
-            return f"stage {me} blocked at STEP (action {pc[w]}) waiting for the other replicas of stage {s}"
+            whom = (
+                "every stage's STEP (the global gradient norm)"
+                if self.step_barrier
+                else f"the other replicas of stage {s}"
+            )
+            return f"stage {me} blocked at STEP (action {pc[w]}) waiting for {whom}"
         wire = self.wires[wires_of(a, s, r, replicas)[0]]
         src = workers.index(wire.src)
         them = node_name(wire.src[0], wire.src[1], replicas[wire.src[0]])

@@ -196,6 +196,7 @@ def simulate(
     labels_bytes: float = 0.0,
     shared: Sequence[Sequence[int]] = (),
     channels: dict[str, str] | None = None,
+    step_barrier: bool = False,
 ) -> SimResult:
     """Replay one step of ``schedule`` (one action list per stage) on the given costs.
 
@@ -223,6 +224,12 @@ def simulate(
     host work never overlap. ``channels``: wire name (``link 0->1``) -> the uplink it
     crosses; wires with the same uplink carry one transfer at a time between them.
 
+    ``step_barrier``: every stage's ``STEP`` starts when the last of them has reached it (a
+    replicated stage's after its replicas' all-reduce), as the workers step: their global
+    gradient norm is an all-reduce over every worker before any optimizer step. Off, each
+    stage steps as soon as it gets there (the planner's figure; the two differ only where a
+    later stage's step outlasts the first stage's by more than the backwards between them).
+
     Raises :class:`DeadlockError` when the lists wait on each other or on a transfer never
     sent, and :class:`~partitioners.schedule.ScheduleError` for a send or receive with no wire
     to use, a transfer sent twice before it is received, or one never received.
@@ -236,7 +243,7 @@ def simulate(
         if name not in wires:
             raise ValueError(f"channels: no wire '{name}' in this pipeline (wires: {', '.join(wires)})")
         wires[name].channel = uplinks.setdefault(key, Channel())
-    sim = Simulation(schedule, stages, counts, wires, shared)
+    sim = Simulation(schedule, stages, counts, wires, shared, step_barrier)
     sim.run()
     sim.check_finished()
     return sim.result(inferred, step_overhead_ms)

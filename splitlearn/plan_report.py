@@ -88,7 +88,7 @@ def draw_timeline(plan: Plan, path: str | Path, title: str = "") -> None:
     """The simulated step of the plan, as a PNG."""
     from partitioners.timeline import timeline_png
 
-    result = simulate_plan(plan)
+    result = simulate_plan(plan, shared_cpus=plan.predicted.get("shared_cpus"), step_barrier=True)  # as in the plan
     labels = [f"{s.index}: {s.device}" for s in plan.stages]
     atomic_write(
         path, timeline_png(result, title=title or f"{plan.partitioner} plan, {plan.schedule}", stage_labels=labels)
@@ -197,7 +197,7 @@ def draw_run_timeline(run_dir: str | Path, path: str | Path, step: int | None = 
     replicas = [len(s.devices) for s in plan.stages]
     measured = observed({(m["stage"], m["replica"]): m["trace"] for m in traced[step]["stages"]}, replicas)
     costs = measured_stage_costs(plan, [traced[k]["stages"] for k in sorted(traced)])
-    replayed = simulate_plan(plan, stage_costs=costs)
+    replayed = simulate_plan(plan, stage_costs=costs, step_barrier=True)
     labels = [f"{s.index}: {s.device}" for s in plan.stages]
     fig = timeline_figure(
         measured,

@@ -284,6 +284,7 @@ def simulate_plan(plan: Plan) -> None:
     """Add the simulator's step time (same schedule data as the workers) to the plan."""
     overhead = plan.predicted.get("step_overhead_ms", 0.0)
     shared = plan.predicted.get("shared_cpus")
+    # as the workers step: together, after the global gradient norm
     plan.predicted["simulated_step_ms"] = round(
-        simulate(plan, step_overhead_ms=overhead, shared_cpus=shared).step_ms, 4
+        simulate(plan, step_overhead_ms=overhead, shared_cpus=shared, step_barrier=True).step_ms, 4
     )

@@ -60,5 +60,6 @@ def replay(plan: Plan, steps: list[list[dict[str, Any]]], skip_first: bool = Tru
     costs = measured_stage_costs(plan, steps, skip_first)
     if costs is None:
         return None
-    on_links = simulate_plan(plan, stage_costs=costs).step_ms
-    return on_links, simulate_plan(plan, stage_costs=costs, free_links=True).step_ms
+    # the workers step together, after the global gradient norm
+    on_links = simulate_plan(plan, stage_costs=costs, step_barrier=True).step_ms
+    return on_links, simulate_plan(plan, stage_costs=costs, free_links=True, step_barrier=True).step_ms

@@ -568,3 +568,36 @@ def test_devices_sharing_a_host_stretch_their_overlapping_compute():
     total = sum(2 * (c.fwd_ms + c.bwd_ms) for c in chain)
     assert shared.step_ms >= total * 0.98
     assert shared.step_ms == pytest.approx(total, rel=0.15)
+
+
+def test_step_barrier_steps_every_stage_together():
+    """``step_barrier``: the workers' global gradient norm is an all-reduce over every worker
+    before any optimizer step, so every STEP starts when the last stage reaches its own."""
+    # sequential, M=1, free links: stage 0 F [0,1]; stage 1 F [1,2] B [2,3]; stage 0 B [3,4].
+    # Stage 1's 10 ms STEP: on its own [3,13] (13 ms); with the barrier [4,14] (14 ms)
+    stages = [StageCosts(1.0, 1.0, 1.0), StageCosts(1.0, 1.0, 10.0)]
+    links = [LinkCosts(0.0, 0.0)]
+    alone = simulate(sch.build("sequential", 2, 1), stages, links)
+    joint = simulate(sch.build("sequential", 2, 1), stages, links, step_barrier=True)
+    assert alone.step_ms == pytest.approx(13.0)
+    assert joint.step_ms == pytest.approx(14.0)
+    assert [iv[2:] for iv in spans(joint, "stage 1") if iv[0] == "STEP"] == [(4.0, 14.0)]
+    assert [iv[2:] for iv in spans(joint, "stage 0") if iv[0] == "STEP"] == [(4.0, 5.0)]
+    # a replicated stage all-reduces among its replicas first (2 ms), then the barrier:
+    # stage 1 on 2 replicas, M=2 (one micro-batch each), GPipe: stage 0 F0 [0,1] F1 [1,2];
+    # replica 0 F [1,2] B [2,3], replica 1 F [2,3] B [3,4]; their all-reduce [4,6]; stage 0
+    # B0 [3,4] B1 [4,5]; every STEP from 6
+    stages = [StageCosts(1.0, 1.0, 1.0), StageCosts(1.0, 1.0, 1.0, allreduce_ms=2.0)]
+    rep = simulate(sch.build("gpipe", 2, 2), stages, links, replicas=[1, 2], step_barrier=True)
+    steps = sorted((iv.resource, iv.start_ms) for iv in rep.timeline if iv.kind == "STEP")
+    assert steps == [("stage 0", 6.0), ("stage 1.0", 6.0), ("stage 1.1", 6.0)]
+    assert rep.step_ms == pytest.approx(7.0)
+    # two stages on one device (U-shape) step one after the other
+    u = [StageCosts(1.0, 1.0, 2.0), StageCosts(0.0, 0.0, 0.0), StageCosts(1.0, 1.0, 3.0)]
+    both = simulate(sch.build("gpipe", 3, 1), u, [LinkCosts(0.0, 0.0)] * 2, shared=[(0, 2)], step_barrier=True)
+    owner = sorted((iv.start_ms, iv.end_ms) for iv in both.timeline if iv.kind == "STEP" and iv.stage in (0, 2))
+    assert owner[0][1] <= owner[1][0] and owner[1][1] - owner[0][0] == pytest.approx(5.0)
+    # a schedule that cannot reach every STEP names the barrier
+    stuck = [[Action(sch.STEP)], [Action(sch.RECV_ACT, 0), Action(sch.F, 0), Action(sch.STEP)]]
+    with pytest.raises(DeadlockError, match="every stage's STEP"):
+        simulate(stuck, [StageCosts(1.0, 1.0, 1.0)] * 2, links, step_barrier=True)

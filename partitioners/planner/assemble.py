@@ -215,9 +215,13 @@ def simulate_plan(
     stage_costs=None,
     free_links: bool = False,
     shared_cpus: list[dict] | None = None,
+    step_barrier: bool = False,
 ):
     """Run the simulator on a plan's predicted costs with the schedule the workers run:
     a replicated stage's replicas as separate timelines (see :func:`schedule.replica_actions`).
+
+    ``step_barrier``: every stage steps when the last has reached its ``STEP``, as the
+    workers do (see :func:`partitioners.simulator.simulate`).
 
     ``shared_cpus`` (``plan.predicted["shared_cpus"]``: hosts whose devices ask for more
     threads than they have CPUs) stretches the compute of those devices by how much of it
@@ -243,6 +247,7 @@ def simulate_plan(
         recv_late_host=recv_late_host,
         labels_bytes=labels_bytes,
         free_links=free_links,
+        step_barrier=step_barrier,
     )
     if shared_cpus:
         return share_cpus(plan, stages, shared_cpus, **kwargs)
@@ -269,6 +274,7 @@ def simulate_plan(
         recv_host=recv_host,
         recv_late_host=recv_late_host,
         labels_bytes=labels_bytes,
+        step_barrier=step_barrier,
     )
 
 
