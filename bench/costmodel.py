@@ -13,7 +13,10 @@ Cases (``NAME:ON_CLUSTER``, ``--cases``), each on every shape of ``--shapes``:
 Each run writes its run directory; the script reads the prediction (``plan.yaml``,
 ``summary.json``: the simulator's step for the plan), the measured median step, each
 stage's predicted and measured forward, backward and optimizer step (``metrics.jsonl``),
-and memory held against the plan. Prints a table and writes JSON.
+and memory held against the plan. Prints a table and writes JSON. ``--repeat N`` runs each
+case N times and prints the median ratio (the profile is measured in the first run and
+cached, as a user's runs cache it; each repeat trains again): on a shared machine one run's
+ratio moves by 15-20%.
 
     python bench/costmodel.py --shapes 1.1b 8b-8 --out bench/results/costmodel-h200.json   # the lent H200
     python bench/costmodel.py --cases C2:1 C2:0 C3:1 --shapes small medium --seq 128 --batch 4 \\
@@ -173,6 +176,7 @@ def run_case(
 ) -> dict:
     run_name = f"{name}-{shape_name}-{int(on_cluster)}-{'pre' if prepost else 'late'}"
     raw = run_config(args, name, SHAPES[shape_name], out_dir, run_name, on_cluster, prepost)
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{run_name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     t0 = time.perf_counter()
@@ -250,6 +254,8 @@ def main() -> None:
                     help="NAME:ON_CLUSTER (0 or 1)")  # fmt: skip
     ap.add_argument("--receives", choices=["pre", "late", "both"], default="pre",
                     help="runtime.prepost_receives: posted when the step starts (pre), at their actions (late)")  # fmt: skip
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each case this many times (the machine's noise between runs; medians printed)")  # fmt: skip
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "costmodel-h200.json"))
     args = ap.parse_args()
     rows = []
@@ -259,8 +265,10 @@ def main() -> None:
             for case in args.cases:
                 name, flag = case.split(":")
                 for prepost in {"pre": [True], "late": [False], "both": [True, False]}[args.receives]:
-                    rows.append(run_case(args, name, shape, Path(tmp), flag == "1", prepost))
-                    show(rows[-1])
+                    for k in range(args.repeat):
+                        rows.append(run_case(args, name, shape, Path(tmp) / f"r{k}", flag == "1", prepost))
+                        rows[-1]["repeat"] = k
+                        show(rows[-1])
         cache = Path(os.environ["XDG_CACHE_HOME"]) / "splitlearn" / "profiles"
         profiles = [json.loads(p.read_text()) for p in sorted(cache.glob("*.json"))]
     print(
@@ -271,7 +279,22 @@ def main() -> None:
         print(f"{r['case']:9s} {r['shape']:6s} {'on_cluster' if r['on_cluster'] else 'prior':9s} "
               f"{'pre' if r['prepost_receives'] else 'late':8s} "
               f"{r['predicted_ms']:10.1f} {r['measured_ms']:10.1f} {r['ratio']:6.3f} {mem}")  # fmt: skip
-    write_record(args.out, {"machine": machine(), "args": vars(args), "rows": rows, "device_profiles": profiles})
+    medians = []
+    if args.repeat > 1:
+        groups: dict[tuple, list[float]] = {}
+        for r in rows:
+            groups.setdefault((r["case"], r["shape"], r["on_cluster"], r["prepost_receives"]), []).append(r["ratio"])
+        print(f"\nmedian of {args.repeat} runs, measured / predicted:")
+        for (case, shape, on, pre), ratios in groups.items():
+            med = statistics.median(ratios)
+            medians.append({"case": case, "shape": shape, "on_cluster": on, "prepost_receives": pre,
+                            "ratios": ratios, "median_ratio": med})  # fmt: skip
+            print(f"{case:9s} {shape:6s} {'on_cluster' if on else 'prior':9s} {med:6.3f}  "
+                  f"(runs: {', '.join(f'{x:.3f}' for x in ratios)})")  # fmt: skip
+    record = {"machine": machine(), "args": vars(args), "rows": rows, "device_profiles": profiles}
+    if medians:
+        record["medians"] = medians
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":
