@@ -205,9 +205,13 @@ def weight_bytes(layer: LayerProfile, eff: LayerProfile, method: StageMethod, by
 
 
 def step_temporaries(layers: Sequence[LayerProfile], precision: str) -> float:
-    """Bytes AdamW allocates while it steps one tensor (the stage's largest trainable one):
-    the corrected root of the second moment and its quotient, in the moments' width (the
-    master-weight step upcasts the gradient first, freed before them)."""
+    """Bytes the optimizer allocates while it steps one tensor (the stage's largest trainable
+    one). torch's fused AdamW (every precision but ``bf16-master``) allocates none; the
+    master-weight step (:class:`splitlearn.optim.MasterAdamW`) holds the corrected root of
+    the second moment and its quotient in fp32 (it upcasts the gradient first, freed before
+    them)."""
+    if precision != "bf16-master":
+        return 0.0
     moment_bytes = PRECISIONS[precision][3] // 2
     return 2.0 * moment_bytes * max((layer.max_trainable_params for layer in layers), default=0)
 

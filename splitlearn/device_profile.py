@@ -51,8 +51,8 @@ from partitioners.profile import LayerProfile
 REPEATS, WARMUP = 5, 2
 GPU_BLOCKS = 4  # blocks in the segment a GPU times (their mean is a block's figure)
 # of what a cached profile holds (2: saved bytes measured on CUDA; 3: GPU blocks' mean,
-# clipping; 4: timed under the stage workers' malloc settings)
-VERSION = 4
+# clipping; 4: timed under the stage workers' malloc settings; 5: fused AdamW on CPUs)
+VERSION = 5
 
 
 def cache_dir() -> Path:
