@@ -123,6 +123,7 @@ def run_config(
             schedule="1f1b",
             trace=args.trace,
             prepost_receives=prepost,
+            **({} if args.malloc_kb is None else {"malloc_mmap_threshold_kb": args.malloc_kb}),
         ),
     }
 
@@ -254,6 +255,8 @@ def main() -> None:
                     help="NAME:ON_CLUSTER (0 or 1)")  # fmt: skip
     ap.add_argument("--receives", choices=["pre", "late", "both"], default="pre",
                     help="runtime.prepost_receives: posted when the step starts (pre), at their actions (late)")  # fmt: skip
+    ap.add_argument("--malloc-kb", type=int, default=None,
+                    help="runtime.malloc_mmap_threshold_kb of every run (0: glibc's default malloc)")  # fmt: skip
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each case this many times (the machine's noise between runs; medians printed)")  # fmt: skip
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "costmodel-h200.json"))
