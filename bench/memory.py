@@ -87,7 +87,8 @@ def case_config(case: tuple, args: argparse.Namespace, out_dir: Path) -> dict:
         "plan": {"partitioner": "manual", "devices": ["a", "b"], "cuts": [cut]},
         "finetune": {"method": method, "recompute": recompute},
         "runtime": runtime_section(
-            out_dir, name.replace(" ", "-"), "none", schedule=schedule, malloc_mmap_threshold_kb=args.malloc_kb
+            out_dir, name.replace(" ", "-"), "none", schedule=schedule, malloc_mmap_threshold_kb=args.malloc_kb,
+            malloc_arena_max=args.arena_max,
         ),
     }
 
@@ -102,6 +103,7 @@ def replan(path: Path) -> None:
     record = json.loads(path.read_text())
     args = argparse.Namespace(**record["args"])
     args.malloc_kb = getattr(args, "malloc_kb", 128)
+    args.arena_max = getattr(args, "arena_max", 0)
     cases = {c[0]: c for group in CASES.values() for c in group}
     ratios, rows = [], []
     with tempfile.TemporaryDirectory(prefix="sl-replan-") as tmp:
@@ -137,6 +139,7 @@ def main() -> None:
     ap.add_argument(
         "--malloc-kb", type=int, default=128, help="runtime.malloc_mmap_threshold_kb (0: glibc's adaptive default)"
     )
+    ap.add_argument("--arena-max", type=int, default=1, help="runtime.malloc_arena_max (0: glibc's default)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory-cpu.json"))
     ap.add_argument(
         "--replan",

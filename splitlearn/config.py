@@ -182,6 +182,14 @@ class RuntimeConfig:
     # to the system when freed, so resident memory follows what is alive and holds to the plan
     # (0: glibc's adaptive default, which keeps freed memory; see docs/decisions.md)
     malloc_mmap_threshold_kb: int = 128
+    # workers' glibc malloc arenas (MALLOC_ARENA_MAX; 0: glibc's default, 8 per core): one
+    # keeps a freed buffer for any thread's next allocation instead of stranding it in the
+    # arena of the thread that made it (see docs/decisions.md)
+    malloc_arena_max: int = 1
+    # ask the kernel for transparent huge pages under the workers' tensors of 2 MB and up
+    # (torch's THP_MEM_ALLOC_ENABLE): a fresh 2 MB tensor faults once instead of 512 times,
+    # which is most of what the mapped allocations above cost (docs/decisions.md)
+    huge_pages: bool = True
     # torch.compile each stage's blocks: auto = on CUDA stages (a CPU stage's first steps would
     # spend minutes compiling), blocks = on every stage, none = eager
     compile: str = "auto"
@@ -574,6 +582,7 @@ def _check_runtime(c: _Checker, r: RunConfig) -> None:
     c.at_least("runtime.log_every", rt.log_every, 1)
     c.at_least("runtime.max_restarts", rt.max_restarts, 0)
     c.at_least("runtime.malloc_mmap_threshold_kb", rt.malloc_mmap_threshold_kb, 0)
+    c.at_least("runtime.malloc_arena_max", rt.malloc_arena_max, 0)
     problem = directory_problem(Path(rt.output_dir).expanduser())
     if problem:
         c.fail("runtime.output_dir", f"{problem}; runs go in a directory: give one you can write to")

@@ -23,12 +23,12 @@ host: timed together, each would see the others' load); devices on different nod
 
 Each is timed in the stage workers' environment (:func:`splitlearn.runtime.worker_env`: glibc's
 malloc maps each allocation of 128 KB and up on its own and returns it when freed, so a step
-writes fresh pages): on this project's 2-core machine that costs a CPU block 25% of its
-forward, 37% of its backward and 57% of its AdamW step, and a profile timed without it
-predicted two CPU stages 1.26x short.
+writes fresh pages, backed by huge pages where the kernel allows): on this project's 2-core
+machine, before huge pages, that cost a CPU block 25% of its forward, 37% of its backward and
+57% of its AdamW step, and a profile timed without it predicted two CPU stages 1.26x short.
 
 Figures are cached by what they depend on (the device's fields, the model's config, the
-micro-batch shape, the dtype, the method, the compile mode, the malloc setting) under
+micro-batch shape, the dtype, the method, the compile mode, the malloc and huge-page settings) under
 ``$XDG_CACHE_HOME/splitlearn/profiles`` (default ``~/.cache``), so a run measures each
 device once.
 """
@@ -51,8 +51,9 @@ from partitioners.profile import LayerProfile
 REPEATS, WARMUP = 5, 2
 GPU_BLOCKS = 4  # blocks in the segment a GPU times (their mean is a block's figure)
 # of what a cached profile holds (2: saved bytes measured on CUDA; 3: GPU blocks' mean,
-# clipping; 4: timed under the stage workers' malloc settings; 5: fused AdamW on CPUs)
-VERSION = 5
+# clipping; 4: timed under the stage workers' malloc settings; 5: fused AdamW on CPUs;
+# 6: huge pages and one malloc arena in the workers)
+VERSION = 6
 
 
 def cache_dir() -> Path:
@@ -73,6 +74,8 @@ def profile_key(run: Any, device: Any, method: StageMethod) -> str:
         else None,
         "compile": run.runtime.compile,
         "malloc_mmap_threshold_kb": run.runtime.malloc_mmap_threshold_kb,
+        "malloc_arena_max": run.runtime.malloc_arena_max,
+        "huge_pages": run.runtime.huge_pages,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -209,6 +212,8 @@ def time_layers(run_dict: dict[str, Any], device_name: str, method: dict[str, An
     if saved:
         out["saved"] = saved
     out["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")  # as the stage workers'
+    out["malloc_arena_max"] = os.environ.get("MALLOC_ARENA_MAX")
+    out["huge_pages"] = os.environ.get("THP_MEM_ALLOC_ENABLE")
     return out
 
 

@@ -34,13 +34,25 @@ def _unwrap(e: Exception) -> Exception:
 
 
 def worker_env(run: dict[str, Any]) -> dict[str, str]:
-    """Environment of a stage worker's process: glibc's malloc told to map allocations of
-    ``runtime.malloc_mmap_threshold_kb`` and up on their own and to trim freed memory, so the
-    resident set (what a CPU stage's budget is checked against) is what is alive."""
-    kb = int(run.get("runtime", {}).get("malloc_mmap_threshold_kb", 0) or 0)
-    if not kb:
-        return {}
-    return {"MALLOC_MMAP_THRESHOLD_": str(kb * 1024), "MALLOC_TRIM_THRESHOLD_": str(kb * 1024)}
+    """Environment of a stage worker's process: its glibc malloc settings. With
+    ``runtime.malloc_mmap_threshold_kb`` set, allocations of that size and up are mapped on
+    their own and freed memory is trimmed, so the resident set (what a CPU stage's budget is
+    checked against) is what is alive; ``runtime.malloc_arena_max`` caps the arenas, so a
+    buffer one thread frees (a received activation) serves the next allocation of any other;
+    ``runtime.huge_pages`` has torch back tensors of 2 MB and up with transparent huge pages
+    (where the kernel's THP mode is ``madvise`` or ``always``), so a fresh tensor faults in
+    2 MB at a time."""
+    rt = run.get("runtime", {})
+    env = {}
+    kb = int(rt.get("malloc_mmap_threshold_kb", 0) or 0)
+    if kb:
+        env.update({"MALLOC_MMAP_THRESHOLD_": str(kb * 1024), "MALLOC_TRIM_THRESHOLD_": str(kb * 1024)})
+    arenas = int(rt.get("malloc_arena_max", 0) or 0)
+    if arenas:
+        env["MALLOC_ARENA_MAX"] = str(arenas)
+    if rt.get("huge_pages", False):
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
+    return env
 
 
 class StageGroup:

@@ -126,6 +126,7 @@ NUMBERS = [
     v("log-every-zero", "runtime.log_every=0", needle="runtime.log_every"),
     v("restarts-negative", "runtime.max_restarts=-1", needle="runtime.max_restarts"),
     v("mmap-negative", "runtime.malloc_mmap_threshold_kb=-1", needle="runtime.malloc_mmap_threshold_kb"),
+    v("arenas-negative", "runtime.malloc_arena_max=-2", needle="runtime.malloc_arena_max"),
     v("keep-zero", "checkpoint.keep=0", needle="checkpoint.keep"),
     v("every-negative", "checkpoint.every_steps=-1", needle="checkpoint.every_steps"),
     v("lora-rank-zero", "finetune.lora.r=0", needle="finetune.lora.r"),

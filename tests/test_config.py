@@ -198,3 +198,21 @@ def test_topology_errors_name_the_key(data, needle):
     with pytest.raises(TopologyError) as e:
         topology_from_container(data, "topo.yaml")
     assert needle in str(e.value) and str(e.value).startswith("topo.yaml")
+
+
+def test_worker_env_follows_the_runtime_settings():
+    """What a stage worker (and the device profile) starts with: the malloc and huge-page
+    settings of ``runtime``, each left to the library's default when turned off."""
+    from splitlearn.runtime import worker_env
+
+    run = load_config(QUICKSTART).resolved_dict()
+    assert worker_env(run) == {
+        "MALLOC_MMAP_THRESHOLD_": str(128 * 1024),
+        "MALLOC_TRIM_THRESHOLD_": str(128 * 1024),
+        "MALLOC_ARENA_MAX": "1",
+        "THP_MEM_ALLOC_ENABLE": "1",
+    }
+    off = ["runtime.malloc_mmap_threshold_kb=0", "runtime.malloc_arena_max=0", "runtime.huge_pages=false"]
+    assert worker_env(load_config(QUICKSTART, off).resolved_dict()) == {}
+    only = load_config(QUICKSTART, ["runtime.malloc_mmap_threshold_kb=0", "runtime.huge_pages=false"])
+    assert worker_env(only.resolved_dict()) == {"MALLOC_ARENA_MAX": "1"}

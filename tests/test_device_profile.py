@@ -33,9 +33,14 @@ def test_devices_time_their_layers_and_the_plan_uses_them(ray_cluster, tmp_path,
     assert edge[0].opt_ms > 0  # the embedding's AdamW step, which FLOPs do not see
     cached = sorted((tmp_path / "cache" / "splitlearn" / "profiles").glob("*.json"))
     assert len(cached) == 2  # one measurement per kind of device: cloud-c and cloud-d are alike
-    # timed in the stage workers' environment: their malloc settings (runtime.malloc_mmap_threshold_kb)
-    kb = cfg.run.runtime.malloc_mmap_threshold_kb
-    assert kb and all(json.loads(p.read_text())["times"]["malloc_mmap_threshold"] == str(kb * 1024) for p in cached)
+    # timed in the stage workers' environment: their malloc settings (runtime.malloc_mmap_threshold_kb,
+    # malloc_arena_max) and huge pages (runtime.huge_pages), as the Ray task saw them
+    rt = cfg.run.runtime
+    assert rt.malloc_mmap_threshold_kb and rt.malloc_arena_max and rt.huge_pages
+    for p in cached:
+        times = json.loads(p.read_text())["times"]
+        assert times["malloc_mmap_threshold"] == str(rt.malloc_mmap_threshold_kb * 1024)
+        assert (times["malloc_arena_max"], times["huge_pages"]) == (str(rt.malloc_arena_max), "1")
     assert req.device_layers["cloud-c"] == req.device_layers["cloud-d"]
     plan = partition("manual", req)
     dev = cfg.topology.device("edge-a")
