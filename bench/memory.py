@@ -87,7 +87,11 @@ def case_config(case: tuple, args: argparse.Namespace, out_dir: Path) -> dict:
         "plan": {"partitioner": "manual", "devices": ["a", "b"], "cuts": [cut]},
         "finetune": {"method": method, "recompute": recompute},
         "runtime": runtime_section(
-            out_dir, name.replace(" ", "-"), "none", schedule=schedule, malloc_mmap_threshold_kb=args.malloc_kb,
+            out_dir,
+            name.replace(" ", "-"),
+            "none",
+            schedule=schedule,
+            malloc_mmap_threshold_kb=args.malloc_kb,
             malloc_arena_max=args.arena_max,
         ),
     }
