@@ -125,6 +125,7 @@ def run_config(
             prepost_receives=prepost,
             **({} if args.malloc_kb is None else {"malloc_mmap_threshold_kb": args.malloc_kb}),
             **({} if args.arena_max is None else {"malloc_arena_max": args.arena_max}),
+            **({} if args.huge_pages is None else {"huge_pages": args.huge_pages == "on"}),
         ),
     }
 
@@ -260,6 +261,7 @@ def main() -> None:
                     help="runtime.malloc_mmap_threshold_kb of every run (0: glibc's default malloc)")  # fmt: skip
     ap.add_argument("--arena-max", type=int, default=None,
                     help="runtime.malloc_arena_max of every run (0: glibc's default, 8 arenas per core)")  # fmt: skip
+    ap.add_argument("--huge-pages", choices=["on", "off"], default=None, help="runtime.huge_pages of every run")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each case this many times (the machine's noise between runs; medians printed)")  # fmt: skip
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "costmodel-h200.json"))
