@@ -92,7 +92,7 @@ def case_config(case: tuple, args: argparse.Namespace, out_dir: Path) -> dict:
             "none",
             schedule=schedule,
             malloc_mmap_threshold_kb=args.malloc_kb,
-            malloc_arena_max=args.arena_max,
+            **({} if args.arena_max is None else {"malloc_arena_max": args.arena_max}),
         ),
     }
 
@@ -143,7 +143,9 @@ def main() -> None:
     ap.add_argument(
         "--malloc-kb", type=int, default=128, help="runtime.malloc_mmap_threshold_kb (0: glibc's adaptive default)"
     )
-    ap.add_argument("--arena-max", type=int, default=1, help="runtime.malloc_arena_max (0: glibc's default)")
+    ap.add_argument(
+        "--arena-max", type=int, default=None, help="runtime.malloc_arena_max (default: the runtime's; 0: glibc's)"
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory-cpu.json"))
     ap.add_argument(
         "--replan",

@@ -60,8 +60,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "splitlearn" / "profiles"
 
 
-def profile_key(run: Any, device: Any, method: StageMethod) -> str:
-    """What a device's layer times depend on, hashed."""
+def profile_key(run: Any, device: Any, method: StageMethod, env: dict[str, str]) -> str:
+    """What a device's layer times depend on, hashed; ``env``: the stage workers' environment
+    (:func:`splitlearn.runtime.worker_env`), which the times are taken in."""
     what = {
         "version": VERSION,
         "device": {k: getattr(device, k) for k in ("accelerator", "tflops", "cpu_threads", "gpus", "host_tflops")},
@@ -73,9 +74,7 @@ def profile_key(run: Any, device: Any, method: StageMethod) -> str:
         if method.method == "lora"
         else None,
         "compile": run.runtime.compile,
-        "malloc_mmap_threshold_kb": run.runtime.malloc_mmap_threshold_kb,
-        "malloc_arena_max": run.runtime.malloc_arena_max,
-        "huge_pages": run.runtime.huge_pages,
+        "worker_env": env,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -163,6 +162,7 @@ def time_layers(run_dict: dict[str, Any], device_name: str, method: dict[str, An
     from splitlearn.models.materialize import num_chain
     from splitlearn.models.methods import apply_methods
     from splitlearn.optim import make_optimizer
+    from splitlearn.runtime import WORKER_ENV_VARS
 
     run = to_typed(RunConfig, run_dict, prefix="", source="run config", error=ConfigError)
     dev = topology_from_container(run.topology.inline, "run config").device(device_name)
@@ -211,9 +211,7 @@ def time_layers(run_dict: dict[str, Any], device_name: str, method: dict[str, An
     measure("head", n - 1, n)
     if saved:
         out["saved"] = saved
-    out["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")  # as the stage workers'
-    out["malloc_arena_max"] = os.environ.get("MALLOC_ARENA_MAX")
-    out["huge_pages"] = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    out["env"] = {k: os.environ[k] for k in WORKER_ENV_VARS if k in os.environ}  # as the stage workers'
     return out
 
 
@@ -253,12 +251,14 @@ def device_profiles(
     from splitlearn.runtime import worker_env
 
     run = cfg.run
+    resolved = cfg.resolved_dict()
+    env = worker_env(resolved)
     fin = policy(run)
     keys: dict[str, tuple[str, StageMethod]] = {}
     for name in pool:
         dev = cfg.topology.device(name)
         method = replace(fin.for_stage(0 if dev.owns_data else 1, dev.tier), offload="none")
-        keys[name] = (profile_key(run, dev, method), method)
+        keys[name] = (profile_key(run, dev, method, env), method)
     found: dict[str, dict[str, Any]] = {}  # by key
     for key, _ in keys.values():
         path = cache_dir() / f"{key}.json"
@@ -272,15 +272,13 @@ def device_profiles(
     if todo:
         log(f"profiling the layers on {', '.join(n for n, _ in todo.values())} (in each device's own worker; cached)")
         task = ray.remote(time_layers)
-        resolved = cfg.resolved_dict()
-        env = worker_env(resolved)
         for wave in _waves([name for name, _ in todo.values()], node_of):
             refs = {}
             for name in wave:
                 key, method = keys[name]
                 dev = cfg.topology.device(name)
                 opts: dict[str, Any] = {"num_cpus": 0, "resources": {device_resource(name): 0.001}}
-                if env:  # the stage workers' malloc settings: they cost a CPU step 25-55% (fresh pages)
+                if env:  # the stage workers' malloc and huge-page settings: a CPU step's speed depends on them
                     opts["runtime_env"] = {"env_vars": env}
                 if dev.gpus:
                     opts["num_gpus"] = min(1.0, dev.gpus)

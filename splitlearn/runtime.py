@@ -33,6 +33,10 @@ def _unwrap(e: Exception) -> Exception:
     return e
 
 
+# the variables :func:`worker_env` may set (what a process reads back to know it runs as a worker)
+WORKER_ENV_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "THP_MEM_ALLOC_ENABLE")
+
+
 def worker_env(run: dict[str, Any]) -> dict[str, str]:
     """Environment of a stage worker's process: its glibc malloc settings. With
     ``runtime.malloc_mmap_threshold_kb`` set, allocations of that size and up are mapped on
