@@ -241,10 +241,19 @@ class Plan:
             footer += f"\nper step: {p['step_overhead_ms']:.2f} ms outside the stages (the runtime's call to each worker, measured)"
         for host in p.get("shared_cpus") or []:
             devs = ", ".join(host["threads"])
-            footer += (
-                f"\ncores shared: {devs} ask {sum(host['threads'].values())} threads of a host's {host['cpus']} "
-                "CPUs; the simulated step stretches their compute where it overlaps"
-            )
+            if sum(host["threads"].values()) > host["cpus"]:
+                footer += (
+                    f"\ncores shared: {devs} ask {sum(host['threads'].values())} threads of a host's {host['cpus']} "
+                    "CPUs; the simulated step stretches their compute where it overlaps"
+                )
+            side = host.get("side_by_side") or {}
+            if side:
+                most = {k: max(v.get(k, 0.0) for v in side.values()) for k in ("F", "B", "STEP")}
+                figs = ", ".join(f"{k} +{100 * v:.0f}%" for k, v in most.items())
+                footer += (
+                    f"\nside by side: {', '.join(side)} measured slower per thread computing beside them on their "
+                    f"host ({figs}, the most of any); the simulated step stretches their compute where it overlaps"
+                )
         if p.get("links_measured"):
             figs = ", ".join(f"{k} {v[0]:.0f} Mbit/s {v[1]:.2f} ms" for k, v in p["links_measured"].items())
             footer += f"\nlinks: measured {figs} (a transfer is no faster than this, whatever the topology says)"

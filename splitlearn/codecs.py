@@ -30,21 +30,23 @@ def encode(t: torch.Tensor, codec: str) -> list[torch.Tensor]:
 
 
 def payload_like(
-    shape: list[int], dtype: torch.dtype, codec: str, device: torch.device | str = "cpu"
+    shape: list[int], dtype: torch.dtype, codec: str, device: torch.device | str = "cpu", pin: bool = False
 ) -> list[torch.Tensor]:
     """Empty receive buffers, on ``device``, for what :func:`encode` sends for a tensor of
-    this shape/dtype (allocated where the data lands: no copy of an empty host buffer)."""
+    this shape/dtype (allocated where the data lands: no copy of an empty host buffer);
+    ``pin``: in pinned host memory (bound for a GPU)."""
+
+    def empty(s: list[int], dt: torch.dtype) -> torch.Tensor:
+        return torch.empty(s, dtype=dt, device=device, pin_memory=pin)
+
     if codec == "none" or not dtype.is_floating_point:
-        return [torch.empty(shape, dtype=dtype, device=device)]
+        return [empty(shape, dtype)]
     if codec == "fp16":
-        return [torch.empty(shape, dtype=torch.float16, device=device)]
+        return [empty(shape, torch.float16)]
     if codec == "bf16":
-        return [torch.empty(shape, dtype=torch.bfloat16, device=device)]
+        return [empty(shape, torch.bfloat16)]
     if codec == "int8":
-        return [
-            torch.empty(shape, dtype=torch.int8, device=device),
-            torch.empty(shape[:-1], dtype=torch.float32, device=device),
-        ]
+        return [empty(shape, torch.int8), empty(shape[:-1], torch.float32)]
     raise ValueError(f"unknown codec '{codec}' (known: {', '.join(CODECS)})")
 
 

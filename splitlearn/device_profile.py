@@ -96,11 +96,11 @@ def _median_ms(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
     return statistics.median(rounds)
 
 
-def _time_segment(
-    seg: Any, x: Any, labels: Any, items: Any, opt: Any, autocast: Any, sync: Callable[[], None], clip: bool
-) -> list[float]:
-    """``[fwd_ms, bwd_ms, opt_ms]`` of one segment on one input; ``clip``: the step scales
-    the gradients by the clipping factor (``train.max_grad_norm``)."""
+def _actions(
+    seg: Any, x: Any, labels: Any, items: Any, opt: Any, autocast: Any, clip: bool
+) -> tuple[Callable[[], Any], Callable[[Any], None], Callable[[], None]]:
+    """``(fwd, bwd, step)`` of one segment on one input, as a stage runs them; ``clip``: the
+    step scales the gradients by the clipping factor (``train.max_grad_norm``)."""
     import torch
 
     from partitioners.profile import sum_of_squares
@@ -109,8 +109,7 @@ def _time_segment(
         with autocast:
             return seg(x, None, labels, items)
 
-    def fwd_bwd() -> None:
-        y = fwd()
+    def bwd(y: Any) -> None:
         if y.requires_grad:
             y.backward(torch.ones_like(y) if y.dim() else None)
 
@@ -123,8 +122,16 @@ def _time_segment(
         opt.step()
         opt.zero_grad(set_to_none=False)
 
+    return fwd, bwd, step
+
+
+def _time_segment(
+    seg: Any, x: Any, labels: Any, items: Any, opt: Any, autocast: Any, sync: Callable[[], None], clip: bool
+) -> list[float]:
+    """``[fwd_ms, bwd_ms, opt_ms]`` of one segment on one input (see :func:`_actions`)."""
+    fwd, bwd, step = _actions(seg, x, labels, items, opt, autocast, clip)
     f = _median_ms(fwd, sync)
-    fb = _median_ms(fwd_bwd, sync)
+    fb = _median_ms(lambda: bwd(fwd()), sync)
     o = _median_ms(step, sync) if any(p.requires_grad for p in seg.parameters()) else 0.0
     return [f, max(0.0, fb - f), o]
 
@@ -146,63 +153,87 @@ def _saved_bytes(seg: Any, x: Any, labels: Any, items: Any, autocast: Any) -> in
     return max(0, kept - out)
 
 
+class _Bench:
+    """What timing a device's layers needs, in its worker: the run, the device's torch
+    device and threads, an input of one micro-batch, the run's autocast."""
+
+    def __init__(self, run_dict: dict[str, Any], device_name: str, method: dict[str, Any]) -> None:
+        import torch
+
+        from cluster.conf import to_typed
+        from cluster.topology import topology_from_container
+        from splitlearn.config import RunConfig
+        from splitlearn.errors import ConfigError
+        from splitlearn.models.build import hf_config, meta_model, weights_dtype
+        from splitlearn.models.materialize import num_chain
+
+        self.run = run = to_typed(RunConfig, run_dict, prefix="", source="run config", error=ConfigError)
+        dev = topology_from_container(run.topology.inline, "run config").device(device_name)
+        torch.set_num_threads(dev.cpu_threads)
+        self.device = torch.device("cuda" if dev.accelerator == "cuda" and torch.cuda.is_available() else "cpu")
+        self.sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        self.method = StageMethod(**method)
+        self.wdtype = weights_dtype(run.train.dtype)
+        self.chain = num_chain(meta_model(run.model))
+        self.mb, self.seq = run.train.batch_size // run.train.micro_batches, run.data.seq_len
+        self.hidden = hf_config(run.model).hidden_size
+        self.ids = torch.randint(0, hf_config(run.model).vocab_size, (self.mb, self.seq), device=self.device)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=run.train.dtype == "bf16")
+        compile_mode = run.runtime.compile
+        self.compile = compile_mode == "blocks" or (compile_mode == "auto" and self.device.type == "cuda")
+        self.clip = run.train.max_grad_norm > 0
+
+    def segment(self, kind: str, a: int, b: int) -> tuple[Any, ...]:
+        """``(seg, x, labels, items, opt)``: the segment ``[a, b)`` built as a stage builds it
+        (method, compilation, optimizer) and its input."""
+        import torch
+
+        from splitlearn.method_policy import lora_spec
+        from splitlearn.models.build import build_segment
+        from splitlearn.models.chain import Segment, count_items
+        from splitlearn.models.methods import apply_methods
+        from splitlearn.optim import make_optimizer
+
+        run, device = self.run, self.device
+        seg = Segment(build_segment(run.model, run.train.seed, a, b, dtype=self.wdtype, device=device), a, b)
+        apply_methods(seg.model, [(a, b, self.method)], lora_spec(run), run.train.seed)
+        seg.recompute = self.method.recompute
+        seg.to(device).train()
+        if self.compile:
+            seg.compile_blocks()
+        opt = make_optimizer(seg.parameters(), run.train)
+        if kind == "embed":
+            x = self.ids
+        else:
+            x = torch.randn(self.mb, self.seq, self.hidden, device=device, dtype=self.wdtype, requires_grad=True)
+        labels = self.ids if kind == "head" else None
+        items = count_items(self.ids) if labels is not None else None
+        return seg, x, labels, items, opt
+
+
 def time_layers(run_dict: dict[str, Any], device_name: str, method: dict[str, Any]) -> dict[str, Any]:
     """In the device's worker: ``[fwd_ms, bwd_ms, opt_ms]`` of the embedding, one block and
     the head, per micro-batch (the STEP once per step); on CUDA also ``saved``: each one's
     bytes kept for the backward."""
     import torch
 
-    from cluster.conf import to_typed
-    from cluster.topology import topology_from_container
-    from splitlearn.config import RunConfig
-    from splitlearn.errors import ConfigError
-    from splitlearn.method_policy import lora_spec
-    from splitlearn.models.build import build_segment, hf_config, meta_model, weights_dtype
-    from splitlearn.models.chain import Segment, count_items
-    from splitlearn.models.materialize import num_chain
-    from splitlearn.models.methods import apply_methods
-    from splitlearn.optim import make_optimizer
     from splitlearn.runtime import WORKER_ENV_VARS
 
-    run = to_typed(RunConfig, run_dict, prefix="", source="run config", error=ConfigError)
-    dev = topology_from_container(run.topology.inline, "run config").device(device_name)
-    torch.set_num_threads(dev.cpu_threads)
-    device = torch.device("cuda" if dev.accelerator == "cuda" and torch.cuda.is_available() else "cpu")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    stage_method = StageMethod(**method)
-    wdtype = weights_dtype(run.train.dtype)
-    meta = meta_model(run.model)
-    n = num_chain(meta)
-    mb, seq = run.train.batch_size // run.train.micro_batches, run.data.seq_len
-    cfg = hf_config(run.model)
-    ids = torch.randint(0, cfg.vocab_size, (mb, seq), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.train.dtype == "bf16")
-    compile_here = run.runtime.compile == "blocks" or (run.runtime.compile == "auto" and device.type == "cuda")
+    bench = _Bench(run_dict, device_name, method)
     out: dict[str, Any] = {}
     saved: dict[str, int] = {}
 
     def measure(kind: str, a: int, b: int) -> None:
         """Times (and saved bytes) of the segment ``[a, b)``, per layer of it."""
-        seg = Segment(build_segment(run.model, run.train.seed, a, b, dtype=wdtype, device=device), a, b)
-        apply_methods(seg.model, [(a, b, stage_method)], lora_spec(run), run.train.seed)
-        seg.recompute = stage_method.recompute
-        seg.to(device).train()
-        if compile_here:
-            seg.compile_blocks()
-        opt = make_optimizer(seg.parameters(), run.train)
-        if kind == "embed":
-            x = ids
-        else:
-            x = torch.randn(mb, seq, cfg.hidden_size, device=device, dtype=wdtype, requires_grad=True)
-        labels = ids if kind == "head" else None
-        items = count_items(ids) if labels is not None else None
-        times = _time_segment(seg, x, labels, items, opt, autocast, sync, run.train.max_grad_norm > 0)
+        seg, x, labels, items, opt = bench.segment(kind, a, b)
+        times = _time_segment(seg, x, labels, items, opt, bench.autocast, bench.sync, bench.clip)
         out[kind] = [t / (b - a) for t in times]
-        if device.type == "cuda" and not stage_method.recompute:
-            saved[kind] = _saved_bytes(seg, x, labels, items, autocast) // (b - a)
+        if bench.device.type == "cuda" and not bench.method.recompute:
+            saved[kind] = _saved_bytes(seg, x, labels, items, bench.autocast) // (b - a)
 
+    n = bench.chain
     measure("embed", 0, 1)
-    blocks = max(1, min(GPU_BLOCKS, n - 2)) if device.type == "cuda" else 1
+    blocks = max(1, min(GPU_BLOCKS, n - 2)) if bench.device.type == "cuda" else 1
     try:
         measure("block", 1, 1 + blocks)
     except torch.cuda.OutOfMemoryError:  # a small GPU: one block, as on a CPU
@@ -238,6 +269,23 @@ def measured_layers(layers: list[LayerProfile], times: dict[str, Any], method: S
     return out
 
 
+def profile_keys(cfg: Any, pool: list[str]) -> dict[str, tuple[str, StageMethod]]:
+    """Each pool device's profile cache key (:func:`profile_key`) and the method it is timed with
+    (its tier's, without offload)."""
+    from splitlearn.method_policy import policy
+    from splitlearn.runtime import worker_env
+
+    run = cfg.run
+    env = worker_env(cfg.resolved_dict())
+    fin = policy(run)
+    keys: dict[str, tuple[str, StageMethod]] = {}
+    for name in pool:
+        dev = cfg.topology.device(name)
+        method = replace(fin.for_stage(0 if dev.owns_data else 1, dev.tier), offload="none")
+        keys[name] = (profile_key(run, dev, method, env), method)
+    return keys
+
+
 def device_profiles(
     cfg: Any, layers: dict[str, list[LayerProfile]], pool: list[str], log: Callable[[str], None] = print
 ) -> dict[str, list[LayerProfile]]:
@@ -247,18 +295,11 @@ def device_profiles(
     import ray
 
     from cluster.topology import device_resource
-    from splitlearn.method_policy import policy
     from splitlearn.runtime import worker_env
 
-    run = cfg.run
     resolved = cfg.resolved_dict()
     env = worker_env(resolved)
-    fin = policy(run)
-    keys: dict[str, tuple[str, StageMethod]] = {}
-    for name in pool:
-        dev = cfg.topology.device(name)
-        method = replace(fin.for_stage(0 if dev.owns_data else 1, dev.tier), offload="none")
-        keys[name] = (profile_key(run, dev, method, env), method)
+    keys = profile_keys(cfg, pool)
     found: dict[str, dict[str, Any]] = {}  # by key
     for key, _ in keys.values():
         path = cache_dir() / f"{key}.json"
@@ -325,11 +366,12 @@ def _node_of(pool: list[str]) -> dict[str, str]:
     return where
 
 
-def crowded_hosts(pool: list[str], threads: dict[str, int]) -> list[tuple[list[str], int, int]]:
-    """The Ray nodes whose pool devices ask for more threads (``threads``: each device's
-    ``cpu_threads``) than the node has CPUs: ``(devices, threads, cpus)`` each. Their
-    devices are timed one at a time but compute at once in a run, sharing the cores, so the
-    run's compute there is slower than timed; the plan does not model that. Ray must be up."""
+def shared_hosts(pool: list[str], threads: dict[str, int]) -> list[tuple[list[str], int, int]]:
+    """The Ray nodes that hold more than one pool device: ``(devices, threads, cpus)`` each
+    (``threads``: the sum of the devices' ``cpu_threads``). Their devices are timed one at a
+    time but compute at once in a run: where they ask more threads than the node has CPUs
+    they share the cores, and CPU devices share the memory and caches (:func:`side_by_side`).
+    Ray must be up."""
     import ray
 
     node_of = _node_of(pool)
@@ -337,9 +379,8 @@ def crowded_hosts(pool: list[str], threads: dict[str, int]) -> list[tuple[list[s
     out = []
     for node, count in cpus.items():
         devs = [d for d in dict.fromkeys(pool) if node_of.get(d) == node]
-        asked = sum(threads[d] for d in devs)
-        if len(devs) > 1 and count and asked > count:
-            out.append((devs, asked, count))
+        if len(devs) > 1 and count:
+            out.append((devs, sum(threads[d] for d in devs), count))
     return out
 
 
@@ -353,6 +394,143 @@ def _waves(names: list[str], node_of: dict[str, str]) -> list[list[str]]:
     while any(queues.values()):
         waves.append([q.pop(0) for q in queues.values() if q])
     return waves
+
+
+KINDS = ("F", "B", "STEP")
+SIDE_MIN_ROUNDS = 3  # iterations a device's block runs alone, at the least
+SIDE_ALONE_S = 2.0  # ... and for at least this long
+SIDE_MAX = 4  # devices of one host timed side by side, at the most
+SIDE_ROUNDS = 5  # the side-by-side window lasts this many of the slowest device's iterations (stretched)
+
+
+class _SideBySide:
+    """One CPU device's first block (forward, backward, STEP, as :func:`time_layers` builds it)
+    in a loop on its node, alone and while the host's other devices loop theirs: what the
+    host's memory and caches cost a device when its neighbours compute at once."""
+
+    def prepare(self, run_dict: dict[str, Any], device_name: str, method: dict[str, Any]) -> None:
+        bench = _Bench(run_dict, device_name, method)
+        seg, x, labels, items, opt = bench.segment("block", 1, 2)
+        self.fwd, self.bwd, self.step = _actions(seg, x, labels, items, opt, bench.autocast, bench.clip)
+        for _ in range(WARMUP):
+            self._iteration()
+
+    def _iteration(self) -> tuple[float, float, float]:
+        t0 = time.perf_counter()
+        y = self.fwd()
+        t1 = time.perf_counter()
+        self.bwd(y)
+        t2 = time.perf_counter()
+        self.step()
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+    def loop(self, start_at: float, until: float, min_rounds: int = 1) -> dict[str, float]:
+        """Median ms per action of the iterations that start at ``start_at`` (wall clock, the
+        node's) and end by ``until`` (at least ``min_rounds`` of them), and ``iteration``: an
+        iteration's median ms."""
+        while time.time() < start_at:
+            time.sleep(0.001)
+        samples: list[tuple[float, float, float]] = []
+        while True:
+            got = self._iteration()
+            if time.time() <= until or len(samples) < min_rounds:
+                samples.append(got)
+            if time.time() > until and len(samples) >= min_rounds:
+                break
+        out = {k: statistics.median(s[i] for s in samples) * 1e3 for i, k in enumerate(KINDS)}
+        out["iteration"] = statistics.median(sum(s) for s in samples) * 1e3
+        out["rounds"] = len(samples)
+        return out
+
+
+def _core_share(threads: int, load: float, cpus: int) -> float:
+    """How much longer an action of ``threads`` threads runs while the host's devices ask
+    ``load`` threads in all (its own among them) of its ``cpus``: its fair share of the cores
+    against what it had alone (processor sharing; see :func:`partitioners.planner.share_cpus`)."""
+    return min(threads, cpus) * max(load, cpus) / (threads * cpus)
+
+
+def side_by_side(
+    cfg: Any, pool: list[str], method_of: dict[str, tuple[str, StageMethod]], env: dict[str, str],
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """For each CPU device of ``pool`` that shares its Ray node with another CPU device of
+    ``pool``: ``{kind: k}`` per action kind (``F``, ``B``, ``STEP``), the fraction its action
+    runs longer per thread the host's other devices compute beside it, besides their share
+    of the cores (``(together / alone) / core share - 1`` over the others' threads, each
+    device's first block looped alone, then all at once; at least 0). A GPU device's compute
+    is on its GPU: not measured, not counted. Cached per set of devices of a node
+    (``method_of``: each device's profile key and method). Ray must be up."""
+    import ray
+
+    from cluster.topology import device_resource
+
+    resolved = cfg.resolved_dict()
+    node_of = _node_of(pool)
+    cpu = [d for d in dict.fromkeys(pool) if d in node_of and cfg.topology.device(d).accelerator == "cpu"]
+    out: dict[str, dict[str, float]] = {}
+    for node in dict.fromkeys(node_of[d] for d in cpu):
+        here = [d for d in cpu if node_of[d] == node]
+        # one of each kind of device first, up to SIDE_MAX: a k is per neighbour thread
+        firsts = [d for i, d in enumerate(here) if all(method_of[e][0] != method_of[d][0] for e in here[:i])]
+        devs = list(dict.fromkeys([*firsts, *here]))[:SIDE_MAX]
+        if len(devs) < 2:
+            continue
+        threads = {d: cfg.topology.device(d).cpu_threads for d in devs}
+        cpus = _node_cpus(node)
+        what = {"version": VERSION, "side_by_side": sorted([method_of[d][0], threads[d]] for d in devs), "cpus": cpus}
+        key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
+        path = cache_dir() / f"side-{key}.json"
+        by_key: dict[str, dict[str, float]]
+        if path.is_file():
+            by_key = json.loads(path.read_text())["by_key"]
+        else:
+            log(f"timing {', '.join(devs)} alone and side by side on their host (cached)")
+            actors: dict[str, Any] = {}
+            for d in devs:
+                opts: dict[str, Any] = {"num_cpus": 0, "resources": {device_resource(d): 0.001}}
+                if env:
+                    opts["runtime_env"] = {"env_vars": env}
+                actors[d] = ray.remote(_SideBySide).options(**opts).remote()
+            try:
+                m = {d: method_of[d][1] for d in devs}
+                ray.get(
+                    [a.prepare.remote(resolved, d, {"method": m[d].method, "recompute": m[d].recompute,
+                                                    "frozen_dtype": m[d].frozen_dtype}) for d, a in actors.items()],
+                    timeout=600,
+                )  # fmt: skip
+                alone: dict[str, Any] = {}
+                for d, a in actors.items():
+                    now = time.time()
+                    alone[d] = ray.get(a.loop.remote(now, now + SIDE_ALONE_S, SIDE_MIN_ROUNDS), timeout=600)
+                load = sum(threads.values())
+                window = SIDE_ROUNDS * max(r["iteration"] for r in alone.values()) / 1e3 * max(1.0, load / cpus)
+                start = time.time() + 0.5  # one node: one clock
+                runs = ray.get([a.loop.remote(start, start + window) for a in actors.values()], timeout=600)
+                together: dict[str, Any] = dict(zip(actors, runs, strict=True))
+            finally:
+                for a in actors.values():
+                    ray.kill(a)
+            found: dict[str, list[dict[str, float]]] = {}
+            for d in devs:  # devices of one kind on one host: the mean of theirs
+                share = _core_share(threads[d], load, cpus)
+                others = load - threads[d]
+                k = {kind: max(0.0, together[d][kind] / max(alone[d][kind], 1e-9) / share - 1) / others
+                     for kind in KINDS}  # fmt: skip
+                found.setdefault(method_of[d][0], []).append(k)
+            by_key = {key: {kind: statistics.mean(k[kind] for k in ks) for kind in KINDS} for key, ks in found.items()}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"devices": devs, "cpus": cpus, "by_key": by_key}))
+        for d in here:  # a device of a kind not measured (past SIDE_MAX) is not stretched
+            if method_of[d][0] in by_key:
+                out[d] = {kind: round(v, 4) for kind, v in by_key[method_of[d][0]].items()}
+    return out
+
+
+def _node_cpus(node: str) -> int:
+    import ray
+
+    return next(int((n.get("Resources") or {}).get("CPU", 0)) for n in ray.nodes() if n["NodeID"] == node)
 
 
 LINK_REPEATS = 5

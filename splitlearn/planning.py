@@ -136,28 +136,37 @@ def measured_on_devices(
 ) -> tuple[dict[str, list[LayerProfile]], list[dict]]:
     """``plan.profile: on_cluster``: each pool device's layers (``counted``) with the times
     measured there, in its own Ray worker (attached to, or started as the run would be); and
-    the hosts whose devices ask for more threads than they have CPUs (``PlanRequest.shared_cpus``)."""
+    the hosts whose devices ask for more threads than they have CPUs or were measured slower side
+    by side (``PlanRequest.shared_cpus``)."""
     if cfg.run.plan.profile != ON_CLUSTER:
         return {}, []
     from cluster.ray_cluster import connect
     from splitlearn import logs
-    from splitlearn.device_profile import crowded_hosts, device_profiles
+    from splitlearn.device_profile import device_profiles, profile_keys, shared_hosts, side_by_side
+    from splitlearn.runtime import worker_env
 
     run = cfg.run
     connect(cfg.topology, run.ray.address, run.ray.num_cpus, timeout_s=run.ray.connect_timeout_s)
     logs.route_worker_output()  # the workers' warnings to the run's log, not the screen
     pool = profile_pool(cfg)
     found = device_profiles(cfg, counted, pool)
+    side = side_by_side(cfg, pool, profile_keys(cfg, pool), worker_env(cfg.resolved_dict()))
     threads = {d: cfg.topology.device(d).cpu_threads for d in pool}
     shared = []
-    for devs, asked, cpus in crowded_hosts(pool, threads):
-        print(
-            f"note: {', '.join(devs)} share a host of {cpus} CPUs and ask {asked} threads between them: "
-            "timed one at a time, they compute slower where the run overlaps them (the simulated step shares "
-            "the cores; the plan's search does not)",
-            flush=True,
-        )
-        shared.append({"cpus": cpus, "threads": {d: threads[d] for d in devs}})
+    for devs, asked, cpus in shared_hosts(pool, threads):
+        crowded = asked > cpus
+        if crowded:
+            print(
+                f"note: {', '.join(devs)} share a host of {cpus} CPUs and ask {asked} threads between them: "
+                "timed one at a time, they compute slower where the run overlaps them (the simulated step shares "
+                "the cores; the plan's search does not)",
+                flush=True,
+            )
+        slow = {d: side[d] for d in devs if d in side}
+        if crowded or slow:
+            shared.append(
+                {"cpus": cpus, "threads": {d: threads[d] for d in devs}, **({"side_by_side": slow} if slow else {})}
+            )
     return found, shared
 
 

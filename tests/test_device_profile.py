@@ -32,7 +32,7 @@ def test_devices_time_their_layers_and_the_plan_uses_them(ray_cluster, tmp_path,
     assert all(layer.fwd_ms > 0 and layer.bwd_ms > 0 for layer in edge[1:])  # blocks and head, timed
     assert edge[1].fwd_ms == edge[2].fwd_ms  # every block takes the first block's times
     assert edge[0].opt_ms > 0  # the embedding's AdamW step, which FLOPs do not see
-    cached = sorted((tmp_path / "cache" / "splitlearn" / "profiles").glob("*.json"))
+    cached = sorted((tmp_path / "cache" / "splitlearn" / "profiles").glob("[0-9a-f]*.json"))
     assert len(cached) == 2  # one measurement per kind of device: cloud-c and cloud-d are alike
     # timed in the stage workers' environment (malloc and huge pages), as the Ray task saw it
     env = worker_env(cfg.resolved_dict())
@@ -69,11 +69,19 @@ def test_devices_time_their_layers_and_the_plan_uses_them(ray_cluster, tmp_path,
     assert alone == pytest.approx(made.step_ms, rel=0.02)
     assert alone > made.predicted["step_overhead_ms"] > 0
     # the three share the node's 2 CPUs: the simulated step stretches what overlaps there (in
-    # this sequential schedule never more than two at once: nothing; see test_simulator)
-    assert req.shared_cpus == [{"cpus": 2, "threads": {"edge-a": 1, "cloud-c": 1, "cloud-d": 1}}]
+    # this sequential schedule never more than two at once: nothing; see test_simulator); and
+    # each CPU device's block was timed alone and beside the others (cached, one per kind)
+    (host,) = req.shared_cpus
+    assert host["cpus"] == 2 and host["threads"] == {"edge-a": 1, "cloud-c": 1, "cloud-d": 1}
+    side = host["side_by_side"]
+    assert set(side) == {"edge-a", "cloud-c", "cloud-d"} and side["cloud-c"] == side["cloud-d"]
+    assert all(set(k) == {"F", "B", "STEP"} and all(0 <= v < 10 for v in k.values()) for k in side.values())
+    (record,) = (tmp_path / "cache" / "splitlearn" / "profiles").glob("side-*.json")
+    assert json.loads(record.read_text())["devices"] == ["edge-a", "cloud-c", "cloud-d"]
     assert made.predicted["shared_cpus"] == req.shared_cpus
     assert made.predicted["simulated_step_ms"] >= alone
     assert "cores shared: edge-a, cloud-c, cloud-d ask 3 threads of a host's 2 CPUs" in made.table()
+    assert "side by side: edge-a, cloud-c, cloud-d measured slower per thread" in made.table()
     again = plan_request(cfg)  # from the cache: the same figures
     assert [x.fwd_ms for x in again.device_layers["cloud-c"]] == [x.fwd_ms for x in req.device_layers["cloud-c"]]
 

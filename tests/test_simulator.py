@@ -570,6 +570,37 @@ def test_devices_sharing_a_host_stretch_their_overlapping_compute():
     assert shared.step_ms == pytest.approx(total, rel=0.15)
 
 
+def test_cpu_devices_measured_slower_side_by_side_stretch_what_overlaps():
+    """``shared_cpus[...]["side_by_side"]``: a CPU device measured k slower per thread computing
+    beside it on its host (memory, caches) stretches its overlapping actions by ``1 + k * O``,
+    O the measured neighbours' threads beside it, on top of the cores' share."""
+    from partitioners.planner import simulate_plan
+
+    plan = uniform_gpipe_plan()
+    two = [s.device for s in plan.stages][:2]
+    free = dict(free_links=True)
+    steps = [StageCosts(0.0, 0.0, 10.0)] * plan.num_stages  # every STEP at once, 10 ms
+
+    def host(cpus, side):
+        return [{"cpus": cpus, "threads": {d: 1 for d in two}, "side_by_side": side}]
+
+    slow = {"F": 0.0, "B": 0.0, "STEP": 0.25}
+    both = host(2, {d: slow for d in two})
+    assert simulate_plan(plan, stage_costs=steps, shared_cpus=both, **free).step_ms == pytest.approx(12.5, rel=0.02)
+    # beside a device not measured (a GPU's worker): nothing counted
+    one = host(2, {two[0]: slow})
+    assert simulate_plan(plan, stage_costs=steps, shared_cpus=one, **free).step_ms == pytest.approx(10.0)
+    # on one core: twice as long for the cores, and 1.25x that for the memory
+    crowded = host(1, {d: slow for d in two})
+    assert simulate_plan(plan, stage_costs=steps, shared_cpus=crowded, **free).step_ms == pytest.approx(25.0, rel=0.02)
+    # a kind measured at 0 is not stretched; GPipe's forwards and backwards overlap only in part
+    chain = [StageCosts(10.0, 20.0, 0.0)] * plan.num_stages
+    base = simulate_plan(plan, stage_costs=chain, **free).step_ms
+    assert simulate_plan(plan, stage_costs=chain, shared_cpus=both, **free).step_ms == pytest.approx(base)
+    mem = host(2, {d: {"F": 0.5, "B": 0.5, "STEP": 0.0} for d in two})
+    assert base < simulate_plan(plan, stage_costs=chain, shared_cpus=mem, **free).step_ms < base * 1.5
+
+
 def test_step_barrier_steps_every_stage_together():
     """``step_barrier``: the workers' global gradient norm is an all-reduce over every worker
     before any optimizer step, so every STEP starts when the last stage reaches its own."""

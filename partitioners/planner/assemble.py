@@ -224,8 +224,8 @@ def simulate_plan(
     workers do (see :func:`partitioners.simulator.simulate`).
 
     ``shared_cpus`` (``plan.predicted["shared_cpus"]``: hosts whose devices ask for more
-    threads than they have CPUs) stretches the compute of those devices by how much of it
-    overlaps, as :func:`share_cpus` finds.
+    threads than they have CPUs, or whose CPU devices were measured slower side by side)
+    stretches the compute of those devices by how much of it overlaps, as :func:`share_cpus` finds.
 
     ``stage_costs`` (one :class:`~partitioners.simulator.StageCosts` per stage) replaces the
     plan's compute, e.g. with what a run's workers measured (a replay); ``free_links`` makes
@@ -282,27 +282,31 @@ SHARING_ROUNDS = 8  # share_cpus: simulations after the first (the factors settl
 
 
 def share_cpus(plan, stages: list, hosts: list[dict], **kwargs):
-    """The simulated step when some devices share a host's cores: ``hosts`` are
-    ``{"cpus": C, "threads": {device: t}}``. A device's compute (forward, backward, STEP)
-    timed alone is stretched by the threads the host's other devices run beside it: an
-    action during which the host's devices ask L threads in all (its own t among them, L
-    averaged over the action) runs ``min(t, C) * max(L, C) / (t * C)`` times its time alone
-    (its fair share of the cores against what it had alone). The simulator fixes each
-    action's time when it starts, so this is a mean field: simulate, take each stage's
-    stretch per kind of action from the timeline (weighted by time), simulate again on the
-    timed-alone costs times the stretch (halfway from the last, to settle), ``SHARING_ROUNDS``
-    times. Exact when the overlapping actions start and end together; a staggered overlap
-    comes out somewhat long (GPipe over 4 one-thread stages on one core, 2 micro-batches of 10
-    ms forward and 20 ms backward: 260 ms, against the 240 ms of work the core does in all).
-    The search does not see it: it plans on the times alone."""
+    """The simulated step when some devices share a host: ``hosts`` are ``{"cpus": C,
+    "threads": {device: t}}``, with ``"side_by_side": {device: {kind: k}}`` where measured. A
+    device's compute (forward, backward, STEP) timed alone is stretched by what the host's
+    other devices run beside it: an action during which the host's devices ask L threads in
+    all (its own t among them, L averaged over the action) runs ``min(t, C) * max(L, C) / (t * C)``
+    times its time alone (its fair share of the cores against what it had alone), and
+    ``1 + k * O`` times that where the others' measured CPU devices run O threads beside it
+    on average (the host's memory and caches, shared:
+    :func:`splitlearn.device_profile.side_by_side`). The simulator fixes each action's time
+    when it starts, so this is a mean field: simulate, take each stage's stretch per kind of
+    action from the timeline (weighted by time), simulate again on the timed-alone costs
+    times the stretch (halfway from the last, to settle), ``SHARING_ROUNDS`` times. Exact when
+    the overlapping actions start and end together; a staggered overlap comes out somewhat
+    long (GPipe over 4 one-thread stages on one core, 2 micro-batches of 10 ms forward and 20
+    ms backward: 260 ms, against the 240 ms of work the core does in all). The search does
+    not see it: it plans on the times alone."""
     from partitioners.simulator import StageCosts
 
-    where: dict[tuple[int, int], tuple[int, int, int]] = {}  # (stage, replica) -> (host, threads, cpus)
+    where: dict[tuple[int, int], tuple[int, int, int, dict | None]] = {}  # (stage, replica) -> host, t, C, k
     for h, host in enumerate(hosts):
+        side = host.get("side_by_side") or {}
         for s in plan.stages:
             for r, d in enumerate(s.devices):
                 if d in host["threads"]:
-                    where[(s.index, r)] = (h, int(host["threads"][d]), int(host["cpus"]))
+                    where[(s.index, r)] = (h, int(host["threads"][d]), int(host["cpus"]), side.get(d))
     kinds = ("F", "B", "STEP")
     stretch = {(i, k): 1.0 for i in range(len(stages)) for k in kinds}
     result = simulate_plan(plan, stage_costs=list(stages), **kwargs)
@@ -324,15 +328,20 @@ def _stretch(timeline: list, where: dict, kinds: tuple[str, ...]) -> dict[tuple[
     acts = [iv for iv in timeline if iv.kind in kinds and (iv.stage, iv.replica) in where and iv.end_ms > iv.start_ms]
     weighted: dict[tuple[int, str], list[float]] = {}
     for iv in acts:
-        host, t, cpus = where[(iv.stage, iv.replica)]
+        host, t, cpus, side = where[(iv.stage, iv.replica)]
         span = iv.end_ms - iv.start_ms
-        others = sum(
-            where[(o.stage, o.replica)][1] * max(0.0, min(iv.end_ms, o.end_ms) - max(iv.start_ms, o.start_ms))
-            for o in acts
-            if o is not iv and where[(o.stage, o.replica)][0] == host and (o.stage, o.replica) != (iv.stage, iv.replica)
-        )
+        others = measured = 0.0
+        for o in acts:
+            oh, ot, _, oside = where[(o.stage, o.replica)]
+            if o is iv or oh != host or (o.stage, o.replica) == (iv.stage, iv.replica):
+                continue
+            overlap = ot * max(0.0, min(iv.end_ms, o.end_ms) - max(iv.start_ms, o.start_ms))
+            others += overlap
+            measured += overlap if oside is not None else 0.0
         load = t + others / span
         factor = min(t, cpus) * max(load, cpus) / (t * cpus)
+        if side:
+            factor *= 1.0 + side.get(iv.kind, 0.0) * measured / span
         acc = weighted.setdefault((iv.stage, iv.kind), [0.0, 0.0])
         acc[0] += factor * span
         acc[1] += span

@@ -55,8 +55,10 @@ class PlanRequest:
     # per step, what the runtime spends outside every stage's actions (the driver's call to
     # each worker and back, the worker's memory readings): measured with ``measured_on``
     step_overhead_ms: float = 0.0
-    # hosts whose devices ask for more threads than it has CPUs (measured with ``measured_on``):
-    # ``{"cpus": n, "threads": {device: cpu_threads}}`` each; the simulated step shares their cores
+    # hosts whose devices ask for more threads than it has CPUs, or whose CPU devices were
+    # timed slower side by side (measured with ``measured_on``): ``{"cpus": n, "threads":
+    # {device: cpu_threads}}`` each, with ``"side_by_side": {device: {kind: k}}`` where measured
+    # (splitlearn.device_profile.side_by_side); the simulated step shares their cores and memory
     shared_cpus: list[dict[str, Any]] = field(default_factory=list)
     # counted on every CPU stage besides its tensors: what the workers' libraries keep
     # (splitlearn's runtime: costmodel.CPU_RUNTIME_BYTES)

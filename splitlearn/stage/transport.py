@@ -83,9 +83,9 @@ class Transport:
         waiting. Returns the bytes sent."""
         gpu = self._on_gpu(group)
         t = t.detach().contiguous()
-        parts = codecs.encode(t if gpu else t.cpu(), codec)
+        parts = codecs.encode(t if gpu else _to_host(t), codec)
         if mask is not None:
-            parts.append(mask.contiguous() if gpu else mask.contiguous().cpu())
+            parts.append(mask.contiguous() if gpu else _to_host(mask.contiguous()))
         nbytes = HEADER_LEN * 8 + codecs.wire_bytes(parts)
         arrival = self.clock.arrival_ns(dst, nbytes) if self.clock is not None else 0
         h = header(t, mask is not None, codec, arrival)
@@ -121,12 +121,13 @@ class Transport:
         group.recv(h, src)
         h = h.cpu()
         shape, dtype, has_mask, codec, _ = parse_header(h)
-        parts = codecs.payload_like(shape, dtype, codec, where)
+        pin = self.device.type == "cuda" and where.type == "cpu"  # bound for this worker's GPU
+        parts = codecs.payload_like(shape, dtype, codec, where, pin=pin)
         for part in parts:
             group.recv(part, src)
         mask = None
         if has_mask:
-            mask = torch.empty(shape[:2], dtype=torch.int64, device=where)
+            mask = torch.empty(shape[:2], dtype=torch.int64, device=where, pin_memory=pin)
             group.recv(mask, src)
         return h, parts, mask
 
@@ -147,8 +148,25 @@ class Transport:
             wait = (arrival - time.time_ns()) / 1e9
             if wait > 0:
                 time.sleep(wait)
-        t = codecs.decode(parts, dtype, codec).to(self.device)
-        return t, (None if mask is None else mask.to(self.device))
+        # pinned host buffers (a CUDA worker's, see _receive) reach the GPU without a staging copy,
+        # queued on the stream the actions run on; the codec's decoding runs there too
+        parts = [p.to(self.device, non_blocking=True) for p in parts]
+        t = codecs.decode(parts, dtype, codec)
+        return t, (None if mask is None else mask.to(self.device, non_blocking=True))
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in host memory; a CUDA tensor is copied into pinned memory (torch's caching host
+    allocator: reused once nothing uses it) and waited for. ``Tensor.cpu()`` copies into
+    pageable memory, which the driver stages through its own pinned buffer: measured on the
+    H200, 6.3-6.7 ms of the GPU's stream for a 16.8 MB gradient, twice a step on an E2 run's
+    critical path."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()  # gloo reads it as soon as it is posted
+    return host
 
 
 class _Inbox:
