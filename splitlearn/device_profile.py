@@ -269,14 +269,12 @@ def measured_layers(layers: list[LayerProfile], times: dict[str, Any], method: S
     return out
 
 
-def profile_keys(cfg: Any, pool: list[str]) -> dict[str, tuple[str, StageMethod]]:
-    """Each pool device's profile cache key (:func:`profile_key`) and the method it is timed with
-    (its tier's, without offload)."""
+def profile_keys(cfg: Any, pool: list[str], env: dict[str, str]) -> dict[str, tuple[str, StageMethod]]:
+    """Each pool device's profile cache key (:func:`profile_key`; ``env``: the stage workers'
+    environment) and the method it is timed with (its tier's, without offload)."""
     from splitlearn.method_policy import policy
-    from splitlearn.runtime import worker_env
 
     run = cfg.run
-    env = worker_env(cfg.resolved_dict())
     fin = policy(run)
     keys: dict[str, tuple[str, StageMethod]] = {}
     for name in pool:
@@ -287,19 +285,22 @@ def profile_keys(cfg: Any, pool: list[str]) -> dict[str, tuple[str, StageMethod]
 
 
 def device_profiles(
-    cfg: Any, layers: dict[str, list[LayerProfile]], pool: list[str], log: Callable[[str], None] = print
+    cfg: Any,
+    layers: dict[str, list[LayerProfile]],
+    keys: dict[str, tuple[str, StageMethod]],
+    env: dict[str, str],
+    log: Callable[[str], None] = print,
 ) -> dict[str, list[LayerProfile]]:
-    """Each pool device's ``layers`` (as counted for it) with the times measured there
-    (cached); a device no live Ray node holds, and whose kind is not cached, is left out
-    (the caller gives it a measured device's times, :func:`measured_like`). Ray must be up."""
+    """Each pool device's (``keys``: :func:`profile_keys`) ``layers`` (as counted for it) with
+    the times measured there, in the stage workers' environment ``env`` (cached); a device no
+    live Ray node holds, and whose kind is not cached, is left out (the caller gives it a
+    measured device's times, :func:`measured_like`). Ray must be up."""
     import ray
 
     from cluster.topology import device_resource
-    from splitlearn.runtime import worker_env
 
     resolved = cfg.resolved_dict()
-    env = worker_env(resolved)
-    keys = profile_keys(cfg, pool)
+    pool = list(keys)
     found: dict[str, dict[str, Any]] = {}  # by key
     for key, _ in keys.values():
         path = cache_dir() / f"{key}.json"
@@ -433,9 +434,10 @@ class _SideBySide:
         samples: list[tuple[float, float, float]] = []
         while True:
             got = self._iteration()
-            if time.time() <= until or len(samples) < min_rounds:
+            late = time.time() > until
+            if not late or len(samples) < min_rounds:
                 samples.append(got)
-            if time.time() > until and len(samples) >= min_rounds:
+            if late and len(samples) >= min_rounds:
                 break
         out = {k: statistics.median(s[i] for s in samples) * 1e3 for i, k in enumerate(KINDS)}
         out["iteration"] = statistics.median(sum(s) for s in samples) * 1e3
@@ -443,44 +445,38 @@ class _SideBySide:
         return out
 
 
-def _core_share(threads: int, load: float, cpus: int) -> float:
-    """How much longer an action of ``threads`` threads runs while the host's devices ask
-    ``load`` threads in all (its own among them) of its ``cpus``: its fair share of the cores
-    against what it had alone (processor sharing; see :func:`partitioners.planner.share_cpus`)."""
-    return min(threads, cpus) * max(load, cpus) / (threads * cpus)
-
-
 def side_by_side(
-    cfg: Any, pool: list[str], method_of: dict[str, tuple[str, StageMethod]], env: dict[str, str],
+    cfg: Any,
+    hosts: list[tuple[list[str], int, int]],
+    keys: dict[str, tuple[str, StageMethod]],
+    env: dict[str, str],
     log: Callable[[str], None] = print,
-) -> dict[str, dict[str, float]]:  # fmt: skip
-    """For each CPU device of ``pool`` that shares its Ray node with another CPU device of
-    ``pool``: ``{kind: k}`` per action kind (``F``, ``B``, ``STEP``), the fraction its action
-    runs longer per thread the host's other devices compute beside it, besides their share
-    of the cores (``(together / alone) / core share - 1`` over the others' threads, each
+) -> dict[str, dict[str, float]]:
+    """For each CPU device that shares its Ray node (``hosts``: :func:`shared_hosts`) with
+    another CPU device: ``{kind: k}`` per action kind (``F``, ``B``, ``STEP``), the fraction its
+    action runs longer per thread the host's other devices compute beside it, besides their
+    share of the cores (``(together / alone) / core share - 1`` over the others' threads, each
     device's first block looped alone, then all at once; at least 0). A GPU device's compute
-    is on its GPU: not measured, not counted. Cached per set of devices of a node
-    (``method_of``: each device's profile key and method). Ray must be up."""
+    is on its GPU: not measured, not counted. Cached per set of devices of a node (``keys``:
+    each device's profile key and method, :func:`profile_keys`). Ray must be up."""
     import ray
 
     from cluster.topology import device_resource
+    from partitioners.planner.assemble import core_share
 
     resolved = cfg.resolved_dict()
-    node_of = _node_of(pool)
-    cpu = [d for d in dict.fromkeys(pool) if d in node_of and cfg.topology.device(d).accelerator == "cpu"]
     out: dict[str, dict[str, float]] = {}
-    for node in dict.fromkeys(node_of[d] for d in cpu):
-        here = [d for d in cpu if node_of[d] == node]
+    for devices, _, cpus in hosts:
+        here = [d for d in devices if cfg.topology.device(d).accelerator == "cpu"]
         # one of each kind of device first, up to SIDE_MAX: a k is per neighbour thread
-        firsts = [d for i, d in enumerate(here) if all(method_of[e][0] != method_of[d][0] for e in here[:i])]
+        firsts = [d for i, d in enumerate(here) if all(keys[e][0] != keys[d][0] for e in here[:i])]
         devs = list(dict.fromkeys([*firsts, *here]))[:SIDE_MAX]
         if len(devs) < 2:
             continue
         threads = {d: cfg.topology.device(d).cpu_threads for d in devs}
-        cpus = _node_cpus(node)
-        what = {"version": VERSION, "side_by_side": sorted([method_of[d][0], threads[d]] for d in devs), "cpus": cpus}
-        key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
-        path = cache_dir() / f"side-{key}.json"
+        load = sum(threads.values())
+        what = {"version": VERSION, "side_by_side": sorted([keys[d][0], threads[d]] for d in devs), "cpus": cpus}
+        path = cache_dir() / f"side-{hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]}.json"
         by_key: dict[str, dict[str, float]]
         if path.is_file():
             by_key = json.loads(path.read_text())["by_key"]
@@ -493,17 +489,17 @@ def side_by_side(
                     opts["runtime_env"] = {"env_vars": env}
                 actors[d] = ray.remote(_SideBySide).options(**opts).remote()
             try:
-                m = {d: method_of[d][1] for d in devs}
+                methods = {d: keys[d][1] for d in devs}
                 ray.get(
-                    [a.prepare.remote(resolved, d, {"method": m[d].method, "recompute": m[d].recompute,
-                                                    "frozen_dtype": m[d].frozen_dtype}) for d, a in actors.items()],
+                    [a.prepare.remote(resolved, d, {"method": methods[d].method, "recompute": methods[d].recompute,
+                                                    "frozen_dtype": methods[d].frozen_dtype})
+                     for d, a in actors.items()],
                     timeout=600,
                 )  # fmt: skip
                 alone: dict[str, Any] = {}
                 for d, a in actors.items():
                     now = time.time()
                     alone[d] = ray.get(a.loop.remote(now, now + SIDE_ALONE_S, SIDE_MIN_ROUNDS), timeout=600)
-                load = sum(threads.values())
                 window = SIDE_ROUNDS * max(r["iteration"] for r in alone.values()) / 1e3 * max(1.0, load / cpus)
                 start = time.time() + 0.5  # one node: one clock
                 runs = ray.get([a.loop.remote(start, start + window) for a in actors.values()], timeout=600)
@@ -513,24 +509,17 @@ def side_by_side(
                     ray.kill(a)
             found: dict[str, list[dict[str, float]]] = {}
             for d in devs:  # devices of one kind on one host: the mean of theirs
-                share = _core_share(threads[d], load, cpus)
-                others = load - threads[d]
-                k = {kind: max(0.0, together[d][kind] / max(alone[d][kind], 1e-9) / share - 1) / others
+                share = core_share(threads[d], load, cpus)
+                k = {kind: max(0.0, together[d][kind] / max(alone[d][kind], 1e-9) / share - 1) / (load - threads[d])
                      for kind in KINDS}  # fmt: skip
-                found.setdefault(method_of[d][0], []).append(k)
+                found.setdefault(keys[d][0], []).append(k)
             by_key = {key: {kind: statistics.mean(k[kind] for k in ks) for kind in KINDS} for key, ks in found.items()}
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"devices": devs, "cpus": cpus, "by_key": by_key}))
         for d in here:  # a device of a kind not measured (past SIDE_MAX) is not stretched
-            if method_of[d][0] in by_key:
-                out[d] = {kind: round(v, 4) for kind, v in by_key[method_of[d][0]].items()}
+            if keys[d][0] in by_key:
+                out[d] = {kind: round(v, 4) for kind, v in by_key[keys[d][0]].items()}
     return out
-
-
-def _node_cpus(node: str) -> int:
-    import ray
-
-    return next(int((n.get("Resources") or {}).get("CPU", 0)) for n in ray.nodes() if n["NodeID"] == node)
 
 
 LINK_REPEATS = 5

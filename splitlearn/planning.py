@@ -149,11 +149,14 @@ def measured_on_devices(
     connect(cfg.topology, run.ray.address, run.ray.num_cpus, timeout_s=run.ray.connect_timeout_s)
     logs.route_worker_output()  # the workers' warnings to the run's log, not the screen
     pool = profile_pool(cfg)
-    found = device_profiles(cfg, counted, pool)
-    side = side_by_side(cfg, pool, profile_keys(cfg, pool), worker_env(cfg.resolved_dict()))
+    env = worker_env(cfg.resolved_dict())
+    keys = profile_keys(cfg, pool, env)
+    found = device_profiles(cfg, counted, keys, env)
     threads = {d: cfg.topology.device(d).cpu_threads for d in pool}
+    hosts = shared_hosts(pool, threads)
+    side = side_by_side(cfg, hosts, keys, env)
     shared = []
-    for devs, asked, cpus in shared_hosts(pool, threads):
+    for devs, asked, cpus in hosts:
         crowded = asked > cpus
         if crowded:
             print(

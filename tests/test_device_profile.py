@@ -70,7 +70,7 @@ def test_devices_time_their_layers_and_the_plan_uses_them(ray_cluster, tmp_path,
     assert alone > made.predicted["step_overhead_ms"] > 0
     # the three share the node's 2 CPUs: the simulated step stretches what overlaps there (in
     # this sequential schedule never more than two at once: nothing; see test_simulator); and
-    # each CPU device's block was timed alone and beside the others (cached, one per kind)
+    # each CPU device's block was timed alone and beside the others (cached; alike devices share one k)
     (host,) = req.shared_cpus
     assert host["cpus"] == 2 and host["threads"] == {"edge-a": 1, "cloud-c": 1, "cloud-d": 1}
     side = host["side_by_side"]
@@ -84,6 +84,7 @@ def test_devices_time_their_layers_and_the_plan_uses_them(ray_cluster, tmp_path,
     assert "side by side: edge-a, cloud-c, cloud-d measured slower per thread" in made.table()
     again = plan_request(cfg)  # from the cache: the same figures
     assert [x.fwd_ms for x in again.device_layers["cloud-c"]] == [x.fwd_ms for x in req.device_layers["cloud-c"]]
+    assert again.shared_cpus == req.shared_cpus  # the side-by-side figures too
 
 
 def test_devices_sharing_a_node_are_timed_one_after_another():

@@ -322,6 +322,13 @@ def share_cpus(plan, stages: list, hosts: list[dict], **kwargs):
     return result
 
 
+def core_share(threads: int, load: float, cpus: int) -> float:
+    """How much longer an action of ``threads`` threads runs while the host's devices ask
+    ``load`` threads in all (its own among them) of its ``cpus``: its fair share of the cores
+    against what it had alone (processor sharing)."""
+    return min(threads, cpus) * max(load, cpus) / (threads * cpus)
+
+
 def _stretch(timeline: list, where: dict, kinds: tuple[str, ...]) -> dict[tuple[int, str], float]:
     """Per (stage, kind), the time-weighted stretch of its actions on a shared host (see
     :func:`share_cpus`), from one simulated timeline."""
@@ -338,8 +345,7 @@ def _stretch(timeline: list, where: dict, kinds: tuple[str, ...]) -> dict[tuple[
             overlap = ot * max(0.0, min(iv.end_ms, o.end_ms) - max(iv.start_ms, o.start_ms))
             others += overlap
             measured += overlap if oside is not None else 0.0
-        load = t + others / span
-        factor = min(t, cpus) * max(load, cpus) / (t * cpus)
+        factor = core_share(t, t + others / span, cpus)
         if side:
             factor *= 1.0 + side.get(iv.kind, 0.0) * measured / span
         acc = weighted.setdefault((iv.stage, iv.kind), [0.0, 0.0])
